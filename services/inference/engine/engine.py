@@ -1,0 +1,260 @@
+"""LLMEngine: one model, its KV cache and scheduler. `step()` reads schedule -> run -> postprocess."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from services.common.errors import InvalidArgumentError
+from services.inference.engine.detokenize import TextState
+from services.inference.engine.model_runner import ModelRunner, ModelRunnerOutput
+from services.inference.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from services.inference.engine.request import Request, RequestStatus
+from services.inference.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from services.inference.models.gguf_file import DEFAULT_MODEL_NAME, GGUFFile, default_model_path
+from services.inference.models.llama import LlamaModel
+from services.inference.models.tokenizer import Tokenizer
+from services.inference.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class InvalidRequestError(InvalidArgumentError):
+    """The request cannot be served as asked (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
+    model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
+    dtype: str = "bfloat16"              # "float32" (reference) or "bfloat16"
+    max_model_len: int | None = None     # None = the model's context length
+    block_size: int = 16
+    num_kv_blocks: int | None = None     # None = from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None       # torch intra-op threads; None = leave torch's default
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be >= 1")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError("kv_cache_memory_gb must be > 0")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        path = Path(config.model_path) if config.model_path else default_model_path()
+        gguf = GGUFFile(path)
+        self.tokenizer = Tokenizer.from_gguf(gguf)
+        self.model = LlamaModel.from_gguf(gguf, DTYPES[config.dtype])
+        hp = self.model.hp
+        self.hparams = hp
+        self.max_model_len = min(config.max_model_len or hp.max_position_embeddings, hp.max_position_embeddings)
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            bytes_per_block = 2 * hp.num_layers * config.block_size * hp.num_kv_heads * hp.head_dim * \
+                DTYPES[config.dtype].itemsize
+            num_blocks = max(1, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, block_size=config.block_size, num_kv_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching))
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self._text: dict[str, TextState] = {}
+        self._sent_tokens: dict[str, int] = {}
+        self._num_preemptions = 0
+        self._prefix_hit_tokens = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        log.info("engine ready", extra={"model": config.model_name, "dtype": config.dtype,
+                                         "num_kv_blocks": num_blocks, "max_model_len": self.max_model_len})
+
+    # requests
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.scheduler.kv.num_blocks
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                      model: str = "") -> int:
+        """Validate a request; returns max_tokens resolved. Raises InvalidRequestError."""
+        if model and model != self.config.model_name:
+            raise InvalidRequestError(f"unknown model {model!r}; this replica serves {self.config.model_name!r}")
+        try:
+            params.validate(self.hparams.vocab_size)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty")
+        if any(not 0 <= t < self.hparams.vocab_size for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.hparams.vocab_size})")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {n} tokens; the context window is {self.max_model_len} tokens "
+                f"(at least one must be left to generate)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context window "
+                f"({self.max_model_len} tokens)")
+        capacity = self.num_kv_blocks * self.config.block_size
+        if n + max_tokens > capacity:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds this replica's KV cache "
+                f"({capacity} tokens)")
+        return max_tokens
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                    request_id: str | None = None, priority: int = 0, model: str = "") -> str:
+        max_tokens = self.check_request(prompt_token_ids, params, model)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running")
+        req = Request(request_id, list(prompt_token_ids), params, max_tokens, priority,
+                      eos_token_id=self.tokenizer.eos_token_id)
+        self.scheduler.add_request(req)
+        self._text[request_id] = TextState(self.tokenizer, params.stop)
+        self._sent_tokens[request_id] = 0
+        self._prompt_tokens += len(prompt_token_ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its blocks. Returns its final output, or None if unknown."""
+        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        if req is None:
+            return None
+        return self._final_output(req, [], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._num_preemptions += len(sched.preempted)
+        if sched.is_empty:
+            return []
+        try:
+            result = self.runner.execute(sched)
+        except Exception as exc:  # a failed step fails the requests in it, never the process
+            log.exception("model step failed")
+            return self._fail(sched, f"internal error in model step: {type(exc).__name__}")
+        self.scheduler.update_after_step(sched)
+        return self._postprocess(sched, result)
+
+    def _postprocess(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        outputs = []
+        for chunk in sched.chunks:
+            req = chunk.request
+            tok = result.sampled.get(req.request_id)
+            if tok is None:
+                continue
+            if req.num_output_tokens == 0 and req.num_preemptions == 0:
+                self._prefix_hit_tokens += req.num_cached_tokens or 0
+            req.append_token(tok.token_id)
+            self._generation_tokens += 1
+            text_state = self._text[req.request_id]
+            delta = text_state.push([tok.token_id])
+            logprobs = []
+            if tok.logprob is not None:
+                logprobs.append(TokenLogprob(tok.token_id, tok.logprob, tuple(tok.top)))
+            reason = self._finish_reason(req, tok.token_id, text_state.stopped)
+            if reason is None:
+                outputs.append(self._output(req, delta, logprobs))
+                continue
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish_request(req.request_id, status)
+            outputs.append(self._final_output(req, logprobs, delta))
+        return outputs
+
+    def _finish_reason(self, req: Request, token_id: int, stop_string_hit: bool) -> str | None:
+        p = req.params
+        if stop_string_hit:
+            return "stop"
+        if req.num_output_tokens >= p.min_tokens:
+            if token_id == req.eos_token_id and not p.ignore_eos:
+                return "stop"
+            if token_id in p.stop_token_ids:
+                return "stop"
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, req: Request, text: str, logprobs: list[TokenLogprob]) -> RequestOutput:
+        sent = self._sent_tokens[req.request_id]
+        self._sent_tokens[req.request_id] = req.num_output_tokens
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=req.output_token_ids[sent:], text=text,
+            logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens or 0)
+
+    def _final_output(self, req: Request, logprobs: list[TokenLogprob], text: str,
+                      error: str | None = None) -> RequestOutput:
+        text_state = self._text.pop(req.request_id, None)
+        if text_state is not None and req.status != RequestStatus.FINISHED_ABORTED:
+            text += text_state.finish()
+        out = self._output(req, text, logprobs)
+        del self._sent_tokens[req.request_id]
+        self.runner.release(req.request_id)
+        out.finished = True
+        out.finish_reason = req.status.value
+        out.error = error
+        return out
+
+    def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
+        outs = []
+        for chunk in sched.chunks:
+            req = self.scheduler.finish_request(chunk.request.request_id, RequestStatus.FINISHED_ERROR)
+            if req is not None:
+                outs.append(self._final_output(req, [], "", error=message))
+        return outs
+
+    # introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting), num_pending_tokens=s.num_pending_tokens(),
+            num_free_blocks=s.kv.num_free_blocks, num_total_blocks=s.kv.num_blocks,
+            kv_cache_usage=s.kv.usage, num_preemptions_total=self._num_preemptions,
+            prefix_cache_hit_tokens_total=self._prefix_hit_tokens, prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens)
+
+    # offline use
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 ) -> list[RequestOutput]:
+        """Run prompts (token ids) to completion together; returns one merged output per prompt, in order."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        merged = {rid: RequestOutput(rid, [], "") for rid in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                m = merged[out.request_id]
+                m.new_token_ids.extend(out.new_token_ids)
+                m.text += out.text
+                m.logprobs.extend(out.logprobs)
+                m.finished, m.finish_reason, m.error = out.finished, out.finish_reason, out.error
+                m.num_prompt_tokens, m.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
+                m.num_cached_tokens = out.num_cached_tokens
+        return [merged[rid] for rid in ids]

@@ -1,0 +1,80 @@
+"""One request's state inside the engine (scheduler and output processing read and write it)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+from services.inference.engine.block_pool import BlockHash
+from services.inference.sampling import SamplingParams
+
+_arrival_counter = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value in ("stop", "length", "abort", "error")
+
+
+class Request:
+    """Tokens, progress and KV blocks of one generation request."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_tokens: int, priority: int = 0, eos_token_id: int | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.max_tokens = max_tokens               # resolved: never None here
+        self.priority = priority                   # lower value = scheduled first
+        self.eos_token_id = eos_token_id
+        self.arrival_time = time.monotonic()
+        self.arrival_seq = next(_arrival_counter)  # tie-break: earlier first
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0               # tokens whose K/V are in the cache
+        self.num_cached_tokens: int | None = None  # prefix-cache hit at first schedule
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        self.block_hashes: list[BlockHash] = []    # hashes of this request's full blocks, in order
+        self.num_registered_blocks = 0             # leading blocks already in the prefix-cache index
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        return (self.priority, self.arrival_seq)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens still to compute: prompt not yet in the cache plus outputs still to generate."""
+        return (self.num_tokens - self.num_computed_tokens) + (self.max_tokens - self.num_output_tokens)
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,137 @@
+"""Continuous-batching scheduler. Never imports torch: it decides, the model runner computes.
+
+Each step has one token budget shared by running requests (decodes, unfinished prompt chunks)
+and waiting ones (chunked prefill), `max_num_seqs` running at most. Waiting requests are taken by
+(priority, arrival). When KV blocks run out, the lowest-priority, latest running request is
+preempted: its blocks are freed and it is recomputed later (its full blocks may still be cached).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from services.inference.engine.kv_cache_manager import KVCacheManager
+from services.inference.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64               # requests running at once
+    max_num_batched_tokens: int = 2048   # tokens computed per step (decodes + prefill chunks)
+    max_model_len: int = 8192            # prompt + output tokens of one request
+    block_size: int = 16                 # tokens per KV block
+    num_kv_blocks: int = 2048            # blocks in the pool
+    enable_prefix_caching: bool = True
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    request: Request
+    start: int             # first position computed this step (= num_computed_tokens before the step)
+    num_tokens: int        # tokens computed this step
+    samples: bool          # the chunk reaches the end of the known tokens: sample the next one
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)  # what the runner computes this step
+    preempted: list[Request] = field(default_factory=list)      # freed this step, to be recomputed
+    num_batched_tokens: int = 0                                  # sum of chunk sizes
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: list[Request] = []    # sorted by (priority, arrival_seq)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # queue
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self.requests[req.request_id] = req
+        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Stop a request (abort, stop string, error) and free its blocks. None if unknown/finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = status
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def num_pending_tokens(self) -> int:
+        return sum(r.num_pending_tokens for r in self.requests.values())
+
+    # scheduling
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=lambda r: r.sort_key)
+
+        # running requests: decodes and unfinished prompt chunks
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()        # lowest priority, latest: not yet scheduled
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self._schedule(out, req, num_new)
+                budget -= num_new
+                i += 1
+
+        # waiting requests (none while this step had to preempt)
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            num_hit = len(computed) * self.config.block_size
+            num_new = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, num_new, computed):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens += num_hit
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._schedule(out, req, num_new)
+            budget -= num_new
+        return out
+
+    def _schedule(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        start = req.num_computed_tokens
+        out.chunks.append(ScheduledChunk(req, start, num_new, start + num_new == req.num_tokens))
+        out.num_batched_tokens += num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance progress of every scheduled chunk (the sampled tokens are appended by the engine)."""
+        for chunk in out.chunks:
+            chunk.request.num_computed_tokens = chunk.start + chunk.num_tokens

@@ -1,0 +1,109 @@
+"""A Llama-family decoder written for Strata: RMSNorm, RoPE, grouped-query attention over the
+paged KV cache, SwiGLU MLP, tied embeddings. Weights come dequantized from a GGUF file."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.inference.models.attention import AttentionMetadata, paged_attention
+from services.inference.models.gguf_file import GGUFFile, LlamaHParams
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of Q/K projections (back to HF's rotate-half layout)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_cache(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()                                # [P, D/2] each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] with cos/sin [T, D/2], rotate-half (NeoX) layout."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class LlamaLayer:
+    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+
+    def __init__(self, attn_norm, qkv, o, ffn_norm, gate_up, down) -> None:
+        self.attn_norm, self.qkv, self.o = attn_norm, qkv, o
+        self.ffn_norm, self.gate_up, self.down = ffn_norm, gate_up, down
+
+
+class LlamaModel:
+    """Inference-only model; `forward` runs one engine step over flattened tokens."""
+
+    def __init__(self, hp: LlamaHParams, layers: list[LlamaLayer], embed: torch.Tensor,
+                 final_norm: torch.Tensor, lm_head: torch.Tensor, dtype: torch.dtype) -> None:
+        self.hp, self.layers, self.dtype = hp, layers, dtype
+        self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
+        self.q_size = hp.num_heads * hp.head_dim
+        self.kv_size = hp.num_kv_heads * hp.head_dim
+        self.scale = hp.head_dim ** -0.5
+        self.cos, self.sin = rope_cache(hp.head_dim, hp.max_position_embeddings, hp.rope_theta)
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+        hp = gguf.hparams
+        w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
+        cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+        layers = []
+        for i in range(hp.num_layers):
+            p = f"blk.{i}."
+            q = unpermute_qk(w(p + "attn_q.weight"), hp.num_heads)
+            k = unpermute_qk(w(p + "attn_k.weight"), hp.num_kv_heads)
+            layers.append(LlamaLayer(
+                attn_norm=cast(w(p + "attn_norm.weight")),
+                qkv=cast(torch.cat([q, k, w(p + "attn_v.weight")])),
+                o=cast(w(p + "attn_output.weight")),
+                ffn_norm=cast(w(p + "ffn_norm.weight")),
+                gate_up=cast(torch.cat([w(p + "ffn_gate.weight"), w(p + "ffn_up.weight")])),
+                down=cast(w(p + "ffn_down.weight")),
+            ))
+        embed = cast(w("token_embd.weight"))
+        lm_head = embed if hp.tie_word_embeddings else cast(w("output.weight"))
+        return cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids/positions [T] -> final hidden states [T, hidden] (before the final norm)."""
+        hp = self.hp
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.dtype != torch.float32:
+            cos, sin = cos.to(self.dtype), sin.to(self.dtype)
+        h = F.embedding(input_ids, self.embed)
+        t = h.shape[0]
+        for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
+            # attention
+            x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(t, hp.num_heads, hp.head_dim), cos, sin)
+            k = apply_rope(k.view(t, hp.num_kv_heads, hp.head_dim), cos, sin)
+            v = v.view(t, hp.num_kv_heads, hp.head_dim)
+            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
+            h = h + F.linear(a.reshape(t, self.q_size), layer.o)
+            # mlp
+            x = rms_norm(h, layer.ffn_norm, hp.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Selected hidden rows [N, hidden] -> float32 logits [N, vocab]."""
+        x = rms_norm(hidden, self.final_norm, self.hp.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
