@@ -57,15 +57,21 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: LlamaModel | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        """`model`/`tokenizer` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
-        path = Path(config.model_path) if config.model_path else default_model_path()
-        gguf = GGUFFile(path)
-        self.tokenizer = Tokenizer.from_gguf(gguf)
-        self.model = LlamaModel.from_gguf(gguf, DTYPES[config.dtype])
+        if model is None or tokenizer is None:
+            gguf = GGUFFile(Path(config.model_path) if config.model_path else default_model_path())
+            tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
+            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype])
+        if model.dtype != DTYPES[config.dtype]:
+            raise ValueError(f"model was loaded as {model.dtype}, config asks for {config.dtype}")
+        self.tokenizer = tokenizer
+        self.model = model
         hp = self.model.hp
         self.hparams = hp
         self.max_model_len = min(config.max_model_len or hp.max_position_embeddings, hp.max_position_embeddings)

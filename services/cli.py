@@ -1,0 +1,40 @@
+"""The `strata` command."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from services.inference.main import add_engine_args, add_serve_args
+
+    parser = argparse.ArgumentParser(prog="strata", description="Strata LLM serving suite")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve_sub = serve.add_subparsers(dest="service", required=True)
+    add_serve_args(serve_sub.add_parser("inference", help="the model engine over gRPC"))
+
+    gen = sub.add_parser("generate", help="offline batch generation over a JSONL file")
+    gen.add_argument("--prompts", required=True, help='JSONL: {"prompt": str} or {"messages": [...]} per line')
+    gen.add_argument("--output", required=True, help="JSONL written in input order")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(gen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.service == "inference":
+        from services.inference import main as inference_main
+        inference_main.run(args)
+    elif args.command == "generate":
+        from services.inference import offline
+        offline.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""`strata serve inference`: build the engine, start the gRPC server, serve until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from services.common.logs import setup_logging
+from services.common.server import GrpcServer
+from services.inference.engine.async_engine import AsyncEngine
+from services.inference.engine.engine import EngineConfig, LLMEngine
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "strata.v1.Inference"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+@dataclass(slots=True, frozen=True)
+class InferenceServiceConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 50061
+    replica_id: str = ""
+    max_queued_requests: int | None = 512   # in-flight requests before RESOURCE_EXHAUSTED
+    grace_s: float = 5.0
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by `serve inference` and `generate` (env: STRATA_<FLAG>)."""
+    p.add_argument("--model-path", default=_env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", default=_env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("STRATA_DTYPE", "bfloat16"))
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")
+    p.add_argument("--kv-cache-gb", type=float, default=float(_env("STRATA_KV_CACHE_GB", "1.0")))
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype, max_model_len=a.max_model_len,
+        block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_gb,
+        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--host", default=_env("STRATA_INFERENCE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("STRATA_INFERENCE_PORT", "50061") or 50061))
+    p.add_argument("--replica-id", default=_env("STRATA_REPLICA_ID", ""))
+    p.add_argument("--max-queued-requests", type=int, default=512)
+
+
+def config_from_args(a: argparse.Namespace) -> InferenceServiceConfig:
+    return InferenceServiceConfig(engine=engine_config_from_args(a), host=a.host, port=a.port,
+                                  replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+                                  max_queued_requests=a.max_queued_requests)
+
+
+class InferenceService:
+    """Engine + gRPC server; used by the CLI and by integration tests (port 0)."""
+
+    def __init__(self, config: InferenceServiceConfig, engine: LLMEngine | None = None) -> None:
+        from services.common.pb import inference_pb2_grpc
+        from services.inference.servicer import InferenceServicer
+
+        self.config = config
+        self.llm = engine or LLMEngine(config.engine)
+        self.engine = AsyncEngine(self.llm, config.max_queued_requests)
+        servicer = InferenceServicer(self.engine, config.replica_id or "inference-0")
+        self.server = GrpcServer(lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
+                                 [SERVICE_NAME], config.host, config.port)
+
+    async def start(self) -> int:
+        self.engine.start()
+        return await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop(self.config.grace_s)
+        self.engine.shutdown()
+
+
+async def serve(config: InferenceServiceConfig) -> None:
+    service = InferenceService(config)
+    port = await service.start()
+    log.info("inference service ready", extra={"address": f"{config.host}:{port}",
+                                                "replica": config.replica_id, "dtype": config.engine.dtype})
+    try:
+        await service.server.serve_until_signal(config.grace_s)
+    finally:
+        service.engine.shutdown()
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("inference")
+    asyncio.run(serve(config_from_args(args)))

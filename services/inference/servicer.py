@@ -1,0 +1,117 @@
+"""gRPC adapter for the inference engine: protobuf in, domain objects to the engine, chunks out."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+
+from services.common.errors import InvalidArgumentError
+from services.common.grpc_errors import map_errors
+from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.inference.engine.async_engine import AsyncEngine
+from services.inference.engine.outputs import RequestOutput
+from services.inference.sampling import SamplingParams
+
+_OPTIONAL_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+_ROLES = ("system", "user", "assistant")
+_MAX_CHARS_PER_TOKEN = 128   # cheap pre-check before tokenizing a huge prompt
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
+    fields = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
+    return SamplingParams(**fields, stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids),
+                          ignore_eos=sp.ignore_eos)
+
+
+def messages_from_proto(msgs: inference_pb2.ChatMessages) -> list[dict[str, str]]:
+    if not msgs.messages:
+        raise InvalidArgumentError("messages is empty")
+    out = []
+    for i, m in enumerate(msgs.messages):
+        if m.role not in _ROLES:
+            raise InvalidArgumentError(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}")
+        out.append({"role": m.role, "content": m.content})
+    return out
+
+
+def chunk_from_output(out: RequestOutput, first: bool, prompt_token_ids: list[int], model: str,
+                      replica: str) -> inference_pb2.GenerateChunk:
+    chunk = inference_pb2.GenerateChunk(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text)
+    for lp in out.logprobs:
+        chunk.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+    if first:
+        chunk.prompt_token_ids.extend(prompt_token_ids)
+    if out.finished:
+        chunk.finish_reason = _FINISH[out.finish_reason or "error"]
+        chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
+                                              completion_tokens=out.num_output_tokens,
+                                              cached_prompt_tokens=out.num_cached_tokens))
+        chunk.source.CopyFrom(common_pb2.Source(kind=common_pb2.Source.KIND_MODEL, model=model, replica=replica))
+    return chunk
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, engine: AsyncEngine, replica_id: str) -> None:
+        self.engine = engine
+        self.llm = engine.engine
+        self.replica_id = replica_id
+
+    async def _prompt_token_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if request.prompt_token_ids:
+            if kind is not None:
+                raise InvalidArgumentError("give exactly one of prompt, messages or prompt_token_ids")
+            return list(request.prompt_token_ids)
+        if kind is None:
+            raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
+        if kind == "prompt":
+            text = request.prompt
+        else:
+            text = self.llm.render_chat(messages_from_proto(request.messages))
+        if len(text) > self.llm.max_model_len * _MAX_CHARS_PER_TOKEN:
+            raise InvalidArgumentError(f"prompt is far longer than the context window ({self.llm.max_model_len} tokens)")
+        return await asyncio.to_thread(self.llm.tokenizer.encode, text)
+
+    @map_errors
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        prompt_ids = await self._prompt_token_ids(request)
+        params = sampling_from_proto(request.sampling)
+        request_id = request.request_id or uuid.uuid4().hex
+        model = self.llm.config.model_name
+        first = True
+        async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
+                                              priority=request.priority, model=request.model):
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error or "engine error")
+            yield chunk_from_output(out, first, prompt_ids, model, self.replica_id)
+            first = False
+
+    @map_errors
+    async def GetModelInfo(self, request: inference_pb2.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> inference_pb2.ModelInfo:
+        hp, cfg = self.llm.hparams, self.llm.config
+        return inference_pb2.ModelInfo(
+            model=cfg.model_name, architecture="llama", max_model_len=self.llm.max_model_len,
+            vocab_size=hp.vocab_size, dtype=cfg.dtype, block_size=cfg.block_size,
+            num_kv_blocks=self.llm.num_kv_blocks, eos_token_id=self.llm.tokenizer.eos_token_id,
+            replica=self.replica_id, num_layers=hp.num_layers, hidden_size=hp.hidden_size)
+
+    @map_errors
+    async def GetLoad(self, request: inference_pb2.GetLoadRequest,
+                      context: grpc.aio.ServicerContext) -> inference_pb2.Load:
+        s = self.engine.stats
+        return inference_pb2.Load(
+            num_running=s.num_running, num_waiting=s.num_waiting, pending_tokens=s.num_pending_tokens,
+            kv_cache_usage=s.kv_cache_usage, num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks, replica=self.replica_id,
+            max_num_seqs=self.llm.config.max_num_seqs)

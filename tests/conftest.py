@@ -1,0 +1,67 @@
+"""Shared fixtures: the real model, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    from services.inference.models.gguf_file import default_model_path
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gguf_file(gguf_path):
+    from services.inference.models.gguf_file import GGUFFile
+    return GGUFFile(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gguf_file):
+    from services.inference.models.tokenizer import Tokenizer
+    return Tokenizer.from_gguf(gguf_file)
+
+
+@pytest.fixture(scope="session")
+def model_fp32(gguf_file):
+    from services.inference.models.llama import LlamaModel
+    return LlamaModel.from_gguf(gguf_file, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def model_bf16(gguf_file):
+    from services.inference.models.llama import LlamaModel
+    return LlamaModel.from_gguf(gguf_file, torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def make_engine(model_fp32, model_bf16, tokenizer):
+    """Build an engine over the already-loaded weights: make_engine(dtype="float32", **config)."""
+    from services.inference.engine.engine import EngineConfig, LLMEngine
+
+    def make(dtype: str = "float32", **overrides):
+        overrides.setdefault("kv_cache_memory_gb", 0.25)
+        model = model_fp32 if dtype == "float32" else model_bf16
+        return LLMEngine(EngineConfig(dtype=dtype, **overrides), model=model, tokenizer=tokenizer)
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """HF transformers loading the same GGUF in float32: the reference, never the serving path."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+def assert_all_blocks_free(engine) -> None:
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks, stats
+    assert not engine.has_unfinished_requests()

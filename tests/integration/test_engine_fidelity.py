@@ -1,0 +1,76 @@
+"""float32 engine output equals HF transformers on the same GGUF (greedy tokens and logits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.inference.sampling import SamplingParams
+from tests.conftest import assert_all_blocks_free
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "List three prime numbers."}],
+]
+RAW = [
+    "Once upon a time",
+    "def fibonacci(n):\n    ",
+    "The mitochondria is",
+    "1, 2, 3, 5, 8, 13,",
+    "Translate to French: The weather is nice today.\nFrench:",
+]
+NUM_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine("float32")
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    texts = [engine.render_chat(m) for m in CHATS] + RAW
+    return [engine.tokenizer.encode(t) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model, prompts):
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=NUM_TOKENS, do_sample=False,
+                                    eos_token_id=None, pad_token_id=2, attention_mask=torch.ones(1, len(ids)))
+            outs.append(gen[0, len(ids):].tolist())
+    return outs
+
+
+def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_greedy):
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
+    for ids, out, ref in zip(prompts, outs, hf_greedy):
+        assert out.new_token_ids == ref, engine.tokenizer.decode(ids)
+        assert out.finish_reason == "length"
+    assert_all_blocks_free(engine)
+
+
+def test_first_step_logits_within_1e3_of_hf(model_fp32, hf_model, prompts):
+    from services.inference.models.attention import AttentionMetadata, PrefillSpan
+
+    hp = model_fp32.hp
+    for ids in prompts:
+        n = len(ids)
+        kv = [(torch.zeros(n, hp.num_kv_heads, hp.head_dim), torch.zeros(n, hp.num_kv_heads, hp.head_dim))
+              for _ in range(hp.num_layers)]
+        slots = torch.arange(n)
+        meta = AttentionMetadata(slots, 0, None, None, [PrefillSpan(0, n, slots, None)])
+        with torch.inference_mode():
+            ours = model_fp32.compute_logits(model_fp32.forward(torch.tensor(ids), slots, kv, meta))
+            ref = hf_model(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_text_output_decodes_the_generated_tokens(engine, prompts):
+    out = engine.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert out.text == engine.tokenizer.decode(out.new_token_ids)
