@@ -230,6 +230,8 @@ class LLMEngine:
         return out
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
+        # blocks were registered in the prefix cache when scheduled; their K/V may now be garbage
+        self.scheduler.kv.pool.reset_prefix_cache()
         outs = []
         for chunk in sched.chunks:
             req = self.scheduler.finish_request(chunk.request.request_id, RequestStatus.FINISHED_ERROR)
