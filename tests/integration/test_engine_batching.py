@@ -25,6 +25,12 @@ def engine(make_engine):
     return make_engine("float32", max_num_seqs=64)
 
 
+@pytest.fixture(autouse=True)
+def pool_returns_to_full_after_each_test(engine):
+    yield
+    assert_all_blocks_free(engine)
+
+
 def test_greedy_tokens_alone_equal_tokens_inside_a_32_request_batch(engine):
     prompts = chat_prompts(engine, 32)
     batch = engine.generate(prompts, GREEDY)
