@@ -36,7 +36,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by `serve inference` and `generate` (env: STRATA_<FLAG>)."""
     p.add_argument("--model-path", default=_env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=_env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=_env("STRATA_DTYPE", "bfloat16"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("STRATA_DTYPE", "auto"),
+                   help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")

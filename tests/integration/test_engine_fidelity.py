@@ -56,15 +56,15 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
 
 
 def test_first_step_logits_within_1e3_of_hf(model_fp32, hf_model, prompts):
-    from services.inference.models.attention import AttentionMetadata, PrefillSpan
+    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 
     hp = model_fp32.hp
     for ids in prompts:
         n = len(ids)
-        kv = [(torch.zeros(n, hp.num_kv_heads, hp.head_dim), torch.zeros(n, hp.num_kv_heads, hp.head_dim))
-              for _ in range(hp.num_layers)]
+        kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32),
+               new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32)) for _ in range(hp.num_layers)]
         slots = torch.arange(n)
-        meta = AttentionMetadata(slots, 0, None, None, [PrefillSpan(0, n, slots, None)])
+        meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
         with torch.inference_mode():
             ours = model_fp32.compute_logits(model_fp32.forward(torch.tensor(ids), slots, kv, meta))
             ref = hf_model(torch.tensor([ids])).logits[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str) -> str:
+    """"auto" -> bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else float32:
+    without that hardware bf16 matmuls are emulated and run slower than float32."""
+    if dtype != "auto":
+        return dtype
+    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return "bfloat16" if native_bf16 else "float32"
+
+
 class InvalidRequestError(InvalidArgumentError):
     """The request cannot be served as asked (maps to INVALID_ARGUMENT)."""
 
@@ -34,7 +43,7 @@ class InvalidRequestError(InvalidArgumentError):
 class EngineConfig:
     model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
     model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
-    dtype: str = "bfloat16"              # "float32" (reference) or "bfloat16"
+    dtype: str = "auto"                  # "float32" (reference), "bfloat16", or "auto" (see resolve_dtype)
     max_model_len: int | None = None     # None = the model's context length
     block_size: int = 16
     num_kv_blocks: int | None = None     # None = from kv_cache_memory_gb
@@ -45,8 +54,8 @@ class EngineConfig:
     num_threads: int | None = None       # torch intra-op threads; None = leave torch's default
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -61,6 +70,7 @@ class LLMEngine:
                  tokenizer: Tokenizer | None = None) -> None:
         """`model`/`tokenizer` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
+        config = replace(config, dtype=resolve_dtype(config.dtype))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config

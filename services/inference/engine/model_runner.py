@@ -8,7 +8,7 @@ import torch
 
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
-from services.inference.models.attention import AttentionMetadata, PrefillSpan
+from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.llama import LlamaModel
 from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample
 
@@ -31,8 +31,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         num_slots = num_kv_blocks * block_size
-        shape = (num_slots, hp.num_kv_heads, hp.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+        self.kv_caches = [(new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype),
+                           new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype))
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
 
@@ -51,10 +51,6 @@ class ModelRunner:
         return gen
 
     # inputs
-    def _slots(self, block_ids: list[int], positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(block_ids, dtype=torch.int64)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
-
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         decodes = [c for c in chunks if c.num_tokens == 1]
         prefills = [c for c in chunks if c.num_tokens > 1]
@@ -65,34 +61,35 @@ class ModelRunner:
             pos.extend(range(c.start, c.start + c.num_tokens))
         positions = torch.tensor(pos, dtype=torch.int64)
         slot_parts = []
-        # decode: one query per sequence over a padded slot matrix
-        decode_slots = decode_mask = None
+        bs = self.block_size
+        # decode: one query per sequence over its padded block table
+        table = mask = None
         if decodes:
             ctx = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int64)
-            max_blocks = max(len(c.request.block_ids) for c in decodes)
-            table = torch.tensor([c.request.block_ids + [0] * (max_blocks - len(c.request.block_ids))
+            nb = max(len(c.request.block_ids) for c in decodes)
+            table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
                                   for c in decodes], dtype=torch.int64)
-            ar = torch.arange(int(ctx.max()))
-            decode_slots = table[:, ar // self.block_size] * self.block_size + ar % self.block_size
-            decode_mask = (ar[None, :] < ctx[:, None])[:, None, None, :]
-            slot_parts.append(decode_slots.gather(1, (ctx - 1)[:, None]).squeeze(1))
+            mask = torch.arange(nb * bs)[None, :] < ctx[:, None]
+            last = ctx - 1
+            slot_parts.append(table.gather(1, (last // bs)[:, None]).squeeze(1) * bs + last % bs)
         # prefill: one span per chunk, attending to its cached context plus itself
         spans = []
         row = len(decodes)
         for c in prefills:
             ctx_len = c.start + c.num_tokens
-            ctx_slots = self._slots(c.request.block_ids, torch.arange(ctx_len))
-            mask = None
-            if c.start > 0:
-                q_pos = torch.arange(c.start, ctx_len)
-                mask = torch.arange(ctx_len)[None, :] <= q_pos[:, None]
-            spans.append(PrefillSpan(row, row + c.num_tokens, ctx_slots, mask))
-            slot_parts.append(ctx_slots[c.start:])
+            nb = -(-ctx_len // bs)
+            block_ids = torch.tensor(c.request.block_ids[:nb], dtype=torch.int64)
+            new_pos = torch.arange(c.start, ctx_len)
+            slot_parts.append(block_ids[new_pos // bs] * bs + new_pos % bs)
+            if c.start == 0:
+                spans.append(PrefillSpan(row, row + c.num_tokens, None, None))
+            else:
+                span_mask = torch.arange(nb * bs)[None, :] <= new_pos[:, None]
+                spans.append(PrefillSpan(row, row + c.num_tokens, block_ids, span_mask))
             row += c.num_tokens
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0],
-            num_decode_tokens=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask,
-            prefills=spans)
+            slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
+            num_decode_tokens=len(decodes), decode_block_table=table, decode_mask=mask, prefills=spans)
         return torch.tensor(ids, dtype=torch.int64), positions, meta
 
     @torch.inference_mode()

@@ -1,8 +1,10 @@
 """Attention over the paged KV cache (torch reference path).
 
-The KV pool of one layer is a pair of tensors [num_blocks * block_size, num_kv_heads, head_dim]
-(flattened slots). A step's tokens are laid out decodes first (one token each), then prefill
-chunks; the model runner builds `AttentionMetadata` once per step and every layer reuses it.
+The KV pool of one layer is a pair of tensors [num_kv_heads, num_blocks * block_size, head_dim]:
+heads outermost, so gathering a sequence's blocks yields [KVH, L, D], the layout the attention
+matmuls want, with no transposing copy. A step's tokens are laid out decodes first (one token
+each), then prefill chunks; the model runner builds `AttentionMetadata` once per step and every
+layer reuses it.
 """
 
 from __future__ import annotations
@@ -15,26 +17,54 @@ import torch.nn.functional as F
 
 @dataclass(slots=True)
 class PrefillSpan:
-    start: int                      # first row of this chunk in the step's flattened tokens
-    end: int                        # one past its last row
-    context_slots: torch.Tensor     # [L] int64: KV slots of every position 0..L-1 of this sequence
-    mask: torch.Tensor | None       # [n, L] bool (True = attend); None = plain causal (no earlier context)
+    start: int                        # first row of this chunk in the step's flattened tokens
+    end: int                          # one past its last row
+    block_ids: torch.Tensor | None    # [nb] int64: blocks holding positions 0.. of this sequence
+    mask: torch.Tensor | None         # [n, nb * block_size] bool (True = attend)
+    # block_ids/mask are None for a chunk with no earlier context: plain causal over its own K/V
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor              # [T] int64: where each new token's K/V is written
-    num_decode_tokens: int                  # rows [0, D) are decodes, one token per sequence
-    decode_slots: torch.Tensor | None       # [D, L] int64: context slots per decode, padded
-    decode_mask: torch.Tensor | None        # [D, 1, 1, L] bool: True for real context positions
+    slot_mapping: torch.Tensor               # [T] int64: where each new token's K/V is written
+    block_size: int                          # tokens per KV block
+    num_decode_tokens: int                   # rows [0, D) are decodes, one token per sequence
+    decode_block_table: torch.Tensor | None  # [D, nb] int64: block ids per decode, padded
+    decode_mask: torch.Tensor | None         # [D, nb * block_size] bool: real context positions
     prefills: list[PrefillSpan]
+
+
+def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(num_kv_heads, num_slots, head_dim, dtype=dtype)
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """reshape-and-cache: store this step's K/V rows at their slots."""
-    k_pool.index_copy_(0, slot_mapping, k)
-    v_pool.index_copy_(0, slot_mapping, v)
+    """reshape-and-cache: store this step's K/V rows ([T, KVH, D]) at their slots."""
+    k_pool.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_pool.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
+def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    """pool [KVH, slots, D], block_ids [..., nb] -> [KVH, ..., nb * block_size, D] (one copy)."""
+    heads, _, dim = pool.shape
+    rows = pool.view(heads, -1, block_size * dim).index_select(1, block_ids.reshape(-1))
+    return rows.view(heads, *block_ids.shape[:-1], block_ids.shape[-1] * block_size, dim)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per sequence. q [B, H, D], k/v [KVH, B, L, D], mask [B, L] -> [B, H, D].
+
+    Plain batched matmuls: for a single query row they beat the CPU flash-attention kernel by
+    several times. Query heads are grouped onto their KV head (GQA) without repeating K/V."""
+    b, h, d = q.shape
+    kvh = k.shape[0]
+    qg = q.view(b, kvh, h // kvh, d).transpose(0, 1)                      # [KVH, B, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale        # [KVH, B, G, L]
+    scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(b, h, d)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
@@ -45,12 +75,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     nd = meta.num_decode_tokens
     # decode
     if nd:
-        qd = q[:nd].unsqueeze(2)                                   # [B, H, 1, D]
-        kd = k_pool[meta.decode_slots].transpose(1, 2)             # [B, KVH, L, D]
-        vd = v_pool[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)
-        outs.append(od.squeeze(2))
+        outs.append(decode_attention(q[:nd], gather_blocks(k_pool, meta.decode_block_table, meta.block_size),
+                                     gather_blocks(v_pool, meta.decode_block_table, meta.block_size),
+                                     meta.decode_mask, scale))
     # prefill
     for span in meta.prefills:
         qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)   # [1, H, n, D]
@@ -59,8 +86,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
             vp = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = k_pool[span.context_slots].transpose(0, 1).unsqueeze(0)
-            vp = v_pool[span.context_slots].transpose(0, 1).unsqueeze(0)
+            kp = gather_blocks(k_pool, span.block_ids, meta.block_size).unsqueeze(0)   # [1, KVH, L, D]
+            vp = gather_blocks(v_pool, span.block_ids, meta.block_size).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, scale=scale,
                                                 enable_gqa=True)
         outs.append(op.squeeze(0).transpose(0, 1))

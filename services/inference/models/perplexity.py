@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from services.inference.models.attention import AttentionMetadata, PrefillSpan
+from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.llama import LlamaModel
 
 
@@ -14,12 +14,11 @@ from services.inference.models.llama import LlamaModel
 def token_logprobs(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
     """log p(token_i | tokens_<i) for i >= 1, in one causal pass over a scratch KV pool."""
     hp, n = model.hp, len(token_ids)
-    shape = (n, hp.num_kv_heads, hp.head_dim)
-    kv = [(torch.empty(shape, dtype=model.dtype), torch.empty(shape, dtype=model.dtype))
-          for _ in range(hp.num_layers)]
+    kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype),
+           new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype)) for _ in range(hp.num_layers)]
     slots = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=slots, num_decode_tokens=0, decode_slots=None, decode_mask=None,
-                             prefills=[PrefillSpan(0, n, slots, None)])
+    meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_decode_tokens=0, decode_block_table=None,
+                             decode_mask=None, prefills=[PrefillSpan(0, n, None, None)])
     ids = torch.tensor(token_ids)
     hidden = model.forward(ids, slots, kv, meta)
     logp = torch.log_softmax(model.compute_logits(hidden[:-1]), dim=-1)
