@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=_env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("STRATA_DTYPE", "auto"),
                    help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32")
+    p.add_argument("--quantization", choices=["none", "int8"], default=_env("STRATA_QUANTIZATION", "none"),
+                   help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")
@@ -50,7 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype, max_model_len=a.max_model_len,
+        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype,
+        quantization=None if a.quantization == "none" else a.quantization, max_model_len=a.max_model_len,
         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_gb,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads)

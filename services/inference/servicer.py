@@ -104,7 +104,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             model=cfg.model_name, architecture="llama", max_model_len=self.llm.max_model_len,
             vocab_size=hp.vocab_size, dtype=cfg.dtype, block_size=cfg.block_size,
             num_kv_blocks=self.llm.num_kv_blocks, eos_token_id=self.llm.tokenizer.eos_token_id,
-            replica=self.replica_id, num_layers=hp.num_layers, hidden_size=hp.hidden_size)
+            replica=self.replica_id, num_layers=hp.num_layers, hidden_size=hp.hidden_size,
+            quantization=cfg.quantization or "")
 
     @map_errors
     async def GetLoad(self, request: inference_pb2.GetLoadRequest,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from services.inference.models.perplexity import perplexity
+from services.inference.models.perplexity import perplexity, token_logprobs
 
 HELD_TEXT = (Path(__file__).parent.parent / "data" / "heldout.txt").read_text()
 
@@ -18,6 +18,29 @@ def test_bf16_perplexity_is_within_2_percent_of_float32(model_fp32, model_bf16, 
     ppl32, ppl16 = perplexity(model_fp32, ids), perplexity(model_bf16, ids)
     assert 1.0 < ppl32 < 100.0
     assert abs(ppl16 - ppl32) / ppl32 < 0.02, (ppl32, ppl16)
+
+
+def test_int8_w8a8_perplexity_is_within_2_percent_of_float32(gguf_file, model_fp32, tokenizer):
+    from services.inference.models.linear import Int8Linear
+    from services.inference.models.llama import LlamaModel
+
+    int8 = LlamaModel.from_gguf(gguf_file, quantization="int8")
+    assert all(isinstance(layer.down, Int8Linear) for layer in int8.layers)
+    ids = tokenizer.encode(HELD_TEXT)
+    ppl32, ppl8 = perplexity(model_fp32, ids), perplexity(int8, ids)
+    assert abs(ppl8 - ppl32) / ppl32 < 0.02, (ppl32, ppl8)
+
+
+def test_smoothing_alone_leaves_the_float_model_unchanged(gguf_file, model_fp32, tokenizer):
+    from services.inference.models import smoothquant
+    from services.inference.models.llama import LlamaModel
+
+    smoothed = LlamaModel.from_gguf(gguf_file)
+    prompts = [tokenizer.encode(p) for p in smoothquant.CALIBRATION_PROMPTS]
+    smoothquant.smooth(smoothed, smoothquant.activation_maxima(smoothed, prompts))
+    ids = tokenizer.encode(HELD_TEXT)[:200]
+    import torch
+    torch.testing.assert_close(token_logprobs(smoothed, ids), token_logprobs(model_fp32, ids), atol=2e-3, rtol=0)
 
 
 def test_strata_generate_writes_outputs_in_input_order(tmp_path):

@@ -44,6 +44,7 @@ class EngineConfig:
     model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
     model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
     dtype: str = "auto"                  # "float32" (reference), "bfloat16", or "auto" (see resolve_dtype)
+    quantization: str | None = None      # None (dense) or "int8": W8A8 + SmoothQuant, float32 activations
     max_model_len: int | None = None     # None = the model's context length
     block_size: int = 16
     num_kv_blocks: int | None = None     # None = from kv_cache_memory_gb
@@ -56,6 +57,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -70,16 +73,18 @@ class LLMEngine:
                  tokenizer: Tokenizer | None = None) -> None:
         """`model`/`tokenizer` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
-        config = replace(config, dtype=resolve_dtype(config.dtype))
+        # int8 W8A8 keeps float32 activations
+        config = replace(config, dtype="float32" if config.quantization else resolve_dtype(config.dtype))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
         if model is None or tokenizer is None:
             gguf = GGUFFile(Path(config.model_path) if config.model_path else default_model_path())
             tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
-            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype])
-        if model.dtype != DTYPES[config.dtype]:
-            raise ValueError(f"model was loaded as {model.dtype}, config asks for {config.dtype}")
+            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype], config.quantization)
+        if model.dtype != DTYPES[config.dtype] or model.quantization != config.quantization:
+            raise ValueError(f"model was loaded as {model.dtype}/{model.quantization}, "
+                             f"config asks for {config.dtype}/{config.quantization}")
         self.tokenizer = tokenizer
         self.model = model
         hp = self.model.hp

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
+from services.inference.models.linear import DenseLinear, Int8Linear, Linear
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -37,8 +38,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaLayer:
-    """One block's weights; projections are stored transposed ([in, out], contiguous): `x @ w`
-    runs 2-4x faster than F.linear's [out, in] layout at decode batch sizes with MKL."""
+    """One block's weights: RMSNorm vectors and projections (see models/linear.py)."""
 
     __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
 
@@ -51,9 +51,10 @@ class LlamaModel:
     """Inference-only model; `forward` runs one engine step over flattened tokens."""
 
     def __init__(self, hp: LlamaHParams, layers: list[LlamaLayer], embed: torch.Tensor,
-                 final_norm: torch.Tensor, lm_head: torch.Tensor, dtype: torch.dtype) -> None:
-        """lm_head is [hidden, vocab] (transposed); with tied embeddings it is a transposed copy."""
+                 final_norm: torch.Tensor, lm_head: Linear, dtype: torch.dtype) -> None:
+        """With tied embeddings lm_head holds a transposed copy of the embedding table."""
         self.hp, self.layers, self.dtype = hp, layers, dtype
+        self.quantization: str | None = None
         self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
         self.q_size = hp.num_heads * hp.head_dim
         self.kv_size = hp.num_kv_heads * hp.head_dim
@@ -61,11 +62,17 @@ class LlamaModel:
         self.cos, self.sin = rope_cache(hp.head_dim, hp.max_position_embeddings, hp.rope_theta)
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32) -> "LlamaModel":
+    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
+                  quantization: str | None = None) -> "LlamaModel":
+        """quantization=None keeps dense weights; "int8" = W8A8 with SmoothQuant (float32 only)."""
+        if quantization not in (None, "int8"):
+            raise ValueError(f"unknown quantization {quantization!r}; supported: int8")
+        if quantization and dtype != torch.float32:
+            raise ValueError("int8 quantization runs with float32 activations (dtype float32)")
         hp = gguf.hparams
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
-        cast_t = lambda t: t.t().to(dtype).contiguous()  # noqa: E731 - [out, in] -> [in, out]
+        dense = lambda t: DenseLinear(t.t().to(dtype))  # noqa: E731 - [out, in] -> [in, out]
         layers = []
         for i in range(hp.num_layers):
             p = f"blk.{i}."
@@ -73,15 +80,33 @@ class LlamaModel:
             k = unpermute_qk(w(p + "attn_k.weight"), hp.num_kv_heads)
             layers.append(LlamaLayer(
                 attn_norm=cast(w(p + "attn_norm.weight")),
-                qkv=cast_t(torch.cat([q, k, w(p + "attn_v.weight")])),
-                o=cast_t(w(p + "attn_output.weight")),
+                qkv=dense(torch.cat([q, k, w(p + "attn_v.weight")])),
+                o=dense(w(p + "attn_output.weight")),
                 ffn_norm=cast(w(p + "ffn_norm.weight")),
-                gate_up=cast_t(torch.cat([w(p + "ffn_gate.weight"), w(p + "ffn_up.weight")])),
-                down=cast_t(w(p + "ffn_down.weight")),
+                gate_up=dense(torch.cat([w(p + "ffn_gate.weight"), w(p + "ffn_up.weight")])),
+                down=dense(w(p + "ffn_down.weight")),
             ))
         embed = cast(w("token_embd.weight"))
-        lm_head = cast_t(embed if hp.tie_word_embeddings else w("output.weight"))
-        return cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
+        lm_head = dense(embed if hp.tie_word_embeddings else w("output.weight"))
+        model = cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
+        if quantization == "int8":
+            model.quantize_int8(gguf)
+        return model
+
+    def quantize_int8(self, gguf: GGUFFile) -> None:
+        """Smooth (calibrated on fixed prompts) then quantize every block projection to W8A8.
+        The LM head stays dense: quantizing it costs more quality than it saves time."""
+        from services.inference.models import smoothquant
+        from services.inference.models.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_gguf(gguf)
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
+                   for p in smoothquant.CALIBRATION_PROMPTS]
+        smoothquant.smooth(self, smoothquant.activation_maxima(self, prompts))
+        for layer in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, Int8Linear(getattr(layer, name).weight))
+        self.quantization = "int8"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -95,20 +120,20 @@ class LlamaModel:
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
             # attention
             x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
-            qkv = x @ layer.qkv
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rope(q.view(t, hp.num_heads, hp.head_dim), cos, sin)
             k = apply_rope(k.view(t, hp.num_kv_heads, hp.head_dim), cos, sin)
             v = v.view(t, hp.num_kv_heads, hp.head_dim)
             a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
-            h = h + a.reshape(t, self.q_size) @ layer.o
+            h = h + layer.o(a.reshape(t, self.q_size))
             # mlp
             x = rms_norm(h, layer.ffn_norm, hp.rms_norm_eps)
-            gate, up = (x @ layer.gate_up).chunk(2, dim=-1)
-            h = h + (F.silu(gate) * up) @ layer.down
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Selected hidden rows [N, hidden] -> float32 logits [N, vocab]."""
         x = rms_norm(hidden, self.final_norm, self.hp.rms_norm_eps)
-        return (x @ self.lm_head).float()
+        return self.lm_head(x).float()
