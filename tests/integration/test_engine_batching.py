@@ -157,3 +157,13 @@ def test_priority_orders_waiting_requests(make_engine):
         finished += [o.request_id for o in eng.step() if o.finished]
     assert finished == [high, low]
     assert_all_blocks_free(eng)
+
+
+def test_unset_max_tokens_runs_to_the_smaller_of_context_and_kv_capacity(make_engine):
+    small = make_engine("float32", num_kv_blocks=4)          # 64 tokens of KV, context window 8192
+    prompt = small.tokenizer.encode("Count slowly: one, two, three,")
+    out = small.generate([prompt], SamplingParams(temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(prompt) + len(out.new_token_ids) == 64
+    with pytest.raises(ValueError, match="KV cache"):
+        small.add_request(prompt, SamplingParams(max_tokens=100))
+    assert_all_blocks_free(small)

@@ -131,20 +131,16 @@ class LLMEngine:
             raise InvalidRequestError("prompt is empty")
         if any(not 0 <= t < self.hparams.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.hparams.vocab_size})")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {n} tokens; the context window is {self.max_model_len} tokens "
-                f"(at least one must be left to generate)")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context window "
-                f"({self.max_model_len} tokens)")
         capacity = self.num_kv_blocks * self.config.block_size
-        if n + max_tokens > capacity:
+        limit = min(self.max_model_len, capacity)
+        where = "context window" if limit == self.max_model_len else "KV cache of this replica"
+        if n >= limit:
             raise InvalidRequestError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds this replica's KV cache "
-                f"({capacity} tokens)")
+                f"prompt is {n} tokens; the {where} is {limit} tokens (at least one must be left to generate)")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the {where} ({limit} tokens)")
         return max_tokens
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
