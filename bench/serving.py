@@ -1,0 +1,254 @@
+"""Serving benchmark: Strata over gRPC against llama.cpp and HF transformers, in one run.
+
+    python -m bench.serving [--concurrency 1 8 32] [--peers llama.cpp hf] [--repeats 3]
+
+Per system and concurrency c: closed loop of --num-prompts requests (default c: one wave), c in
+flight, every prompt exactly --prompt-len random token ids (seeded, the same for every system, never
+repeated, so no prefix-cache hits), greedy, EOS ignored, --output-len tokens each. Prefill: the
+same kind of prompts with one output token, --prefill-batch at a time. Every measurement is
+repeated --repeats times; the JSON keeps each run and reports the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from bench.metrics import PhaseResult, median_of_runs, summarize
+
+VOCAB_SIZE = 49152
+FIRST_ORDINARY_TOKEN = 3      # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>
+PEERS = ("llama.cpp", "hf")
+TARGETS = (  # (name, peer, metric, concurrency, threshold): the least ratio of Strata's figure to the peer's
+    ("decode_32_streams_vs_llama.cpp", "llama.cpp", "decode_tokens_per_s", 32, 4.0),
+    ("prefill_vs_hf", "hf", "prefill", None, 3.0),
+    ("single_stream_vs_llama.cpp", "llama.cpp", "output_tokens_per_s", 1, 1.0),
+)
+
+
+class PromptSource:
+    """Fresh random prompts from a seed: system after system draws the same sequence."""
+
+    def __init__(self, seed: int, prompt_len: int) -> None:
+        self.rng = random.Random(seed)
+        self.prompt_len = prompt_len
+
+    def take(self, n: int) -> list[list[int]]:
+        return [[self.rng.randrange(FIRST_ORDINARY_TOKEN, VOCAB_SIZE) for _ in range(self.prompt_len)]
+                for _ in range(n)]
+
+
+RunPhase = Callable[[list[list[int]], int, int], PhaseResult]   # (prompts, max_tokens, concurrency)
+
+
+def measure(label: str, run_phase: RunPhase, prefill: Callable[[list[list[int]]], dict], a: argparse.Namespace,
+            ) -> dict:
+    prompts = PromptSource(a.seed, a.prompt_len)
+    out: dict = {"label": label, "concurrency": {}}
+    for c in a.concurrency:
+        run_phase(prompts.take(min(c, 4)), 4, c)   # warm-up at this concurrency: first calls, contexts
+        n = a.num_prompts or c
+        runs = []
+        for r in range(a.repeats):
+            runs.append(summarize(run_phase(prompts.take(n), a.output_len, c)))
+            print(f"  {label:<24} c={c:<3} run {r + 1}/{a.repeats}: {runs[-1]['output_tokens_per_s']:7.1f} out tok/s, "
+                  f"TTFT p50 {runs[-1]['ttft_ms']['p50']:7.0f} ms, TPOT p50 {runs[-1]['tpot_ms']['p50']:6.1f} ms",
+                  flush=True)
+        out["concurrency"][str(c)] = {**median_of_runs(runs), "runs": runs}
+    runs = [prefill(prompts.take(a.prefill_prompts)) for _ in range(a.repeats)]
+    out["prefill"] = {**median_of_runs(runs), "runs": runs}
+    print(f"  {label:<24} prefill: {out['prefill']['prompt_tokens_per_s']:7.1f} prompt tok/s", flush=True)
+    return out
+
+
+def _prefill_in_batches(prefill_s: Callable[[list[list[int]]], float], batch: int) -> Callable[[list[list[int]]], dict]:
+    def run(prompts: list[list[int]]) -> dict:
+        wall = sum(prefill_s(prompts[i:i + batch]) for i in range(0, len(prompts), batch))
+        tokens = sum(len(p) for p in prompts)
+        return {"prompt_tokens": tokens, "wall_s": wall, "prompt_tokens_per_s": tokens / wall}
+    return run
+
+
+def bench_strata(a: argparse.Namespace) -> dict:
+    from bench.strata import StrataServer, model_info, run_phase
+
+    extra = a.strata_args.split() if a.strata_args else []
+    with StrataServer(a.dtype, extra) as server:
+        label = f"Strata gRPC ({' '.join([model_info(server).dtype, *extra])})"   # "auto" resolved by the server
+        def prefill(prompts: list[list[int]]) -> dict:
+            phase = run_phase(server, prompts, 1, a.prefill_batch)
+            tokens = sum(len(p) for p in prompts)
+            return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
+
+        return measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
+
+
+def bench_llamacpp(a: argparse.Namespace, gguf_path: Path) -> dict:
+    from bench.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(str(gguf_path), a.threads, a.prompt_len + a.output_len)
+    try:
+        return measure(runner.label, runner.run_phase, _prefill_in_batches(runner.prefill_s, a.prefill_batch), a)
+    finally:
+        runner.close()
+
+
+def bench_hf(a: argparse.Namespace, gguf_path: Path) -> dict:
+    import torch
+
+    from bench.hf import HFRunner
+
+    torch.set_num_threads(a.threads)
+    runner = HFRunner(str(gguf_path))
+    return measure(runner.label, runner.run_phase, _prefill_in_batches(runner.prefill_s, a.prefill_batch), a)
+
+
+def peer_missing(name: str) -> str | None:
+    """Why a peer cannot run here, or None."""
+    import importlib.util
+
+    module, hint = {"llama.cpp": ("llama_cpp", "`make bench` installs llama-cpp-python (the bench extra)"),
+                    "hf": ("transformers", "pip install -e '.[bench]'")}[name]
+    return None if importlib.util.find_spec(module) else f"{module} is not installed: {hint}"
+
+
+def ratios(systems: dict) -> dict:
+    """Strata over each peer: throughputs per concurrency, and prefill."""
+    out: dict = {}
+    strata = systems.get("strata")
+    if strata is None:
+        return out
+    for peer in PEERS:
+        if peer not in systems:
+            continue
+        p = systems[peer]
+        r = {c: {k: strata["concurrency"][c][k] / p["concurrency"][c][k]
+                 for k in ("output_tokens_per_s", "decode_tokens_per_s")}
+             for c in strata["concurrency"] if c in p["concurrency"]}
+        r["prefill"] = strata["prefill"]["prompt_tokens_per_s"] / p["prefill"]["prompt_tokens_per_s"]
+        out[f"strata/{peer}"] = r
+    return out
+
+
+def targets(rs: dict) -> dict:
+    out = {}
+    for name, peer, key, c, threshold in TARGETS:
+        r = rs.get(f"strata/{peer}")
+        if r is None or (c is not None and str(c) not in r):
+            out[name] = {"target": threshold, "ratio": None, "met": None}
+            continue
+        value = r["prefill"] if key == "prefill" else r[str(c)][key]
+        out[name] = {"target": threshold, "ratio": round(value, 3), "met": value >= threshold}
+    return out
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu_model, flags = platform.processor(), set()
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu_model, flags = info.get("model name", cpu_model), set(info.get("flags", "").split())
+    except OSError:
+        pass
+    # what decides the matmul paths: bf16 is emulated (slow) without AMX or AVX512-BF16
+    features = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    features += [f"no {f}" for f in ("amx_tile", "avx512_bf16") if f not in flags]
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "llama_cpp"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    root = Path(__file__).resolve().parent.parent
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model, "cpu_features": features, "torch_threads": torch.get_num_threads(),
+            "versions": versions, "git_commit": git("rev-parse", "--short", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def print_table(result: dict) -> None:
+    systems = result["systems"]
+    print(f"\n{'system':<26}{'c':>4}{'out tok/s':>11}{'decode tok/s':>14}{'TTFT p50/p99 ms':>18}"
+          f"{'TPOT p50 ms':>13}{'ITL p50/p99 ms':>17}")
+    for s in systems.values():
+        for c, m in s["concurrency"].items():
+            print(f"{s['label']:<26}{c:>4}{m['output_tokens_per_s']:>11.1f}{m['decode_tokens_per_s']:>14.1f}"
+                  f"{m['ttft_ms']['p50']:>10.0f}/{m['ttft_ms']['p99']:<7.0f}{m['tpot_ms']['p50']:>13.1f}"
+                  f"{m['itl_ms']['p50']:>10.1f}/{m['itl_ms']['p99']:<6.1f}")
+        print(f"{s['label']:<26}{'prefill':>15}{s['prefill']['prompt_tokens_per_s']:>10.1f} prompt tok/s")
+    for name, t in result["targets"].items():
+        if t["met"] is None:
+            print(f"target {name}: >= {t['target']}x: n/a (a system was not measured)")
+        else:
+            print(f"target {name}: >= {t['target']}x, got {t['ratio']:.2f}x: {'met' if t['met'] else 'MISSED'}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=0, help="requests per run; 0 = the concurrency (one wave)")
+    p.add_argument("--prefill-prompts", type=int, default=32, help="prompts per prefill run")
+    p.add_argument("--prefill-batch", type=int, default=32, help="prompts in flight / per batch in prefill runs")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="Strata's dtype; auto = bfloat16 only where the CPU multiplies it natively (AMX, AVX512-BF16)")
+    p.add_argument("--strata-args", default="", help="extra `strata serve inference` flags, one string")
+    p.add_argument("--no-strata", action="store_true", help="peers only (debugging the peers)")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="peers' threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
+    a = p.parse_args(argv)
+    if a.repeats < 1 or a.prompt_len < 1 or a.output_len < 2 or min(a.concurrency) < 1:
+        p.error("--repeats, --prompt-len, --concurrency must be >= 1 and --output-len >= 2")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    from services.inference.models.gguf_file import default_model_path
+
+    a = parse_args(argv)
+    gguf_path = default_model_path()
+    systems: dict = {}
+    skipped: dict = {}
+    if not a.no_strata:
+        print("strata: starting the inference service", flush=True)
+        systems["strata"] = bench_strata(a)
+    for peer in a.peers:
+        why = peer_missing(peer)
+        if why:
+            print(f"skipping {peer}: {why}", file=sys.stderr, flush=True)
+            skipped[peer] = why
+            continue
+        print(f"{peer}: loading {gguf_path.name}", flush=True)
+        systems[peer] = bench_llamacpp(a, gguf_path) if peer == "llama.cpp" else bench_hf(a, gguf_path)
+    rs = ratios(systems)
+    config = {k: v for k, v in vars(a).items() if k not in ("out", "no_strata")}
+    result = {"config": {**config, "model": gguf_path.name}, "machine": machine_info(), "systems": systems,
+              "skipped": skipped, "ratios": rs, "targets": targets(rs)}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    from bench.plot import plot
+
+    png = a.out.with_suffix(".png")
+    plot(result, png)
+    print_table(result)
+    print(f"\nwrote {a.out} and {png}")
+
+
+if __name__ == "__main__":
+    main()
