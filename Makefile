@@ -9,10 +9,14 @@ STUBS := services/common/stubs/strata/v1/inference_pb2.py
 PROTOS := $(wildcard protos/strata/v1/*.proto)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-# llama.cpp for the benchmark: its native build crashes on this machine, and so does AVX-VNNI (the CPU has
-# AVX512-VNNI only: the VEX vpdpbusd raises SIGILL); LLAVA_BUILD=OFF skips the multimodal library
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=OFF \
-	-DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
+# llama.cpp for the benchmark: its native build crashes on some of these machines (AMX), so the instruction
+# sets are named one by one from what this CPU reports; AVX-VNNI stays off (on AVX512-VNNI CPUs without it
+# the VEX vpdpbusd raises SIGILL); LLAVA_BUILD=OFF skips the multimodal library
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX_VNNI=OFF \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DLLAVA_BUILD=OFF
 
 .PHONY: install protos system-deps up serve test bench clean
 

@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 _COLORS = {"strata": "tab:blue", "llama.cpp": "tab:orange", "hf": "tab:green"}
+_MORE_STRATA_COLORS = ("tab:purple", "tab:cyan", "tab:red", "tab:brown")
+
+
+def _color(name: str, systems: dict) -> str | None:
+    """Fixed colours for the default Strata and the peers; further Strata configurations take the next free one."""
+    if name in _COLORS:
+        return _COLORS[name]
+    others = [n for n in systems if n.startswith("strata") and n not in _COLORS]
+    return _MORE_STRATA_COLORS[others.index(name) % len(_MORE_STRATA_COLORS)] if name in others else None
 
 
 def _series(system: dict, key: str, sub: str | None = None) -> tuple[list[int], list[float]]:
@@ -40,13 +49,13 @@ def plot(result: dict, path: Path) -> None:
     for ax, key, sub, title, logy in panels:
         series = {name: _series(system, key, sub) for name, system in systems.items()}
         for name, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", label=systems[name]["label"], color=_COLORS.get(name))
+            ax.plot(xs, ys, marker="o", label=systems[name]["label"], color=_color(name, systems))
         # value labels right of each point, stacked in value order so close values stay readable
         for x in cfg["concurrency"]:
             points = sorted(((ys[xs.index(x)], name) for name, (xs, ys) in series.items() if x in xs), reverse=True)
             for rank, (y, name) in enumerate(points):
                 ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(7, 9 - 11 * rank),
-                            fontsize=8, color=_COLORS.get(name), va="center")
+                            fontsize=8, color=_color(name, systems), va="center")
         ax.margins(x=0.15, y=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg["concurrency"], [str(c) for c in cfg["concurrency"]])
@@ -62,7 +71,7 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[1, 1]
     names = [n for n in systems if "prefill" in systems[n]]
     vals = [systems[n]["prefill"]["prompt_tokens_per_s"] for n in names]
-    bars = ax.bar([systems[n]["label"] for n in names], vals, color=[_COLORS.get(n) for n in names])
+    bars = ax.bar([systems[n]["label"] for n in names], vals, color=[_color(n, systems) for n in names])
     ax.bar_label(bars, fmt="%.0f", fontsize=9)
     ax.set_title(f"prefill: prompt tokens/s ({cfg['prefill_batch']} x {cfg['prompt_len']}-token prompts)")
     ax.tick_params(axis="x", labelsize=8)

@@ -1,6 +1,7 @@
 """Serving benchmark: Strata over gRPC against llama.cpp and HF transformers, in one run.
 
     python -m bench.serving [--concurrency 1 8 32] [--peers llama.cpp hf] [--repeats 3]
+                            [--strata-args='--quantization int8' ...]
 
 Per system and concurrency c: closed loop of --num-prompts requests (default c: one wave), c in
 flight, every prompt exactly --prompt-len random token ids (seeded, the same for every system, never
@@ -27,6 +28,7 @@ from bench.metrics import PhaseResult, median_of_runs, summarize
 VOCAB_SIZE = 49152
 FIRST_ORDINARY_TOKEN = 3      # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>
 PEERS = ("llama.cpp", "hf")
+DEFAULT_STRATA_CONFIGS = ("", "--quantization int8")   # the reference float32 path and the fast int8 one
 TARGETS = (  # (name, peer, metric, concurrency, threshold): the least ratio of Strata's figure to the peer's
     ("decode_32_streams_vs_llama.cpp", "llama.cpp", "decode_tokens_per_s", 32, 4.0),
     ("prefill_vs_hf", "hf", "prefill", None, 3.0),
@@ -77,10 +79,15 @@ def _prefill_in_batches(prefill_s: Callable[[list[list[int]]], float], batch: in
     return run
 
 
-def bench_strata(a: argparse.Namespace) -> dict:
+def strata_key(strata_args: str) -> str:
+    """The system's key in the result: `strata`, or `strata --quantization int8` for extra flags."""
+    return " ".join(["strata", *strata_args.split()])
+
+
+def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
     from bench.strata import StrataServer, model_info, run_phase
 
-    extra = a.strata_args.split() if a.strata_args else []
+    extra = strata_args.split()
     with StrataServer(a.dtype, extra) as server:
         label = f"Strata gRPC ({' '.join([model_info(server).dtype, *extra])})"   # "auto" resolved by the server
         def prefill(prompts: list[list[int]]) -> dict:
@@ -121,32 +128,35 @@ def peer_missing(name: str) -> str | None:
 
 
 def ratios(systems: dict) -> dict:
-    """Strata over each peer: throughputs per concurrency, and prefill."""
+    """Each Strata configuration over each peer: throughputs per concurrency, and prefill."""
     out: dict = {}
-    strata = systems.get("strata")
-    if strata is None:
-        return out
-    for peer in PEERS:
-        if peer not in systems:
+    for name, strata in systems.items():
+        if not name.startswith("strata"):
             continue
-        p = systems[peer]
-        r = {c: {k: strata["concurrency"][c][k] / p["concurrency"][c][k]
-                 for k in ("output_tokens_per_s", "decode_tokens_per_s")}
-             for c in strata["concurrency"] if c in p["concurrency"]}
-        r["prefill"] = strata["prefill"]["prompt_tokens_per_s"] / p["prefill"]["prompt_tokens_per_s"]
-        out[f"strata/{peer}"] = r
+        for peer in PEERS:
+            if peer not in systems:
+                continue
+            p = systems[peer]
+            r = {c: {k: strata["concurrency"][c][k] / p["concurrency"][c][k]
+                     for k in ("output_tokens_per_s", "decode_tokens_per_s")}
+                 for c in strata["concurrency"] if c in p["concurrency"]}
+            r["prefill"] = strata["prefill"]["prompt_tokens_per_s"] / p["prefill"]["prompt_tokens_per_s"]
+            out[f"{name}/{peer}"] = r
     return out
 
 
-def targets(rs: dict) -> dict:
+def targets(rs: dict, strata_names: list[str]) -> dict:
+    """Per Strata configuration: each target's ratio and whether it is met (None: a system is missing)."""
     out = {}
-    for name, peer, key, c, threshold in TARGETS:
-        r = rs.get(f"strata/{peer}")
-        if r is None or (c is not None and str(c) not in r):
-            out[name] = {"target": threshold, "ratio": None, "met": None}
-            continue
-        value = r["prefill"] if key == "prefill" else r[str(c)][key]
-        out[name] = {"target": threshold, "ratio": round(value, 3), "met": value >= threshold}
+    for strata in strata_names:
+        for name, peer, key, c, threshold in TARGETS:
+            r = rs.get(f"{strata}/{peer}")
+            label = name if strata == "strata" else f"{name} [{strata}]"
+            if r is None or (c is not None and str(c) not in r):
+                out[label] = {"target": threshold, "ratio": None, "met": None}
+                continue
+            value = r["prefill"] if key == "prefill" else r[str(c)][key]
+            out[label] = {"target": threshold, "ratio": round(value, 3), "met": value >= threshold}
     return out
 
 
@@ -206,13 +216,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="Strata's dtype; auto = bfloat16 only where the CPU multiplies it natively (AMX, AVX512-BF16)")
-    p.add_argument("--strata-args", default="", help="extra `strata serve inference` flags, one string")
+    p.add_argument("--strata-args", action="append", metavar="FLAGS",
+                   help="extra `strata serve inference` flags of one Strata configuration, as one string "
+                        "(write --strata-args='--quantization int8'); repeat it to measure several; "
+                        f"default: {' and '.join(repr(x) for x in DEFAULT_STRATA_CONFIGS)} (int8 only where "
+                        "the CPU multiplies int8 fast)")
     p.add_argument("--no-strata", action="store_true", help="peers only (debugging the peers)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="peers' threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     a = p.parse_args(argv)
+    if not a.strata_args:
+        from services.inference.models.linear import int8_matmul_is_fast
+
+        # int8 is measured only where it can be faster: without VNNI/AMX it runs emulated at float32 speed
+        a.strata_args = [c for c in DEFAULT_STRATA_CONFIGS if "int8" not in c or int8_matmul_is_fast()]
     if a.repeats < 1 or a.prompt_len < 1 or a.output_len < 2 or min(a.concurrency) < 1:
         p.error("--repeats, --prompt-len, --concurrency must be >= 1 and --output-len >= 2")
     return a
@@ -225,9 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     gguf_path = default_model_path()
     systems: dict = {}
     skipped: dict = {}
-    if not a.no_strata:
-        print("strata: starting the inference service", flush=True)
-        systems["strata"] = bench_strata(a)
+    strata_names = [] if a.no_strata else [strata_key(args) for args in a.strata_args]
+    for name, args in zip(strata_names, a.strata_args):
+        print(f"{name}: starting the inference service", flush=True)
+        systems[name] = bench_strata(a, args)
     for peer in a.peers:
         why = peer_missing(peer)
         if why:
@@ -239,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     rs = ratios(systems)
     config = {k: v for k, v in vars(a).items() if k not in ("out", "no_strata")}
     result = {"config": {**config, "model": gguf_path.name}, "machine": machine_info(), "systems": systems,
-              "skipped": skipped, "ratios": rs, "targets": targets(rs)}
+              "skipped": skipped, "ratios": rs, "targets": targets(rs, strata_names)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     from bench.plot import plot

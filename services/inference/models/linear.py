@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+
 import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def int8_matmul_is_fast() -> bool:
+    """Whether torch._int_mm beats a float32 matmul here, measured once on a decode-sized product.
+
+    oneDNN multiplies int8 fast only with VNNI or AMX; on a CPU with AVX2 alone (many AMD EPYC
+    machines) _int_mm falls to a reference loop about 100x slower than float32."""
+    m, k, n = 32, 576, 1536
+    a8, b8 = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    a32, b32 = a8.float(), b8.t().float().contiguous()
+
+    def best_of(fn, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_int8 = best_of(lambda: torch._int_mm(a8, b8.t()))
+    t_fp32 = best_of(lambda: a32 @ b32)
+    fast = t_int8 < t_fp32
+    if not fast:
+        log.warning("int8 matmul is not accelerated on this CPU (%.1f GOP/s against %.1f GFLOP/s in float32; "
+                    "it needs VNNI or AMX): int8 runs emulated in float32, same results, no speed-up",
+                    2 * m * k * n / t_int8 / 1e9, 2 * m * k * n / t_fp32 / 1e9)
+    return fast
 
 
 class DenseLinear:
@@ -26,22 +61,32 @@ class Int8Linear:
     """W8A8: int8 weights with one scale per output channel, activations quantized per token at
     run time, int8 x int8 -> int32 products (VNNI/AMX through oneDNN), rescaled to float32.
 
-    y[m, n] ~= sum_k x[m, k] w[k, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] q_w[k, n]."""
+    y[m, n] ~= sum_k x[m, k] w[k, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] q_w[k, n].
 
-    __slots__ = ("qweight", "scale")
+    Where int8 products are not accelerated (`int8_matmul_is_fast()` is False) the same integer
+    values are multiplied as float32 (exact up to float32 rounding of sums above 2^24): the model's
+    numbers do not depend on the CPU, only its speed does."""
 
-    def __init__(self, weight_t: torch.Tensor) -> None:
+    __slots__ = ("qweight", "scale", "emulated_weight")
+
+    def __init__(self, weight_t: torch.Tensor, emulate: bool | None = None) -> None:
         w = weight_t.float()                                          # [in, out]
         self.scale = w.abs().amax(dim=0).clamp_min(1e-8) / 127.0      # [out]
         # stored [out, in]; passed to _int_mm as a transposed view, its fastest layout here
         self.qweight = torch.round(w / self.scale).clamp_(-127, 127).to(torch.int8).t().contiguous()
+        if emulate is None:
+            emulate = not int8_matmul_is_fast()
+        self.emulated_weight = self.qweight.t().float().contiguous() if emulate else None   # [in, out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(127.0)   # [M, 1]
-        xq = torch.round(x2 / x_scale).to(torch.int8)
-        y = torch._int_mm(xq, self.qweight.t()).float().mul_(x_scale).mul_(self.scale)
+        if self.emulated_weight is not None:
+            y = torch.round(x2 / x_scale).matmul(self.emulated_weight).mul_(x_scale).mul_(self.scale)
+        else:
+            xq = torch.round(x2 / x_scale).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float().mul_(x_scale).mul_(self.scale)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
     @property
