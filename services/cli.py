@@ -6,6 +6,7 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from services.cache.main import add_serve_args as add_cache_serve_args
     from services.inference.main import add_engine_args, add_serve_args
 
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM serving suite")
@@ -14,6 +15,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service")
     serve_sub = serve.add_subparsers(dest="service", required=True)
     add_serve_args(serve_sub.add_parser("inference", help="the model engine over gRPC"))
+    add_cache_serve_args(serve_sub.add_parser("cache", help="the semantic cache over Redis"))
+
+    cache = sub.add_parser("cache", help="semantic cache tools")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    ev = cache_sub.add_parser("eval", help="precision/recall of the hit decision on labelled pairs")
+    ev.add_argument("--pairs", required=True, help='JSONL of {"text_a", "text_b", "label"}')
+    ev.add_argument("--json", action="store_true", help="print the full report as JSON")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    ev.add_argument("--similarity-threshold", type=float, default=None,
+                    help="evaluate plain cosine >= this as the service's decision instead of the classifier")
 
     gen = sub.add_parser("generate", help="offline batch generation over a JSONL file")
     gen.add_argument("--prompts", required=True, help='JSONL: {"prompt": str} or {"messages": [...]} per line')
@@ -31,6 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve" and args.service == "inference":
         from services.inference import main as inference_main
         inference_main.run(args)
+    elif args.command == "serve" and args.service == "cache":
+        from services.cache import main as cache_main
+        cache_main.run(args)
+    elif args.command == "cache" and args.cache_command == "eval":
+        from services.cache import eval as cache_eval
+        cache_eval.run(args)
     elif args.command == "generate":
         from services.inference import offline
         offline.run(args)

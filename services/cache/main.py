@@ -1,0 +1,102 @@
+"""`strata serve cache`: the semantic cache over Redis as a gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+
+from grpc_health.v1 import health_pb2
+
+from services.cache.service import CacheConfig, SemanticCacheService
+from services.common.logs import setup_logging
+from services.common.server import GrpcServer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "strata.v1.SemanticCache"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = CacheConfig()
+    p.add_argument("--host", default=_env("STRATA_CACHE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("STRATA_CACHE_PORT", "50071")))
+    p.add_argument("--redis-url", default=_env("REDIS_URL", d.redis_url))
+    p.add_argument("--key-prefix", default=_env("STRATA_CACHE_KEY_PREFIX", d.key_prefix))
+    p.add_argument("--ttl", type=int, default=int(_env("STRATA_CACHE_TTL_S", str(d.default_ttl_s))),
+                   help="default entry TTL in seconds (0 = no expiry)")
+    p.add_argument("--no-refresh-ttl", action="store_true", help="do not restart an entry's TTL when it is hit")
+    p.add_argument("--max-entries", type=int, default=int(_env("STRATA_CACHE_MAX_ENTRIES", str(d.max_entries_per_namespace))),
+                   help="size cap per namespace; the least recently hit entries are evicted (0 = no cap)")
+    p.add_argument("--similarity-threshold", type=float, default=None,
+                   help="decide semantic hits by plain cosine >= this instead of the calibrated classifier")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="semantic candidates the decision considers")
+    p.add_argument("--embed-threads", type=int, default=None, help="torch threads for the embedding model")
+
+
+def config_from_args(a: argparse.Namespace) -> CacheConfig:
+    if a.ttl < 0 or a.max_entries < 0 or a.top_k < 1:
+        raise SystemExit("--ttl and --max-entries must be >= 0, --top-k >= 1")
+    if a.similarity_threshold is not None and not 0 < a.similarity_threshold <= 1:
+        raise SystemExit("--similarity-threshold must be in (0, 1]")
+    return CacheConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, default_ttl_s=a.ttl,
+                       refresh_ttl_on_hit=not a.no_refresh_ttl, max_entries_per_namespace=a.max_entries,
+                       similarity_threshold=a.similarity_threshold, top_k=a.top_k)
+
+
+class CacheService:
+    """Embedder + SemanticCacheService + gRPC server; used by the CLI and the tests (port 0)."""
+
+    def __init__(self, config: CacheConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
+                 replica_id: str = "", embed_threads: int | None = None) -> None:
+        from services.cache.embedder import MiniLMEmbedder
+        from services.cache.servicer import SemanticCacheServicer
+        from services.common.pb import cache_pb2_grpc
+
+        self.embedder = embedder or MiniLMEmbedder(num_threads=embed_threads)
+        self.cache = SemanticCacheService(config, self.embedder, replica_id=replica_id)
+        servicer = SemanticCacheServicer(self.cache)
+        self.server = GrpcServer(lambda s: cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, s),
+                                 [SERVICE_NAME], host, port)
+        self.cache.on_health_change(self._health_changed)
+        self._stopped = False
+
+    async def _health_changed(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.server.health.set(SERVICE_NAME, status)
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        await self.cache.start()
+        await self._health_changed(self.cache.redis_ok)
+        return port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Idempotent: a second call returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop(grace)
+        await self.cache.close()
+
+
+async def serve(a: argparse.Namespace) -> None:
+    service = CacheService(config_from_args(a), a.host, a.port,
+                           replica_id=f"{socket.gethostname()}-{os.getpid()}", embed_threads=a.embed_threads)
+    port = await service.start()
+    log.info("cache service ready", extra={"address": f"{a.host}:{port}", "decision": service.cache.decider.describe(),
+                                           "redis_ok": service.cache.redis_ok})
+    try:
+        await service.server.serve_until_signal()
+    finally:
+        await service.stop(0)
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("cache")
+    asyncio.run(serve(args))

@@ -1,0 +1,82 @@
+"""gRPC adapter for the semantic cache: protobuf in, SemanticCacheService calls, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.cache.service import LookupResult, Query, SemanticCacheService
+from services.common.errors import InvalidArgumentError
+from services.common.grpc_errors import map_errors
+from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
+
+_SAMPLING_OPTIONAL = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                      "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+_LAYER = {"exact": cache_pb2.CACHE_LAYER_EXACT, "semantic": cache_pb2.CACHE_LAYER_SEMANTIC}
+
+
+def query_from_proto(q: cache_pb2.CacheQuery) -> Query:
+    sampling = {name: getattr(q.sampling, name) for name in _SAMPLING_OPTIONAL if q.sampling.HasField(name)}
+    sampling["stop"] = list(q.sampling.stop)
+    sampling["stop_token_ids"] = list(q.sampling.stop_token_ids)
+    sampling["ignore_eos"] = q.sampling.ignore_eos
+    kind = q.WhichOneof("input")
+    if kind == "prompt":
+        return Query(q.namespace, q.model, prompt=q.prompt, sampling=sampling)
+    if kind == "messages":
+        if not q.messages.messages:
+            raise InvalidArgumentError("messages is empty")
+        return Query(q.namespace, q.model, messages=[(m.role, m.content) for m in q.messages.messages],
+                     sampling=sampling)
+    raise InvalidArgumentError("query needs a prompt or messages")
+
+
+def lookup_to_proto(r: LookupResult) -> cache_pb2.LookupResponse:
+    resp = cache_pb2.LookupResponse(hit=r.hit, layer=_LAYER.get(r.layer, cache_pb2.CACHE_LAYER_UNSPECIFIED),
+                                    score=r.score, confidence=r.confidence, degraded=r.degraded,
+                                    miss_reason=r.miss_reason)
+    if r.hit and r.entry is not None:
+        e = r.entry
+        resp.entry_id = e.entry_id
+        resp.answer.CopyFrom(cache_pb2.CachedAnswer(
+            text=e.response, token_ids=e.token_ids, finish_reason=e.finish_reason,
+            usage=common_pb2.Usage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                                   cached_prompt_tokens=e.cached_prompt_tokens)))
+    return resp
+
+
+class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
+    def __init__(self, service: SemanticCacheService) -> None:
+        self.service = service
+
+    @map_errors
+    async def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
+        p = request.policy
+        result = await self.service.lookup(
+            query_from_proto(request.query),
+            semantic=p.semantic if p.HasField("semantic") else True,
+            min_similarity=p.min_similarity if p.HasField("min_similarity") else None,
+            allow_sampled=p.allow_sampled if p.HasField("allow_sampled") else False)
+        return lookup_to_proto(result)
+
+    @map_errors
+    async def Store(self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> cache_pb2.StoreResponse:
+        a = request.answer
+        entry_id, reason = await self.service.store_answer(
+            query_from_proto(request.query), a.text, token_ids=list(a.token_ids),
+            prompt_tokens=a.usage.prompt_tokens, completion_tokens=a.usage.completion_tokens,
+            cached_prompt_tokens=a.usage.cached_prompt_tokens, finish_reason=a.finish_reason,
+            ttl_s=request.ttl_s if request.HasField("ttl_s") else None, allow_sampled=request.allow_sampled)
+        return cache_pb2.StoreResponse(stored=entry_id is not None, entry_id=entry_id or "", reason=reason)
+
+    @map_errors
+    async def Delete(self, request: cache_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> cache_pb2.DeleteResponse:
+        return cache_pb2.DeleteResponse(deleted=await self.service.delete(request.namespace, request.entry_id))
+
+    @map_errors
+    async def Invalidate(self, request: cache_pb2.InvalidateRequest,
+                         context: grpc.aio.ServicerContext) -> cache_pb2.InvalidateResponse:
+        return cache_pb2.InvalidateResponse(deleted=await self.service.invalidate(request.namespace, request.model))
+
+    @map_errors
+    async def Stats(self, request: cache_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheStats:
+        return cache_pb2.CacheStats(**await self.service.stats(request.namespace))

@@ -1,0 +1,103 @@
+"""Cache building blocks without Redis: keys and partitions, the in-memory index, the hit decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.cache.decision import FEATURE_NAMES, HitDecider, HitModel, pair_features
+from services.cache.index import NamespaceIndex
+from services.cache.keys import make_key, normalize_text
+from services.common.errors import InvalidArgumentError
+
+
+def key(prompt=None, messages=None, **sampling):
+    sampling.setdefault("temperature", 0.0)
+    return make_key("ns", "m", prompt, messages, sampling, 1000)
+
+
+def test_normalization_keeps_case_and_punctuation_but_not_spacing():
+    assert normalize_text("  Hello\t\n world?  ") == "Hello world?"
+    assert normalize_text("Cafe\u0301") == "Café"   # NFC
+    assert key("Hello  world").exact == key(" Hello world ").exact
+    assert key("Hello world").exact != key("hello world").exact
+
+
+def test_greedy_keys_ignore_sampling_knobs_that_cannot_change_the_answer():
+    assert key("q", seed=1, top_p=0.5).exact == key("q").exact
+    assert key("q", temperature=0.7, seed=1).exact != key("q", temperature=0.7, seed=2).exact
+    assert key("q", max_tokens=5).partition != key("q").partition
+    assert key("q", stop=["b", "a"]).exact == key("q", stop=["a", "b"]).exact
+
+
+def test_context_is_the_partition_and_the_last_user_message_the_question():
+    k1 = key(messages=[("system", "Be brief."), ("user", "Why is the sky blue?")])
+    k2 = key(messages=[("system", "Be verbose."), ("user", "Why is the sky blue?")])
+    k3 = key(prompt="Why is the sky blue?")
+    assert k1.question == k2.question == k3.question == "Why is the sky blue?"
+    assert len({k1.partition, k2.partition, k3.partition}) == 3
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"prompt": ""}, {"prompt": None}, {"messages": [("user", "   ")]}, {"messages": [("tool", "x")]},
+    {"messages": [("user", "q"), ("assistant", "a")]}, {"prompt": "x" * 1001}, {"prompt": "q", "temperature": -1.0},
+])
+def test_bad_keys_raise_invalid_argument(kwargs):
+    with pytest.raises(InvalidArgumentError):
+        key(**kwargs)
+
+
+def test_index_search_filters_by_partition_and_survives_removal():
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((50, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    idx = NamespaceIndex(8, initial_capacity=4)          # forces growth
+    for i, v in enumerate(vecs):
+        idx.add(f"e{i}", "p0" if i % 2 == 0 else "p1", f"q{i}", v)
+    res = idx.search(vecs[10], "p0", 3)
+    assert res[0].entry_id == "e10" and res[0].score == pytest.approx(1.0, abs=1e-5)
+    assert all(int(c.entry_id[1:]) % 2 == 0 for c in res)
+    assert [c.score for c in res] == sorted((c.score for c in res), reverse=True)
+    expected = sorted(range(0, 50, 2), key=lambda i: -float(vecs[i] @ vecs[10]))[:3]
+    assert [c.entry_id for c in res] == [f"e{i}" for i in expected]
+    assert idx.remove("e10") and not idx.remove("e10")
+    assert "e10" not in {c.entry_id for c in idx.search(vecs[10], "p0", 25)}
+    assert len(idx) == 49 and idx.search(vecs[1], "unknown", 3) == []
+    for i in range(50):
+        idx.remove(f"e{i}")
+    assert len(idx) == 0 and idx.search(vecs[0], "p0", 3) == []
+
+
+def test_pair_features_see_what_cosine_misses():
+    same = pair_features("How do I learn Python?", "How can I learn Python?", 0.95, 0.5)
+    other = pair_features("How do I learn Python?", "How do I learn Java?", 0.95, 0.5)
+    assert same.shape == (len(FEATURE_NAMES),)
+    f = dict(zip(FEATURE_NAMES, zip(same, other)))
+    assert f["content_jaccard"][0] > f["content_jaccard"][1]
+    swapped = dict(zip(FEATURE_NAMES, pair_features("flights from Paris to Rome", "flights from Rome to Paris", 0.97, 0.5)))
+    assert swapped["order_swapped"] == 1.0
+    nums = dict(zip(FEATURE_NAMES, pair_features("Is 7 a prime?", "Is 9 a prime?", 0.97, 0.5)))
+    assert nums["number_mismatch"] == 1.0
+
+
+def test_shipped_hit_model_loads_and_decides():
+    decider = HitDecider.default()
+    assert decider.model is not None and 0 < decider.threshold < 1
+    assert decider.model.meta["held_out_operating_point"]["hits"] > 0
+    idx, d = decider.choose("How do I learn Python?", [("How can I learn Python?", 0.97), ("How do I learn Java?", 0.80)])
+    assert idx == 0 and 0 <= d.confidence <= 1
+    assert decider.choose("q", []) == (-1, decider.choose("q", [])[1])
+    _, d = decider.choose("q", [("r", 0.1)])
+    assert not d.hit                                              # below the model's floor: never a hit
+    cosine = HitDecider(None, 0.9)
+    assert cosine.choose("a", [("b", 0.91)])[1].hit and not cosine.choose("a", [("b", 0.89)])[1].hit
+
+
+def test_hit_model_round_trips_through_json(tmp_path):
+    m = HitModel(np.zeros(len(FEATURE_NAMES)), np.ones(len(FEATURE_NAMES)), np.arange(len(FEATURE_NAMES), dtype=float),
+                 0.5, 0.7, 0.6, {"x": 1})
+    p = tmp_path / "m.json"
+    p.write_text(m.to_json())
+    m2 = HitModel.load(p)
+    feats = np.ones(len(FEATURE_NAMES))
+    assert m2.threshold == 0.7 and m2.probability(feats) == pytest.approx(m.probability(feats))
