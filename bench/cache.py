@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.serving import machine_info
+from bench.strata import free_port
 
 DIM = 384
 TARGETS = {"search_p99_ms_at_100000": 5.0, "search_p99_ms_at_1000000": 25.0, "lookups_per_s": 200.0}
 _ROOT = Path(__file__).resolve().parent.parent
 _PAIRS = _ROOT.parent / "shared" / "data" / "qqp_pairs_dev.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_bandwidth_gb_s() -> float:

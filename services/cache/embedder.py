@@ -76,6 +76,11 @@ class MiniLMEmbedder:
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_seq_len)
+        # counting runs on the caller's thread while embed() may run on another: its own instance,
+        # never truncating, so neither changes the other's settings
+        self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._counter.no_padding()
+        self._counter.no_truncation()
         self._lock = threading.Lock()
 
     @property
@@ -84,11 +89,7 @@ class MiniLMEmbedder:
 
     def num_tokens(self, text: str) -> int:
         """Tokens the model sees for `text` (with [CLS]/[SEP], before truncation)."""
-        self.tokenizer.no_truncation()
-        try:
-            return len(self.tokenizer.encode(text).ids)
-        finally:
-            self.tokenizer.enable_truncation(self.max_seq_len)
+        return len(self._counter.encode(text).ids)
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if not texts:

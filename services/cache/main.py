@@ -11,6 +11,7 @@ import socket
 from grpc_health.v1 import health_pb2
 
 from services.cache.service import CacheConfig, SemanticCacheService
+from services.common.config import env
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 
@@ -18,20 +19,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "strata.v1.SemanticCache"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = CacheConfig()
-    p.add_argument("--host", default=_env("STRATA_CACHE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("STRATA_CACHE_PORT", "50071")))
-    p.add_argument("--redis-url", default=_env("REDIS_URL", d.redis_url))
-    p.add_argument("--key-prefix", default=_env("STRATA_CACHE_KEY_PREFIX", d.key_prefix))
-    p.add_argument("--ttl", type=int, default=int(_env("STRATA_CACHE_TTL_S", str(d.default_ttl_s))),
+    p.add_argument("--host", default=env("STRATA_CACHE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("STRATA_CACHE_PORT", "50071")))
+    p.add_argument("--redis-url", default=env("REDIS_URL", d.redis_url))
+    p.add_argument("--key-prefix", default=env("STRATA_CACHE_KEY_PREFIX", d.key_prefix))
+    p.add_argument("--ttl", type=int, default=int(env("STRATA_CACHE_TTL_S", str(d.default_ttl_s))),
                    help="default entry TTL in seconds (0 = no expiry)")
     p.add_argument("--no-refresh-ttl", action="store_true", help="do not restart an entry's TTL when it is hit")
-    p.add_argument("--max-entries", type=int, default=int(_env("STRATA_CACHE_MAX_ENTRIES", str(d.max_entries_per_namespace))),
+    p.add_argument("--max-entries", type=int, default=int(env("STRATA_CACHE_MAX_ENTRIES", str(d.max_entries_per_namespace))),
                    help="size cap per namespace; the least recently hit entries are evicted (0 = no cap)")
     p.add_argument("--similarity-threshold", type=float, default=None,
                    help="decide semantic hits by plain cosine >= this instead of the calibrated classifier")

@@ -139,7 +139,7 @@ class SemanticCacheService:
                 chunk = ids[start:start + 1000]
                 for entry_id, row in zip(chunk, await self.store.index_fields(ns, chunk)):
                     if row is None:
-                        await self.store.forget(ns, entry_id)
+                        await self.store.delete(ns, entry_id)
                     elif row[4]:
                         self._index(indexes, ns).add(entry_id, row[2], row[3], np.frombuffer(row[4], np.float32))
         self.indexes = indexes
@@ -208,7 +208,7 @@ class SemanticCacheService:
                         for entry_id, alive in zip(chunk, await self.store.existing(ns, chunk)):
                             if not alive:
                                 idx.remove(entry_id)
-                                await self.store.forget(ns, entry_id)
+                                await self.store.delete(ns, entry_id)
             except _REDIS_ERRORS:
                 continue
 
@@ -253,7 +253,7 @@ class SemanticCacheService:
                     self.counters.hits_semantic += 1
                     return LookupResult(True, "semantic", chosen.score, decision.confidence, entry)
                 idx.remove(chosen.entry_id)            # expired: forget it, decide among the rest
-                await self.store.forget(key.namespace, chosen.entry_id)
+                await self.store.delete(key.namespace, chosen.entry_id)
                 candidates = [c for c in candidates if c.entry_id != chosen.entry_id]
             return self._miss("not_found")
         except _REDIS_ERRORS as exc:

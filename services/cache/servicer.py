@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import grpc
 
+from services.cache.keys import ANSWER_FIELDS
 from services.cache.service import LookupResult, Query, SemanticCacheService
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_errors import map_errors
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
 
-_SAMPLING_OPTIONAL = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                      "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
+_REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos")
+_SAMPLING_OPTIONAL = tuple(k for k in ANSWER_FIELDS if k not in _REPEATED_OR_PLAIN)   # proto3 `optional` fields
 _LAYER = {"exact": cache_pb2.CACHE_LAYER_EXACT, "semantic": cache_pb2.CACHE_LAYER_SEMANTIC}
 
 

@@ -173,7 +173,7 @@ class RedisStore:
             return None
         entry = await self.get(namespace, entry_id.decode())
         if entry is None:   # expired between the two reads
-            await self.forget(namespace, entry_id.decode())
+            await self.delete(namespace, entry_id.decode())   # tells the replicas too
         return entry
 
     async def touch(self, entry: Entry, refresh_ttl: bool) -> None:
@@ -190,10 +190,6 @@ class RedisStore:
     async def delete(self, namespace: str, entry_id: str) -> bool:
         return bool(await self._delete(keys=[self._lru_key(namespace), self.events_key],
                                        args=[entry_id, namespace, self.prefix, STREAM_MAXLEN]))
-
-    async def forget(self, namespace: str, entry_id: str) -> None:
-        """An entry found expired: drop it from the namespace's list and tell the replicas."""
-        await self.delete(namespace, entry_id)
 
     async def namespaces(self) -> list[str]:
         return sorted(m.decode() for m in await self.redis.smembers(f"{self.prefix}namespaces"))

@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from services.common.config import env
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.inference.engine.async_engine import AsyncEngine
@@ -16,10 +17,6 @@ from services.inference.engine.engine import EngineConfig, LLMEngine
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "strata.v1.Inference"
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,16 +31,16 @@ class InferenceServiceConfig:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by `serve inference` and `generate` (env: STRATA_<FLAG>)."""
-    p.add_argument("--model-path", default=_env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--model-name", default=_env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=_env("STRATA_DTYPE", "auto"),
+    p.add_argument("--model-path", default=env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--model-name", default=env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=env("STRATA_DTYPE", "auto"),
                    help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32")
-    p.add_argument("--quantization", choices=["none", "int8"], default=_env("STRATA_QUANTIZATION", "none"),
+    p.add_argument("--quantization", choices=["none", "int8"], default=env("STRATA_QUANTIZATION", "none"),
                    help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")
-    p.add_argument("--kv-cache-gb", type=float, default=float(_env("STRATA_KV_CACHE_GB", "1.0")))
+    p.add_argument("--kv-cache-gb", type=float, default=float(env("STRATA_KV_CACHE_GB", "1.0")))
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
@@ -61,9 +58,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
-    p.add_argument("--host", default=_env("STRATA_INFERENCE_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("STRATA_INFERENCE_PORT", "50061") or 50061))
-    p.add_argument("--replica-id", default=_env("STRATA_REPLICA_ID", ""))
+    p.add_argument("--host", default=env("STRATA_INFERENCE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("STRATA_INFERENCE_PORT", "50061") or 50061))
+    p.add_argument("--replica-id", default=env("STRATA_REPLICA_ID", ""))
     p.add_argument("--max-queued-requests", type=int, default=512)
 
 
