@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +40,8 @@ class _Layer:
 
 
 class MiniLMEmbedder:
-    """`embed(texts)` → float32 [n, 384], rows of unit length. Thread-safe (one forward at a time)."""
+    """`embed(texts)` → float32 [n, 384], rows of unit length. Thread-safe: forwards may run on several
+    threads at once (the weights are only read; `num_threads` sets torch's threads per forward, process-wide)."""
 
     def __init__(self, model_dir: Path | str | None = None, max_seq_len: int = MAX_SEQ_LEN,
                  num_threads: int | None = None) -> None:
@@ -53,7 +53,8 @@ class MiniLMEmbedder:
         self.num_heads = cfg["num_attention_heads"]
         self.eps = cfg["layer_norm_eps"]
         self.max_seq_len = min(max_seq_len, cfg["max_position_embeddings"])
-        self.num_threads = num_threads
+        if num_threads:
+            torch.set_num_threads(num_threads)   # process-wide: each forward uses this many threads
         w = load_file(str(model_dir / "model.safetensors"))
         w = {k.removeprefix("bert."): v.float().contiguous() for k, v in w.items()}
         self.word = w["embeddings.word_embeddings.weight"]
@@ -81,7 +82,6 @@ class MiniLMEmbedder:
         self._counter = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self._counter.no_padding()
         self._counter.no_truncation()
-        self._lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -91,6 +91,11 @@ class MiniLMEmbedder:
         """Tokens the model sees for `text` (with [CLS]/[SEP], before truncation)."""
         return len(self._counter.encode(text).ids)
 
+    def fits(self, text: str) -> bool:
+        """Whether the model sees all of `text`. Without tokenizing when it is short: every WordPiece token
+        covers at least one character after NFD, which at most triples a character (Hangul syllables)."""
+        return 3 * len(text) + 2 <= self.max_seq_len or self.num_tokens(text) <= self.max_seq_len
+
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.hidden), np.float32)
@@ -99,35 +104,35 @@ class MiniLMEmbedder:
         # sort by length so each batch pads little; results are put back in input order
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = np.empty((len(ids), self.hidden), np.float32)
-        with self._lock, torch.inference_mode():
-            if self.num_threads:
-                torch.set_num_threads(self.num_threads)
+        with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 out[idx] = self._forward([ids[i] for i in idx]).numpy()
         return out
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        """One forward over a batch of token-id lists, packed: the dense layers run on the real tokens only
+        ([total_tokens, hidden], no padding), and only attention sees a padded [n, seq] view. Questions are
+        short with a long tail, so padding every layer to the longest would waste most of the work."""
         n, seq = len(batch), max(len(x) for x in batch)
-        ids = torch.zeros((n, seq), dtype=torch.long)
-        mask = torch.zeros((n, seq), dtype=torch.bool)
-        for i, row in enumerate(batch):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = True
-        x = self.word[ids] + self.pos[:seq] + self.type0
-        x = F.layer_norm(x, (self.hidden,), *self.emb_ln, self.eps)
+        lens = torch.tensor([len(x) for x in batch])
+        ids = torch.tensor([t for row in batch for t in row], dtype=torch.long)
+        positions = torch.cat([torch.arange(len(row)) for row in batch])
+        mask = torch.arange(seq)[None, :] < lens[:, None]                 # [n, seq]
+        slots = mask.view(-1).nonzero().squeeze(1)                          # packed token -> padded slot
+        x = F.layer_norm(self.word[ids] + self.pos[positions] + self.type0, (self.hidden,), *self.emb_ln, self.eps)
         heads, head_dim = self.num_heads, self.hidden // self.num_heads
         attn_mask = mask[:, None, None, :]   # keys that are padding are never attended to
+        padded = x.new_zeros(n * seq, 3 * self.hidden)
         for layer in self.layers:
-            qkv = torch.addmm(layer.qkv_b, x.view(-1, self.hidden), layer.qkv_w).view(n, seq, 3, heads, head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            padded[slots] = torch.addmm(layer.qkv_b, x, layer.qkv_w)
+            q, k, v = padded.view(n, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(head_dim))
-            a = a.transpose(1, 2).reshape(-1, self.hidden)
-            x = F.layer_norm(torch.addmm(layer.o_b, a, layer.o_w).view(n, seq, -1) + x, (self.hidden,),
-                             layer.ln1_w, layer.ln1_b, self.eps)
-            h = F.gelu(torch.addmm(layer.up_b, x.view(-1, self.hidden), layer.up_w))
-            x = F.layer_norm(torch.addmm(layer.down_b, h, layer.down_w).view(n, seq, -1) + x, (self.hidden,),
+            a = a.transpose(1, 2).reshape(n * seq, self.hidden)[slots]
+            x = F.layer_norm(torch.addmm(layer.o_b, a, layer.o_w) + x, (self.hidden,), layer.ln1_w, layer.ln1_b, self.eps)
+            h = F.gelu(torch.addmm(layer.up_b, x, layer.up_w))
+            x = F.layer_norm(torch.addmm(layer.down_b, h, layer.down_w) + x, (self.hidden,),
                              layer.ln2_w, layer.ln2_b, self.eps)
-        m = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        owner = torch.repeat_interleave(torch.arange(n), lens)
+        pooled = x.new_zeros(n, self.hidden).index_add_(0, owner, x) / lens[:, None].to(x.dtype)
         return F.normalize(pooled, dim=-1)

@@ -23,6 +23,7 @@ from services.cache.decision import HitDecider
 from services.cache.index import NamespaceIndex
 from services.cache.keys import CacheKey, make_key, validate_namespace
 from services.cache.store import Entry, RedisStore
+from services.common.aio import cancel_and_wait
 from services.common.errors import InvalidArgumentError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class CacheConfig:
     sweep_interval_s: float = 30.0
     embed_max_batch: int = 64
     embed_max_wait_ms: float = 2.0
+    embed_workers: int = 1                 # embedding batches in flight at once (one thread each)
 
 
 @dataclass(slots=True)
@@ -86,7 +88,7 @@ class SemanticCacheService:
                                    if config.similarity_threshold is not None else HitDecider.default())
         self.replica_id = replica_id or uuid.uuid4().hex[:8]
         self.store = RedisStore(config.redis_url, config.key_prefix, config.redis_timeout_s)
-        self.batcher = MicroBatcher(embedder.embed, config.embed_max_batch, config.embed_max_wait_ms)
+        self.batcher = MicroBatcher(embedder.embed, config.embed_max_batch, config.embed_max_wait_ms, config.embed_workers)
         self.indexes: dict[str, NamespaceIndex] = {}
         self.counters = Counters()
         self.redis_ok = False
@@ -109,9 +111,7 @@ class SemanticCacheService:
                        asyncio.create_task(self._sweep(), name="cache-sweep")]
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         await self.batcher.close()
         await self.store.close()
 
@@ -137,11 +137,15 @@ class SemanticCacheService:
             ids = await self.store.entry_ids(ns)
             for start in range(0, len(ids), 1000):
                 chunk = ids[start:start + 1000]
+                found = []
                 for entry_id, row in zip(chunk, await self.store.index_fields(ns, chunk)):
                     if row is None:
                         await self.store.delete(ns, entry_id)
                     elif row[4]:
-                        self._index(indexes, ns).add(entry_id, row[2], row[3], np.frombuffer(row[4], np.float32))
+                        found.append((entry_id, row[2], row[3], np.frombuffer(row[4], np.float32)))
+                if found:
+                    ids_, parts, questions, vectors = zip(*found)
+                    self._index(indexes, ns).add_many(ids_, parts, questions, np.stack(vectors))
         self.indexes = indexes
         self._last_event = last
         self._synced.set()
@@ -218,7 +222,7 @@ class SemanticCacheService:
 
     def _semantic_ok(self, key: CacheKey) -> bool:
         """Questions longer than the embedding model's window would be compared by their start only."""
-        return self.embedder.num_tokens(key.question) <= self.embedder.max_seq_len
+        return self.embedder.fits(key.question)
 
     async def lookup(self, q: Query, semantic: bool = True, min_similarity: float | None = None,
                      allow_sampled: bool = False) -> LookupResult:

@@ -287,8 +287,9 @@ async def _not_serving(r: Replica) -> bool:
     return await r.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def test_concurrent_lookups_are_micro_batched(start_replica):
-    r = await start_replica()
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_concurrent_lookups_are_micro_batched(start_replica, workers):
+    r = await start_replica(embed_workers=workers)
     await store(r, query("What is the capital of Spain?"), "Madrid")
     batcher = r.svc.cache.batcher
     before_batches, before_items = batcher.batches, batcher.items

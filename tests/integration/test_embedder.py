@@ -34,3 +34,10 @@ def test_batching_and_order_do_not_change_embeddings(embedder):
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert embedder.embed([]).shape == (0, 384)
     assert embedder.num_tokens("word " * 400) > embedder.max_seq_len
+
+
+def test_fits_agrees_with_the_tokenizer_around_the_window(embedder):
+    texts = ["short question?", "word " * 60, "word " * 250, "word " * 260, "한국어 문장 " * 40, "한" * 90,
+             "é" * 120, "x" * 300]
+    for text in texts:
+        assert embedder.fits(text) == (embedder.num_tokens(text) <= embedder.max_seq_len), text[:20]

@@ -1,6 +1,8 @@
-"""Cache building blocks without Redis: keys and partitions, the in-memory index, the hit decision."""
+"""Cache building blocks without Redis: keys and partitions, the in-memory index, the hit decision, the batcher."""
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -68,6 +70,31 @@ def test_index_search_filters_by_partition_and_survives_removal():
     assert len(idx) == 0 and idx.search(vecs[0], "p0", 3) == []
 
 
+def test_index_bulk_add_replace_and_remove_keep_search_exact():
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((20_000, 384)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    idx = NamespaceIndex(384)
+    ids = [f"e{i}" for i in range(len(vecs))]
+    idx.add_many(ids, ["p"] * len(ids), ids, vecs)
+    idx.add("e5", "p", "e5", vecs[7])                          # replace: e5 now holds e7's vector
+    for i in range(0, len(vecs), 3):                           # remove a third: rows move around
+        if i not in (5, 7):
+            idx.remove(f"e{i}")
+    alive = [i for i in range(len(vecs)) if i % 3 != 0 or i in (5, 7)]
+    current = vecs.copy()
+    current[5] = vecs[7]
+    for q in rng.standard_normal((5, 384)).astype(np.float32):
+        q /= np.linalg.norm(q)
+        scores = current[alive] @ q
+        expected = [f"e{alive[i]}" for i in np.argsort(-scores, kind="stable")[:10]]
+        got = idx.search(q, "p", 10)
+        assert [c.entry_id for c in got] == expected
+        np.testing.assert_allclose([c.score for c in got], np.sort(scores)[::-1][:10], atol=1e-5)
+    with pytest.raises(ValueError):
+        idx.add_many(["x"], ["p"], ["x"], vecs[:2])
+
+
 def test_pair_features_see_what_cosine_misses():
     same = pair_features("How do I learn Python?", "How can I learn Python?", 0.95, 0.5)
     other = pair_features("How do I learn Python?", "How do I learn Java?", 0.95, 0.5)
@@ -101,3 +128,42 @@ def test_hit_model_round_trips_through_json(tmp_path):
     m2 = HitModel.load(p)
     feats = np.ones(len(FEATURE_NAMES))
     assert m2.threshold == 0.7 and m2.probability(feats) == pytest.approx(m.probability(feats))
+
+
+async def test_batcher_runs_batches_on_several_workers_and_answers_each_caller():
+    import threading
+    import time
+
+    from services.cache.batcher import MicroBatcher
+
+    threads, sizes = set(), []
+
+    def embed(texts):
+        threads.add(threading.get_ident())
+        sizes.append(len(texts))
+        time.sleep(0.05)                      # long enough that the two workers overlap
+        return np.array([[float(t.split()[1])] for t in texts], np.float32)
+
+    b = MicroBatcher(embed, max_batch=8, max_wait_ms=1.0, workers=2)
+    try:
+        out = await asyncio.gather(*(b.embed(f"q {i}") for i in range(40)))
+    finally:
+        await b.close()
+    assert [float(v[0]) for v in out] == [float(i) for i in range(40)]   # every caller gets its own row
+    assert len(threads) == 2 and max(sizes) <= 8 and sum(sizes) == 40
+
+
+async def test_batcher_hands_an_embedding_failure_to_every_caller_of_the_batch():
+    from services.cache.batcher import MicroBatcher
+
+    def embed(texts):
+        raise RuntimeError("model failed")
+
+    b = MicroBatcher(embed, workers=2)
+    try:
+        results = await asyncio.gather(*(b.embed(f"q {i}") for i in range(5)), return_exceptions=True)
+    finally:
+        await b.close()
+    assert all(isinstance(r, RuntimeError) for r in results)
+    with pytest.raises(ValueError):
+        MicroBatcher(embed, workers=0)
