@@ -8,6 +8,7 @@ import argparse
 def build_parser() -> argparse.ArgumentParser:
     from services.cache.main import add_serve_args as add_cache_serve_args
     from services.inference.main import add_engine_args, add_serve_args
+    from services.router.main import add_serve_args as add_router_serve_args
 
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM serving suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_sub = serve.add_subparsers(dest="service", required=True)
     add_serve_args(serve_sub.add_parser("inference", help="the model engine over gRPC"))
     add_cache_serve_args(serve_sub.add_parser("cache", help="the semantic cache over Redis"))
+    add_router_serve_args(serve_sub.add_parser("router", help="picks an inference replica per request"))
 
     cache = sub.add_parser("cache", help="semantic cache tools")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve" and args.service == "cache":
         from services.cache import main as cache_main
         cache_main.run(args)
+    elif args.command == "serve" and args.service == "router":
+        from services.router import main as router_main
+        router_main.run(args)
     elif args.command == "cache" and args.cache_command == "eval":
         from services.cache import eval as cache_eval
         cache_eval.run(args)

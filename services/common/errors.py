@@ -39,3 +39,11 @@ class UnavailableError(StrataError):
 
 class DeadlineExceededError(StrataError):
     status = "DEADLINE_EXCEEDED"
+
+
+class UpstreamError(StrataError):
+    """A status a downstream service answered with, passed on unchanged (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,103 @@
+"""`strata serve router`: picks an inference replica per request (see services/router/service.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from grpc_health.v1 import health_pb2
+
+from services.common.aio import cancel_and_wait
+from services.common.config import env
+from services.common.logs import setup_logging
+from services.common.server import GrpcServer
+from services.router.backends import BackendConfig
+from services.router.policy import POLICIES
+from services.router.service import Router, RouterConfig
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "strata.v1.Router"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d, b = RouterConfig(), BackendConfig()
+    p.add_argument("--host", default=env("STRATA_ROUTER_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("STRATA_ROUTER_PORT", "50081")))
+    p.add_argument("--backend", action="append", default=None,
+                   help="inference replica host:port (repeat the flag; env STRATA_ROUTER_BACKENDS, comma-separated)")
+    p.add_argument("--policy", choices=POLICIES, default=env("STRATA_ROUTER_POLICY", d.policy))
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts,
+                   help="replicas tried per request before its first chunk")
+    p.add_argument("--failure-threshold", type=int, default=b.failure_threshold,
+                   help="failures within --failure-window-s that open a replica's circuit")
+    p.add_argument("--failure-window-s", type=float, default=b.failure_window_s)
+    p.add_argument("--open-cooldown-s", type=float, default=b.open_cooldown_s,
+                   help="how long an open circuit skips its replica before one probe request")
+    p.add_argument("--load-interval-s", type=float, default=b.load_interval_s, help="GetLoad polling period")
+
+
+def config_from_args(a: argparse.Namespace) -> RouterConfig:
+    backends = a.backend or [x.strip() for x in env("STRATA_ROUTER_BACKENDS", "127.0.0.1:50061").split(",") if x.strip()]
+    if a.max_attempts < 1 or a.failure_threshold < 1 or a.failure_window_s <= 0 or a.open_cooldown_s < 0 \
+            or a.load_interval_s <= 0:
+        raise SystemExit("--max-attempts and --failure-threshold must be >= 1; the intervals > 0")
+    return RouterConfig(backends=backends, policy=a.policy, max_attempts=a.max_attempts,
+                        backend=BackendConfig(load_interval_s=a.load_interval_s, failure_threshold=a.failure_threshold,
+                                              failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s))
+
+
+class RouterService:
+    """Router + gRPC server; SERVING while at least one replica is healthy. Used by the CLI and the tests."""
+
+    def __init__(self, config: RouterConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        from services.common.pb import router_pb2_grpc
+        from services.router.servicer import RouterServicer
+
+        self.router = Router(config)
+        servicer = RouterServicer(self.router)
+        self.server = GrpcServer(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
+                                 [SERVICE_NAME], host, port)
+        self._health_task: asyncio.Task | None = None
+        self._stopped = False
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        await self.router.start()
+        self._health_task = asyncio.create_task(self._report_health(), name="router-health")
+        return port
+
+    async def _report_health(self) -> None:
+        serving = None
+        while True:
+            ok = any(b.healthy for b in self.router.backends.values())
+            if ok != serving:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.server.health.set(SERVICE_NAME, status)
+                serving = ok
+            await asyncio.sleep(0.2)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._health_task is not None:
+            await cancel_and_wait([self._health_task])
+        await self.server.stop(grace)
+        await self.router.close()
+
+
+async def serve(a: argparse.Namespace) -> None:
+    service = RouterService(config_from_args(a), a.host, a.port)
+    port = await service.start()
+    log.info("router ready", extra={"address": f"{a.host}:{port}", "policy": a.policy,
+                                    "backends": list(service.router.backends)})
+    try:
+        await service.server.serve_until_signal()
+    finally:
+        await service.stop(0)
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("router")
+    asyncio.run(serve(args))

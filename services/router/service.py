@@ -1,0 +1,152 @@
+"""The router's logic: choose a replica, stream its answer, retry elsewhere only while nothing has
+reached the caller, keep per-replica circuit breakers honest.
+
+Retried (before the first chunk only, on another replica, with exponential backoff and jitter):
+UNAVAILABLE, RESOURCE_EXHAUSTED (that replica's queue is full), CANCELLED by the replica (it is
+shutting down). A failure after the first chunk ends the stream with UNAVAILABLE: a second replica
+would start the answer over and the caller would see it twice. Errors that are the request's own
+(INVALID_ARGUMENT, …) pass through unchanged and do not count against the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from services.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, UpstreamError
+from services.common.pb import inference_pb2
+from services.router.backends import Backend, BackendConfig
+from services.router.policy import Candidate, Picker
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+REPLICA_FAULTS = RETRYABLE | {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+CHARS_PER_TOKEN = 4          # the router does not tokenize: a prompt's token estimate for load accounting
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    backends: Sequence[str] = ()
+    policy: str = "least_pending"
+    max_attempts: int = 3                 # replicas tried per request, before its first chunk
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 1.0
+    default_max_tokens: int = 512         # load estimate when a request leaves max_tokens unset
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+
+def prompt_text(req: inference_pb2.GenerateRequest) -> str:
+    if req.HasField("messages"):
+        return "\n".join(f"{m.role}: {m.content}" for m in req.messages.messages)
+    return req.prompt
+
+
+def affinity_key(req: inference_pb2.GenerateRequest) -> str:
+    """What prefix affinity hashes: the start of the first message (a shared system prompt, or a
+    conversation's opening turn, stays on the replica whose prefix cache holds it), else of the prompt."""
+    if req.HasField("messages") and req.messages.messages:
+        first = req.messages.messages[0]
+        return f"{first.role}\n{first.content}"
+    if req.prompt_token_ids:
+        return ",".join(map(str, req.prompt_token_ids[:64]))
+    return req.prompt
+
+
+def estimated_tokens(req: inference_pb2.GenerateRequest, default_max_tokens: int) -> int:
+    prompt = len(req.prompt_token_ids) or len(prompt_text(req)) // CHARS_PER_TOKEN + 1
+    max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else default_max_tokens
+    return prompt + max(0, max_tokens)
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        if not config.backends:
+            raise ValueError("the router needs at least one inference backend (--backend host:port)")
+        if config.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.config = config
+        self.picker = Picker(config.policy)
+        self.backends = {a: Backend(a, config.backend) for a in dict.fromkeys(config.backends)}
+
+    async def start(self) -> None:
+        for b in self.backends.values():
+            b.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.close() for b in self.backends.values()))
+
+    def choose(self, req: inference_pb2.GenerateRequest, exclude: set[str]) -> Backend | None:
+        up = [b for b in self.backends.values() if b.healthy and b.address not in exclude and b.circuit.state != "open"]
+        prefix = affinity_key(req) if self.picker.policy == "prefix_affinity" else ""
+        while up:
+            c = self.picker.pick([Candidate(b.address, b.pending_tokens, b.in_flight) for b in up], prefix)
+            b = self.backends[c.address]
+            if b.circuit.allow():
+                return b
+            up.remove(b)                      # half-open with its probe already out
+        return None
+
+    async def generate(self, req: inference_pb2.GenerateRequest,
+                       timeout_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        if not (req.prompt or req.HasField("messages") or req.prompt_token_ids):
+            raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        tokens = estimated_tokens(req, self.config.default_max_tokens)
+        tried: set[str] = set()
+        last_error = "no healthy inference replica"
+        for attempt in range(self.config.max_attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt - 1, deadline))
+            b = self.choose(req, tried)
+            if b is None:
+                break
+            tried.add(b.address)
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("deadline exceeded before a replica answered")
+            b.in_flight += 1
+            b.routed += 1
+            b.sent_tokens += tokens
+            streamed = False
+            call = b.stub.Generate(req, timeout=remaining)
+            try:
+                async for chunk in call:
+                    streamed = True
+                    yield chunk
+                b.circuit.record_success()
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    b.circuit.release()
+                    raise DeadlineExceededError("deadline exceeded while generating") from None
+                if code not in REPLICA_FAULTS:    # the request's own fault: the replica is fine
+                    b.circuit.record_success()
+                    raise UpstreamError(code.name, exc.details() or code.name) from None
+                b.failures += 1
+                b.circuit.record_failure()
+                last_error = f"replica {b.replica or b.address} failed: {code.name}"
+                log.warning("replica failed", extra={"backend": b.address, "code": code.name, "streamed": streamed})
+                if streamed:
+                    raise UnavailableError(f"{last_error} after the answer had started; not retried "
+                                           "(the caller would see the answer twice)") from None
+                if code not in RETRYABLE:
+                    raise UpstreamError(code.name, exc.details() or code.name) from None
+            finally:
+                b.in_flight -= 1
+                b.circuit.release()
+                call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
+        raise UnavailableError(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)")
+
+    def _backoff(self, attempt: int, deadline: float | None) -> float:
+        delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - asyncio.get_running_loop().time()))
+        return delay
