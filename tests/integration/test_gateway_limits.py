@@ -1,0 +1,87 @@
+"""Per-key limits on a real Redis, with two limiter instances on separate connections standing in for
+two gateway replicas: never more admitted than the limit, retry-after given, estimates reconciled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.gateway.limits import DAY_MS, WINDOW_MS, LimitExceededError, Limits, RateLimiter
+
+
+@pytest.fixture()
+async def replicas(redis_url):
+    clients = [aioredis.from_url(redis_url), aioredis.from_url(redis_url)]
+    yield [RateLimiter(c) for c in clients]
+    for c in clients:
+        await c.aclose()
+
+
+async def hammer(replicas, n: int, limits: Limits, tokens: int, now_ms: int) -> tuple[list, list]:
+    async def one(i: int):
+        try:
+            return await replicas[i % 2].reserve("k1", limits, tokens, now_ms=now_ms)
+        except LimitExceededError as exc:
+            return exc
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    return ([r for r in results if not isinstance(r, Exception)], [r for r in results if isinstance(r, Exception)])
+
+
+async def test_requests_per_minute_is_exact_across_two_replicas(replicas):
+    now = 1_000_000_000_000
+    ok, refused = await hammer(replicas, 200, Limits(requests_per_minute=50), 1, now)
+    assert len(ok) == 50 and len(refused) == 150
+    assert {e.limit for e in refused} == {"requests_per_minute"}
+    assert all(0 < e.retry_after_s <= 60 for e in refused)
+    # a minute later the window has moved on
+    ok, _ = await hammer(replicas, 10, Limits(requests_per_minute=50), 1, now + WINDOW_MS + 1)
+    assert len(ok) == 10
+
+
+async def test_tokens_per_minute_reserves_estimates_and_reconcile_frees_the_unused(replicas):
+    now = 1_000_000_000_000
+    limits = Limits(tokens_per_minute=1000)
+    ok, refused = await hammer(replicas, 40, limits, 100, now)
+    assert len(ok) == 10 and {e.limit for e in refused} == {"tokens_per_minute"}
+    for r in ok[:5]:                                  # five answers used 20 of their 100 reserved tokens
+        await replicas[0].reconcile(r, 20)
+    more, _ = await hammer(replicas, 40, limits, 100, now + 1)
+    assert len(more) == 4                              # 5 * 80 freed = 400 tokens = 4 more requests
+    with pytest.raises(LimitExceededError, match="more than the key's tokens_per_minute allows") as err:
+        await replicas[1].reserve("k1", limits, 1001, now_ms=now)
+    assert err.value.retry_after_s is None
+
+
+async def test_tokens_per_day_and_its_retry_after_reaches_midnight(replicas):
+    day_start = 20_000 * DAY_MS
+    limits = Limits(tokens_per_day=500)
+    ok, refused = await hammer(replicas, 20, limits, 100, day_start + 1000)
+    assert len(ok) == 5 and {e.limit for e in refused} == {"tokens_per_day"}
+    assert refused[0].retry_after_s == pytest.approx((DAY_MS - 1000) / 1000)
+    ok, _ = await hammer(replicas, 3, limits, 100, day_start + DAY_MS)   # the next UTC day
+    assert len(ok) == 3
+
+
+async def test_concurrent_requests_are_leased_and_released(replicas):
+    now = 1_000_000_000_000
+    limits = Limits(concurrent_requests=3)
+    ok, refused = await hammer(replicas, 10, limits, 1, now)
+    assert len(ok) == 3 and {e.limit for e in refused} == {"concurrent_requests"}
+    await replicas[1].reconcile(ok[0], 1)
+    ok2, _ = await hammer(replicas, 10, limits, 1, now + 1)
+    assert len(ok2) == 1
+    # a gateway that died holding its leases blocks the key only until the leases run out
+    ok3, _ = await hammer(replicas, 10, limits, 1, now + replicas[0].lease_ms + 10)
+    assert len(ok3) == 3
+
+
+async def test_keys_do_not_share_limits_and_bad_limits_are_refused(replicas):
+    now = 1_000_000_000_000
+    await replicas[0].reserve("a", Limits(requests_per_minute=1), 1, now_ms=now)
+    await replicas[0].reserve("b", Limits(requests_per_minute=1), 1, now_ms=now)
+    with pytest.raises(LimitExceededError):
+        await replicas[1].reserve("a", Limits(requests_per_minute=1), 1, now_ms=now)
+    with pytest.raises(ValueError):
+        Limits(requests_per_minute=-1)
