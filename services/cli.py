@@ -7,6 +7,7 @@ import argparse
 
 def build_parser() -> argparse.ArgumentParser:
     from services.cache.main import add_serve_args as add_cache_serve_args
+    from services.gateway.main import add_serve_args as add_gateway_serve_args
     from services.inference.main import add_engine_args, add_serve_args
     from services.router.main import add_serve_args as add_router_serve_args
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(serve_sub.add_parser("inference", help="the model engine over gRPC"))
     add_cache_serve_args(serve_sub.add_parser("cache", help="the semantic cache over Redis"))
     add_router_serve_args(serve_sub.add_parser("router", help="picks an inference replica per request"))
+    add_gateway_serve_args(serve_sub.add_parser("gateway", help="API keys, limits, guardrails, cache, usage"))
 
     cache = sub.add_parser("cache", help="semantic cache tools")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "serve" and args.service == "cache":
         from services.cache import main as cache_main
         cache_main.run(args)
+    elif args.command == "serve" and args.service == "gateway":
+        from services.gateway import main as gateway_main
+        gateway_main.run(args)
     elif args.command == "serve" and args.service == "router":
         from services.router import main as router_main
         router_main.run(args)

@@ -72,7 +72,7 @@ class NamespaceIndex:
                 self._questions[row] = question
             self._codes[row] = self._code_of.setdefault(partition, len(self._code_of))
             rows.append(row)
-        q8, scale, err = kernels.quantize_rows_int8(torch.from_numpy(np.ascontiguousarray(vectors, np.float32)))
+        q8, scale, err = kernels.quantize_rows_int8(torch.from_numpy(np.require(vectors, np.float32, ["C", "W"])))
         self._vectors[rows] = vectors
         self._q8[rows], self._scale[rows], self._err[rows] = q8.numpy(), scale.numpy(), err.numpy()
 

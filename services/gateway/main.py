@@ -1,0 +1,114 @@
+"""`strata serve gateway`: API keys, limits, guardrails, cache and usage in front of the router."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from services.common.config import env
+from services.common.logs import setup_logging
+from services.common.server import GrpcServer
+from services.gateway.clients import Downstream
+from services.gateway.keys import KeyStore
+from services.gateway.limits import RateLimiter
+from services.gateway.service import INJECTION_MODES, PII_MODES, Gateway, GatewayConfig, ModelPrice
+from services.gateway.usage import UsageStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = ["strata.v1.Gateway", "strata.v1.GatewayAdmin"]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServiceConfig:
+    gateway: GatewayConfig
+    redis_url: str
+    router_address: str
+    cache_address: str = ""
+    key_pepper: str = ""
+    admin_token: str = ""
+    redis_timeout_s: float = 0.5
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    d = GatewayConfig()
+    p.add_argument("--host", default=env("STRATA_GATEWAY_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("STRATA_GATEWAY_PORT", "50051")))
+    p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--router", default=env("STRATA_ROUTER_ADDRESS", "127.0.0.1:50081"), help="router host:port")
+    p.add_argument("--cache", default=env("STRATA_CACHE_ADDRESS", "127.0.0.1:50071"),
+                   help="semantic cache host:port ('' = no cache)")
+    p.add_argument("--models", default=env("STRATA_GATEWAY_MODELS", ""),
+                   help='JSON {"model": [usd per 1k prompt tokens, usd per 1k completion tokens]}')
+    p.add_argument("--pii", choices=PII_MODES, default=env("STRATA_GATEWAY_PII", d.pii_mode))
+    p.add_argument("--redact-responses", action="store_true")
+    p.add_argument("--injection", choices=INJECTION_MODES, default=env("STRATA_GATEWAY_INJECTION", d.injection_mode))
+    p.add_argument("--limits-fail", choices=["open", "closed"], default=env("STRATA_GATEWAY_LIMITS_FAIL", "open"),
+                   help="when Redis is unreachable: admit without limits (open) or refuse (closed)")
+
+
+def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
+    pepper, admin = env("STRATA_KEY_PEPPER", ""), env("STRATA_ADMIN_TOKEN", "")
+    if len(pepper) < 16:
+        raise SystemExit("set STRATA_KEY_PEPPER (a secret of 16+ characters) for the API key hashes")
+    models = GatewayConfig().models
+    if a.models:
+        try:
+            models = {k: ModelPrice(float(v[0]), float(v[1])) for k, v in json.loads(a.models).items()}
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            raise SystemExit(f"--models: {exc}") from None
+    return GatewayServiceConfig(
+        GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses, injection_mode=a.injection,
+                      limits_fail_open=a.limits_fail == "open"),
+        redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin)
+
+
+class GatewayService:
+    """Gateway + gRPC server; used by the CLI and the tests (port 0)."""
+
+    def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        from services.common.pb import gateway_pb2_grpc
+        from services.gateway.servicer import GatewayAdminServicer, GatewayServicer
+
+        self.redis = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
+                                       socket_connect_timeout=config.redis_timeout_s)
+        self.down = Downstream(config.router_address, config.cache_address)
+        self.gateway = Gateway(config.gateway, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
+                               UsageStore(self.redis), self.down)
+        servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.gateway, config.admin_token)
+
+        def register(server) -> None:
+            gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+            gateway_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
+        self.server = GrpcServer(register, SERVICE_NAMES, host, port)
+        self._stopped = False
+
+    async def start(self) -> int:
+        return await self.server.start()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop(grace)
+        await self.down.close()
+        await self.redis.aclose()
+
+
+async def serve(a: argparse.Namespace) -> None:
+    service = GatewayService(config_from_args(a), a.host, a.port)
+    port = await service.start()
+    log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache})
+    try:
+        await service.server.serve_until_signal()
+    finally:
+        await service.stop(0)
+
+
+def run(args: argparse.Namespace) -> None:
+    setup_logging("gateway")
+    asyncio.run(serve(args))

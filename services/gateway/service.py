@@ -1,0 +1,302 @@
+"""The gateway's logic (no grpc): authenticate, validate, guard, limit, consult the cache, route, account.
+
+Order for each request: API key → validation → PII redaction (or refusal) → injection screen → budget
+→ limits reserved (estimated prompt + max_tokens) → cache lookup → router → usage, limits reconciled
+with the tokens really used, cache store. Nothing after redaction ever sees the original text: the cache,
+the router, Redis and the logs get the redacted prompt. A stream that ends early is still reconciled
+(charged what it used) and is never stored in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Mapping
+
+from redis.exceptions import RedisError
+
+from services.common.errors import (InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError,
+                                    UnauthenticatedError, UnavailableError)
+from services.common.pb import cache_pb2, common_pb2, gateway_pb2, inference_pb2
+from services.gateway.clients import Downstream
+from services.gateway.guardrails import redact, screen_injection
+from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.limits import Limits, RateLimiter, Reservation
+from services.gateway.usage import UsageStore, utc_day
+
+log = logging.getLogger(__name__)
+_REDIS_ERRORS = (RedisError, OSError)
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+PII_MODES = ("off", "redact", "block")
+INJECTION_MODES = ("allow", "flag", "block")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    usd_per_1k_prompt_tokens: float = 0.0
+    usd_per_1k_completion_tokens: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.usd_per_1k_prompt_tokens + completion_tokens * self.usd_per_1k_completion_tokens) / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    models: Mapping[str, ModelPrice] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": ModelPrice(0.01, 0.02)})
+    max_prompt_chars: int = 32_000
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    pii_mode: str = "redact"              # off | redact | block
+    redact_responses: bool = False        # also redact answers (a stream then arrives as one chunk)
+    injection_mode: str = "flag"          # allow | flag | block
+    limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
+    key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
+    replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
+
+    def __post_init__(self) -> None:
+        if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
+            raise ValueError(f"pii_mode must be one of {PII_MODES}, injection_mode one of {INJECTION_MODES}")
+        if not self.models:
+            raise ValueError("configure at least one model")
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
+                 downstream: Downstream) -> None:
+        self.config, self.keys, self.limiter, self.usage, self.down = config, keys, limiter, usage, downstream
+        self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, usable until)
+
+    # ---- requests
+    async def authenticate(self, bearer: str) -> ApiKey:
+        """The key's record from Redis; while Redis is unreachable, the last verification of the same key
+        within `key_fallback_s` stands in (keys never seen before are refused with UNAVAILABLE)."""
+        digest = hashlib.sha256(bearer.encode()).hexdigest()
+        try:
+            key = await self.keys.authenticate(bearer)
+        except _REDIS_ERRORS:
+            known = self._verified.get(digest)
+            if known is not None and known[1] > time.monotonic():
+                return known[0]
+            raise UnavailableError("cannot verify the API key right now (key store unreachable)") from None
+        except UnauthenticatedError:
+            self._verified.pop(digest, None)
+            raise
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[digest] = (key, time.monotonic() + self.config.key_fallback_s)
+        return key
+
+    async def stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
+                     timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+        key = await self.authenticate(bearer)
+        model, max_tokens = self._validate(req, key)
+        req, flags = self._guard(req)
+        await self._check_budget(key)
+        prompt_tokens_est = _prompt_chars(req) // 4 + 1
+        reservation = await self._reserve(key, prompt_tokens_est + max_tokens)
+        request_id = uuid.uuid4().hex
+        used = [0, 0]                     # prompt and completion tokens actually consumed
+        settled = False
+        try:
+            policy = req.cache_policy
+            query = cache_pb2.CacheQuery(namespace=key.tenant, model=model, sampling=req.sampling)
+            if req.HasField("messages"):
+                query.messages.CopyFrom(req.messages)
+            else:
+                query.prompt = req.prompt
+            if policy in (common_pb2.CACHE_POLICY_UNSPECIFIED, common_pb2.CACHE_POLICY_USE):
+                hit = await self.down.lookup(cache_pb2.LookupRequest(
+                    query=query, policy=cache_pb2.LookupPolicy(allow_sampled=req.allow_sampled_cache)))
+                if hit is not None and hit.hit:
+                    async for chunk in self._replay(hit, request_id, model, flags):
+                        yield chunk
+                    await self._settle(key, reservation, 0, 0, model, cache_hit=True)
+                    settled = True
+                    return
+            inference = inference_pb2.GenerateRequest(request_id=request_id, model=model, sampling=req.sampling,
+                                                      priority=req.priority)
+            inference.sampling.max_tokens = max_tokens
+            if req.HasField("messages"):
+                inference.messages.CopyFrom(req.messages)
+            else:
+                inference.prompt = req.prompt
+            text, token_ids, final = [], [], None
+            async for c in self.down.generate(inference, timeout_s):
+                used[0] = used[0] or len(c.prompt_token_ids)
+                used[1] += len(c.token_ids)
+                text.append(c.text)
+                token_ids.extend(c.token_ids)
+                last = c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if last:
+                    final = c
+                    used[0] = c.usage.prompt_tokens
+                if not self.config.redact_responses:
+                    yield self._chunk(request_id, c.text, c.token_ids, c if last else None, flags)
+            if final is None:
+                raise UnavailableError("the answer ended without its final chunk")
+            answer = "".join(text)
+            if self.config.redact_responses:
+                red = redact(answer)
+                yield self._chunk(request_id, red.text, token_ids, final, flags + [f"pii_out:{k}" for k in red.found])
+            await self._settle(key, reservation, final.usage.prompt_tokens, final.usage.completion_tokens, model)
+            settled = True
+            if policy != common_pb2.CACHE_POLICY_BYPASS and final.finish_reason in (
+                    common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
+                await self.down.store(cache_pb2.StoreRequest(
+                    query=query, allow_sampled=req.allow_sampled_cache,
+                    answer=cache_pb2.CachedAnswer(text=answer, token_ids=token_ids, usage=final.usage,
+                                                  finish_reason=final.finish_reason)))
+        finally:
+            if not settled:               # failed or cut short: charge what was used, free the slot
+                await self._settle(key, reservation, used[0], used[1], model, count=False)
+
+    async def generate(self, req: gateway_pb2.GatewayRequest, bearer: str,
+                       timeout_s: float | None = None) -> gateway_pb2.GatewayResponse:
+        out = gateway_pb2.GatewayResponse()
+        text = []
+        async for c in self.stream(req, bearer, timeout_s):
+            out.request_id = c.request_id
+            text.append(c.text)
+            out.token_ids.extend(c.token_ids)
+            if c.finish_reason:
+                out.finish_reason = c.finish_reason
+                out.usage.CopyFrom(c.usage)
+                out.source.CopyFrom(c.source)
+                out.flags.extend(c.flags)
+        out.text = "".join(text)
+        return out
+
+    # ---- steps
+    def _validate(self, req: gateway_pb2.GatewayRequest, key: ApiKey) -> tuple[str, int]:
+        model = req.model or next(iter(self.config.models))
+        if model not in self.config.models:
+            raise InvalidArgumentError(f"unknown model {model!r}; ListModels lists the served models")
+        if not key.allows(model):
+            raise PermissionDeniedError(f"this API key may not use model {model!r}")
+        if not (req.prompt or (req.HasField("messages") and req.messages.messages)):
+            raise InvalidArgumentError("a prompt or at least one message is required")
+        if _prompt_chars(req) > self.config.max_prompt_chars:
+            raise InvalidArgumentError(f"the prompt is longer than {self.config.max_prompt_chars} characters")
+        if req.HasField("messages"):
+            for m in req.messages.messages:
+                if m.role not in ("system", "user", "assistant"):
+                    raise InvalidArgumentError(f"message role must be system, user or assistant, not {m.role!r}")
+        s = req.sampling
+        max_tokens = s.max_tokens if s.HasField("max_tokens") else self.config.default_max_tokens
+        if not 1 <= max_tokens <= self.config.max_tokens_limit:
+            raise InvalidArgumentError(f"max_tokens must be in [1, {self.config.max_tokens_limit}]")
+        return model, max_tokens
+
+    def _guard(self, req: gateway_pb2.GatewayRequest) -> tuple[gateway_pb2.GatewayRequest, list[str]]:
+        out = gateway_pb2.GatewayRequest()
+        out.CopyFrom(req)
+        flags: list[str] = []
+        texts = [m for m in out.messages.messages] if out.HasField("messages") else None
+        if self.config.pii_mode != "off":
+            found: dict[str, int] = {}
+            if texts is not None:
+                for m in texts:
+                    r = redact(m.content)
+                    m.content = r.text
+                    for k, n in r.found.items():
+                        found[k] = found.get(k, 0) + n
+            else:
+                r = redact(out.prompt)
+                out.prompt = r.text
+                found = dict(r.found)
+            if found and self.config.pii_mode == "block":
+                raise InvalidArgumentError(f"the request contains personal data ({', '.join(sorted(found))}); "
+                                           "this gateway refuses it instead of redacting")
+            flags += [f"pii:{k}" for k in sorted(found)]
+        if self.config.injection_mode != "allow":
+            content = "\n".join(m.content for m in texts if m.role == "user") if texts is not None else out.prompt
+            screen = screen_injection(content)
+            if screen.flagged and self.config.injection_mode == "block":
+                raise PermissionDeniedError(f"the request looks like a prompt injection ({', '.join(screen.rules)})")
+            flags += [f"injection:{r}" for r in screen.rules]
+        return out, flags
+
+    async def _check_budget(self, key: ApiKey) -> None:
+        if key.budget_usd <= 0:
+            return
+        try:
+            spent = await self.usage.total_spend(key.key_id)
+        except _REDIS_ERRORS:
+            if self.config.limits_fail_open:
+                return
+            raise UnavailableError("cannot check the budget right now (store unreachable)") from None
+        if spent >= key.budget_usd:
+            raise ResourceExhaustedError(f"the key's budget of ${key.budget_usd:.2f} is spent (${spent:.4f})")
+
+    async def _reserve(self, key: ApiKey, tokens: int) -> Reservation | None:
+        if key.limits == Limits():
+            return None
+        try:
+            return await self.limiter.reserve(key.key_id, key.limits, tokens)
+        except _REDIS_ERRORS:
+            if self.config.limits_fail_open:
+                log.warning("limit store unreachable: admitting without limits (fail-open)")
+                return None
+            raise UnavailableError("cannot check rate limits right now (limit store unreachable)") from None
+
+    async def _settle(self, key: ApiKey, r: Reservation | None, prompt_tokens: int, completion_tokens: int,
+                      model: str, cache_hit: bool = False, count: bool = True) -> None:
+        try:
+            if r is not None:
+                await self.limiter.reconcile(r, prompt_tokens + completion_tokens)
+            if count or prompt_tokens or completion_tokens:
+                cost = self.config.models[model].cost(prompt_tokens, completion_tokens)
+                await self.usage.record(key.key_id, prompt_tokens, completion_tokens, cost, cache_hit)
+        except _REDIS_ERRORS:
+            log.warning("usage could not be recorded (store unreachable)")
+
+    async def _replay(self, hit: cache_pb2.LookupResponse, request_id: str, model: str,
+                      flags: list[str]) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+        words, n = re.findall(r"\s*\S+\s*", hit.answer.text) or [hit.answer.text], self.config.replay_chunk_words
+        pieces = ["".join(words[i:i + n]) for i in range(0, len(words), n)]
+        kind = (common_pb2.Source.KIND_CACHE_EXACT if hit.layer == cache_pb2.CACHE_LAYER_EXACT
+                else common_pb2.Source.KIND_CACHE_SEMANTIC)
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            chunk = gateway_pb2.GatewayChunk(request_id=request_id, text=piece)
+            if last:
+                chunk.token_ids.extend(hit.answer.token_ids)
+                chunk.finish_reason = hit.answer.finish_reason or common_pb2.FINISH_REASON_STOP
+                chunk.usage.CopyFrom(common_pb2.Usage())          # no model tokens were spent
+                chunk.source.CopyFrom(common_pb2.Source(kind=kind, model=model, entry_id=hit.entry_id))
+                chunk.flags.extend(flags)
+            yield chunk
+
+    @staticmethod
+    def _chunk(request_id: str, text: str, token_ids, final: inference_pb2.GenerateChunk | None,
+               flags: list[str]) -> gateway_pb2.GatewayChunk:
+        c = gateway_pb2.GatewayChunk(request_id=request_id, text=text, token_ids=token_ids)
+        if final is not None:
+            c.finish_reason = final.finish_reason
+            c.usage.CopyFrom(final.usage)
+            c.source.CopyFrom(final.source)
+            c.flags.extend(flags)
+        return c
+
+    # ---- admin
+    async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float) -> tuple[str, ApiKey]:
+        unknown = [m for m in models if m not in self.config.models]
+        if unknown:
+            raise InvalidArgumentError(f"unknown models: {', '.join(unknown)}")
+        return await self.keys.create(tenant, tuple(models), limits, budget_usd)
+
+    async def get_usage(self, key_id: str, day: str) -> tuple[str, object, float]:
+        day = day or utc_day()
+        if not _DAY.match(day):
+            raise InvalidArgumentError("day must be YYYY-MM-DD")
+        return day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id)
+
+
+def _prompt_chars(req: gateway_pb2.GatewayRequest) -> int:
+    if req.HasField("messages"):
+        return sum(len(m.content) for m in req.messages.messages)
+    return len(req.prompt)
