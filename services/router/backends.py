@@ -39,6 +39,7 @@ class Backend:
         self.healthy = False
         self.load = inference_pb2.Load()
         self.replica = ""
+        self.model: str | None = None   # the model it serves (GetModelInfo), once known
         self.in_flight = 0
         self.sent_tokens = 0        # estimated tokens routed here since the last load report
         self.routed = 0
@@ -61,7 +62,12 @@ class Backend:
         while True:
             try:
                 async for r in self.health.Watch(health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE)):
-                    self._set_healthy(r.status == health_pb2.HealthCheckResponse.SERVING)
+                    serving = r.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving:   # (re)learn the served model: a restart may bring another one
+                        info = await self.stub.GetModelInfo(inference_pb2.GetModelInfoRequest(),
+                                                            timeout=self.config.load_timeout_s)
+                        self.model = info.model
+                    self._set_healthy(serving)
             except grpc.aio.AioRpcError:
                 pass
             self._set_healthy(False)          # the watch ended: the replica is gone or restarting

@@ -35,6 +35,31 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--open-cooldown-s", type=float, default=b.open_cooldown_s,
                    help="how long an open circuit skips its replica before one probe request")
     p.add_argument("--load-interval-s", type=float, default=b.load_interval_s, help="GetLoad polling period")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=MODEL:WEIGHT,MODEL:WEIGHT",
+                   help="A/B split: requests for NAME go to the models by weight (repeat for more names)")
+    p.add_argument("--fallback", action="append", default=[], metavar="MODEL=OTHER[,OTHER]",
+                   help="models to try, in order, when MODEL's replicas cannot start an answer")
+
+
+def parse_splits(items: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        try:
+            name, rest = item.split("=", 1)
+            out[name.strip()] = {m.strip(): float(w) for m, w in (part.rsplit(":", 1) for part in rest.split(","))}
+        except ValueError:
+            raise SystemExit(f"--split {item!r}: expected NAME=MODEL:WEIGHT,MODEL:WEIGHT") from None
+    return out
+
+
+def parse_fallbacks(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        if not sep or not name.strip() or not rest.strip():
+            raise SystemExit(f"--fallback {item!r}: expected MODEL=OTHER[,OTHER]")
+        out[name.strip()] = [m.strip() for m in rest.split(",") if m.strip()]
+    return out
 
 
 def config_from_args(a: argparse.Namespace) -> RouterConfig:
@@ -43,6 +68,7 @@ def config_from_args(a: argparse.Namespace) -> RouterConfig:
             or a.load_interval_s <= 0:
         raise SystemExit("--max-attempts and --failure-threshold must be >= 1; the intervals > 0")
     return RouterConfig(backends=backends, policy=a.policy, max_attempts=a.max_attempts,
+                        splits=parse_splits(a.split), fallbacks=parse_fallbacks(a.fallback),
                         backend=BackendConfig(load_interval_s=a.load_interval_s, failure_threshold=a.failure_threshold,
                                               failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s))
 

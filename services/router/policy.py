@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 POLICIES = ("least_pending", "prefix_affinity", "round_robin")
 PREFIX_CHARS = 256      # hashed characters of the affinity key (a system prompt's start)
@@ -46,3 +47,9 @@ class Picker:
         turn = next(self._rr)
         return min(candidates, key=lambda c: (c.pending_tokens, c.in_flight,
                                               _score(c.address, str(turn).encode())))
+
+
+def split_pick(weights: Mapping[str, float], rng: random.Random | None = None) -> str:
+    """One model of an A/B split, drawn by weight."""
+    models = list(weights)
+    return (rng or random).choices(models, weights=[weights[m] for m in models])[0]

@@ -11,17 +11,18 @@ would start the answer over and the caller would see it twice. Errors that are t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
 import grpc
 
 from services.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, UpstreamError
 from services.common.pb import inference_pb2
 from services.router.backends import Backend, BackendConfig
-from services.router.policy import Candidate, Picker
+from services.router.policy import Candidate, Picker, split_pick
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class RouterConfig:
     backoff_base_s: float = 0.05
     backoff_max_s: float = 1.0
     default_max_tokens: int = 512         # load estimate when a request leaves max_tokens unset
+    # a requested name -> {served model: weight}: A/B splits ("chat" -> 90% v1, 10% v2)
+    splits: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # a model -> models to try, in order, when none of its replicas could start the answer
+    fallbacks: Mapping[str, Sequence[str]] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
 
 
@@ -70,6 +75,9 @@ class Router:
             raise ValueError("the router needs at least one inference backend (--backend host:port)")
         if config.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        for name, weights in config.splits.items():
+            if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ValueError(f"split {name!r} needs non-negative weights with a positive sum")
         self.config = config
         self.picker = Picker(config.policy)
         self.backends = {a: Backend(a, config.backend) for a in dict.fromkeys(config.backends)}
@@ -81,8 +89,14 @@ class Router:
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends.values()))
 
+    def resolve(self, name: str) -> str:
+        """The served model for a requested name: a weighted draw when the name is a split."""
+        weights = self.config.splits.get(name)
+        return split_pick(weights) if weights else name
+
     def choose(self, req: inference_pb2.GenerateRequest, exclude: set[str]) -> Backend | None:
-        up = [b for b in self.backends.values() if b.healthy and b.address not in exclude and b.circuit.state != "open"]
+        up = [b for b in self.backends.values() if b.healthy and b.address not in exclude and b.circuit.state != "open"
+              and (not req.model or b.model == req.model)]
         prefix = affinity_key(req) if self.picker.policy == "prefix_affinity" else ""
         while up:
             c = self.picker.pick([Candidate(b.address, b.pending_tokens, b.in_flight) for b in up], prefix)
@@ -94,13 +108,42 @@ class Router:
 
     async def generate(self, req: inference_pb2.GenerateRequest,
                        timeout_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """Try the requested model's replicas, then its fallbacks in order, each model at most once (a
+        cyclic fallback configuration ends instead of looping)."""
         if not (req.prompt or req.HasField("messages") or req.prompt_token_ids):
             raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
+        queue, visited, errors = [self.resolve(req.model)], [], []
+        while queue:
+            model = queue.pop(0)
+            if model in visited:
+                continue
+            visited.append(model)
+            attempt = inference_pb2.GenerateRequest()
+            attempt.CopyFrom(req)
+            attempt.model = model
+            started = False
+            try:
+                async with contextlib.aclosing(self._generate_on(attempt, deadline)) as chunks:
+                    async for chunk in chunks:   # closed with us: a caller that leaves frees the replica at once
+                        started = True
+                        yield chunk
+                return
+            except UnavailableError as exc:
+                if started:
+                    raise
+                errors.append(f"{model or 'any model'}: {exc}")
+            queue += [self.resolve(m) for m in self.config.fallbacks.get(model, ())]
+        raise UnavailableError("; ".join(errors) + (f" (models tried: {', '.join(visited)})" if len(visited) > 1 else ""))
+
+    async def _generate_on(self, req: inference_pb2.GenerateRequest,
+                           deadline: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """One model: its replicas, up to max_attempts, retrying only before the first chunk."""
+        loop = asyncio.get_running_loop()
         tokens = estimated_tokens(req, self.config.default_max_tokens)
         tried: set[str] = set()
-        last_error = "no healthy inference replica"
+        last_error = "no healthy inference replica" + (f" serves {req.model!r}" if req.model else "")
         for attempt in range(self.config.max_attempts):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt - 1, deadline))

@@ -37,9 +37,10 @@ class Suite:
         self.routers: list[RouterService] = []
         self.channels: list[grpc.aio.Channel] = []
 
-    async def replica(self, name: str, port: int = 0, **cfg) -> str:
+    async def replica(self, name: str, port: int = 0, model: str = "SmolLM2-135M-Instruct", **cfg) -> str:
         svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=port, replica_id=name,
-                                                      grace_s=0.0, **cfg), engine=self.make_engine("float32"))
+                                                      grace_s=0.0, **cfg),
+                               engine=self.make_engine("float32", model_name=model))
         port = await svc.start()
         address = f"127.0.0.1:{port}"
         self.replicas[address] = svc
@@ -218,3 +219,38 @@ async def test_caller_cancel_and_deadline_free_the_replicas_kv_blocks(suite):
     stats = lambda: svc.engine.stats                                   # noqa: E731
     await until(lambda: stats().num_running == 0 and stats().num_waiting == 0
                 and stats().num_free_blocks == stats().num_total_blocks)
+
+
+async def test_requests_go_to_replicas_of_their_model_and_splits_share_by_weight(suite):
+    a, b = await suite.replica("r-a", model="m1"), await suite.replica("r-b", model="m2")
+    router = await suite.router([a, b], splits={"chat": {"m1": 1.0, "m2": 1.0}, "canary": {"m1": 1.0, "m2": 0.0}})
+    await until(lambda: all(x.model for x in suite.routers[-1].router.backends.values()))
+
+    async def served(model: str) -> str:
+        req = chat("Hi", max_tokens=1)
+        req.model = model
+        final = (await collect(router, req))[-1]
+        return final.source.model
+    assert {await served("m2") for _ in range(4)} == {"m2"}
+    assert {await served("canary") for _ in range(6)} == {"m1"}
+    assert {await served("chat") for _ in range(30)} == {"m1", "m2"}
+    req = chat("Hi", max_tokens=1)
+    req.model = "m3"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(router, req)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "serves 'm3'" in err.value.details()
+
+
+async def test_fallbacks_are_tried_in_order_and_a_cycle_ends(suite):
+    a = await suite.replica("r-a", model="small")
+    router = await suite.router([a], fallbacks={"big": ["huge", "small"], "x": ["y"], "y": ["x"]})
+    await until(lambda: all(x.model for x in suite.routers[-1].router.backends.values()))
+    req = chat("Hi", max_tokens=2)
+    req.model = "big"
+    assert (await collect(router, req))[-1].source.model == "small"
+    req.model = "x"
+    t0 = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(router, req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 2
+    assert "models tried: x, y" in err.value.details()

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from services.router.circuit import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from services.router.policy import Candidate, Picker
+from services.router.policy import Candidate, Picker, split_pick
 
 
 class Clock:
@@ -84,3 +84,10 @@ def test_round_robin_cycles_and_unknown_policy_is_refused():
     assert [p.pick(cands).address for _ in range(6)] == ["a:1", "b:1", "c:1"] * 2
     with pytest.raises(ValueError, match="unknown routing policy"):
         Picker("fastest")
+
+
+def test_split_sends_each_model_its_share():
+    import random
+    rng = random.Random(7)
+    counts = Counter(split_pick({"v1": 0.9, "v2": 0.1, "off": 0.0}, rng) for _ in range(10_000))
+    assert counts["off"] == 0 and 0.08 < counts["v2"] / 10_000 < 0.12
