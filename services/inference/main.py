@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from services.common.aio import cancel_and_wait
 from services.common.config import env
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
@@ -26,6 +27,8 @@ class InferenceServiceConfig:
     port: int = 50061
     replica_id: str = ""
     max_queued_requests: int | None = 512   # in-flight requests before RESOURCE_EXHAUSTED
+    registry_url: str = ""                  # Redis to register in, so routers discover this replica
+    advertise: str = ""                     # the address routers should use (default host:port)
     grace_s: float = 5.0
 
 
@@ -62,12 +65,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(env("STRATA_INFERENCE_PORT", "50061") or 50061))
     p.add_argument("--replica-id", default=env("STRATA_REPLICA_ID", ""))
     p.add_argument("--max-queued-requests", type=int, default=512)
+    p.add_argument("--registry-url", default=env("STRATA_REGISTRY_URL", ""),
+                   help="Redis URL: register this replica there (heartbeats) for routers started with --discover")
+    p.add_argument("--advertise", default=env("STRATA_ADVERTISE_ADDRESS", ""),
+                   help="host:port routers should dial (default: --host:--port)")
 
 
 def config_from_args(a: argparse.Namespace) -> InferenceServiceConfig:
     return InferenceServiceConfig(engine=engine_config_from_args(a), host=a.host, port=a.port,
                                   replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
-                                  max_queued_requests=a.max_queued_requests)
+                                  max_queued_requests=a.max_queued_requests, registry_url=a.registry_url,
+                                  advertise=a.advertise)
 
 
 class InferenceService:
@@ -83,12 +91,29 @@ class InferenceService:
         servicer = InferenceServicer(self.engine, config.replica_id or "inference-0")
         self.server = GrpcServer(lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
                                  [SERVICE_NAME], config.host, config.port)
+        self._register: asyncio.Task | None = None
+        self._redis = None
 
     async def start(self) -> int:
         self.engine.start()
-        return await self.server.start()
+        port = await self.server.start()
+        if self.config.registry_url:
+            import redis.asyncio as aioredis
+
+            from services.common.registry import Registry
+            self._redis = aioredis.from_url(self.config.registry_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            address = self.config.advertise or f"{self.config.host}:{port}"
+            self._register = asyncio.create_task(Registry(self._redis).keep_registered(address), name="registry")
+        return port
+
+    async def deregister(self) -> None:
+        if self._register is not None:
+            await cancel_and_wait([self._register])
+            await self._redis.aclose()
+            self._register = None
 
     async def stop(self) -> None:
+        await self.deregister()                 # first: routers stop sending new requests
         await self.server.stop(self.config.grace_s)
         self.engine.shutdown()
 
@@ -101,6 +126,7 @@ async def serve(config: InferenceServiceConfig) -> None:
     try:
         await service.server.serve_until_signal(config.grace_s)
     finally:
+        await service.deregister()
         service.engine.shutdown()
 
 

@@ -35,6 +35,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--open-cooldown-s", type=float, default=b.open_cooldown_s,
                    help="how long an open circuit skips its replica before one probe request")
     p.add_argument("--load-interval-s", type=float, default=b.load_interval_s, help="GetLoad polling period")
+    p.add_argument("--discover", default=env("STRATA_REGISTRY_URL", ""), metavar="REDIS_URL",
+                   help="also route to replicas registered in this Redis (inference --registry-url)")
     p.add_argument("--split", action="append", default=[], metavar="NAME=MODEL:WEIGHT,MODEL:WEIGHT",
                    help="A/B split: requests for NAME go to the models by weight (repeat for more names)")
     p.add_argument("--fallback", action="append", default=[], metavar="MODEL=OTHER[,OTHER]",
@@ -63,12 +65,13 @@ def parse_fallbacks(items: list[str]) -> dict[str, list[str]]:
 
 
 def config_from_args(a: argparse.Namespace) -> RouterConfig:
-    backends = a.backend or [x.strip() for x in env("STRATA_ROUTER_BACKENDS", "127.0.0.1:50061").split(",") if x.strip()]
+    default = "" if a.discover else "127.0.0.1:50061"
+    backends = a.backend or [x.strip() for x in env("STRATA_ROUTER_BACKENDS", default).split(",") if x.strip()]
     if a.max_attempts < 1 or a.failure_threshold < 1 or a.failure_window_s <= 0 or a.open_cooldown_s < 0 \
             or a.load_interval_s <= 0:
         raise SystemExit("--max-attempts and --failure-threshold must be >= 1; the intervals > 0")
     return RouterConfig(backends=backends, policy=a.policy, max_attempts=a.max_attempts,
-                        splits=parse_splits(a.split), fallbacks=parse_fallbacks(a.fallback),
+                        splits=parse_splits(a.split), fallbacks=parse_fallbacks(a.fallback), discover_url=a.discover,
                         backend=BackendConfig(load_interval_s=a.load_interval_s, failure_threshold=a.failure_threshold,
                                               failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s))
 

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Mapping, Sequence
 
 import grpc
 
+from services.common.aio import cancel_and_wait
 from services.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, UpstreamError
 from services.common.pb import inference_pb2
 from services.router.backends import Backend, BackendConfig
@@ -44,6 +45,8 @@ class RouterConfig:
     # a model -> models to try, in order, when none of its replicas could start the answer
     fallbacks: Mapping[str, Sequence[str]] = field(default_factory=dict)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    discover_url: str = ""                # Redis where replicas register (services/common/registry.py)
+    discover_interval_s: float = 1.0
 
 
 def prompt_text(req: inference_pb2.GenerateRequest) -> str:
@@ -71,8 +74,8 @@ def estimated_tokens(req: inference_pb2.GenerateRequest, default_max_tokens: int
 
 class Router:
     def __init__(self, config: RouterConfig) -> None:
-        if not config.backends:
-            raise ValueError("the router needs at least one inference backend (--backend host:port)")
+        if not config.backends and not config.discover_url:
+            raise ValueError("the router needs inference backends (--backend host:port) or --discover REDIS_URL")
         if config.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         for name, weights in config.splits.items():
@@ -81,13 +84,56 @@ class Router:
         self.config = config
         self.picker = Picker(config.policy)
         self.backends = {a: Backend(a, config.backend) for a in dict.fromkeys(config.backends)}
+        self._discovery: asyncio.Task | None = None
+        self._retiring: list[asyncio.Task] = []
 
     async def start(self) -> None:
         for b in self.backends.values():
             b.start()
+        if self.config.discover_url:
+            self._discovery = asyncio.create_task(self._discover(), name="router-discovery")
 
     async def close(self) -> None:
+        if self._discovery is not None:
+            await cancel_and_wait([self._discovery])
+        await cancel_and_wait(self._retiring)
         await asyncio.gather(*(b.close() for b in self.backends.values()))
+
+    async def _discover(self) -> None:
+        """Add replicas that registered in Redis, retire those whose heartbeat lapsed (static ones stay)."""
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        from services.common.registry import Registry
+
+        client = aioredis.from_url(self.config.discover_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        registry, static = Registry(client), set(self.config.backends)
+        try:
+            while True:
+                try:
+                    alive = set(await registry.alive())
+                except (RedisError, OSError):
+                    alive = None                 # keep what we have while Redis is away
+                if alive is not None:
+                    for address in sorted(alive - set(self.backends)):
+                        b = self.backends[address] = Backend(address, self.config.backend)
+                        b.start()
+                        log.info("replica discovered", extra={"backend": address})
+                    for address in sorted(set(self.backends) - alive - static):
+                        b = self.backends.pop(address)
+                        log.info("replica deregistered", extra={"backend": address})
+                        self._retiring.append(asyncio.create_task(self._retire(b)))
+                await asyncio.sleep(self.config.discover_interval_s)
+        finally:
+            await client.aclose()
+
+    async def _retire(self, b: Backend, drain_s: float = 30.0) -> None:
+        """Close a replica's channel once its in-flight requests are done (or after drain_s)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while b.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        await b.close()
 
     def resolve(self, name: str) -> str:
         """The served model for a requested name: a weighted draw when the name is a split."""

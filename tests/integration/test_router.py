@@ -254,3 +254,24 @@ async def test_fallbacks_are_tried_in_order_and_a_cycle_ends(suite):
         await collect(router, req, timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 2
     assert "models tried: x, y" in err.value.details()
+
+
+async def test_replicas_registered_in_redis_are_discovered_and_dropped(suite, redis_url):
+    import redis as sync_redis
+
+    from services.common.registry import KEY
+
+    router_stub = await suite.router([], discover_url=redis_url, discover_interval_s=0.1)
+    router = suite.routers[-1].router
+    a = await suite.replica("r-a", registry_url=redis_url)
+    await until(lambda: a in router.backends and router.backends[a].healthy)
+    assert (await collect(router_stub, chat("Hi", max_tokens=2)))[-1].source.replica == "r-a"
+    await suite.kill(a)                                   # a clean stop deregisters
+    await until(lambda: a not in router.backends)
+    # a replica that dies without deregistering drops out when its heartbeat lapses
+    sync_redis.Redis.from_url(redis_url).zadd(KEY, {"127.0.0.1:1": int((time.time() + 0.3) * 1000)})
+    await until(lambda: "127.0.0.1:1" in router.backends)
+    await until(lambda: "127.0.0.1:1" not in router.backends)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await collect(router_stub, chat("Anyone?", max_tokens=2), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
