@@ -36,6 +36,7 @@ class ApiKey:
     budget_usd: float = 0.0               # 0: no budget
     revoked: bool = False
     created_s: float = 0.0
+    tier: str = ""
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -53,7 +54,7 @@ class KeyStore:
         return hmac.new(self._pepper, (salt + key).encode(), hashlib.sha256).hexdigest()
 
     async def create(self, tenant: str, models: tuple[str, ...] = (), limits: Limits = Limits(),
-                     budget_usd: float = 0.0) -> tuple[str, ApiKey]:
+                     budget_usd: float = 0.0, tier: str = "") -> tuple[str, ApiKey]:
         """Returns (the key, shown this once, and its record)."""
         if not _TENANT.match(tenant):
             raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-'")
@@ -62,11 +63,13 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         key = f"sk-strata-{key_id}-{secrets.token_urlsafe(32)}"
         salt = secrets.token_hex(16)
-        record = ApiKey(key_id, tenant, tuple(models), limits, float(budget_usd), False, time.time())
+        if len(tier) > 64:
+            raise InvalidArgumentError("tier must be at most 64 characters")
+        record = ApiKey(key_id, tenant, tuple(models), limits, float(budget_usd), False, time.time(), tier)
         await self.redis.hset(self.prefix + f"key:{key_id}", mapping={
             "hash": self._digest(salt, key), "salt": salt, "tenant": tenant, "models": json.dumps(list(models)),
             "limits": json.dumps(asdict(limits)), "budget_usd": repr(float(budget_usd)), "revoked": "0",
-            "created": repr(record.created_s)})
+            "created": repr(record.created_s), "tier": tier})
         return key, record
 
     async def authenticate(self, key: str) -> ApiKey:
@@ -85,7 +88,7 @@ class KeyStore:
         if d.get("revoked") == "1":
             raise UnauthenticatedError("this API key has been revoked")
         return ApiKey(m.group(1), d["tenant"], tuple(json.loads(d["models"])), Limits(**json.loads(d["limits"])),
-                      float(d["budget_usd"]), False, float(d["created"]))
+                      float(d["budget_usd"]), False, float(d["created"]), d.get("tier", ""))
 
     async def revoke(self, key_id: str) -> None:
         name = self.prefix + f"key:{key_id}"

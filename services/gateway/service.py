@@ -25,6 +25,7 @@ from services.common.pb import cache_pb2, common_pb2, gateway_pb2, inference_pb2
 from services.gateway.clients import Downstream
 from services.gateway.guardrails import redact, screen_injection
 from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.selection import AutoRule, Cascade, select_model
 from services.gateway.limits import Limits, RateLimiter, Reservation
 from services.gateway.usage import UsageStore, utc_day
 
@@ -56,12 +57,19 @@ class GatewayConfig:
     limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
     key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
     replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
+    auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
+    auto_default: str = ""                # ... else this one ("" = the first configured model)
+    cascades: Mapping[str, Cascade] = field(default_factory=dict)   # unary Generate only
 
     def __post_init__(self) -> None:
         if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
             raise ValueError(f"pii_mode must be one of {PII_MODES}, injection_mode one of {INJECTION_MODES}")
         if not self.models:
             raise ValueError("configure at least one model")
+        named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades)
+        unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
+        if unknown:
+            raise ValueError(f"auto rules and cascades name unconfigured models: {', '.join(unknown)}")
 
 
 class Gateway:
@@ -120,6 +128,9 @@ class Gateway:
             inference = inference_pb2.GenerateRequest(request_id=request_id, model=model, sampling=req.sampling,
                                                       priority=req.priority)
             inference.sampling.max_tokens = max_tokens
+            if model in self.config.cascades and not inference.sampling.HasField("logprobs"):
+                inference.sampling.logprobs = 0          # the chosen tokens' log-probabilities, for the cascade
+            logprob_sum, logprob_n = 0.0, 0
             if req.HasField("messages"):
                 inference.messages.CopyFrom(req.messages)
             else:
@@ -130,18 +141,22 @@ class Gateway:
                 used[1] += len(c.token_ids)
                 text.append(c.text)
                 token_ids.extend(c.token_ids)
+                logprob_sum += sum(lp.logprob for lp in c.logprobs)
+                logprob_n += len(c.logprobs)
                 last = c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if last:
                     final = c
                     used[0] = c.usage.prompt_tokens
+                mean = logprob_sum / logprob_n if last and logprob_n else None
                 if not self.config.redact_responses:
-                    yield self._chunk(request_id, c.text, c.token_ids, c if last else None, flags)
+                    yield self._chunk(request_id, c.text, c.token_ids, c if last else None, flags, mean)
             if final is None:
                 raise UnavailableError("the answer ended without its final chunk")
             answer = "".join(text)
             if self.config.redact_responses:
                 red = redact(answer)
-                yield self._chunk(request_id, red.text, token_ids, final, flags + [f"pii_out:{k}" for k in red.found])
+                yield self._chunk(request_id, red.text, token_ids, final, flags + [f"pii_out:{k}" for k in red.found],
+                                  logprob_sum / logprob_n if logprob_n else None)
             await self._settle(key, reservation, final.usage.prompt_tokens, final.usage.completion_tokens, model)
             settled = True
             if policy != common_pb2.CACHE_POLICY_BYPASS and final.finish_reason in (
@@ -156,9 +171,25 @@ class Gateway:
 
     async def generate(self, req: gateway_pb2.GatewayRequest, bearer: str,
                        timeout_s: float | None = None) -> gateway_pb2.GatewayResponse:
+        """Unary: the whole answer. A configured cascade re-asks its larger model once when the model's
+        answer has a mean token log-probability under the threshold (cached answers are never re-asked)."""
+        out = await self._collect(self.stream(req, bearer, timeout_s))
+        cascade = self.config.cascades.get(out.source.model)
+        if (cascade is not None and out.source.kind == common_pb2.Source.KIND_MODEL and out.HasField("mean_logprob")
+                and out.mean_logprob < cascade.min_mean_logprob):
+            again = gateway_pb2.GatewayRequest()
+            again.CopyFrom(req)
+            again.model = cascade.to
+            first_model = out.source.model
+            out = await self._collect(self.stream(again, bearer, timeout_s))
+            out.flags.append(f"cascade:{first_model}->{cascade.to}")
+        return out
+
+    @staticmethod
+    async def _collect(chunks: AsyncIterator[gateway_pb2.GatewayChunk]) -> gateway_pb2.GatewayResponse:
         out = gateway_pb2.GatewayResponse()
         text = []
-        async for c in self.stream(req, bearer, timeout_s):
+        async for c in chunks:
             out.request_id = c.request_id
             text.append(c.text)
             out.token_ids.extend(c.token_ids)
@@ -167,12 +198,18 @@ class Gateway:
                 out.usage.CopyFrom(c.usage)
                 out.source.CopyFrom(c.source)
                 out.flags.extend(c.flags)
+                if c.HasField("mean_logprob"):
+                    out.mean_logprob = c.mean_logprob
         out.text = "".join(text)
         return out
 
     # ---- steps
     def _validate(self, req: gateway_pb2.GatewayRequest, key: ApiKey) -> tuple[str, int]:
         model = req.model or next(iter(self.config.models))
+        if model == "auto":
+            text = "\n".join(m.content for m in req.messages.messages) if req.HasField("messages") else req.prompt
+            model = select_model(self.config.auto_rules, self.config.auto_default or next(iter(self.config.models)),
+                                 text, key.tier)
         if model not in self.config.models:
             raise InvalidArgumentError(f"unknown model {model!r}; ListModels lists the served models")
         if not key.allows(model):
@@ -273,8 +310,10 @@ class Gateway:
 
     @staticmethod
     def _chunk(request_id: str, text: str, token_ids, final: inference_pb2.GenerateChunk | None,
-               flags: list[str]) -> gateway_pb2.GatewayChunk:
+               flags: list[str], mean_logprob: float | None = None) -> gateway_pb2.GatewayChunk:
         c = gateway_pb2.GatewayChunk(request_id=request_id, text=text, token_ids=token_ids)
+        if mean_logprob is not None:
+            c.mean_logprob = mean_logprob
         if final is not None:
             c.finish_reason = final.finish_reason
             c.usage.CopyFrom(final.usage)
@@ -283,11 +322,12 @@ class Gateway:
         return c
 
     # ---- admin
-    async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float) -> tuple[str, ApiKey]:
+    async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float,
+                         tier: str = "") -> tuple[str, ApiKey]:
         unknown = [m for m in models if m not in self.config.models]
         if unknown:
             raise InvalidArgumentError(f"unknown models: {', '.join(unknown)}")
-        return await self.keys.create(tenant, tuple(models), limits, budget_usd)
+        return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier)
 
     async def get_usage(self, key_id: str, day: str) -> tuple[str, object, float]:
         day = day or utc_day()

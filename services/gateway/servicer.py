@@ -51,7 +51,7 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
         key, record = await self.gateway.create_key(
             request.tenant, list(request.models),
             Limits(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests),
-            request.budget_usd)
+            request.budget_usd, request.tier)
         return gateway_pb2.CreateKeyResponse(key=key, key_id=record.key_id)
 
     @map_errors

@@ -216,3 +216,71 @@ async def test_redis_down_keeps_known_keys_serving_and_never_hangs(stack, redis_
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         redis_server.start()
+
+
+@pytest.fixture()
+async def two_tiers(redis_url, make_engine):
+    """Two precision modes of the model as two 'models' (the issue's stand-in until a second model
+    exists): smol-fast (bfloat16) and smol-exact (float32), each on its own replica, one router."""
+    from services.gateway.service import ModelPrice
+
+    stops = []
+    addresses = []
+    for name, dtype in (("smol-fast", "bfloat16"), ("smol-exact", "float32")):
+        svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype=dtype), port=0, replica_id=name,
+                                                      grace_s=0.0), engine=make_engine(dtype, model_name=name))
+        addresses.append(f"127.0.0.1:{await svc.start()}")
+        stops.append(svc.stop)
+    router = RouterService(RouterConfig(backends=addresses, backend=BackendConfig(load_interval_s=0.1)))
+    router_port = await router.start()
+    for _ in range(300):
+        if all(b.healthy and b.model for b in router.router.backends.values()):
+            break
+        await asyncio.sleep(0.02)
+    s = Stack()
+    s.prices = {"smol-fast": ModelPrice(0.01, 0.02), "smol-exact": ModelPrice(0.1, 0.2)}
+    s.router_address = f"127.0.0.1:{router_port}"
+    yield s
+    for ch in s.channels:
+        await ch.close()
+    for stop in reversed(s.stops):
+        await stop(0)
+    await router.stop(0)
+    for stop in stops:
+        await stop()
+
+
+async def test_auto_picks_a_model_by_rules_and_the_keys_tier(two_tiers, redis_url):
+    from services.gateway.selection import AutoRule
+
+    rules = (AutoRule("smol-exact", has_code=True), AutoRule("smol-exact", min_prompt_chars=300),
+             AutoRule("smol-exact", tiers=("pro",)))
+    _, gw, admin = await two_tiers.gateway(redis_url, two_tiers.router_address, "", models=two_tiers.prices,
+                                           auto_rules=rules, auto_default="smol-fast")
+    free = await new_key(admin, tier="free")
+    pro = await new_key(admin, tier="pro")
+
+    async def model_for(text: str, key: str) -> str:
+        out = await gw.Generate(gateway_pb2.GatewayRequest(model="auto", prompt=text, sampling=common_pb2.SamplingParams(
+            temperature=0.0, max_tokens=2)), metadata=auth(key))
+        return out.source.model
+    assert await model_for("Hello there", free) == "smol-fast"
+    assert await model_for("def add(a, b):\n    return a + b\n# explain", free) == "smol-exact"
+    assert await model_for("tell me more " * 30, free) == "smol-exact"
+    assert await model_for("Hello there", pro) == "smol-exact"
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.0, "smol-exact"), (-1000.0, "smol-fast")])
+async def test_cascade_reasks_the_larger_model_when_the_answer_is_unsure(two_tiers, redis_url, threshold, expected):
+    from services.gateway.selection import Cascade
+
+    _, gw, admin = await two_tiers.gateway(redis_url, two_tiers.router_address, "", models=two_tiers.prices,
+                                           cascades={"smol-fast": Cascade("smol-exact", threshold)})
+    key = await new_key(admin)
+    out = await gw.Generate(gateway_pb2.GatewayRequest(model="smol-fast", prompt="Once upon a time",
+                                                       sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=5)),
+                            metadata=auth(key))
+    assert out.source.model == expected and out.usage.completion_tokens >= 1
+    assert ("cascade:smol-fast->smol-exact" in out.flags) == (expected == "smol-exact")
+    if expected == "smol-fast":
+        assert out.HasField("mean_logprob") and out.mean_logprob < 0
