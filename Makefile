@@ -68,6 +68,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)
 	$(BIN)/python -m bench.cache
+	$(BIN)/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -120,6 +120,24 @@ def questions(n: int) -> tuple[list[str], list[str]]:
     return a, b
 
 
+async def wait_serving(port: int, service: str, log_path: Path, timeout_s: float = 120) -> None:
+    """Until the server on `port` reports `service` SERVING; its log's tail in the error otherwise."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        while time.monotonic() < deadline:
+            try:
+                r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(log_path.read_text()[-2000:])
+
+
 class RedisAndCache:
     def __init__(self) -> None:
         self.redis_port, self.port = free_port(), free_port()
@@ -139,21 +157,7 @@ class RedisAndCache:
         return self
 
     async def _wait(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + 120
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as ch:
-            while time.monotonic() < deadline:
-                try:
-                    r = await health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service="strata.v1.SemanticCache"), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.5)
-        raise TimeoutError(Path(self.log.name).read_text()[-2000:])
+        await wait_serving(self.port, "strata.v1.SemanticCache", Path(self.log.name))
 
     def __exit__(self, *exc) -> None:
         for p in reversed(self.procs):

@@ -95,6 +95,7 @@ class GatewayService:
             return
         self._stopped = True
         await self.server.stop(grace)
+        await self.gateway.usage.close()
         await self.down.close()
         await self.redis.aclose()
 

@@ -56,6 +56,7 @@ class GatewayConfig:
     injection_mode: str = "flag"          # allow | flag | block
     limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
     key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
+    key_cache_s: float = 2.0              # a verified key is trusted this long without asking Redis
     replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
     auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
     auto_default: str = ""                # ... else this one ("" = the first configured model)
@@ -76,18 +77,22 @@ class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
                  downstream: Downstream) -> None:
         self.config, self.keys, self.limiter, self.usage, self.down = config, keys, limiter, usage, downstream
-        self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, usable until)
+        self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
 
     # ---- requests
     async def authenticate(self, bearer: str) -> ApiKey:
-        """The key's record from Redis; while Redis is unreachable, the last verification of the same key
-        within `key_fallback_s` stands in (keys never seen before are refused with UNAVAILABLE)."""
+        """The key's record. A verification is reused for `key_cache_s` (a revocation on another replica
+        takes that long to apply; on this one it applies at once); while Redis is unreachable, one within
+        `key_fallback_s` stands in, and keys never seen are refused with UNAVAILABLE."""
         digest = hashlib.sha256(bearer.encode()).hexdigest()
+        known = self._verified.get(digest)
+        now = time.monotonic()
+        if known is not None and now - known[1] < self.config.key_cache_s:
+            return known[0]
         try:
             key = await self.keys.authenticate(bearer)
         except _REDIS_ERRORS:
-            known = self._verified.get(digest)
-            if known is not None and known[1] > time.monotonic():
+            if known is not None and now - known[1] < self.config.key_fallback_s:
                 return known[0]
             raise UnavailableError("cannot verify the API key right now (key store unreachable)") from None
         except UnauthenticatedError:
@@ -95,8 +100,13 @@ class Gateway:
             raise
         if len(self._verified) > 10_000:
             self._verified.clear()
-        self._verified[digest] = (key, time.monotonic() + self.config.key_fallback_s)
+        self._verified[digest] = (key, now)
         return key
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self.keys.revoke(key_id)
+        for digest in [d for d, (k, _) in self._verified.items() if k.key_id == key_id]:
+            del self._verified[digest]
 
     async def stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
                      timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GatewayChunk]:

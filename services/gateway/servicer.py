@@ -57,7 +57,7 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     @map_errors
     async def RevokeKey(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
-        await self.gateway.keys.revoke(request.key_id)
+        await self.gateway.revoke_key(request.key_id)
         return gateway_pb2.RevokeKeyResponse()
 
     @map_errors
