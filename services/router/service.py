@@ -122,6 +122,7 @@ class Router:
                     for address in sorted(set(self.backends) - alive - static):
                         b = self.backends.pop(address)
                         log.info("replica deregistered", extra={"backend": address})
+                        self._retiring = [t for t in self._retiring if not t.done()]
                         self._retiring.append(asyncio.create_task(self._retire(b)))
                 await asyncio.sleep(self.config.discover_interval_s)
         finally:
