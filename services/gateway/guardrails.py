@@ -8,9 +8,10 @@
   [PHONE]        international (+country) or separated national numbers of 9-15 digits
 Checksums keep ordinary numbers (order ids, amounts, years) intact.
 
-`screen_injection(text)` matches known prompt-injection phrasings (rules; the embedding-similarity
-half of the screen comes with the gateway service) and returns the rules that fired.
-No grpc, no Redis: pure functions.
+`screen_injection(text)` matches known prompt-injection phrasings with rules and returns the rules
+that fired; `InjectionSimilarity` is the other half: the cosine of a prompt's MiniLM embedding to the
+nearest of `data/injection_phrasings.txt` (threshold chosen by `calibrate_injection.py`).
+No grpc, no Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import numpy as np
+
+PHRASINGS = Path(__file__).with_name("data") / "injection_phrasings.txt"
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
@@ -104,3 +111,24 @@ class InjectionScreen:
 
 def screen_injection(text: str) -> InjectionScreen:
     return InjectionScreen(tuple(name for name, rule in _INJECTION_RULES.items() if rule.search(text)))
+
+
+def load_phrasings(path: Path = PHRASINGS) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+class InjectionSimilarity:
+    """Nearest known attack phrasing by embedding cosine. `embed_one` is awaited (the gateway passes a
+    micro-batcher so embeddings run off the event loop); the phrasings are embedded once, up front."""
+
+    def __init__(self, embed_many: Callable[[list[str]], np.ndarray], embed_one: Callable[[str], Awaitable[np.ndarray]],
+                 threshold: float, phrasings: list[str] | None = None) -> None:
+        self.phrasings = phrasings if phrasings is not None else load_phrasings()
+        self._known = embed_many(self.phrasings)
+        self._embed_one = embed_one
+        self.threshold = threshold
+
+    async def score(self, text: str) -> float:
+        if not text.strip():
+            return 0.0
+        return float((self._known @ await self._embed_one(text)).max())

@@ -47,6 +47,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pii", choices=PII_MODES, default=env("STRATA_GATEWAY_PII", d.pii_mode))
     p.add_argument("--redact-responses", action="store_true")
     p.add_argument("--injection", choices=INJECTION_MODES, default=env("STRATA_GATEWAY_INJECTION", d.injection_mode))
+    p.add_argument("--injection-similarity", type=float,
+                   default=float(env("STRATA_GATEWAY_INJECTION_SIMILARITY", str(d.injection_similarity))),
+                   help="embedding cosine to a known attack phrasing that counts as injection (0 = rules only)")
     p.add_argument("--limits-fail", choices=["open", "closed"], default=env("STRATA_GATEWAY_LIMITS_FAIL", "open"),
                    help="when Redis is unreachable: admit without limits (open) or refuse (closed)")
 
@@ -63,6 +66,7 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
             raise SystemExit(f"--models: {exc}") from None
     return GatewayServiceConfig(
         GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses, injection_mode=a.injection,
+                      injection_similarity=a.injection_similarity,
                       limits_fail_open=a.limits_fail == "open"),
         redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin)
 
@@ -70,15 +74,25 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
 class GatewayService:
     """Gateway + gRPC server; used by the CLI and the tests (port 0)."""
 
-    def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0, embedder=None) -> None:
         from services.common.pb import gateway_pb2_grpc
         from services.gateway.servicer import GatewayAdminServicer, GatewayServicer
 
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
                                        socket_connect_timeout=config.redis_timeout_s)
         self.down = Downstream(config.router_address, config.cache_address)
-        self.gateway = Gateway(config.gateway, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
-                               UsageStore(self.redis), self.down)
+        self.batcher, similarity = None, None
+        g = config.gateway
+        if g.injection_mode != "allow" and g.injection_similarity > 0:
+            from services.cache.batcher import MicroBatcher
+            from services.cache.embedder import MiniLMEmbedder
+            from services.gateway.guardrails import InjectionSimilarity
+
+            embedder = embedder or MiniLMEmbedder(num_threads=1)
+            self.batcher = MicroBatcher(embedder.embed, max_batch=32, max_wait_ms=1.0)
+            similarity = InjectionSimilarity(embedder.embed, self.batcher.embed, g.injection_similarity)
+        self.gateway = Gateway(g, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
+                               UsageStore(self.redis), self.down, similarity)
         servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.gateway, config.admin_token)
 
         def register(server) -> None:
@@ -96,6 +110,8 @@ class GatewayService:
         self._stopped = True
         await self.server.stop(grace)
         await self.gateway.usage.close()
+        if self.batcher is not None:
+            await self.batcher.close()
         await self.down.close()
         await self.redis.aclose()
 

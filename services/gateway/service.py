@@ -23,7 +23,7 @@ from services.common.errors import (InvalidArgumentError, PermissionDeniedError,
                                     UnauthenticatedError, UnavailableError)
 from services.common.pb import cache_pb2, common_pb2, gateway_pb2, inference_pb2
 from services.gateway.clients import Downstream
-from services.gateway.guardrails import redact, screen_injection
+from services.gateway.guardrails import InjectionSimilarity, redact, screen_injection
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.selection import AutoRule, Cascade, select_model
 from services.gateway.limits import Limits, RateLimiter, Reservation
@@ -54,6 +54,7 @@ class GatewayConfig:
     pii_mode: str = "redact"              # off | redact | block
     redact_responses: bool = False        # also redact answers (a stream then arrives as one chunk)
     injection_mode: str = "flag"          # allow | flag | block
+    injection_similarity: float = 0.55    # embedding cosine to a known attack that counts (0 = rules only)
     limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
     key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
     key_cache_s: float = 2.0              # a verified key is trusted this long without asking Redis
@@ -75,8 +76,9 @@ class GatewayConfig:
 
 class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
-                 downstream: Downstream) -> None:
+                 downstream: Downstream, similarity: InjectionSimilarity | None = None) -> None:
         self.config, self.keys, self.limiter, self.usage, self.down = config, keys, limiter, usage, downstream
+        self.similarity = similarity
         self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
 
     # ---- requests
@@ -113,6 +115,7 @@ class Gateway:
         key = await self.authenticate(bearer)
         model, max_tokens = self._validate(req, key)
         req, flags = self._guard(req)
+        flags += await self._screen_similar(req)
         await self._check_budget(key)
         prompt_tokens_est = _prompt_chars(req) // 4 + 1
         reservation = await self._reserve(key, prompt_tokens_est + max_tokens)
@@ -266,6 +269,18 @@ class Gateway:
                 raise PermissionDeniedError(f"the request looks like a prompt injection ({', '.join(screen.rules)})")
             flags += [f"injection:{r}" for r in screen.rules]
         return out, flags
+
+    async def _screen_similar(self, req: gateway_pb2.GatewayRequest) -> list[str]:
+        if self.similarity is None or self.config.injection_mode == "allow":
+            return []
+        content = ("\n".join(m.content for m in req.messages.messages if m.role == "user")
+                   if req.HasField("messages") else req.prompt)
+        score = await self.similarity.score(content)
+        if score < self.similarity.threshold:
+            return []
+        if self.config.injection_mode == "block":
+            raise PermissionDeniedError(f"the request looks like a prompt injection (similar to a known attack, {score:.2f})")
+        return ["injection:similar"]
 
     async def _check_budget(self, key: ApiKey) -> None:
         if key.budget_usd <= 0:
