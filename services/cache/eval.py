@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from services.cache.decision import HitDecider
-from services.cache.pairs import Judge, Pairs, lookup_decisions, retrieve, sweep
+from services.cache.pairs import Judge, Pairs, lookup_decisions, oracle_decisions, retrieve, sweep
 
 PROB_GRID = np.round(np.arange(0.3, 0.96, 0.05), 3)
 COS_GRID = np.round(np.arange(0.80, 1.0, 0.02), 3)
@@ -42,8 +42,10 @@ def evaluate(pairs: Pairs, embed, decider: HitDecider, rows: np.ndarray | None =
         chosen_c, conf_c = lookup_decisions(r, rows_, HitDecider(None), min_similarity=0.0)
         cosine = sweep(judge, rows_, chosen_c, conf_c, COS_GRID)
         default = next(p for p in classifier if p["threshold"] == round(decider.threshold, 4))
+        oracle = sweep(judge, rows_, *oracle_decisions(r, rows_, judge), np.array([np.inf]))[0]
         out[name] = {"lookups": int(len(rows_)), "duplicates": int(pairs.label[rows_].sum()),
                      "default": {"decision": decider.describe(), **default},
+                     "oracle": {k: v for k, v in oracle.items() if k != "threshold"},
                      "classifier": classifier, "cosine": cosine}
     return out
 
@@ -54,6 +56,10 @@ def print_report(report: dict) -> None:
         d = res["default"]
         print(f"default operating point ({d['decision']}): precision {d['precision']:.3f} "
               f"(label closure {d['precision_closure']:.3f}), recall {d['recall']:.3f}, {d['hits']} hits")
+        o = res["oracle"]
+        print(f"label oracle (hits exactly when the labels say a candidate is the same question): precision "
+              f"{o['precision']:.3f}, recall {o['recall']:.3f}, {o['hits']} hits: the strict definition counts "
+              f"{1 - o['precision']:.0%} of these right answers wrong (another copy of the question ranked first)")
         for label, points, fmt in (("classifier p >=", res["classifier"], "{:.2f}"), ("cosine >=", res["cosine"], "{:.2f}")):
             print(f"{label:<16}{'hits':>7}{'precision':>11}{'closure':>9}{'recall':>8}")
             for p in points:

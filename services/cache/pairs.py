@@ -137,6 +137,19 @@ def lookup_decisions(r: Retrieval, rows: np.ndarray, decider: HitDecider, min_si
     return chosen, conf
 
 
+def oracle_decisions(r: Retrieval, rows: np.ndarray, judge: Judge) -> tuple[np.ndarray, np.ndarray]:
+    """A decision that knows the labels: it hits on the best-ranked candidate the label closure calls the
+    same question, and misses otherwise. No label-free decision does better under the closure; its
+    strict precision shows how many right answers the issue's strict definition counts as wrong (QQP
+    asks many questions several times, so another copy often ranks above the pair's own text_a)."""
+    chosen = np.full(len(rows), -1)
+    for n, i in enumerate(rows):
+        same = np.nonzero(judge.closure(np.full(r.cand.shape[1], i), r.cand[i]))[0]
+        if len(same):
+            chosen[n] = r.cand[i, same[0]]
+    return chosen, np.where(chosen >= 0, np.inf, 0.0)
+
+
 def sweep(judge: Judge, rows: np.ndarray, chosen: np.ndarray, conf: np.ndarray, thresholds: np.ndarray) -> list[dict]:
     """Per threshold: hits, strict precision and recall, and precision under the label closure."""
     strict, closure = judge.strict(rows, chosen), judge.closure(rows, chosen)

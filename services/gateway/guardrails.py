@@ -16,8 +16,9 @@ No grpc, no Redis.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -119,16 +120,31 @@ def load_phrasings(path: Path = PHRASINGS) -> list[str]:
 
 class InjectionSimilarity:
     """Nearest known attack phrasing by embedding cosine. `embed_one` is awaited (the gateway passes a
-    micro-batcher so embeddings run off the event loop); the phrasings are embedded once, up front."""
+    micro-batcher so embeddings run off the event loop); the phrasings are embedded once, up front.
+    Scores of the last `memo_size` distinct texts are kept by digest (never the text): a repeated prompt,
+    the common case behind an exact cache hit, costs no embedding."""
 
     def __init__(self, embed_many: Callable[[list[str]], np.ndarray], embed_one: Callable[[str], Awaitable[np.ndarray]],
-                 threshold: float, phrasings: list[str] | None = None) -> None:
+                 threshold: float, phrasings: list[str] | None = None, memo_size: int = 50_000) -> None:
         self.phrasings = phrasings if phrasings is not None else load_phrasings()
         self._known = embed_many(self.phrasings)
         self._embed_one = embed_one
         self.threshold = threshold
+        self._memo: OrderedDict[bytes, float] = OrderedDict()
+        self._memo_size = memo_size
+        self.embedded = 0          # texts that needed an embedding (the rest came from the memo)
 
     async def score(self, text: str) -> float:
         if not text.strip():
             return 0.0
-        return float((self._known @ await self._embed_one(text)).max())
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        known = self._memo.get(digest)
+        if known is not None:
+            self._memo.move_to_end(digest)
+            return known
+        score = float((self._known @ await self._embed_one(text)).max())
+        self.embedded += 1
+        self._memo[digest] = score
+        if len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return score

@@ -43,6 +43,10 @@ def test_eval_reports_precision_recall_per_threshold_for_both_decisions(tmp_path
     default = res["default"]
     assert default["decision"].startswith("classifier") and default["hits"] >= 1   # the exact repeat at least
     assert any(p["threshold"] == default["threshold"] for p in res["classifier"])
+    # the label oracle hits every lookup whose own or an equivalent question is among the candidates
+    oracle = res["oracle"]
+    assert oracle["precision_closure"] == 1.0 and oracle["hits"] >= default["hits"] * default["precision_closure"]
+    assert oracle["correct_hits"] == 5 and oracle["recall"] == 1.0
     # plain cosine at 0.80: the paraphrases hit their own question
     cos80 = next(p for p in res["cosine"] if p["threshold"] == 0.8)
     assert cos80["correct_hits"] >= 4
