@@ -235,9 +235,8 @@ class SemanticCacheService:
         if not self.redis_ok:
             return self._miss("degraded", degraded=True)
         try:
-            entry = await self.store.get_by_exact(key.namespace, key.exact)
+            entry = await self.store.hit(key.namespace, self.config.refresh_ttl_on_hit, exact=key.exact)
             if entry is not None:
-                await self.store.touch(entry, self.config.refresh_ttl_on_hit)
                 self.counters.hits_exact += 1
                 return LookupResult(True, "exact", 1.0, 1.0, entry)
             idx = self.indexes.get(key.namespace)
@@ -251,9 +250,8 @@ class SemanticCacheService:
                 if i < 0 or not decision.hit:
                     return self._miss("below_threshold", score=candidates[0].score)
                 chosen = candidates[i]
-                entry = await self.store.get(key.namespace, chosen.entry_id)
+                entry = await self.store.hit(key.namespace, self.config.refresh_ttl_on_hit, entry_id=chosen.entry_id)
                 if entry is not None:
-                    await self.store.touch(entry, self.config.refresh_ttl_on_hit)
                     self.counters.hits_semantic += 1
                     return LookupResult(True, "semantic", chosen.score, decision.confidence, entry)
                 idx.remove(chosen.entry_id)            # expired: forget it, decide among the rest

@@ -8,7 +8,8 @@ Keys (prefix `strata:cache:` by default):
   lru:{ns}       zset   entry id -> last hit (ms); the size cap evicts its lowest first.
   namespaces     set    every namespace with entries.
   events         stream op=put|del, ns, id; capped at about 100k events.
-Store, delete and eviction run as Lua scripts, so each is atomic across replicas.
+Store, delete, eviction and a hit (read the entry, record the hit) run as Lua scripts, so each is
+atomic across replicas and a hit costs one round trip.
 """
 
 from __future__ import annotations
@@ -83,6 +84,35 @@ end
 return existed
 """
 
+# KEYS: lru. ARGV: prefix, ns, id ('' = the id the exact key points to), exact, now_ms, refresh (0/1), fields
+_HIT = """
+local prefix, ns, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+if id == '' then
+  id = redis.call('GET', prefix .. 'x:' .. ns .. ':' .. ARGV[4])
+  if not id then return false end
+end
+local entry = prefix .. 'e:' .. ns .. ':' .. id
+local fields = {}
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+local values = redis.call('HMGET', entry, unpack(fields))
+if not values[1] then return {id} end
+redis.call('HSET', entry, 'last_hit', now)
+redis.call('ZADD', KEYS[1], 'XX', now, id)
+if ARGV[6] == '1' then
+  local ttl = tonumber(redis.call('HGET', entry, 'ttl')) or 0
+  if ttl > 0 then
+    redis.call('EXPIRE', entry, ttl)
+    local exact = redis.call('HGET', entry, 'exact')
+    if exact then redis.call('EXPIRE', prefix .. 'x:' .. ns .. ':' .. exact, ttl) end
+  end
+end
+return {id, values}
+"""
+# what a hit reads back (not the embedding); "model" first: it is always set, so nil means the entry is gone
+_HIT_FIELDS = ("model", "partition", "exact", "question", "response", "token_ids", "prompt_tokens",
+               "completion_tokens", "cached_prompt_tokens", "finish_reason", "created", "ttl")
+_HIT_KEYS = tuple(f.encode() for f in _HIT_FIELDS)
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -98,7 +128,6 @@ class Entry:
     completion_tokens: int
     cached_prompt_tokens: int
     finish_reason: int
-    embedding: np.ndarray | None
     created_ms: int
     ttl_s: int
 
@@ -106,11 +135,9 @@ class Entry:
     def from_hash(cls, entry_id: str, namespace: str, h: dict[bytes, bytes]) -> "Entry":
         s = lambda k: h.get(k, b"").decode()  # noqa: E731
         i = lambda k: int(h.get(k, b"0") or 0)  # noqa: E731
-        emb = h.get(b"emb", b"")
         return cls(entry_id, namespace, s(b"model"), s(b"partition"), s(b"exact"), s(b"question"), s(b"response"),
                    np.frombuffer(h.get(b"token_ids", b""), np.int32).tolist(), i(b"prompt_tokens"),
-                   i(b"completion_tokens"), i(b"cached_prompt_tokens"), i(b"finish_reason"),
-                   np.frombuffer(emb, np.float32).copy() if emb else None, i(b"created"), i(b"ttl"))
+                   i(b"completion_tokens"), i(b"cached_prompt_tokens"), i(b"finish_reason"), i(b"created"), i(b"ttl"))
 
 
 class RedisStore:
@@ -123,6 +150,7 @@ class RedisStore:
                                              health_check_interval=0)
         self._store = self.redis.register_script(_STORE)
         self._delete = self.redis.register_script(_DELETE)
+        self._hit = self.redis.register_script(_HIT)
 
     def _entry_key(self, ns: str, entry_id: str) -> str:
         return f"{self.prefix}e:{ns}:{entry_id}"
@@ -163,29 +191,21 @@ class RedisStore:
             args=[entry_id, namespace, ttl_s, max_entries, now, self.prefix, STREAM_MAXLEN, *flat])
         return [e.decode() for e in evicted]
 
-    async def get(self, namespace: str, entry_id: str) -> Entry | None:
-        h = await self.redis.hgetall(self._entry_key(namespace, entry_id))
-        return Entry.from_hash(entry_id, namespace, h) if h else None
-
-    async def get_by_exact(self, namespace: str, exact: str) -> Entry | None:
-        entry_id = await self.redis.get(self._exact_key(namespace, exact))
-        if entry_id is None:
+    async def hit(self, namespace: str, refresh_ttl: bool, *, exact: str = "", entry_id: str = "") -> Entry | None:
+        """The entry with this exact key (or id), its hit recorded (last-hit time; TTL refreshed if asked),
+        in one round trip; None when there is none. An exact pointer that outlived its entry is deleted
+        (and the replicas told)."""
+        r = await self._hit(keys=[self._lru_key(namespace)],
+                            args=[self.prefix, namespace, entry_id, exact, int(time.time() * 1000), int(refresh_ttl),
+                                  *_HIT_FIELDS])
+        if r is None:
             return None
-        entry = await self.get(namespace, entry_id.decode())
-        if entry is None:   # expired between the two reads
-            await self.delete(namespace, entry_id.decode())   # tells the replicas too
-        return entry
-
-    async def touch(self, entry: Entry, refresh_ttl: bool) -> None:
-        """Record a hit: last-hit time (the size cap evicts the least recently hit) and the TTL."""
-        now = int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as p:
-            p.hset(self._entry_key(entry.namespace, entry.entry_id), "last_hit", now)
-            p.zadd(self._lru_key(entry.namespace), {entry.entry_id: now}, xx=True)
-            if refresh_ttl and entry.ttl_s > 0:
-                p.expire(self._entry_key(entry.namespace, entry.entry_id), entry.ttl_s)
-                p.expire(self._exact_key(entry.namespace, entry.exact), entry.ttl_s)
-            await p.execute()
+        found = r[0].decode()
+        if len(r) == 1:                     # expired between the pointer and the entry
+            if exact:
+                await self.delete(namespace, found)
+            return None
+        return Entry.from_hash(found, namespace, {k: v for k, v in zip(_HIT_KEYS, r[1]) if v is not None})
 
     async def delete(self, namespace: str, entry_id: str) -> bool:
         return bool(await self._delete(keys=[self._lru_key(namespace), self.events_key],

@@ -130,6 +130,16 @@ async def test_ttl_expiry(start_replica):
     assert await eventually(lambda: asyncio.sleep(0, result=len(idx) == 0))   # swept from the index
 
 
+async def test_a_hit_refreshes_the_ttl_of_the_entry_and_its_exact_key(start_replica):
+    r = await start_replica()
+    await store(r, query("How far away is the Moon?"), "384,400 km", ttl_s=2)
+    await asyncio.sleep(1.2)
+    assert (await lookup(r, query("How far away is the Moon?"))).hit        # 2 s again from here
+    await asyncio.sleep(1.2)                                                   # 2.4 s after the store
+    assert (await lookup(r, query("How far away is the Moon?"))).hit
+    assert (await lookup(r, query("How far is the Moon from Earth?"), min_similarity=0.5)).hit
+
+
 async def test_eviction_of_least_recently_hit_at_the_cap(start_replica):
     r = await start_replica(max_entries_per_namespace=3)
     questions = ["Who wrote Hamlet?", "What is the speed of light?", "How many legs does a spider have?"]
