@@ -76,7 +76,8 @@ def auth(token: str):
 
 def ask(text: str, **kw) -> gateway_pb2.GatewayRequest:
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=kw.pop("max_tokens", 6), ignore_eos=True)
-    return gateway_pb2.GatewayRequest(model=MODEL, messages=common_pb2.ChatMessages(
+    kw.setdefault("model", MODEL)
+    return gateway_pb2.GatewayRequest(messages=common_pb2.ChatMessages(
         messages=[common_pb2.ChatMessage(role="user", content=text)]), sampling=sampling, **kw)
 
 
@@ -103,6 +104,18 @@ async def test_keys_are_required_checked_and_revocable(stack):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.Generate(ask("Hi"), metadata=auth(resp.key))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
+
+
+async def test_a_model_the_key_may_not_use_is_permission_denied(stack):
+    from services.gateway.service import ModelPrice
+
+    _, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses,
+                                       models={MODEL: ModelPrice(), "SmolLM2-large": ModelPrice()})
+    key = await new_key(admin, models=[MODEL])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.Generate(ask("Hi", model="SmolLM2-large"), metadata=auth(key))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "may not use model" in err.value.details()
+    assert (await gw.Generate(ask("Hi"), metadata=auth(key))).source.model == MODEL
 
 
 async def test_bad_requests_get_invalid_argument(stack):
