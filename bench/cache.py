@@ -242,6 +242,7 @@ def plot(result: dict, path: Path) -> None:
     cs = [r["concurrency"] for r in e]
     a2.bar([str(c) for c in cs], [r["lookups_per_s"] for r in e], color="tab:blue")
     a2.axhline(TARGETS["lookups_per_s"], color="red", ls="--", label="target")
+    a2.set_ylim(0, 1.2 * max(TARGETS["lookups_per_s"], *(r["lookups_per_s"] for r in e)))   # room for the labels
     for i, r in enumerate(e):
         a2.annotate(f"p50 {r['p50_ms']:.0f} ms\np99 {r['p99_ms']:.0f} ms", (i, r["lookups_per_s"]), ha="center",
                     va="bottom", fontsize=8)
