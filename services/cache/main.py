@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -11,6 +10,7 @@ import socket
 from grpc_health.v1 import health_pb2
 
 from services.cache.service import CacheConfig, SemanticCacheService
+from services.common import aio
 from services.common.config import env
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
@@ -108,4 +108,4 @@ async def serve(a: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("cache")
-    asyncio.run(serve(args))
+    aio.run(serve(args))

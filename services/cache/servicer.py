@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
 
 from services.cache.keys import ANSWER_FIELDS
 from services.cache.service import LookupResult, Query, SemanticCacheService
-from services.common.errors import InvalidArgumentError
+from services.common.aio import cancel_and_wait
+from services.common.errors import InvalidArgumentError, StrataError
 from services.common.grpc_errors import map_errors
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
 
 _REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos")
 _SAMPLING_OPTIONAL = tuple(k for k in ANSWER_FIELDS if k not in _REPEATED_OR_PLAIN)   # proto3 `optional` fields
+log = logging.getLogger(__name__)
 _LAYER = {"exact": cache_pb2.CACHE_LAYER_EXACT, "semantic": cache_pb2.CACHE_LAYER_SEMANTIC}
 
 
@@ -49,8 +54,7 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
     def __init__(self, service: SemanticCacheService) -> None:
         self.service = service
 
-    @map_errors
-    async def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
+    async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
         p = request.policy
         result = await self.service.lookup(
             query_from_proto(request.query),
@@ -58,6 +62,46 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
             min_similarity=p.min_similarity if p.HasField("min_similarity") else None,
             allow_sampled=p.allow_sampled if p.HasField("allow_sampled") else False)
         return lookup_to_proto(result)
+
+    @map_errors
+    async def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> cache_pb2.LookupResponse:
+        return await self._lookup(request)
+
+    async def LookupStream(self, requests, context: grpc.aio.ServicerContext):
+        """Each request is looked up as its own task; answers are written by this one generator (a
+        gRPC stream takes one write at a time) in the order they complete."""
+        answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def one(item: cache_pb2.LookupStreamRequest) -> None:
+            out = cache_pb2.LookupStreamResponse(id=item.id)
+            try:
+                out.response.CopyFrom(await self._lookup(item.request))
+            except StrataError as exc:
+                out.code, out.message = grpc.StatusCode[exc.status].value[0], str(exc)
+            except Exception as exc:  # noqa: BLE001 - one failed lookup must not end the others' stream
+                log.error("internal error in a streamed lookup", exc_info=exc)
+                out.code, out.message = grpc.StatusCode.INTERNAL.value[0], f"internal error ({type(exc).__name__})"
+            answers.put_nowait(out)
+
+        async def read() -> None:
+            try:
+                async for item in requests:
+                    task = asyncio.create_task(one(item))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:                       # the caller is done writing: finish what it asked
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader                             # re-raises a failed read (the caller went away)
+        finally:
+            await cancel_and_wait([reader, *running])
 
     @map_errors
     async def Store(self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> cache_pb2.StoreResponse:

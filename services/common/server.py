@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Callable, Iterable
@@ -52,7 +53,13 @@ class GrpcServer:
         await self.server.stop(grace)
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
-        """Block until SIGINT/SIGTERM, then stop gracefully."""
+        """Block until SIGINT/SIGTERM, then stop gracefully.
+
+        Everything built at startup (imported modules, torch, the model, compiled protos: a million
+        objects in a service that loads torch) is moved out of the garbage collector's reach first, so a
+        full collection no longer walks it on every ~70k allocations of request handling."""
+        gc.collect()
+        gc.freeze()
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,9 +1,13 @@
 """The gateway's downstream calls (router, semantic cache) over gRPC, translated into domain terms so
 the gateway's logic never sees grpc: router failures become domain errors with the router's status, a
-cache that fails is a miss (lookups) or a skipped store, never an error for the caller."""
+cache that fails is a miss (lookups) or a skipped store, never an error for the caller.
+
+Cache lookups travel over one long-lived LookupStream (see `LookupPipe`) instead of a unary call each."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 from typing import AsyncIterator
 
@@ -15,6 +19,89 @@ from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_
 log = logging.getLogger(__name__)
 
 
+class LookupPipe:
+    """Cache lookups multiplexed over one LookupStream call: a writer task sends the queued requests, a
+    reader task hands each answer to the lookup waiting on its id. If the stream breaks (the cache
+    restarted, the connection dropped), the lookups in flight fail and the next one opens a new stream;
+    a cache without LookupStream (UNIMPLEMENTED) is asked with unary Lookups from then on."""
+
+    def __init__(self, stub: cache_pb2_grpc.SemanticCacheStub, timeout_s: float) -> None:
+        self.stub, self.timeout_s = stub, timeout_s
+        self.unary_only = False
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._outbox: asyncio.Queue[cache_pb2.LookupStreamRequest] | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def lookup(self, req: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+        """The answer, or an exception (grpc.aio.AioRpcError, asyncio.TimeoutError)."""
+        if self.unary_only:
+            return await self.stub.Lookup(req, timeout=self.timeout_s)
+        if self._outbox is None:
+            self._open()
+        assert self._outbox is not None
+        request_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        answer = self._waiting[request_id] = loop.create_future()
+        timer = loop.call_later(self.timeout_s, _time_out, answer)     # cheaper than asyncio.wait_for
+        try:
+            self._outbox.put_nowait(cache_pb2.LookupStreamRequest(id=request_id, request=req))
+            out: cache_pb2.LookupStreamResponse = await answer
+        finally:
+            timer.cancel()
+            self._waiting.pop(request_id, None)
+        if out.code:
+            code = next((c for c in grpc.StatusCode if c.value[0] == out.code), grpc.StatusCode.UNKNOWN)
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), out.message)
+        return out.response
+
+    def _open(self) -> None:
+        outbox: asyncio.Queue[cache_pb2.LookupStreamRequest] = asyncio.Queue()
+        call = self.stub.LookupStream()
+        self._outbox = outbox
+        self._tasks = [asyncio.create_task(self._write(call, outbox), name="cache-lookup-writer"),
+                       asyncio.create_task(self._read(call, outbox), name="cache-lookup-reader")]
+
+    async def _write(self, call, outbox: asyncio.Queue) -> None:
+        try:
+            while True:
+                await call.write(await outbox.get())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass                           # the call failed: the reader sees it too and cleans up
+        finally:
+            call.cancel()                  # whatever stopped the writer ends the stream, so the reader cleans up
+
+    async def _read(self, call, outbox: asyncio.Queue) -> None:
+        error: BaseException = ConnectionError("the cache lookup stream ended")
+        try:
+            async for out in call:
+                waiting = self._waiting.get(out.id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(out)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("the cache has no LookupStream: using unary Lookup calls")
+                self.unary_only = True
+        finally:
+            if self._outbox is outbox:     # the next lookup opens a new stream
+                self._outbox = None
+            call.cancel()
+            for waiting in list(self._waiting.values()):
+                if not waiting.done():
+                    waiting.set_exception(error)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _time_out(answer: asyncio.Future) -> None:
+    if not answer.done():
+        answer.set_exception(asyncio.TimeoutError())
+
+
 class Downstream:
     def __init__(self, router_address: str, cache_address: str = "", cache_timeout_s: float = 0.5) -> None:
         self._router_ch = grpc.aio.insecure_channel(router_address)
@@ -22,20 +109,27 @@ class Downstream:
         self._cache_ch = grpc.aio.insecure_channel(cache_address) if cache_address else None
         self.cache = cache_pb2_grpc.SemanticCacheStub(self._cache_ch) if self._cache_ch else None
         self.cache_timeout_s = cache_timeout_s
+        self._lookups = LookupPipe(self.cache, cache_timeout_s) if self.cache else None
 
     async def close(self) -> None:
+        if self._lookups is not None:
+            await self._lookups.close()
         await self._router_ch.close()
         if self._cache_ch is not None:
             await self._cache_ch.close()
 
     async def lookup(self, req: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse | None:
-        if self.cache is None:
+        if self._lookups is None:
             return None
         try:
-            return await self.cache.Lookup(req, timeout=self.cache_timeout_s)
+            return await self._lookups.lookup(req)
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed: bypassing the cache", extra={"code": exc.code().name})
-            return None
+        except asyncio.TimeoutError:
+            log.warning("cache lookup timed out: bypassing the cache", extra={"timeout_s": self.cache_timeout_s})
+        except ConnectionError:
+            log.warning("cache lookup stream ended: bypassing the cache")
+        return None
 
     async def store(self, req: cache_pb2.StoreRequest) -> bool:
         if self.cache is None:

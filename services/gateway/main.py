@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from services.common import aio
 from services.common.config import env
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
@@ -128,4 +128,4 @@ async def serve(a: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("gateway")
-    asyncio.run(serve(args))
+    aio.run(serve(args))

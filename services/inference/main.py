@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from services.common import aio
 from services.common.aio import cancel_and_wait
 from services.common.config import env
 from services.common.logs import setup_logging
@@ -132,4 +133,4 @@ async def serve(config: InferenceServiceConfig) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("inference")
-    asyncio.run(serve(config_from_args(args)))
+    aio.run(serve(config_from_args(args)))

@@ -8,6 +8,7 @@ import logging
 
 from grpc_health.v1 import health_pb2
 
+from services.common import aio
 from services.common.aio import cancel_and_wait
 from services.common.config import env
 from services.common.logs import setup_logging
@@ -129,4 +130,4 @@ async def serve(a: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup_logging("router")
-    asyncio.run(serve(args))
+    aio.run(serve(args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -308,3 +309,137 @@ async def test_concurrent_lookups_are_micro_batched(start_replica, workers):
     assert len(results) == 32
     items, batches = batcher.items - before_items, batcher.batches - before_batches
     assert items == 32 and batches < 32, (items, batches)
+
+
+async def test_lookup_stream_answers_each_id_and_a_bad_request_does_not_end_the_stream(start_replica):
+    r = await start_replica()
+    await store(r, query("What is the capital of Spain?"), "Madrid")
+    call = r.stub.LookupStream()
+    asks = {1: query("What is the capital of Spain?"), 2: query("Who wrote Hamlet?"),
+            3: cache_pb2.CacheQuery(namespace="bad namespace!", model=MODEL, prompt="hi"),
+            4: query("What is the capital of  Spain? ")}
+    for i, q in asks.items():
+        await call.write(cache_pb2.LookupStreamRequest(id=i, request=cache_pb2.LookupRequest(query=q)))
+    got = {}
+    for _ in asks:
+        out = await call.read()
+        got[out.id] = out
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert got[1].code == 0 and got[1].response.hit and got[1].response.answer.text == "Madrid"
+    assert got[2].code == 0 and not got[2].response.hit and got[2].response.miss_reason
+    assert got[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "namespace" in got[3].message
+    assert got[4].response.hit and got[4].response.layer == cache_pb2.CACHE_LAYER_EXACT
+
+
+async def test_the_gateways_lookup_pipe_reopens_after_a_cache_restart(start_replica, redis_url, embedder):
+    from services.gateway.clients import Downstream
+
+    r = await start_replica()
+    await store(r, query("What is the capital of Spain?"), "Madrid")
+    down = Downstream("127.0.0.1:1", f"127.0.0.1:{r.port}")
+    try:
+        req = cache_pb2.LookupRequest(query=query("What is the capital of Spain?"))
+        hits = await asyncio.gather(*(down.lookup(req) for _ in range(20)))
+        assert all(h is not None and h.hit for h in hits)
+        await r.svc.stop(0)
+        assert await down.lookup(req) is None           # cache gone: a miss, not an error or a hang
+        again = CacheService(CacheConfig(redis_url=redis_url), port=r.port, embedder=embedder)
+        await again.start()
+        try:
+            hit = await eventually(lambda: down.lookup(req), timeout=5.0)
+            assert hit is not None and hit.hit and hit.answer.text == "Madrid"
+            assert not down._lookups.unary_only
+        finally:
+            await again.stop(0)
+    finally:
+        await down.close()
+
+
+async def test_the_lookup_pipe_falls_back_to_unary_calls_on_a_cache_without_lookup_stream():
+    from services.gateway.clients import Downstream
+
+    async def unary_lookup(request, context):
+        return cache_pb2.LookupResponse(hit=True, entry_id="e-1", answer=cache_pb2.CachedAnswer(text="old cache"))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("strata.v1.SemanticCache", {
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            unary_lookup, cache_pb2.LookupRequest.FromString, cache_pb2.LookupResponse.SerializeToString)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    down = Downstream("127.0.0.1:1", f"127.0.0.1:{port}")
+    try:
+        req = cache_pb2.LookupRequest(query=query("anything"))
+        first = await down.lookup(req)                  # the stream is refused: this one is a miss
+        assert first is None and down._lookups.unary_only
+        hit = await down.lookup(req)
+        assert hit is not None and hit.hit and hit.answer.text == "old cache"
+    finally:
+        await down.close()
+        await server.stop(0)
+
+
+async def test_a_lookup_the_cache_never_answers_is_a_miss_after_the_timeout():
+    from services.gateway.clients import Downstream
+
+    async def silent(requests, context):
+        async for _ in requests:                        # reads every lookup, answers none
+            pass
+        yield cache_pb2.LookupStreamResponse()          # (never reached while the gateway is open)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("strata.v1.SemanticCache", {
+        "LookupStream": grpc.stream_stream_rpc_method_handler(
+            silent, cache_pb2.LookupStreamRequest.FromString, cache_pb2.LookupStreamResponse.SerializeToString)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    down = Downstream("127.0.0.1:1", f"127.0.0.1:{port}", cache_timeout_s=0.3)
+    try:
+        t0 = time.monotonic()
+        misses = await asyncio.gather(*(down.lookup(cache_pb2.LookupRequest(query=query(f"q{i}"))) for i in range(5)))
+        assert misses == [None] * 5
+        assert 0.25 < time.monotonic() - t0 < 2.0
+        assert not down._lookups._waiting               # nothing left behind
+    finally:
+        await down.close()
+        await server.stop(0)
+
+
+async def test_strata_serve_cache_as_a_process_on_uvloop_serves_the_gateways_lookups_and_stops_on_sigterm(redis_url):
+    """The CLI's service process (on uvloop, as deployed): health, Store, streamed lookups, clean SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from bench.cache import wait_serving
+    from services.gateway.clients import Downstream
+
+    pytest.importorskip("uvloop")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.devnull, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "cache", "--port", str(port),
+                             "--redis-url", redis_url], env={**os.environ, "STRATA_EVENT_LOOP": "uvloop"},
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        await wait_serving(port, SERVICE_NAME, Path(os.devnull), timeout_s=60)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = cache_pb2_grpc.SemanticCacheStub(ch)
+            await stub.Store(cache_pb2.StoreRequest(query=query("What is the capital of Peru?"), answer=answer("Lima")))
+        down = Downstream("127.0.0.1:1", f"127.0.0.1:{port}", cache_timeout_s=5.0)
+        try:
+            req = cache_pb2.LookupRequest(query=query("What is the capital of Peru?"))
+            hits = await asyncio.gather(*(down.lookup(req) for _ in range(50)))
+            assert all(h is not None and h.hit and h.answer.text == "Lima" for h in hits)
+        finally:
+            await down.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
