@@ -24,15 +24,21 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 
 install: system-deps $(STAMP) $(STUBS)
 
-# redis-server (Debian's) is used by the cache, gateway and router tests; installed when missing and root.
+# redis-server (Debian's) for the cache, gateway and router tests; docker-compose (Debian's) for the offline
+# check of deploy/docker-compose.yaml; installed when missing and root. kubectl (1.27+, built-in kustomize)
+# renders deploy/k8s in tests/deploy: Debian's kubernetes-client is too old, so it is only checked for.
 system-deps:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo ">> installing redis-server (apt-get)"; \
+	    echo ">> installing$$missing (apt-get)"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo ">> redis-server missing: run 'sudo apt-get install -y redis-server'"; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo ">> missing:$$missing: run 'sudo apt-get install -y$$missing'"; fi; \
 	fi
+	@command -v kubectl >/dev/null 2>&1 || echo ">> kubectl (1.27+, with built-in kustomize) is missing: tests/deploy needs it"
 
 $(STAMP): pyproject.toml $(KERNEL_SRCS)
 	@echo ">> creating $(VENV) and installing Python packages (first run: a few minutes)"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# spans of the in-process services go to a file of this session (never the checkout), exported quickly
+_TRACE_DIR = tempfile.mkdtemp(prefix="strata-test-traces-")
+os.environ["STRATA_TRACE_FILE"] = os.path.join(_TRACE_DIR, "traces.jsonl")
+os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "100")
+os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 

@@ -10,8 +10,9 @@ import socket
 from grpc_health.v1 import health_pb2
 
 from services.cache.service import CacheConfig, SemanticCacheService
-from services.common import aio
-from services.common.config import env
+from services.common import aio, telemetry
+from services.common.config import add_metrics_arg, env
+from services.common.metrics import CacheMetrics, counter, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 
@@ -23,6 +24,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = CacheConfig()
     p.add_argument("--host", default=env("STRATA_CACHE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("STRATA_CACHE_PORT", "50071")))
+    add_metrics_arg(p, "CACHE", 9071)
     p.add_argument("--redis-url", default=env("REDIS_URL", d.redis_url))
     p.add_argument("--key-prefix", default=env("STRATA_CACHE_KEY_PREFIX", d.key_prefix))
     p.add_argument("--ttl", type=int, default=int(env("STRATA_CACHE_TTL_S", str(d.default_ttl_s))),
@@ -62,18 +64,32 @@ class CacheService:
     """Embedder + SemanticCacheService + gRPC server; used by the CLI and the tests (port 0)."""
 
     def __init__(self, config: CacheConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
-                 replica_id: str = "", embed_threads: int | None = None) -> None:
+                 replica_id: str = "", embed_threads: int | None = None, metrics_port: int = -1) -> None:
         from services.cache.embedder import MiniLMEmbedder
         from services.cache.servicer import SemanticCacheServicer
         from services.common.pb import cache_pb2_grpc
 
         self.embedder = embedder or MiniLMEmbedder(num_threads=embed_threads)
         self.cache = SemanticCacheService(config, self.embedder, replica_id=replica_id)
-        servicer = SemanticCacheServicer(self.cache)
+        self.metrics, tracer = CacheMetrics(), telemetry.tracer("cache")
+        self.metrics.collect_with(self._collect)
+        servicer = SemanticCacheServicer(self.cache, tracer, self.metrics)
         self.server = GrpcServer(lambda s: cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], host, port)
+                                 [SERVICE_NAME], host, port, self.metrics, metrics_port)
         self.cache.on_health_change(self._health_changed)
         self._stopped = False
+
+    def _collect(self):
+        c, cache = self.cache.counters, self.cache
+        yield counter("strata:cache_lookups", "Lookups answered", c.lookups)
+        yield counter("strata:cache_hits", "Hits by layer", {("exact",): c.hits_exact, ("semantic",): c.hits_semantic},
+                      ("layer",))
+        yield counter("strata:cache_misses", "Lookups that missed", c.misses)
+        yield counter("strata:cache_stores", "Answers stored", c.stores)
+        yield counter("strata:cache_evictions", "Entries evicted at the size cap", c.evictions)
+        yield gauge("strata:cache_index_entries", "Entries in this replica's similarity index",
+                    sum(len(i) for i in cache.indexes.values()))
+        yield gauge("strata:cache_redis_up", "1 when Redis is reachable", float(cache.redis_ok))
 
     async def _health_changed(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -95,8 +111,8 @@ class CacheService:
 
 
 async def serve(a: argparse.Namespace) -> None:
-    service = CacheService(config_from_args(a), a.host, a.port,
-                           replica_id=f"{socket.gethostname()}-{os.getpid()}", embed_threads=a.embed_threads)
+    service = CacheService(config_from_args(a), a.host, a.port, replica_id=f"{socket.gethostname()}-{os.getpid()}",
+                           embed_threads=a.embed_threads, metrics_port=a.metrics_port)
     port = await service.start()
     log.info("cache service ready", extra={"address": f"{a.host}:{port}", "decision": service.cache.decider.describe(),
                                            "redis_ok": service.cache.redis_ok})

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.cache.keys import ANSWER_FIELDS
 from services.cache.service import LookupResult, Query, SemanticCacheService
+from services.common import telemetry
 from services.common.aio import cancel_and_wait
 from services.common.errors import InvalidArgumentError, StrataError
 from services.common.grpc_errors import map_errors
+from services.common.metrics import CacheMetrics
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
 
 _REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos")
@@ -51,16 +56,26 @@ def lookup_to_proto(r: LookupResult) -> cache_pb2.LookupResponse:
 
 
 class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
-    def __init__(self, service: SemanticCacheService) -> None:
+    SERVICE = "strata.v1.SemanticCache"
+
+    def __init__(self, service: SemanticCacheService, tracer: trace.Tracer | None = None,
+                 metrics: CacheMetrics | None = None) -> None:
         self.service = service
+        self.tracer = tracer or telemetry.tracer("cache")
+        self.metrics = metrics or CacheMetrics()
 
     async def _lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
+        t0 = time.perf_counter()
         p = request.policy
         result = await self.service.lookup(
             query_from_proto(request.query),
             semantic=p.semantic if p.HasField("semantic") else True,
             min_similarity=p.min_similarity if p.HasField("min_similarity") else None,
             allow_sampled=p.allow_sampled if p.HasField("allow_sampled") else False)
+        self.metrics.lookup_latency.observe(time.perf_counter() - t0)
+        span = trace.get_current_span()
+        span.set_attributes({"strata.cache.hit": result.hit, "strata.cache.layer": result.layer,
+                             "strata.cache.miss_reason": result.miss_reason})
         return lookup_to_proto(result)
 
     @map_errors
@@ -75,13 +90,20 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
 
         async def one(item: cache_pb2.LookupStreamRequest) -> None:
             out = cache_pb2.LookupStreamResponse(id=item.id)
-            try:
-                out.response.CopyFrom(await self._lookup(item.request))
-            except StrataError as exc:
-                out.code, out.message = grpc.StatusCode[exc.status].value[0], str(exc)
-            except Exception as exc:  # noqa: BLE001 - one failed lookup must not end the others' stream
-                log.error("internal error in a streamed lookup", exc_info=exc)
-                out.code, out.message = grpc.StatusCode.INTERNAL.value[0], f"internal error ({type(exc).__name__})"
+            with self.tracer.start_as_current_span(
+                    "strata.v1.SemanticCache/Lookup", context=telemetry.context_from_traceparent(item.traceparent),
+                    kind=SpanKind.SERVER, attributes={"rpc.system": "grpc", "strata.stream_id": item.id},
+                    record_exception=False, set_status_on_exception=False) as span:
+                try:
+                    out.response.CopyFrom(await self._lookup(item.request))
+                except StrataError as exc:
+                    out.code, out.message = grpc.StatusCode[exc.status].value[0], str(exc)
+                except Exception as exc:  # noqa: BLE001 - one failed lookup must not end the others' stream
+                    log.error("internal error in a streamed lookup", exc_info=exc)
+                    out.code, out.message = grpc.StatusCode.INTERNAL.value[0], f"internal error ({type(exc).__name__})"
+                if out.code:
+                    span.set_status(Status(StatusCode.ERROR, next(c.name for c in grpc.StatusCode if c.value[0] == out.code)))
+                span.set_attribute("rpc.grpc.status_code", out.code)
             answers.put_nowait(out)
 
         async def read() -> None:

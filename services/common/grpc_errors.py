@@ -11,6 +11,7 @@ from typing import Any, Callable
 import grpc
 
 from services.common.errors import ResourceExhaustedError, StrataError
+from services.common.telemetry import finish_server_span, server_span
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,32 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
 
 
 def map_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a servicer method (unary or server-streaming) so domain errors become statuses."""
+    """Decorate a servicer method (unary or server-streaming) so domain errors become statuses.
+
+    The same wrapper opens the call's SERVER span (telemetry.server_span: the servicer's `tracer`,
+    named `SERVICE/Method`, child of the caller's trace context; none for methods in `UNTRACED`), so a
+    call pays for one wrapper, not also for a server interceptor."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-                await abort_with(context, exc)
+            with server_span(self, name, context) as span:
+                try:
+                    async for item in method(self, request, context):
+                        yield item
+                except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                    await abort_with(context, exc)
+                finally:
+                    finish_server_span(span, context)
         return stream
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            await abort_with(context, exc)
+        with server_span(self, name, context) as span:
+            try:
+                return await method(self, request, context)
+            except (StrataError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+                await abort_with(context, exc)
+            finally:
+                finish_server_span(span, context)
     return unary

@@ -1,4 +1,5 @@
-"""gRPC server bootstrap shared by every service: health, reflection, graceful shutdown."""
+"""gRPC server bootstrap shared by every service: health, reflection, the metrics side port, graceful
+shutdown. (Server spans are opened by grpc_errors.map_errors.)"""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from services.common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +23,18 @@ class GrpcServer:
     """An aio server with the standard health service and reflection.
 
     `start()` binds (port 0 picks a free port) and returns the bound port; `stop()` flips health to
-    NOT_SERVING before stopping with a grace period, so load balancers drain first."""
+    NOT_SERVING before stopping with a grace period, so load balancers drain first. With metrics, /metrics is served on
+    `metrics_port` (0 = a free one, negative = none) from start() to stop()."""
 
     def __init__(self, register: Callable[[grpc.aio.Server], None], service_names: Iterable[str],
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0,
+                 metrics: ServiceMetrics | None = None, metrics_port: int = -1) -> None:
         self.service_names = list(service_names)
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
+        self.host, self.metrics, self.metrics_port = host, metrics, metrics_port
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -43,6 +48,8 @@ class GrpcServer:
         if not self.port:
             raise OSError(f"cannot bind {self.address}")
         await self.server.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.host, self.metrics_port) or -1
         for name in [*self.service_names, ""]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -51,6 +58,8 @@ class GrpcServer:
         for name in [*self.service_names, ""]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.close()
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
         """Block until SIGINT/SIGTERM, then stop gracefully.

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from services.common import telemetry
 from services.common.errors import DeadlineExceededError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
 
@@ -36,7 +37,7 @@ class LookupPipe:
     async def lookup(self, req: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse:
         """The answer, or an exception (grpc.aio.AioRpcError, asyncio.TimeoutError)."""
         if self.unary_only:
-            return await self.stub.Lookup(req, timeout=self.timeout_s)
+            return await self.stub.Lookup(req, timeout=self.timeout_s, metadata=telemetry.outgoing())
         if self._outbox is None:
             self._open()
         assert self._outbox is not None
@@ -45,7 +46,8 @@ class LookupPipe:
         answer = self._waiting[request_id] = loop.create_future()
         timer = loop.call_later(self.timeout_s, _time_out, answer)     # cheaper than asyncio.wait_for
         try:
-            self._outbox.put_nowait(cache_pb2.LookupStreamRequest(id=request_id, request=req))
+            self._outbox.put_nowait(cache_pb2.LookupStreamRequest(id=request_id, request=req,
+                                                                  traceparent=telemetry.traceparent()))
             out: cache_pb2.LookupStreamResponse = await answer
         finally:
             timer.cancel()
@@ -135,14 +137,14 @@ class Downstream:
         if self.cache is None:
             return False
         try:
-            return (await self.cache.Store(req, timeout=self.cache_timeout_s * 4)).stored
+            return (await self.cache.Store(req, timeout=self.cache_timeout_s * 4, metadata=telemetry.outgoing())).stored
         except grpc.aio.AioRpcError as exc:
             log.warning("cache store failed", extra={"code": exc.code().name})
             return False
 
     async def generate(self, req: inference_pb2.GenerateRequest,
                        timeout_s: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        call = self.router.Generate(req, timeout=timeout_s)
+        call = self.router.Generate(req, timeout=timeout_s, metadata=telemetry.outgoing())
         try:
             async for chunk in call:
                 yield chunk

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.common import aio
-from services.common.config import env
+from services.common import aio, telemetry
+from services.common.config import add_metrics_arg, env
+from services.common.metrics import GatewayMetrics
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.gateway.clients import Downstream
@@ -38,6 +39,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
     p.add_argument("--host", default=env("STRATA_GATEWAY_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("STRATA_GATEWAY_PORT", "50051")))
+    add_metrics_arg(p, "GATEWAY", 9051)
     p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--router", default=env("STRATA_ROUTER_ADDRESS", "127.0.0.1:50081"), help="router host:port")
     p.add_argument("--cache", default=env("STRATA_CACHE_ADDRESS", "127.0.0.1:50071"),
@@ -74,7 +76,8 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
 class GatewayService:
     """Gateway + gRPC server; used by the CLI and the tests (port 0)."""
 
-    def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0, embedder=None) -> None:
+    def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
+                 metrics_port: int = -1) -> None:
         from services.common.pb import gateway_pb2_grpc
         from services.gateway.servicer import GatewayAdminServicer, GatewayServicer
 
@@ -91,14 +94,15 @@ class GatewayService:
             embedder = embedder or MiniLMEmbedder(num_threads=1)
             self.batcher = MicroBatcher(embedder.embed, max_batch=32, max_wait_ms=1.0)
             similarity = InjectionSimilarity(embedder.embed, self.batcher.embed, g.injection_similarity)
+        self.metrics, tracer = GatewayMetrics(), telemetry.tracer("gateway")
         self.gateway = Gateway(g, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
-                               UsageStore(self.redis), self.down, similarity)
+                               UsageStore(self.redis), self.down, similarity, tracer, self.metrics)
         servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.gateway, config.admin_token)
 
         def register(server) -> None:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
             gateway_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
-        self.server = GrpcServer(register, SERVICE_NAMES, host, port)
+        self.server = GrpcServer(register, SERVICE_NAMES, host, port, self.metrics, metrics_port)
         self._stopped = False
 
     async def start(self) -> int:
@@ -117,7 +121,7 @@ class GatewayService:
 
 
 async def serve(a: argparse.Namespace) -> None:
-    service = GatewayService(config_from_args(a), a.host, a.port)
+    service = GatewayService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port)
     port = await service.start()
     log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache})
     try:

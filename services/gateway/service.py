@@ -19,14 +19,19 @@ from typing import AsyncIterator, Mapping
 
 from redis.exceptions import RedisError
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from services.common import telemetry
 from services.common.errors import (InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError,
-                                    UnauthenticatedError, UnavailableError)
+                                    StrataError, UnauthenticatedError, UnavailableError)
+from services.common.metrics import GatewayMetrics
 from services.common.pb import cache_pb2, common_pb2, gateway_pb2, inference_pb2
 from services.gateway.clients import Downstream
 from services.gateway.guardrails import InjectionSimilarity, redact, screen_injection
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.selection import AutoRule, Cascade, select_model
-from services.gateway.limits import Limits, RateLimiter, Reservation
+from services.gateway.limits import LimitExceededError, Limits, RateLimiter, Reservation
 from services.gateway.usage import UsageStore, utc_day
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,8 @@ _REDIS_ERRORS = (RedisError, OSError)
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PII_MODES = ("off", "redact", "block")
 INJECTION_MODES = ("allow", "flag", "block")
+_SOURCES = {common_pb2.Source.KIND_MODEL: "model", common_pb2.Source.KIND_CACHE_EXACT: "cache_exact",
+            common_pb2.Source.KIND_CACHE_SEMANTIC: "cache_semantic"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +83,12 @@ class GatewayConfig:
 
 class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
-                 downstream: Downstream, similarity: InjectionSimilarity | None = None) -> None:
+                 downstream: Downstream, similarity: InjectionSimilarity | None = None,
+                 tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None) -> None:
         self.config, self.keys, self.limiter, self.usage, self.down = config, keys, limiter, usage, downstream
         self.similarity = similarity
+        self.tracer = tracer or telemetry.tracer("gateway")
+        self.metrics = metrics or GatewayMetrics()
         self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
 
     # ---- requests
@@ -112,13 +122,46 @@ class Gateway:
 
     async def stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
                      timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GatewayChunk]:
-        key = await self.authenticate(bearer)
-        model, max_tokens = self._validate(req, key)
-        req, flags = self._guard(req)
-        flags += await self._screen_similar(req)
-        await self._check_budget(key)
-        prompt_tokens_est = _prompt_chars(req) // 4 + 1
-        reservation = await self._reserve(key, prompt_tokens_est + max_tokens)
+        """The answer as chunks; the last one says where it came from. Counted in the metrics by
+        outcome and source."""
+        t0 = time.perf_counter()
+        code, source = "OK", "none"
+        try:
+            async for chunk in self._stream(req, bearer, timeout_s):
+                if chunk.HasField("source"):
+                    source = _SOURCES.get(chunk.source.kind, "none")
+                yield chunk
+        except StrataError as exc:
+            code = exc.status
+            if isinstance(exc, ResourceExhaustedError):
+                self.metrics.ratelimit_rejections.labels(getattr(exc, "limit", "budget")).inc()
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(code, source).inc()
+            if code == "OK":
+                self.metrics.latency.labels(source).observe(time.perf_counter() - t0)
+
+    async def _stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
+                      timeout_s: float | None) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+        tracer = self.tracer
+        with telemetry.child_span(tracer, "auth") as span:
+            key = await self.authenticate(bearer)
+            span.set_attribute("strata.key_id", key.key_id)
+        with telemetry.child_span(tracer, "guardrails") as span:
+            model, max_tokens = self._validate(req, key)
+            req, flags = self._guard(req)
+            flags += await self._screen_similar(req)
+            span.set_attributes({"strata.model": model, "strata.flags": flags})
+            for f in flags:
+                self.metrics.guardrails.labels(f).inc()
+        with telemetry.child_span(tracer, "limits") as span:
+            await self._check_budget(key)
+            prompt_tokens_est = _prompt_chars(req) // 4 + 1
+            span.set_attribute("strata.reserved_tokens", prompt_tokens_est + max_tokens)
+            reservation = await self._reserve(key, prompt_tokens_est + max_tokens)
         request_id = uuid.uuid4().hex
         used = [0, 0]                     # prompt and completion tokens actually consumed
         settled = False
@@ -130,8 +173,12 @@ class Gateway:
             else:
                 query.prompt = req.prompt
             if policy in (common_pb2.CACHE_POLICY_UNSPECIFIED, common_pb2.CACHE_POLICY_USE):
-                hit = await self.down.lookup(cache_pb2.LookupRequest(
-                    query=query, policy=cache_pb2.LookupPolicy(allow_sampled=req.allow_sampled_cache)))
+                with telemetry.child_span(tracer, "cache.lookup", kind=SpanKind.CLIENT) as span:
+                    hit = await self.down.lookup(cache_pb2.LookupRequest(
+                        query=query, policy=cache_pb2.LookupPolicy(allow_sampled=req.allow_sampled_cache)))
+                    span.set_attribute("strata.cache.hit", bool(hit is not None and hit.hit))
+                    if hit is not None and hit.hit:
+                        span.set_attribute("strata.cache.layer", cache_pb2.CacheLayer.Name(hit.layer))
                 if hit is not None and hit.hit:
                     async for chunk in self._replay(hit, request_id, model, flags):
                         yield chunk
@@ -149,20 +196,25 @@ class Gateway:
             else:
                 inference.prompt = req.prompt
             text, token_ids, final = [], [], None
-            async for c in self.down.generate(inference, timeout_s):
-                used[0] = used[0] or len(c.prompt_token_ids)
-                used[1] += len(c.token_ids)
-                text.append(c.text)
-                token_ids.extend(c.token_ids)
-                logprob_sum += sum(lp.logprob for lp in c.logprobs)
-                logprob_n += len(c.logprobs)
-                last = c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                if last:
-                    final = c
-                    used[0] = c.usage.prompt_tokens
-                mean = logprob_sum / logprob_n if last and logprob_n else None
-                if not self.config.redact_responses:
-                    yield self._chunk(request_id, c.text, c.token_ids, c if last else None, flags, mean)
+            route = telemetry.child_span(tracer, "router.generate", kind=SpanKind.CLIENT,
+                                         attributes={"strata.model": model, "strata.request_id": request_id})
+            with route as span:
+                async for c in self.down.generate(inference, timeout_s):
+                    used[0] = used[0] or len(c.prompt_token_ids)
+                    used[1] += len(c.token_ids)
+                    text.append(c.text)
+                    token_ids.extend(c.token_ids)
+                    logprob_sum += sum(lp.logprob for lp in c.logprobs)
+                    logprob_n += len(c.logprobs)
+                    last = c.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                    if last:
+                        final = c
+                        used[0] = c.usage.prompt_tokens
+                    mean = logprob_sum / logprob_n if last and logprob_n else None
+                    if not self.config.redact_responses:
+                        yield self._chunk(request_id, c.text, c.token_ids, c if last else None, flags, mean)
+                if final is not None:
+                    span.set_attribute("strata.replica", final.source.replica)
             if final is None:
                 raise UnavailableError("the answer ended without its final chunk")
             answer = "".join(text)
@@ -172,12 +224,16 @@ class Gateway:
                                   logprob_sum / logprob_n if logprob_n else None)
             await self._settle(key, reservation, final.usage.prompt_tokens, final.usage.completion_tokens, model)
             settled = True
+            self.metrics.tokens.labels("prompt").inc(final.usage.prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(final.usage.completion_tokens)
             if policy != common_pb2.CACHE_POLICY_BYPASS and final.finish_reason in (
                     common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH):
-                await self.down.store(cache_pb2.StoreRequest(
-                    query=query, allow_sampled=req.allow_sampled_cache,
-                    answer=cache_pb2.CachedAnswer(text=answer, token_ids=token_ids, usage=final.usage,
-                                                  finish_reason=final.finish_reason)))
+                with telemetry.child_span(tracer, "cache.store", kind=SpanKind.CLIENT) as span:
+                    stored = await self.down.store(cache_pb2.StoreRequest(
+                        query=query, allow_sampled=req.allow_sampled_cache,
+                        answer=cache_pb2.CachedAnswer(text=answer, token_ids=token_ids, usage=final.usage,
+                                                      finish_reason=final.finish_reason)))
+                    span.set_attribute("strata.cache.stored", stored)
         finally:
             if not settled:               # failed or cut short: charge what was used, free the slot
                 await self._settle(key, reservation, used[0], used[1], model, count=False)

@@ -21,8 +21,11 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    SERVICE = "strata.v1.Gateway"
+
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.tracer = gateway.tracer
 
     @map_errors
     async def Generate(self, request, context: grpc.aio.ServicerContext):
@@ -35,8 +38,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
+    SERVICE = "strata.v1.GatewayAdmin"
+
     def __init__(self, gateway: Gateway, admin_token: str) -> None:
         self.gateway = gateway
+        self.tracer = gateway.tracer
         self._admin = admin_token.encode()
 
     def _check(self, context: grpc.aio.ServicerContext) -> None:

@@ -9,9 +9,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.common import aio
+from services.common import aio, telemetry
 from services.common.aio import cancel_and_wait
-from services.common.config import env
+from services.common.config import add_metrics_arg, env
+from services.common.metrics import InferenceMetrics, counter, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.inference.engine.async_engine import AsyncEngine
@@ -31,6 +32,7 @@ class InferenceServiceConfig:
     registry_url: str = ""                  # Redis to register in, so routers discover this replica
     advertise: str = ""                     # the address routers should use (default host:port)
     grace_s: float = 5.0
+    metrics_port: int = -1                  # Prometheus /metrics side port (0 = free, -1 = none)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +66,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--host", default=env("STRATA_INFERENCE_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("STRATA_INFERENCE_PORT", "50061") or 50061))
+    add_metrics_arg(p, "INFERENCE", 9061)
     p.add_argument("--replica-id", default=env("STRATA_REPLICA_ID", ""))
     p.add_argument("--max-queued-requests", type=int, default=512)
     p.add_argument("--registry-url", default=env("STRATA_REGISTRY_URL", ""),
@@ -76,7 +79,7 @@ def config_from_args(a: argparse.Namespace) -> InferenceServiceConfig:
     return InferenceServiceConfig(engine=engine_config_from_args(a), host=a.host, port=a.port,
                                   replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
                                   max_queued_requests=a.max_queued_requests, registry_url=a.registry_url,
-                                  advertise=a.advertise)
+                                  advertise=a.advertise, metrics_port=a.metrics_port)
 
 
 class InferenceService:
@@ -89,11 +92,24 @@ class InferenceService:
         self.config = config
         self.llm = engine or LLMEngine(config.engine)
         self.engine = AsyncEngine(self.llm, config.max_queued_requests)
-        servicer = InferenceServicer(self.engine, config.replica_id or "inference-0")
+        self.metrics, tracer = InferenceMetrics(), telemetry.tracer("inference")
+        self.metrics.collect_with(self._collect)
+        servicer = InferenceServicer(self.engine, config.replica_id or "inference-0", tracer, self.metrics)
         self.server = GrpcServer(lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], config.host, config.port)
+                                 [SERVICE_NAME], config.host, config.port, self.metrics, config.metrics_port)
         self._register: asyncio.Task | None = None
         self._redis = None
+
+    def _collect(self):
+        s = self.engine.stats
+        yield gauge("strata:num_requests_running", "Requests in the running batch", s.num_running)
+        yield gauge("strata:num_requests_waiting", "Requests waiting to be scheduled", s.num_waiting)
+        yield gauge("strata:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1)", s.kv_cache_usage)
+        yield gauge("strata:num_pending_tokens", "Prompt and output tokens still to compute", s.num_pending_tokens)
+        yield counter("strata:prompt_tokens", "Prompt tokens processed", s.prompt_tokens_total)
+        yield counter("strata:generation_tokens", "Tokens generated", s.generation_tokens_total)
+        yield counter("strata:prefix_cache_hits", "Prompt tokens served from the prefix cache", s.prefix_cache_hit_tokens_total)
+        yield counter("strata:num_preemptions", "Requests preempted for KV space", s.num_preemptions_total)
 
     async def start(self) -> int:
         self.engine.start()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import grpc
+from opentelemetry import trace
 
+from services.common import telemetry
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_errors import map_errors
+from services.common.metrics import InferenceMetrics
 from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.outputs import RequestOutput
@@ -60,11 +64,71 @@ def chunk_from_output(out: RequestOutput, first: bool, prompt_token_ids: list[in
     return chunk
 
 
+class _Timing:
+    """One request's milestones, turned into the queue / prefill / decode spans (children of the
+    Generate span, stamped with the engine's times) and the latency histograms."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.scheduled: float | None = None
+        self.first_token: float | None = None
+        self.last: float | None = None
+        self.outputs = 0
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def output(self, out: RequestOutput, metrics: InferenceMetrics) -> None:
+        now = time.monotonic()
+        self.outputs += 1
+        if out.first_scheduled_time is not None and self.scheduled is None:
+            self.scheduled = out.first_scheduled_time
+        if out.new_token_ids:
+            if self.first_token is None:
+                self.first_token = now
+                metrics.ttft.observe(now - self.arrival)
+            elif self.last is not None:
+                per_token = (now - self.last) / len(out.new_token_ids)
+                for _ in out.new_token_ids:
+                    metrics.itl.observe(per_token)
+            self.last = now
+            self.tokens += len(out.new_token_ids)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+    def finish(self, tracer: trace.Tracer, metrics: InferenceMetrics) -> None:
+        end = time.monotonic()
+        reason = self.finish_reason or "abort"
+        metrics.requests.labels(reason).inc()
+        if self.finish_reason is not None:
+            metrics.e2e.observe(end - self.arrival)
+        if self.scheduled is not None:
+            metrics.queue_time.observe(max(0.0, self.scheduled - self.arrival))
+        if not trace.get_current_span().is_recording():
+            return
+        ns = telemetry.monotonic_to_unix_ns
+        phases = [("queue", self.arrival, self.scheduled or end)]
+        if self.scheduled is not None:
+            phases.append(("prefill", self.scheduled, self.first_token or end))
+        if self.first_token is not None:
+            phases.append(("decode", self.first_token, end))
+        for name, start, stop in phases:
+            span = tracer.start_span(name, start_time=ns(start))
+            if name == "decode":
+                span.set_attributes({"strata.completion_tokens": self.tokens, "strata.finish_reason": reason})
+            span.end(end_time=ns(max(start, stop)))
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: AsyncEngine, replica_id: str) -> None:
+    SERVICE = "strata.v1.Inference"
+    UNTRACED = frozenset({"GetLoad", "GetModelInfo"})      # polled by every router
+
+    def __init__(self, engine: AsyncEngine, replica_id: str, tracer: trace.Tracer | None = None,
+                 metrics: InferenceMetrics | None = None) -> None:
         self.engine = engine
         self.llm = engine.engine
         self.replica_id = replica_id
+        self.tracer = tracer or telemetry.tracer("inference")
+        self.metrics = metrics or InferenceMetrics()
 
     async def _prompt_token_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
@@ -84,17 +148,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @map_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        arrival = time.monotonic()
         prompt_ids = await self._prompt_token_ids(request)
         params = sampling_from_proto(request.sampling)
         request_id = request.request_id or uuid.uuid4().hex
         model = self.llm.config.model_name
-        first = True
-        async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
-                                              priority=request.priority, model=request.model):
-            if out.finish_reason == "error":
-                raise RuntimeError(out.error or "engine error")
-            yield chunk_from_output(out, first, prompt_ids, model, self.replica_id)
-            first = False
+        trace.get_current_span().set_attributes({"strata.request_id": request_id, "strata.replica": self.replica_id,
+                                                 "strata.prompt_tokens": len(prompt_ids)})
+        timing = _Timing(arrival)
+        try:
+            async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
+                                                  priority=request.priority, model=request.model):
+                if out.finish_reason == "error":
+                    raise RuntimeError(out.error or "engine error")
+                timing.output(out, self.metrics)
+                yield chunk_from_output(out, timing.outputs == 1, prompt_ids, model, self.replica_id)
+        finally:
+            timing.finish(self.tracer, self.metrics)
 
     @map_errors
     async def GetModelInfo(self, request: inference_pb2.GetModelInfoRequest,

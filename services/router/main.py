@@ -8,9 +8,10 @@ import logging
 
 from grpc_health.v1 import health_pb2
 
-from services.common import aio
+from services.common import aio, telemetry
 from services.common.aio import cancel_and_wait
-from services.common.config import env
+from services.common.config import add_metrics_arg, env
+from services.common.metrics import RouterMetrics, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.router.backends import BackendConfig
@@ -18,6 +19,7 @@ from services.router.policy import POLICIES
 from services.router.service import Router, RouterConfig
 
 log = logging.getLogger(__name__)
+_CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
 SERVICE_NAME = "strata.v1.Router"
 
 
@@ -25,6 +27,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     d, b = RouterConfig(), BackendConfig()
     p.add_argument("--host", default=env("STRATA_ROUTER_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("STRATA_ROUTER_PORT", "50081")))
+    add_metrics_arg(p, "ROUTER", 9081)
     p.add_argument("--backend", action="append", default=None,
                    help="inference replica host:port (repeat the flag; env STRATA_ROUTER_BACKENDS, comma-separated)")
     p.add_argument("--policy", choices=POLICIES, default=env("STRATA_ROUTER_POLICY", d.policy))
@@ -80,16 +83,31 @@ def config_from_args(a: argparse.Namespace) -> RouterConfig:
 class RouterService:
     """Router + gRPC server; SERVING while at least one replica is healthy. Used by the CLI and the tests."""
 
-    def __init__(self, config: RouterConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, config: RouterConfig, host: str = "127.0.0.1", port: int = 0, metrics_port: int = -1) -> None:
         from services.common.pb import router_pb2_grpc
         from services.router.servicer import RouterServicer
 
-        self.router = Router(config)
+        self.metrics, tracer = RouterMetrics(), telemetry.tracer("router")
+        self.router = Router(config, tracer, self.metrics)
+        self.metrics.collect_with(self._collect)
         servicer = RouterServicer(self.router)
         self.server = GrpcServer(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], host, port)
+                                 [SERVICE_NAME], host, port, self.metrics, metrics_port)
         self._health_task: asyncio.Task | None = None
         self._stopped = False
+
+    def _collect(self):
+        backends = list(self.router.backends.values())
+
+        def per(value) -> dict[tuple[str, ...], float]:
+            return {(b.replica or b.address, b.address): float(value(b)) for b in backends}
+        labels = ("replica", "address")
+        yield gauge("strata:circuit_state", "Circuit breaker per replica: 0 closed, 1 half-open, 2 open",
+                    per(lambda b: _CIRCUIT[b.circuit.state]), labels)
+        yield gauge("strata:backend_healthy", "1 while the replica's health Watch says SERVING", per(lambda b: b.healthy), labels)
+        yield gauge("strata:backend_pending_tokens", "The replica's pending tokens (GetLoad, plus what was sent since)",
+                    per(lambda b: b.pending_tokens), labels)
+        yield gauge("strata:backend_in_flight", "Requests this router has open on the replica", per(lambda b: b.in_flight), labels)
 
     async def start(self) -> int:
         port = await self.server.start()
@@ -118,7 +136,7 @@ class RouterService:
 
 
 async def serve(a: argparse.Namespace) -> None:
-    service = RouterService(config_from_args(a), a.host, a.port)
+    service = RouterService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port)
     port = await service.start()
     log.info("router ready", extra={"address": f"{a.host}:{port}", "policy": a.policy,
                                     "backends": list(service.router.backends)})

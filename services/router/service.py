@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Mapping, Sequence
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from services.common import telemetry
 from services.common.aio import cancel_and_wait
-from services.common.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, UpstreamError
+from services.common.errors import (DeadlineExceededError, InvalidArgumentError, StrataError, UnavailableError,
+                                    UpstreamError)
+from services.common.metrics import RouterMetrics
 from services.common.pb import inference_pb2
 from services.router.backends import Backend, BackendConfig
 from services.router.policy import Candidate, Picker, split_pick
@@ -73,7 +78,8 @@ def estimated_tokens(req: inference_pb2.GenerateRequest, default_max_tokens: int
 
 
 class Router:
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, tracer: trace.Tracer | None = None,
+                 metrics: RouterMetrics | None = None) -> None:
         if not config.backends and not config.discover_url:
             raise ValueError("the router needs inference backends (--backend host:port) or --discover REDIS_URL")
         if config.max_attempts < 1:
@@ -82,6 +88,8 @@ class Router:
             if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
                 raise ValueError(f"split {name!r} needs non-negative weights with a positive sum")
         self.config = config
+        self.tracer = tracer or telemetry.tracer("router")
+        self.metrics = metrics or RouterMetrics()
         self.picker = Picker(config.policy)
         self.backends = {a: Backend(a, config.backend) for a in dict.fromkeys(config.backends)}
         self._discovery: asyncio.Task | None = None
@@ -157,6 +165,22 @@ class Router:
                        timeout_s: float | None = None) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """Try the requested model's replicas, then its fallbacks in order, each model at most once (a
         cyclic fallback configuration ends instead of looping)."""
+        code = "OK"
+        try:
+            async with contextlib.aclosing(self._generate(req, timeout_s)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except StrataError as exc:
+            code = exc.status
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(code).inc()
+
+    async def _generate(self, req: inference_pb2.GenerateRequest,
+                        timeout_s: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
         if not (req.prompt or req.HasField("messages") or req.prompt_token_ids):
             raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
         loop = asyncio.get_running_loop()
@@ -167,6 +191,8 @@ class Router:
             if model in visited:
                 continue
             visited.append(model)
+            if len(visited) > 1:
+                self.metrics.fallbacks.inc()
             attempt = inference_pb2.GenerateRequest()
             attempt.CopyFrom(req)
             attempt.model = model
@@ -205,34 +231,46 @@ class Router:
             b.routed += 1
             b.sent_tokens += tokens
             streamed = False
-            call = b.stub.Generate(req, timeout=remaining)
-            try:
-                async for chunk in call:
-                    streamed = True
-                    yield chunk
-                b.circuit.record_success()
-                return
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    b.circuit.release()
-                    raise DeadlineExceededError("deadline exceeded while generating") from None
-                if code not in REPLICA_FAULTS:    # the request's own fault: the replica is fine
+            if attempt:
+                self.metrics.retries.inc()
+            result = "ok"
+            with telemetry.child_span(self.tracer, "route", kind=SpanKind.CLIENT, attributes={
+                    "strata.replica": b.replica or b.address, "strata.attempt": attempt, "strata.model": req.model,
+                    "strata.policy": self.picker.policy, "strata.replica_pending_tokens": b.pending_tokens}) as span:
+                call = b.stub.Generate(req, timeout=remaining, metadata=telemetry.outgoing())
+                try:
+                    async for chunk in call:
+                        streamed = True
+                        yield chunk
                     b.circuit.record_success()
-                    raise UpstreamError(code.name, exc.details() or code.name) from None
-                b.failures += 1
-                b.circuit.record_failure()
-                last_error = f"replica {b.replica or b.address} failed: {code.name}"
-                log.warning("replica failed", extra={"backend": b.address, "code": code.name, "streamed": streamed})
-                if streamed:
-                    raise UnavailableError(f"{last_error} after the answer had started; not retried "
-                                           "(the caller would see the answer twice)") from None
-                if code not in RETRYABLE:
-                    raise UpstreamError(code.name, exc.details() or code.name) from None
-            finally:
-                b.in_flight -= 1
-                b.circuit.release()
-                call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                    result = code.name
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        b.circuit.release()
+                        raise DeadlineExceededError("deadline exceeded while generating") from None
+                    if code not in REPLICA_FAULTS:    # the request's own fault: the replica is fine
+                        b.circuit.record_success()
+                        raise UpstreamError(code.name, exc.details() or code.name) from None
+                    b.failures += 1
+                    b.circuit.record_failure()
+                    last_error = f"replica {b.replica or b.address} failed: {code.name}"
+                    log.warning("replica failed", extra={"backend": b.address, "code": code.name, "streamed": streamed})
+                    if streamed:
+                        raise UnavailableError(f"{last_error} after the answer had started; not retried "
+                                               "(the caller would see the answer twice)") from None
+                    if code not in RETRYABLE:
+                        raise UpstreamError(code.name, exc.details() or code.name) from None
+                except (asyncio.CancelledError, GeneratorExit):
+                    result = "CANCELLED_BY_CALLER"
+                    raise
+                finally:
+                    b.in_flight -= 1
+                    b.circuit.release()
+                    call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
+                    span.set_attribute("strata.result", result)
+                    self.metrics.attempts.labels(b.replica or b.address, result).inc()
         raise UnavailableError(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)")
 
     def _backoff(self, attempt: int, deadline: float | None) -> float:

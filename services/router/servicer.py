@@ -14,7 +14,10 @@ _CIRCUIT = {CLOSED: router_pb2.CIRCUIT_STATE_CLOSED, OPEN: router_pb2.CIRCUIT_ST
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
+    SERVICE = "strata.v1.Router"
+
     def __init__(self, router: Router) -> None:
+        self.tracer = router.tracer
         self.router = router
 
     @map_errors

@@ -225,7 +225,8 @@ class LLMEngine:
         return RequestOutput(
             request_id=req.request_id, new_token_ids=req.output_token_ids[sent:], text=text,
             logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens or 0)
+            num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens or 0,
+            first_scheduled_time=req.first_scheduled_time)
 
     def _final_output(self, req: Request, logprobs: list[TokenLogprob], text: str,
                       error: str | None = None) -> RequestOutput:

@@ -24,6 +24,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0                   # prompt tokens that were prefix-cache hits
     error: str | None = None
+    first_scheduled_time: float | None = None    # time.monotonic() when first put in a batch
 
 
 @dataclass(slots=True, frozen=True)

@@ -9,6 +9,7 @@ preempted: its blocks are freed and it is recomputed later (its full blocks may 
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from services.inference.engine.kv_cache_manager import KVCacheManager
@@ -113,6 +114,7 @@ class Scheduler:
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = num_hit
+                req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._schedule(out, req, num_new)
