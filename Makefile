@@ -11,6 +11,7 @@ PROTOS := $(wildcard protos/strata/v1/*.proto)
 KERNEL_SRCS := kernels/CMakeLists.txt $(shell find kernels/csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+UP_ARGS ?=
 # llama.cpp for the benchmark: its native build crashes on some of these machines (AMX), so the instruction
 # sets are named one by one from what this CPU reports; AVX-VNNI stays off (on AVX512-VNNI CPUs without it
 # the VEX vpdpbusd raises SIGILL); LLAVA_BUILD=OFF skips the multimodal library
@@ -58,8 +59,9 @@ protos: $(STAMP)
 $(STUBS): $(PROTOS) $(STAMP)
 	@$(BIN)/python -m services.common.protogen
 
+# the whole suite on this machine: redis-server child, inference, cache, router, gateway (`strata up --help`)
 up: install
-	$(BIN)/strata serve inference
+	$(BIN)/strata up $(UP_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -21,6 +21,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_serve_args(serve_sub.add_parser("router", help="picks an inference replica per request"))
     add_gateway_serve_args(serve_sub.add_parser("gateway", help="API keys, limits, guardrails, cache, usage"))
 
+    from services import up
+    from services.console import add_chat_args, add_status_args
+    up.add_args(sub.add_parser("up", help="the whole suite on this machine (Redis, inference, cache, router, gateway)",
+                               description=up.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    add_chat_args(sub.add_parser("chat", help="stream an answer through the gateway"))
+    add_status_args(sub.add_parser("status", help="health, load, cache and circuit state of a running suite"))
+
     cache = sub.add_parser("cache", help="semantic cache tools")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     ev = cache_sub.add_parser("eval", help="precision/recall of the hit decision on labelled pairs")
@@ -58,6 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "cache" and args.cache_command == "eval":
         from services.cache import eval as cache_eval
         cache_eval.run(args)
+    elif args.command == "up":
+        from services import up
+        up.run(args)
+    elif args.command == "chat":
+        from services import console
+        console.chat(args)
+    elif args.command == "status":
+        from services import console
+        console.status(args)
     elif args.command == "generate":
         from services.inference import offline
         offline.run(args)
