@@ -10,8 +10,6 @@ import time
 import grpc
 import pytest
 
-from services.cache.main import CacheService
-from services.cache.service import CacheConfig
 from services.client import (
     AsyncStrataClient,
     AuthError,
@@ -28,11 +26,7 @@ from services.client import (
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
 from services.gateway.service import GatewayConfig, ModelPrice
-from services.inference.engine.engine import EngineConfig
-from services.inference.main import InferenceService, InferenceServiceConfig
-from services.router.backends import BackendConfig
-from services.router.main import RouterService
-from services.router.service import RouterConfig
+from tests.integration.downstream import running_downstream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ADMIN = "admin-token-for-tests"
@@ -101,26 +95,13 @@ class Stack:
 
 @pytest.fixture()
 async def stack(redis_url, make_engine, embedder):
-    replica = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0, replica_id="r-1",
-                                                      grace_s=0.0), engine=make_engine("float32"))
-    rport = await replica.start()
-    router = RouterService(RouterConfig(backends=[f"127.0.0.1:{rport}"], backend=BackendConfig(load_interval_s=0.1)))
-    router_port = await router.start()
-    cache = CacheService(CacheConfig(redis_url=redis_url), port=0, embedder=embedder)
-    cache_port = await cache.start()
-    for _ in range(200):
-        if all(b.healthy for b in router.router.backends.values()):
-            break
-        await asyncio.sleep(0.02)
-    s = Stack(embedder, redis_url, f"127.0.0.1:{router_port}", f"127.0.0.1:{cache_port}")
-    yield s
-    for ch in s.channels:
-        await ch.close()
-    for stop in reversed(s.stops):
-        await stop(0)
-    await cache.stop(0)
-    await router.stop(0)
-    await replica.stop()
+    async with running_downstream(redis_url, make_engine("float32"), embedder) as down:
+        s = Stack(embedder, redis_url, down.router_address, down.cache_address)
+        yield s
+        for ch in s.channels:
+            await ch.close()
+        for stop in reversed(s.stops):
+            await stop(0)
 
 
 async def new_key(admin: gateway_pb2_grpc.GatewayAdminStub, **kw) -> str:

@@ -6,7 +6,6 @@ has no router or inference span; no span holds the prompt; the /metrics side por
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import urllib.request
@@ -14,17 +13,11 @@ import urllib.request
 import grpc
 import pytest
 
-from services.cache.main import CacheService
-from services.cache.service import CacheConfig
 from services.common import telemetry
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
 from services.gateway.service import GatewayConfig
-from services.inference.engine.engine import EngineConfig
-from services.inference.main import InferenceService, InferenceServiceConfig
-from services.router.backends import BackendConfig
-from services.router.main import RouterService
-from services.router.service import RouterConfig
+from tests.integration.downstream import running_downstream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ADMIN, PEPPER = "admin-token-for-tests", "pepper-for-tests-0123456789"
@@ -34,30 +27,16 @@ PROMPT = "Name three primary colours, my email is jane.doe@example.com"
 
 @pytest.fixture()
 async def suite(redis_url, make_engine, embedder):
-    replica = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0, replica_id="r-obs",
-                                                      grace_s=0.0, metrics_port=0), engine=make_engine("float32"))
-    rport = await replica.start()
-    router = RouterService(RouterConfig(backends=[f"127.0.0.1:{rport}"], backend=BackendConfig(load_interval_s=0.1)),
-                           metrics_port=0)
-    router_port = await router.start()
-    cache = CacheService(CacheConfig(redis_url=redis_url), port=0, embedder=embedder, metrics_port=0)
-    cache_port = await cache.start()
-    gateway = GatewayService(GatewayServiceConfig(GatewayConfig(), redis_url, f"127.0.0.1:{router_port}",
-                                                  f"127.0.0.1:{cache_port}", PEPPER, ADMIN),
-                             embedder=embedder, metrics_port=0)
-    gport = await gateway.start()
-    for _ in range(200):
-        if all(b.healthy for b in router.router.backends.values()):
-            break
-        await asyncio.sleep(0.02)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gport}")
-    services = {"gateway": gateway, "cache": cache, "router": router, "inference": replica}
-    yield channel, services
-    await channel.close()
-    await gateway.stop(0)
-    await cache.stop(0)
-    await router.stop(0)
-    await replica.stop()
+    async with running_downstream(redis_url, make_engine("float32"), embedder, replica_id="r-obs",
+                                  metrics_port=0) as down:
+        gateway = GatewayService(GatewayServiceConfig(GatewayConfig(), redis_url, down.router_address,
+                                                      down.cache_address, PEPPER, ADMIN),
+                                 embedder=embedder, metrics_port=0)
+        gport = await gateway.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{gport}")
+        yield channel, {"gateway": gateway, "cache": down.cache, "router": down.router, "inference": down.replica}
+        await channel.close()
+        await gateway.stop(0)
 
 
 def _new_spans(offset: int) -> list[dict]:
