@@ -77,6 +77,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m kernels.bench
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -33,3 +33,43 @@ def quantize_rows_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     codes = torch.round(rows / scale[:, None]).clamp(-127, 127)
     err = (rows.double() - scale.double()[:, None] * codes.double()).norm(dim=1)
     return codes.to(torch.int8), scale, err.float()
+
+
+def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """One query per sequence over its paged K/V, computed in float32.
+
+    q [B, H, D]; k_pool / v_pool [KVH, num_slots, D]; block_table [B, max_blocks] int64 (position p of
+    sequence b lives in slot block_table[b, p // block_size] * block_size + p % block_size);
+    context_lens [B] int64. Query head h uses KV head h // (H // KVH). Returns [B, H, D] in q's dtype."""
+    b, h, d = q.shape
+    kvh = k_pool.shape[0]
+    out = torch.zeros(b, h, d, dtype=torch.float32)
+    for i in range(b):
+        n = int(context_lens[i])
+        if n == 0:
+            continue
+        pos = torch.arange(n)
+        slots = block_table[i, pos // block_size] * block_size + pos % block_size
+        k, v = k_pool[:, slots].float(), v_pool[:, slots].float()              # [KVH, L, D]
+        scores = q[i].float().view(kvh, h // kvh, d) @ k.transpose(-1, -2) * scale
+        out[i] = (torch.softmax(scores, dim=-1) @ v).reshape(h, d)
+    return out.to(q.dtype)
+
+
+def int8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """y [M, N] = x_scale[:, None] * w_scale[None, :] * (xq [M, K] int8 @ wq [N, K] int8ᵀ), the integer
+    products summed exactly."""
+    return (xq.long() @ wq.long().t()).float() * x_scale[:, None] * w_scale[None, :]
+
+
+def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Rows of x [M, K] float32 quantized per row (scale = max|x| / 127, round half to even), then int8_gemv."""
+    x_scale = x.abs().amax(dim=1).clamp_min(1e-8) / 127.0
+    xq = torch.round(x / x_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return int8_gemv(xq, x_scale, wq, w_scale)
+
+
+def int8_weight_gemv(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8: x [M, K] float32 @ (wq [N, K] * w_scale[:, None])ᵀ."""
+    return (x.double() @ wq.double().t() * w_scale.double()[None, :]).float()

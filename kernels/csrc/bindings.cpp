@@ -4,6 +4,8 @@
 #include <cstdint>
 
 #include "cpu/cosine_topk.h"
+#include "cpu/int8_gemv.h"
+#include "cpu/paged_attention.h"
 
 namespace py = pybind11;
 
@@ -36,4 +38,34 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<const float>(queries), ptr<const int32_t>(query_parts), m, k,
                                          ptr<int64_t>(out_rows), ptr<float>(out_scores));
         });
+    m.def(
+        "paged_attention_decode",
+        [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, bool bf16_kv, uintptr_t block_table, uintptr_t context_lens,
+           int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
+           int64_t block_size, int64_t max_blocks, float scale, uintptr_t out) {
+            py::gil_scoped_release release;
+            strata::cpu::paged_attention_decode(ptr<const float>(q), ptr<const void>(k_pool), ptr<const void>(v_pool),
+                                                bf16_kv, ptr<const int64_t>(block_table),
+                                                ptr<const int64_t>(context_lens), batch, num_heads, num_kv_heads,
+                                                head_dim, num_slots, block_size, max_blocks, scale, ptr<float>(out));
+        });
+    m.def(
+        "int8_gemv",
+        [](uintptr_t xq, uintptr_t x_scale, uintptr_t wq, uintptr_t w_scale, int64_t m, int64_t n, int64_t k,
+           uintptr_t y) {
+            py::gil_scoped_release release;
+            strata::cpu::int8_gemv(ptr<const int8_t>(xq), ptr<const float>(x_scale), ptr<const int8_t>(wq),
+                                   ptr<const float>(w_scale), m, n, k, ptr<float>(y));
+        });
+    m.def("int8_linear", [](uintptr_t x, uintptr_t wq, uintptr_t w_scale, int64_t m, int64_t n, int64_t k, uintptr_t y) {
+        py::gil_scoped_release release;
+        strata::cpu::int8_linear(ptr<const float>(x), ptr<const int8_t>(wq), ptr<const float>(w_scale), m, n, k,
+                                 ptr<float>(y));
+    });
+    m.def("int8_weight_gemv",
+          [](uintptr_t x, uintptr_t wq, uintptr_t w_scale, int64_t m, int64_t n, int64_t k, uintptr_t y) {
+              py::gil_scoped_release release;
+              strata::cpu::int8_weight_gemv(ptr<const float>(x), ptr<const int8_t>(wq), ptr<const float>(w_scale), m,
+                                            n, k, ptr<float>(y));
+          });
 }

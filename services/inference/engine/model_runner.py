@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import available as kernels_available
+from kernels.attention import KV_DTYPES, PagedDecode
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
@@ -87,9 +89,13 @@ class ModelRunner:
                 span_mask = torch.arange(nb * bs)[None, :] <= new_pos[:, None]
                 spans.append(PrefillSpan(row, row + c.num_tokens, block_ids, span_mask))
             row += c.num_tokens
+        plan = None
+        if decodes and kernels_available() and self.kv_caches[0][0].dtype in KV_DTYPES:
+            plan = PagedDecode(table, ctx, bs)          # checked once, used by every layer
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
-            num_decode_tokens=len(decodes), decode_block_table=table, decode_mask=mask, prefills=spans)
+            num_decode_tokens=len(decodes), decode_block_table=table, decode_mask=mask, prefills=spans,
+            decode_plan=plan)
         return torch.tensor(ids, dtype=torch.int64), positions, meta
 
     @torch.inference_mode()

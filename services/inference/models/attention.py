@@ -1,4 +1,8 @@
-"""Attention over the paged KV cache (torch reference path).
+"""Attention over the paged KV cache.
+
+Decodes use the C++ paged-attention kernel (kernels.PagedDecode, reading K/V in place through the block
+table) when the kernels are built and not forced off (STRATA_KERNELS=reference); otherwise, and for
+prefill chunks, the torch path below.
 
 The KV pool of one layer is a pair of tensors [num_kv_heads, num_blocks * block_size, head_dim]:
 heads outermost, so gathering a sequence's blocks yields [KVH, L, D], the layout the attention
@@ -10,6 +14,7 @@ layer reuses it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ class AttentionMetadata:
     decode_block_table: torch.Tensor | None  # [D, nb] int64: block ids per decode, padded
     decode_mask: torch.Tensor | None         # [D, nb * block_size] bool: real context positions
     prefills: list[PrefillSpan]
+    decode_plan: Any = None                  # kernels.PagedDecode: decodes read the pool in place (C++)
 
 
 def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +80,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     outs = []
     nd = meta.num_decode_tokens
     # decode
-    if nd:
+    if nd and meta.decode_plan is not None:
+        outs.append(meta.decode_plan(q[:nd], k_pool, v_pool, scale))
+    elif nd:
         outs.append(decode_attention(q[:nd], gather_blocks(k_pool, meta.decode_block_table, meta.block_size),
                                      gather_blocks(v_pool, meta.decode_block_table, meta.block_size),
                                      meta.decode_mask, scale))

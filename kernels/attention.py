@@ -1,0 +1,71 @@
+"""Paged attention for decode (one query token per sequence), read straight from the KV pool through
+the block table: the C++ kernel on CPU (AVX2/FMA when the CPU has them, OpenMP over sequences × KV
+heads), the torch reference elsewhere or when STRATA_KERNELS=reference.
+
+A model calls it once per layer with the same block table: `PagedDecode` checks the table and the
+context lengths once per step, and each layer's call checks only its own tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels._loader import available, cpu_module
+
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PagedDecode:
+    """One step's decode plan: block_table [B, max_blocks] int64, context_lens [B] int64 (each at most
+    max_blocks * block_size). Call it with each layer's q and pools."""
+
+    def __init__(self, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> None:
+        if block_table.dtype != torch.int64 or context_lens.dtype != torch.int64:
+            raise TypeError("block_table and context_lens must be int64")
+        if block_table.dim() != 2 or context_lens.dim() != 1 or block_table.shape[0] != context_lens.shape[0]:
+            raise ValueError("block_table must be [B, max_blocks] and context_lens [B]")
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        b = block_table.shape[0]
+        lo, hi = (int(context_lens.min()), int(context_lens.max())) if b else (0, 0)
+        if lo < 0 or hi > block_table.shape[1] * block_size:
+            raise ValueError("context lengths must be in [0, max_blocks * block_size]")
+        self.block_table, self.context_lens = block_table.contiguous(), context_lens.contiguous()
+        self.block_size = block_size
+        self.max_block = int(block_table.max()) if block_table.numel() else -1
+        self.min_block = int(block_table.min()) if block_table.numel() else 0
+
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, H, D]; k_pool / v_pool [KVH, num_slots, D], float32 or bfloat16 (the same) → [B, H, D] in
+        q's dtype. Semantics: kernels.reference.paged_attention_decode."""
+        if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
+            raise ValueError("q must be [B, H, D] and k_pool / v_pool the same [KVH, num_slots, D]")
+        b, h, d = q.shape
+        kvh, num_slots, pool_d = k_pool.shape
+        if b != self.block_table.shape[0]:
+            raise ValueError(f"q has {b} sequences, the block table {self.block_table.shape[0]}")
+        if pool_d != d or h % kvh:
+            raise ValueError(f"head_dim {d} vs pool {pool_d}, or {h} query heads not a multiple of {kvh} KV heads")
+        if k_pool.dtype != v_pool.dtype or k_pool.dtype not in KV_DTYPES:
+            raise TypeError(f"k_pool and v_pool must both be one of {KV_DTYPES}, got {k_pool.dtype} and {v_pool.dtype}")
+        if num_slots % self.block_size or self.min_block < 0 or self.max_block >= num_slots // self.block_size:
+            raise ValueError("the pool does not hold the block table's blocks (or num_slots is not whole blocks)")
+        devices = {t.device.type for t in (q, k_pool, v_pool, self.block_table)}
+        if devices != {"cpu"} or not available():
+            return reference.paged_attention_decode(q, k_pool, v_pool, self.block_table, self.context_lens, scale,
+                                                    self.block_size)
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+            raise ValueError("k_pool and v_pool must be contiguous")
+        qf = q.float().contiguous()
+        out = torch.empty(b, h, d, dtype=torch.float32)
+        cpu_module().paged_attention_decode(
+            qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.bfloat16,
+            self.block_table.data_ptr(), self.context_lens.data_ptr(), b, h, kvh, d, num_slots, self.block_size,
+            self.block_table.shape[1], float(scale), out.data_ptr())
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """One call: PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)."""
+    return PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)

@@ -1,0 +1,94 @@
+"""Paged attention for decode: the C++ kernel against the pure-torch reference over block sizes, head
+dims, GQA ratios, context lengths across block boundaries, batch sizes and KV dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import PagedDecode, paged_attention_decode, reference
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (make install)")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def case(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int,
+         lens: list[int] | None = None, shared_prefix: bool = False):
+    """Random q and pools; each sequence gets its own blocks, scattered over the pool in random order
+    (or, with shared_prefix, every sequence starts with the same blocks, as the prefix cache makes them)."""
+    g = torch.Generator().manual_seed(seed)
+    if lens is None:
+        edges = [1, block_size - 1, block_size, block_size + 1, 3 * block_size, 300]
+        lens = [edges[i % len(edges)] if i < len(edges) else int(torch.randint(1, 400, (1,), generator=g))
+                for i in range(batch)]
+    max_blocks = max(1, max(-(-n // block_size) for n in lens))
+    num_blocks = batch * max_blocks + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    table = perm[:batch * max_blocks].view(batch, max_blocks).clone()
+    if shared_prefix:
+        table[:, : max_blocks // 2] = table[0, : max_blocks // 2]
+    q = torch.randn(batch, heads, head_dim, generator=g).to(dtype)
+    k_pool = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g).to(dtype)
+    v_pool = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g).to(dtype)
+    return q, k_pool, v_pool, table, torch.tensor(lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (9, 3), (32, 4)])        # GQA ratios 1, 3, 8
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_decode_matches_the_reference(dtype, block_size, head_dim, heads, kv_heads, batch):
+    q, k, v, table, lens = case(batch, heads, kv_heads, head_dim, block_size, dtype, seed=batch + head_dim)
+    scale = head_dim ** -0.5
+    out = paged_attention_decode(q, k, v, table, lens, scale, block_size)
+    ref = reference.paged_attention_decode(q, k, v, table, lens, scale, block_size)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 1, 64), (4, 2, 100)])   # G > 16; D not a multiple of 8
+def test_the_scalar_path_matches_too(heads, kv_heads, head_dim):
+    q, k, v, table, lens = case(5, heads, kv_heads, head_dim, 16, torch.float32, seed=3)
+    out = paged_attention_decode(q, k, v, table, lens, 0.1, 16)
+    torch.testing.assert_close(out, reference.paged_attention_decode(q, k, v, table, lens, 0.1, 16), **TOL[torch.float32])
+
+
+def test_shared_prefix_blocks_and_an_empty_context():
+    q, k, v, table, lens = case(6, 9, 3, 64, 16, torch.float32, seed=7, lens=[70, 70, 64, 0, 33, 80], shared_prefix=True)
+    out = paged_attention_decode(q, k, v, table, lens, 0.125, 16)
+    torch.testing.assert_close(out, reference.paged_attention_decode(q, k, v, table, lens, 0.125, 16), **TOL[torch.float32])
+    assert torch.count_nonzero(out[3]) == 0
+
+
+def test_one_plan_serves_every_layer():
+    q, k, v, table, lens = case(4, 9, 3, 64, 16, torch.float32, seed=11)
+    plan = PagedDecode(table, lens, 16)
+    for layer in range(3):
+        kl, vl = k * (layer + 1), v - layer
+        torch.testing.assert_close(plan(q, kl, vl, 0.125),
+                                   reference.paged_attention_decode(q, kl, vl, table, lens, 0.125, 16), **TOL[torch.float32])
+
+
+def test_bad_inputs_are_refused_with_clear_errors():
+    q, k, v, table, lens = case(2, 9, 3, 64, 16, torch.float32, seed=1, lens=[20, 5])
+    with pytest.raises(ValueError, match="context lengths"):
+        PagedDecode(table, torch.tensor([20, 10_000]), 16)
+    with pytest.raises(TypeError, match="int64"):
+        PagedDecode(table.int(), lens, 16)
+    with pytest.raises(TypeError, match="k_pool and v_pool"):
+        paged_attention_decode(q, k.half(), v.half(), table, lens, 0.1, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_attention_decode(q[:, :8], k, v, table, lens, 0.1, 16)
+    with pytest.raises(ValueError, match="pool does not hold"):
+        paged_attention_decode(q, k[:, :16], v[:, :16], table, lens, 0.1, 16)
+    with pytest.raises(ValueError, match="sequences"):
+        paged_attention_decode(q[:1], k, v, table, lens, 0.1, 16)
+
+
+def test_the_reference_path_can_be_forced(monkeypatch):
+    q, k, v, table, lens = case(3, 9, 3, 64, 16, torch.float32, seed=5)
+    fast = paged_attention_decode(q, k, v, table, lens, 0.125, 16)
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    torch.testing.assert_close(paged_attention_decode(q, k, v, table, lens, 0.125, 16), fast, **TOL[torch.float32])
