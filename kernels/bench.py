@@ -6,7 +6,8 @@ the torch path measured in the same run.
 Paged attention (decode) uses SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64,
 float32 K/V, 16-token blocks scattered over the pool); the torch path is the engine's own (gather the
 blocks, batched matmuls, softmax). Bytes moved = the K and V rows read. Copy bandwidth = a 256 MiB
-tensor copy (bytes read + written), measured in the same run.
+tensor copy (bytes read + written), measured in the same run. Engine level: decode tokens/s at 1 and 32
+streams, float32 and int8, with the kernels and with STRATA_KERNELS=reference (--no-engine skips it).
 """
 
 from __future__ import annotations
@@ -70,6 +71,44 @@ def paged_attention_case(batch: int, context: int, repeats: int, heads: int = 9,
             "kernel_gbs": moved / k_s / 1e9, "torch_gbs": moved / t_s / 1e9, "speedup_vs_torch": t_s / k_s}
 
 
+def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = 32) -> list[dict]:
+    """Decode tokens/s of the engine (in process, 128-token prompts, greedy) with the kernels and with
+    STRATA_KERNELS=reference, for float32 and --quantization int8; the median of 3 runs each."""
+    import os
+
+    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.sampling import SamplingParams
+
+    def rate(eng: LLMEngine, n: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=out_len + 1, ignore_eos=True)
+        for i in range(n):
+            eng.add_request(list(range(100 + i, 228 + i)), params)
+        while eng.scheduler.waiting or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
+            eng.step()                                   # prefill (not timed)
+        t0, steps = time.perf_counter(), 0
+        while eng.has_unfinished_requests():
+            eng.step()
+            steps += 1
+        return n * steps / (time.perf_counter() - t0)
+
+    rows = []
+    for quant in (None, "int8"):
+        eng = LLMEngine(EngineConfig(dtype="float32", quantization=quant))
+        rate(eng, 1)                                     # warm-up
+        for mode in ("kernels", "reference"):
+            if mode == "reference":
+                os.environ["STRATA_KERNELS"] = "reference"
+            try:
+                row = {"quantization": quant or "none", "path": mode}
+                for n in streams:
+                    row[f"decode_tokens_per_s_{n}"] = sorted(rate(eng, n) for _ in range(3))[1]
+            finally:
+                os.environ.pop("STRATA_KERNELS", None)
+            rows.append(row)
+            print(f"engine {row}", flush=True)
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -99,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: all cores)")
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
+    p.add_argument("--no-engine", action="store_true", help="skip the engine-level decode comparison")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -113,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"paged attention {batch}x{context}: kernel {r['kernel_ms']:.3f} ms ({r['kernel_gbs']:.1f} GB/s, "
               f"{100 * r['fraction_of_copy']:.0f}% of copy), torch {r['torch_ms']:.3f} ms, x{r['speedup_vs_torch']:.1f}",
               flush=True)
+    engine = [] if a.no_engine else engine_decode_rates()
     target = next(r for r in rows if (r["batch"], r["context"]) == (32, 1024))
     result = {"config": {"repeats": a.repeats, "threads": torch.get_num_threads()}, "machine": machine_info(),
-              "copy_bandwidth_gbs": copy, "paged_attention_decode": rows,
+              "copy_bandwidth_gbs": copy, "paged_attention_decode": rows, "engine_decode": engine,
               "targets": {"paged_attention_32x1024_fraction_of_copy": {
                   "target": TARGET_FRACTION_OF_COPY, "value": target["fraction_of_copy"],
                   "met": target["fraction_of_copy"] >= TARGET_FRACTION_OF_COPY}}}

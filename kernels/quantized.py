@@ -79,3 +79,33 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> tor
     y = torch.empty(m, n, dtype=torch.float32)
     cpu_module().int8_linear(x.data_ptr(), wq.data_ptr(), w_scale.data_ptr(), m, n, k, y.data_ptr())
     return y
+
+
+class Int8Matrix:
+    """int8 weights wq [N, K] (codes in [-127, 127]) with their per-row scales, checked once, for a
+    layer that multiplies them every step: `linear(x)` (W8A8, as int8_linear) and `weight_only(x)` (as
+    int8_weight_gemv) take float32 x [M, K] on CPU with the compiled kernels (kernels.available())."""
+
+    __slots__ = ("wq", "w_scale", "n", "k")
+
+    def __init__(self, wq: torch.Tensor, w_scale: torch.Tensor) -> None:
+        if wq.dtype != torch.int8 or wq.dim() != 2 or wq.device.type != "cpu":
+            raise ValueError(f"wq must be a 2-D int8 CPU tensor, got {wq.dtype} {tuple(wq.shape)} on {wq.device}")
+        if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (wq.shape[0],):
+            raise ValueError(f"w_scale must be float32 [{wq.shape[0]}]")
+        self.wq, self.w_scale = wq.contiguous(), w_scale.contiguous()
+        self.n, self.k = wq.shape
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k or x.device.type != "cpu":
+            raise ValueError(f"x must be float32 [M, {self.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        fn(x.data_ptr(), self.wq.data_ptr(), self.w_scale.data_ptr(), x.shape[0], self.n, self.k, y.data_ptr())
+        return y
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(cpu_module().int8_linear, x)
+
+    def weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(cpu_module().int8_weight_gemv, x)

@@ -73,3 +73,22 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> tor
 def int8_weight_gemv(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Weight-only int8: x [M, K] float32 @ (wq [N, K] * w_scale[:, None])ᵀ."""
     return (x.double() @ wq.double().t() * w_scale.double()[None, :]).float()
+
+
+def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += delta in place (when given); returns weight * residual / sqrt(mean(residual²) + eps)."""
+    if delta is not None:
+        residual.add_(delta)
+    xf = residual.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
+
+
+def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding in place on the first `heads` heads of each row of x [T, W]."""
+    half = head_dim // 2
+    v = x[:, :heads * head_dim].unflatten(1, (heads, head_dim))
+    x1, x2 = v[..., :half].clone(), v[..., half:].clone()
+    c, s = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    v[..., :half] = x1 * c - x2 * s
+    v[..., half:] = x2 * c + x1 * s
+    return x

@@ -5,6 +5,7 @@
 
 #include "cpu/cosine_topk.h"
 #include "cpu/int8_gemv.h"
+#include "cpu/norm_rope.h"
 #include "cpu/paged_attention.h"
 
 namespace py = pybind11;
@@ -68,4 +69,16 @@ PYBIND11_MODULE(_C, m) {
               strata::cpu::int8_weight_gemv(ptr<const float>(x), ptr<const int8_t>(wq), ptr<const float>(w_scale), m,
                                             n, k, ptr<float>(y));
           });
+    m.def("add_rms_norm", [](uintptr_t residual, uintptr_t delta, uintptr_t weight, int64_t rows, int64_t hidden,
+                             float eps, uintptr_t out) {
+        py::gil_scoped_release release;
+        strata::cpu::add_rms_norm(ptr<float>(residual), ptr<const float>(delta), ptr<const float>(weight), rows, hidden,
+                                  eps, ptr<float>(out));
+    });
+    m.def("rotary_inplace", [](uintptr_t x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim,
+                               uintptr_t cos, uintptr_t sin) {
+        py::gil_scoped_release release;
+        strata::cpu::rotary_inplace(ptr<float>(x), rows, row_stride, heads, head_dim, ptr<const float>(cos),
+                                    ptr<const float>(sin));
+    });
 }

@@ -66,3 +66,16 @@ def test_weight_only_int8_matches_float64_within_float32_rounding(m, n, k):
     x, wq, ws = torch.randn(m, k, generator=g), codes(n, k, seed=k), torch.rand(n, generator=g) * 0.01
     torch.testing.assert_close(kernels.int8_weight_gemv(x, wq, ws), reference.int8_weight_gemv(x, wq, ws),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_prepared_matrix_gives_the_same_products_and_checks_its_input():
+    g = torch.Generator().manual_seed(9)
+    wq, ws = codes(300, 576, seed=4), torch.rand(300, generator=g) + 0.01
+    x = torch.randn(3, 576, generator=g)
+    mat = kernels.Int8Matrix(wq, ws)
+    torch.testing.assert_close(mat.linear(x), reference.int8_linear(x, wq, ws), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mat.weight_only(x), reference.int8_weight_gemv(x, wq, ws), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="576"):
+        mat.linear(torch.randn(3, 575))
+    with pytest.raises(ValueError, match="int8"):
+        kernels.Int8Matrix(wq.float(), ws)

@@ -77,6 +77,16 @@ void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t
     }
 }
 
+// Blocks are scattered over the pool, so the hardware prefetcher stops at each block's end: rows
+// kAhead positions ahead are requested explicitly.
+constexpr int64_t kAhead = 16;
+
+template <bool BF16>
+inline void prefetch_row(const void* base, int64_t element, int64_t bytes) {
+    const char* at = static_cast<const char*>(base) + element * (BF16 ? 2 : 4);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(at + b, _MM_HINT_T0);
+}
+
 // ---- AVX2 + FMA (head_dim a multiple of 8)
 template <bool BF16>
 __attribute__((target("avx2,fma"))) inline __m256 load8(const void* base, int64_t i) {
@@ -135,8 +145,10 @@ template <bool BF16>
 __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k_pool, const void* v_pool, int64_t g,
                                                     int64_t d, int64_t bs, float scale, std::vector<float>& scores) {
     scores.resize(static_cast<size_t>(g * it.len));
+    constexpr int64_t elem = BF16 ? 2 : 4;
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
+        if (p + kAhead < it.len) prefetch_row<BF16>(k_pool, it.kv_offset + (it.table[(p + kAhead) / bs] * bs + (p + kAhead) % bs) * d, d * elem);
         __m256 acc[kMaxGroup];
         for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_setzero_ps();
         for (int64_t i = 0; i < d; i += 8) {
@@ -149,6 +161,7 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k
     std::fill(it.out, it.out + g * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
+        if (p + kAhead < it.len) prefetch_row<BF16>(v_pool, it.kv_offset + (it.table[(p + kAhead) / bs] * bs + (p + kAhead) % bs) * d, d * elem);
         for (int64_t i = 0; i < d; i += 8) {
             const __m256 v = load8<BF16>(v_pool, row + i);
             for (int64_t j = 0; j < g; ++j) {

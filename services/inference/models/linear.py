@@ -9,7 +9,7 @@ import time
 import torch
 
 from kernels import available as kernels_available
-from kernels import int8_linear, int8_weight_gemv
+from kernels import Int8Matrix
 
 log = logging.getLogger(__name__)
 KERNEL_MAX_ROWS = 16      # up to this many rows (a decode step's batch) the int8 GEMV kernel runs
@@ -67,12 +67,12 @@ class Int8Linear:
 
     y[m, n] ~= sum_k x[m, k] w[k, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] q_w[k, n].
 
-    A decode step (up to KERNEL_MAX_ROWS rows) runs the C++ int8 GEMV (kernels.int8_linear: AVX2,
+    A decode step (up to KERNEL_MAX_ROWS rows) runs the C++ int8 GEMV (kernels.Int8Matrix.linear, as kernels.int8_linear: AVX2,
     exact integer sums, fast on every x86-64). Larger batches go through oneDNN; where int8 products are
     not accelerated there (`int8_matmul_is_fast()` is False) the same integer values are multiplied as float32 (exact up to float32 rounding of sums above 2^24): the model's
     numbers do not depend on the CPU, only its speed does."""
 
-    __slots__ = ("qweight", "scale", "emulated_weight")
+    __slots__ = ("qweight", "scale", "emulated_weight", "kernel")
 
     def __init__(self, weight_t: torch.Tensor, emulate: bool | None = None) -> None:
         w = weight_t.float()                                          # [in, out]
@@ -82,13 +82,14 @@ class Int8Linear:
         if emulate is None:
             emulate = not int8_matmul_is_fast()
         self.emulated_weight = self.qweight.t().float().contiguous() if emulate else None   # [in, out]
+        self.kernel = Int8Matrix(self.qweight, self.scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
             # decode: the C++ int8 GEMV (quantizes the rows the same way; integer sums exact)
-            return int8_linear(x2, self.qweight, self.scale).reshape(*shape[:-1], -1).to(x.dtype)
+            return self.kernel.linear(x2).reshape(*shape[:-1], -1).to(x.dtype)
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(127.0)   # [M, 1]
         if self.emulated_weight is not None:
             y = torch.round(x2 / x_scale).matmul(self.emulated_weight).mul_(x_scale).mul_(self.scale)
@@ -106,21 +107,22 @@ class Int8WeightLinear:
     """Weight-only int8 (one scale per output channel), float32 activations: for the LM head, whose
     logits lose more to quantized activations than the other projections do, while its 49152 x 576
     weights are the largest single read of a decode step (113 MB in float32, 28 MB here). Up to
-    KERNEL_MAX_ROWS rows run the C++ kernel (kernels.int8_weight_gemv); more rows (prefill, perplexity)
+    KERNEL_MAX_ROWS rows run the C++ kernel (kernels.Int8Matrix.weight_only); more rows (prefill, perplexity)
     multiply a dequantized copy made for the call."""
 
-    __slots__ = ("qweight", "scale")
+    __slots__ = ("qweight", "scale", "kernel")
 
     def __init__(self, weight_t: torch.Tensor) -> None:
         w = weight_t.float()                                          # [in, out]
         self.scale = w.abs().amax(dim=0).clamp_min(1e-8) / 127.0      # [out]
         self.qweight = torch.round(w / self.scale).clamp_(-127, 127).to(torch.int8).t().contiguous()   # [out, in]
+        self.kernel = Int8Matrix(self.qweight, self.scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
-            y = int8_weight_gemv(x2, self.qweight, self.scale)
+            y = self.kernel.weight_only(x2)
         else:
             y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import add_rms_norm_, rotary_
+from kernels import available as kernels_available
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
 from services.inference.models.linear import DenseLinear, Int8Linear, Int8WeightLinear, Linear
@@ -118,6 +120,8 @@ class LlamaModel:
         if self.dtype != torch.float32:
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
         h = F.embedding(input_ids, self.embed)
+        if self.dtype == torch.float32 and h.device.type == "cpu" and kernels_available():
+            return self._forward_fused(h, cos, sin, kv_caches, meta)
         t = h.shape[0]
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
             # attention
@@ -134,6 +138,26 @@ class LlamaModel:
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         return h
+
+    def _forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        """forward() with the C++ row kernels (float32 on CPU): each residual add is fused into the next
+        RMSNorm, and Q and K are rotated in place inside the QKV projection's output (its first heads)."""
+        hp = self.hp
+        t, eps = h.shape[0], hp.rms_norm_eps
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        pending = None                            # the MLP output not yet added to h
+        for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
+            x = add_rms_norm_(h, pending, layer.attn_norm, eps)
+            qkv = rotary_(layer.qkv(x), hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin)
+            q = qkv[:, :q_end].view(t, hp.num_heads, hp.head_dim)
+            k = qkv[:, q_end:k_end].view(t, hp.num_kv_heads, hp.head_dim)
+            v = qkv[:, k_end:].view(t, hp.num_kv_heads, hp.head_dim)
+            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
+            x = add_rms_norm_(h, layer.o(a.reshape(t, self.q_size)), layer.ffn_norm, eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            pending = layer.down(F.silu(gate) * up)
+        return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Selected hidden rows [N, hidden] -> float32 logits [N, vocab]."""

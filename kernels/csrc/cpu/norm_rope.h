@@ -1,0 +1,19 @@
+// Row-wise kernels of a Llama layer: fused residual-add + RMSNorm, and rotary embedding in place.
+#pragma once
+
+#include <cstdint>
+
+namespace strata::cpu {
+
+// residual [T, H] += delta [T, H] (delta may be null: plain RMSNorm); then
+// out [T, H] = weight [H] * residual * 1 / sqrt(mean(residual^2) + eps). float32, rows contiguous.
+void add_rms_norm(float* residual, const float* delta, const float* weight, int64_t rows, int64_t hidden, float eps,
+                  float* out);
+
+// Rotate-half (NeoX) rotary embedding in place on the first `heads` heads of every row of x:
+// row t starts at x + t * row_stride, head j at + j * head_dim; cos/sin [T, head_dim / 2].
+// x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of each head.
+void rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
+                    const float* sin);
+
+}  // namespace strata::cpu
