@@ -1,4 +1,5 @@
-"""Loads the compiled module once; says whether kernels are used or the torch reference is forced."""
+"""Loads the compiled modules once (_C always, _cuda where nvcc was found at install time); says whether
+kernels are used or the torch reference is forced."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ try:
 except ImportError as exc:   # not built: `make install` builds it
     _C = None
     _IMPORT_ERROR = str(exc)
+
+
+_CUDA: ModuleType | None
+try:
+    from kernels import _cuda as _CUDA  # type: ignore[attr-defined, no-redef]
+except ImportError:                      # built only where nvcc was found
+    _CUDA = None
+
+
+def cuda_module() -> ModuleType | None:
+    """The CUDA module, or None where it was not built (no nvcc at install time) or is forced off."""
+    return None if use_reference() else _CUDA
+
+
+def cuda_built() -> bool:
+    return _CUDA is not None
 
 
 def use_reference() -> bool:

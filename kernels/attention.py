@@ -1,6 +1,7 @@
 """Paged attention for decode (one query token per sequence), read straight from the KV pool through
 the block table: the C++ kernel on CPU (AVX2/FMA when the CPU has them, OpenMP over sequences × KV
-heads), the torch reference elsewhere or when STRATA_KERNELS=reference.
+heads), the CUDA kernel for float32 tensors on a GPU (where the CUDA module was built), the torch
+reference elsewhere or when STRATA_KERNELS=reference.
 
 A model calls it once per layer with the same block table: `PagedDecode` checks the table and the
 context lengths once per step, and each layer's call checks only its own tensors."""
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module
+from kernels._loader import available, cpu_module, cuda_module
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -32,6 +33,7 @@ class PagedDecode:
             raise ValueError("context lengths must be in [0, max_blocks * block_size]")
         self.block_table, self.context_lens = block_table.contiguous(), context_lens.contiguous()
         self.block_size = block_size
+        self.max_context = hi
         self.max_block = int(block_table.max()) if block_table.numel() else -1
         self.min_block = int(block_table.min()) if block_table.numel() else 0
 
@@ -51,6 +53,9 @@ class PagedDecode:
         if num_slots % self.block_size or self.min_block < 0 or self.max_block >= num_slots // self.block_size:
             raise ValueError("the pool does not hold the block table's blocks (or num_slots is not whole blocks)")
         devices = {t.device.type for t in (q, k_pool, v_pool, self.block_table)}
+        gpu = cuda_module()
+        if devices == {"cuda"} and gpu is not None and k_pool.dtype == torch.float32 and q.dtype == torch.float32:
+            return self._cuda(gpu, q, k_pool, v_pool, scale)
         if devices != {"cpu"} or not available():
             return reference.paged_attention_decode(q, k_pool, v_pool, self.block_table, self.context_lens, scale,
                                                     self.block_size)
@@ -63,6 +68,19 @@ class PagedDecode:
             self.block_table.data_ptr(), self.context_lens.data_ptr(), b, h, kvh, d, num_slots, self.block_size,
             self.block_table.shape[1], float(scale), out.data_ptr())
         return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+    def _cuda(self, gpu, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
+        b, h, d = q.shape
+        kvh, num_slots, _ = k_pool.shape
+        table, lens = self.block_table.to(q.device), self.context_lens.to(q.device)
+        q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
+        out = torch.empty_like(q)
+        gpu.paged_attention_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(),
+                                   lens.data_ptr(), b, h, kvh, d, num_slots, self.block_size, table.shape[1],
+                                   self.max_context, float(scale), out.data_ptr(),
+                                   torch.cuda.current_stream(q.device).cuda_stream)
+        return out
 
 
 def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,

@@ -1,5 +1,6 @@
-"""Row-wise kernels of a Llama layer, float32 on CPU: fused residual-add + RMSNorm, and rotary embedding
-applied in place to the query and key heads of a fused QKV projection. The torch reference runs for
+"""Row-wise kernels of a Llama layer, float32, C++ on CPU and CUDA on a GPU (where the CUDA module was built): fused residual-add + RMSNorm, rotary embedding
+applied in place to the query and key heads of a fused QKV projection, and SiLU-and-mul over a fused
+gate/up projection. The torch reference runs for
 other dtypes and devices, or when STRATA_KERNELS=reference."""
 
 from __future__ import annotations
@@ -7,11 +8,25 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module
+from kernels._loader import available, cpu_module, cuda_module
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
     return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def _cuda(*tensors: torch.Tensor):
+    """The CUDA module when every tensor is float32 on one CUDA device and the module is built, else None."""
+    mod = cuda_module()
+    if mod is None or not all(t.dtype == torch.float32 and t.is_cuda for t in tensors):
+        return None
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError("all tensors must be on the same CUDA device")
+    return mod
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,13 +36,18 @@ def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: to
     if delta is not None and delta.shape != residual.shape:
         raise ValueError(f"delta must match residual {tuple(residual.shape)}, got {tuple(delta.shape)}")
     tensors = (residual, weight) if delta is None else (residual, weight, delta)
-    if not _fast(*tensors) or not residual.is_contiguous():
+    gpu = _cuda(*tensors)
+    if (gpu is None and not _fast(*tensors)) or not residual.is_contiguous():
         return reference.add_rms_norm_(residual, delta, weight, eps)
     delta = delta.contiguous() if delta is not None else None
     weight = weight.contiguous()
     out = torch.empty_like(residual)
-    cpu_module().add_rms_norm(residual.data_ptr(), delta.data_ptr() if delta is not None else 0, weight.data_ptr(),
-                              residual.shape[0], residual.shape[1], float(eps), out.data_ptr())
+    args = (residual.data_ptr(), delta.data_ptr() if delta is not None else 0, weight.data_ptr(), residual.shape[0],
+            residual.shape[1], float(eps), out.data_ptr())
+    if gpu is not None:
+        gpu.add_rms_norm(*args, _stream(residual))
+    else:
+        cpu_module().add_rms_norm(*args)
     return out
 
 
@@ -40,8 +60,30 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     t = x.shape[0]
     if cos.shape != (t, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be [{t}, {head_dim // 2}]")
-    if not _fast(x, cos, sin):
+    gpu = _cuda(x, cos, sin)
+    if gpu is None and not _fast(x, cos, sin):
         return reference.rotary_(x, heads, head_dim, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()
-    cpu_module().rotary_inplace(x.data_ptr(), t, x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+    args = (x.data_ptr(), t, x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+    if gpu is not None:
+        gpu.rotary_inplace(*args, _stream(x))
+    else:
+        cpu_module().rotary_inplace(*args)
     return x
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate, then up) → silu(gate) * up [T, I]."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
+    gpu = _cuda(gate_up)
+    if gpu is None and not _fast(gate_up):
+        return reference.silu_and_mul(gate_up)
+    gate_up = gate_up.contiguous()
+    t, inner = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(t, inner, dtype=torch.float32, device=gate_up.device)
+    if gpu is not None:
+        gpu.silu_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr(), _stream(gate_up))
+    else:
+        cpu_module().silu_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr())
+    return out

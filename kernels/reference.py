@@ -92,3 +92,9 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     v[..., :half] = x1 * c - x2 * s
     v[..., half:] = x2 * c + x1 * s
     return x
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] → silu(gate_up[:, :I]) * gate_up[:, I:]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

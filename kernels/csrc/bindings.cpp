@@ -5,7 +5,7 @@
 
 #include "cpu/cosine_topk.h"
 #include "cpu/int8_gemv.h"
-#include "cpu/norm_rope.h"
+#include "cpu/layer_ops.h"
 #include "cpu/paged_attention.h"
 
 namespace py = pybind11;
@@ -80,5 +80,9 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         strata::cpu::rotary_inplace(ptr<float>(x), rows, row_stride, heads, head_dim, ptr<const float>(cos),
                                     ptr<const float>(sin));
+    });
+    m.def("silu_and_mul", [](uintptr_t gate_up, int64_t rows, int64_t inner, uintptr_t out) {
+        py::gil_scoped_release release;
+        strata::cpu::silu_and_mul(ptr<const float>(gate_up), rows, inner, ptr<float>(out));
     });
 }

@@ -15,6 +15,8 @@
 #include <limits>
 #include <vector>
 
+#include "../common/layer_math.h"
+
 namespace strata::cpu {
 namespace {
 
@@ -52,7 +54,7 @@ void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t
                  float scale, std::vector<float>& scores) {
     scores.resize(static_cast<size_t>(g * it.len));
     for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
+        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
         for (int64_t j = 0; j < g; ++j) {
             float acc = 0.f;
             for (int64_t i = 0; i < d; ++i) acc += it.q[j * d + i] * load1<BF16>(k_pool, row + i);
@@ -69,7 +71,7 @@ void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t
     }
     std::fill(it.out, it.out + g * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
+        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
         for (int64_t j = 0; j < g; ++j) {
             const float w = scores[j * it.len + p];
             for (int64_t i = 0; i < d; ++i) it.out[j * d + i] += w * load1<BF16>(v_pool, row + i);
@@ -147,8 +149,8 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k
     scores.resize(static_cast<size_t>(g * it.len));
     constexpr int64_t elem = BF16 ? 2 : 4;
     for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
-        if (p + kAhead < it.len) prefetch_row<BF16>(k_pool, it.kv_offset + (it.table[(p + kAhead) / bs] * bs + (p + kAhead) % bs) * d, d * elem);
+        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
+        if (p + kAhead < it.len) prefetch_row<BF16>(k_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d, d * elem);
         __m256 acc[kMaxGroup];
         for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_setzero_ps();
         for (int64_t i = 0; i < d; i += 8) {
@@ -160,8 +162,8 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k
     for (int64_t j = 0; j < g; ++j) softmax_avx2(scores.data() + j * it.len, it.len);
     std::fill(it.out, it.out + g * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + (it.table[p / bs] * bs + p % bs) * d;
-        if (p + kAhead < it.len) prefetch_row<BF16>(v_pool, it.kv_offset + (it.table[(p + kAhead) / bs] * bs + (p + kAhead) % bs) * d, d * elem);
+        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
+        if (p + kAhead < it.len) prefetch_row<BF16>(v_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d, d * elem);
         for (int64_t i = 0; i < d; i += 8) {
             const __m256 v = load8<BF16>(v_pool, row + i);
             for (int64_t j = 0; j < g; ++j) {

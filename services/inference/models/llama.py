@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import add_rms_norm_, rotary_
+from kernels import add_rms_norm_, rotary_, silu_and_mul
 from kernels import available as kernels_available
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
@@ -142,7 +142,8 @@ class LlamaModel:
     def _forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """forward() with the C++ row kernels (float32 on CPU): each residual add is fused into the next
-        RMSNorm, and Q and K are rotated in place inside the QKV projection's output (its first heads)."""
+        RMSNorm, Q and K are rotated in place inside the QKV projection's output (its first heads), and
+        SiLU-and-mul reads the gate/up projection's output in one pass."""
         hp = self.hp
         t, eps = h.shape[0], hp.rms_norm_eps
         q_end, k_end = self.q_size, self.q_size + self.kv_size
@@ -155,8 +156,7 @@ class LlamaModel:
             v = qkv[:, k_end:].view(t, hp.num_kv_heads, hp.head_dim)
             a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
             x = add_rms_norm_(h, layer.o(a.reshape(t, self.q_size)), layer.ffn_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            pending = layer.down(F.silu(gate) * up)
+            pending = layer.down(silu_and_mul(layer.gate_up(x)))
         return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

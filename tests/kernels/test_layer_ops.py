@@ -1,4 +1,4 @@
-"""Fused residual-add + RMSNorm and in-place rotary embedding against the torch reference."""
+"""Fused residual-add + RMSNorm, in-place rotary embedding and SiLU-and-mul against the torch reference."""
 
 from __future__ import annotations
 
@@ -52,3 +52,12 @@ def test_rotary_of_position_zero_is_the_identity_and_bad_shapes_are_refused():
         rotary_(x, 3, 64, torch.ones(2, 32), torch.zeros(2, 32))
     with pytest.raises(ValueError, match="weight"):
         add_rms_norm_(torch.randn(2, 8), None, torch.ones(7), 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 200])
+@pytest.mark.parametrize("inner", [1536, 100])
+def test_silu_and_mul_matches_the_reference(rows, inner):
+    gate_up = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2I"):
+        kernels.silu_and_mul(torch.randn(2, 7))

@@ -1,4 +1,4 @@
-// Row-wise kernels of a Llama layer: fused residual-add + RMSNorm, and rotary embedding in place.
+// Row-wise kernels of a Llama layer: fused residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul.
 #pragma once
 
 #include <cstdint>
@@ -15,5 +15,8 @@ void add_rms_norm(float* residual, const float* delta, const float* weight, int6
 // x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin over the two halves of each head.
 void rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
                     const float* sin);
+
+// out [T, I] = silu(gate_up[t, :I]) * gate_up[t, I:] for gate_up [T, 2I] (the fused gate/up projection).
+void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out);
 
 }  // namespace strata::cpu

@@ -1,10 +1,12 @@
-// Residual-add + RMSNorm and rotary embedding (see norm_rope.h). One pass over each row instead of the
+// Residual-add + RMSNorm, rotary embedding and SiLU-and-mul (see layer_ops.h). One pass over each row instead of the
 // five or six tensor operations (and temporaries) of the torch path; threads only for many rows.
-#include "norm_rope.h"
+#include "layer_ops.h"
 
 #include <omp.h>
 
 #include <cmath>
+
+#include "../common/layer_math.h"
 
 namespace strata::cpu {
 
@@ -23,7 +25,7 @@ void add_rms_norm(float* residual, const float* delta, const float* weight, int6
         } else {
             for (int64_t i = 0; i < hidden; ++i) sum += r[i] * r[i];
         }
-        const float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+        const float inv = rms_inverse(sum, hidden, eps);
         float* o = out + t * hidden;
         for (int64_t i = 0; i < hidden; ++i) o[i] = weight[i] * (r[i] * inv);
     }
@@ -39,12 +41,18 @@ void rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, i
         for (int64_t j = 0; j < heads; ++j) {
             float* x1 = x + t * row_stride + j * head_dim;
             float* x2 = x1 + half;
-            for (int64_t i = 0; i < half; ++i) {
-                const float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[i] + a * s[i];
-            }
+            for (int64_t i = 0; i < half; ++i) rotate_pair(x1[i], x2[i], c[i], s[i]);
         }
+    }
+}
+
+void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out) {
+#pragma omp parallel for schedule(static) if (rows * inner >= (int64_t{1} << 16))
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* g = gate_up + t * 2 * inner;
+        const float* u = g + inner;
+        float* o = out + t * inner;
+        for (int64_t i = 0; i < inner; ++i) o[i] = silu_mul(g[i], u[i]);
     }
 }
 
