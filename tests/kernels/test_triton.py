@@ -1,0 +1,42 @@
+"""The Triton kernels against the references, on CPU tensors under TRITON_INTERPRET=1 (small shapes; on a
+GPU machine they are the GPU path)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")        # before the kernels are defined
+triton_kernels = pytest.importorskip("kernels.triton", reason="triton is installed by make install (test extra)")
+
+from kernels import reference  # noqa: E402
+from tests.kernels.test_paged_attention import case  # noqa: E402
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (9, 3), (16, 2)])
+def test_triton_paged_attention_decode(block_size, head_dim, heads, kv_heads):
+    q, k, v, table, lens = case(3, heads, kv_heads, head_dim, block_size, torch.float32, seed=head_dim,
+                                lens=[1, block_size + 1, 2 * block_size])
+    out = triton_kernels.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size)
+    torch.testing.assert_close(out, reference.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_triton_row_kernels():
+    g = torch.Generator().manual_seed(0)
+    res, delta, weight = torch.randn(3, 576, generator=g), torch.randn(3, 576, generator=g), torch.rand(576, generator=g)
+    res_ref = res.clone()
+    out = triton_kernels.add_rms_norm_(res, delta, weight, 1e-5)
+    torch.testing.assert_close(out, reference.add_rms_norm_(res_ref, delta, weight, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res, res_ref)
+    qkv = torch.randn(2, 960 + 3, generator=g)[:, :960]
+    angles = torch.rand(2, 32, generator=g)
+    expect = reference.rotary_(qkv.clone(), 12, 64, angles.cos(), angles.sin())
+    torch.testing.assert_close(triton_kernels.rotary_(qkv, 12, 64, angles.cos(), angles.sin()), expect,
+                               atol=1e-6, rtol=1e-6)
+    gate_up = torch.randn(2, 600, generator=g)
+    torch.testing.assert_close(triton_kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=1e-6, rtol=1e-5)
