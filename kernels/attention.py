@@ -87,3 +87,25 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
                            context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
     """One call: PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)."""
     return PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write this step's K and V ([T, KVH, D] each; rows may be strided views of a fused QKV output,
+    heads contiguous within a row) into the pools [KVH, num_slots, D] at slot_mapping [T] (int64)."""
+    if k.dim() != 3 or k.shape != v.shape or k_pool.shape != v_pool.shape or k.shape[1:] != (k_pool.shape[0], k_pool.shape[2]):
+        raise ValueError(f"k/v must be [T, KVH, D] matching pools [KVH, slots, D]; got {tuple(k.shape)}, {tuple(k_pool.shape)}")
+    if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (k.shape[0],):
+        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}]")
+    same = k.dtype == v.dtype == k_pool.dtype == v_pool.dtype and k.dtype in KV_DTYPES
+    rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+    devices = {t.device.type for t in (k, v, k_pool, v_pool, slot_mapping)}
+    if not (same and rows_ok and devices == {"cpu"} and available() and k_pool.is_contiguous() and v_pool.is_contiguous()):
+        reference.reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)
+        return
+    if k.shape[0] and (int(slot_mapping.min()) < 0 or int(slot_mapping.max()) >= k_pool.shape[1]):
+        raise ValueError("a slot is outside the pool")
+    slots = slot_mapping.contiguous()
+    cpu_module().reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
+                                   k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
+                                   v_pool.data_ptr())

@@ -98,3 +98,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] → silu(gate_up[:, :I]) * gate_up[:, I:]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """k/v [T, KVH, D] into the pools [KVH, num_slots, D] at slot_mapping [T]."""
+    k_pool.index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_pool.dtype))
+    v_pool.index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_pool.dtype))

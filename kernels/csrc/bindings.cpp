@@ -85,4 +85,12 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         strata::cpu::silu_and_mul(ptr<const float>(gate_up), rows, inner, ptr<float>(out));
     });
+    m.def("reshape_and_cache", [](uintptr_t k, uintptr_t v, int64_t k_stride, int64_t v_stride, uintptr_t slot_mapping,
+                                  int64_t rows, int64_t kv_heads, int64_t head_dim, int64_t num_slots,
+                                  int64_t elem_bytes, uintptr_t k_pool, uintptr_t v_pool) {
+        py::gil_scoped_release release;
+        strata::cpu::reshape_and_cache(ptr<const void>(k), ptr<const void>(v), k_stride, v_stride,
+                                       ptr<const int64_t>(slot_mapping), rows, kv_heads, head_dim, num_slots,
+                                       elem_bytes, ptr<void>(k_pool), ptr<void>(v_pool));
+    });
 }

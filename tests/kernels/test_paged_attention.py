@@ -92,3 +92,19 @@ def test_the_reference_path_can_be_forced(monkeypatch):
     fast = paged_attention_decode(q, k, v, table, lens, 0.125, 16)
     monkeypatch.setenv("STRATA_KERNELS", "reference")
     torch.testing.assert_close(paged_attention_decode(q, k, v, table, lens, 0.125, 16), fast, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_writes_strided_qkv_rows_into_their_slots(dtype):
+    g = torch.Generator().manual_seed(2)
+    t, kvh, d, slots = 7, 3, 64, 64
+    qkv = torch.randn(t, 9 * d + 2 * kvh * d, generator=g).to(dtype)
+    k = qkv[:, 9 * d:9 * d + kvh * d].view(t, kvh, d)
+    v = qkv[:, 9 * d + kvh * d:].view(t, kvh, d)
+    slot_mapping = torch.randperm(slots, generator=g)[:t]
+    pools = [torch.zeros(kvh, slots, d, dtype=dtype) for _ in range(4)]
+    kernels.reshape_and_cache(k, v, pools[0], pools[1], slot_mapping)
+    reference.reshape_and_cache(k, v, pools[2], pools[3], slot_mapping)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernels.reshape_and_cache(k, v, pools[0], pools[1], slot_mapping + slots)

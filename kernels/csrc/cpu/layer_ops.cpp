@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "../common/layer_math.h"
 
@@ -53,6 +54,24 @@ void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out)
         const float* u = g + inner;
         float* o = out + t * inner;
         for (int64_t i = 0; i < inner; ++i) o[i] = silu_mul(g[i], u[i]);
+    }
+}
+
+void reshape_and_cache(const void* k, const void* v, int64_t k_stride, int64_t v_stride, const int64_t* slot_mapping,
+                       int64_t rows, int64_t kv_heads, int64_t head_dim, int64_t num_slots, int64_t elem_bytes,
+                       void* k_pool, void* v_pool) {
+    const size_t head_bytes = static_cast<size_t>(head_dim * elem_bytes);
+    const auto* ks = static_cast<const char*>(k);
+    const auto* vs = static_cast<const char*>(v);
+    auto* kp = static_cast<char*>(k_pool);
+    auto* vp = static_cast<char*>(v_pool);
+    for (int64_t t = 0; t < rows; ++t) {
+        const int64_t slot = slot_mapping[t];
+        for (int64_t h = 0; h < kv_heads; ++h) {
+            const int64_t dst = (h * num_slots + slot) * head_dim * elem_bytes;
+            std::memcpy(kp + dst, ks + (t * k_stride + h * head_dim) * elem_bytes, head_bytes);
+            std::memcpy(vp + dst, vs + (t * v_stride + h * head_dim) * elem_bytes, head_bytes);
+        }
     }
 }
 

@@ -16,6 +16,13 @@ void add_rms_norm(float* residual, const float* delta, const float* weight, int6
 void rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
                     const float* sin);
 
+// reshape-and-cache: the K and V of `rows` new tokens (row t of k at k + t * k_stride, its heads
+// contiguous, head_dim values each; likewise v) copied into the pools [KVH, num_slots, head_dim] at
+// slot_mapping[t]; elements of elem_bytes bytes (4 float32, 2 bfloat16), the same type on both sides.
+void reshape_and_cache(const void* k, const void* v, int64_t k_stride, int64_t v_stride, const int64_t* slot_mapping,
+                       int64_t rows, int64_t kv_heads, int64_t head_dim, int64_t num_slots, int64_t elem_bytes,
+                       void* k_pool, void* v_pool);
+
 // out [T, I] = silu(gate_up[t, :I]) * gate_up[t, I:] for gate_up [T, 2I] (the fused gate/up projection).
 void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out);
 

@@ -143,6 +143,33 @@ __attribute__((target("avx2,fma"))) void softmax_avx2(float* s, int64_t n) {
     for (; p < n; ++p) s[p] *= 1.f / sum;
 }
 
+// out[j, :] = sum_p w[j, p] * V[p, :] for the G query heads of a group, 32 dimensions (4 registers) per
+// pass: G * 4 accumulators stay in registers instead of a load and a store of the output per row.
+template <bool BF16, int G>
+__attribute__((target("avx2,fma"))) void v_pass(const Item& it, const void* v_pool, int64_t d, int64_t bs,
+                                                 const float* w) {
+    constexpr int64_t elem = BF16 ? 2 : 4;
+    for (int64_t i0 = 0; i0 < d; i0 += 32) {
+        const int64_t lanes = std::min<int64_t>(4, (d - i0) / 8);
+        __m256 acc[G][4];
+        for (int j = 0; j < G; ++j)
+            for (int c = 0; c < 4; ++c) acc[j][c] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < it.len; ++p) {
+            const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d + i0;
+            if (p + kAhead < it.len)
+                prefetch_row<BF16>(v_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d + i0, lanes * 8 * elem);
+            __m256 wj[G];
+            for (int j = 0; j < G; ++j) wj[j] = _mm256_set1_ps(w[j * it.len + p]);
+            for (int64_t c = 0; c < lanes; ++c) {
+                const __m256 v = load8<BF16>(v_pool, row + c * 8);
+                for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(wj[j], v, acc[j][c]);
+            }
+        }
+        for (int j = 0; j < G; ++j)
+            for (int64_t c = 0; c < lanes; ++c) _mm256_storeu_ps(it.out + j * d + i0 + c * 8, acc[j][c]);
+    }
+}
+
 template <bool BF16>
 __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k_pool, const void* v_pool, int64_t g,
                                                     int64_t d, int64_t bs, float scale, std::vector<float>& scores) {
@@ -160,6 +187,12 @@ __attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k
         for (int64_t j = 0; j < g; ++j) scores[j * it.len + p] = hsum(acc[j]) * scale;
     }
     for (int64_t j = 0; j < g; ++j) softmax_avx2(scores.data() + j * it.len, it.len);
+    switch (g) {                      // the weighted sum of V with its accumulators in registers
+        case 1: v_pass<BF16, 1>(it, v_pool, d, bs, scores.data()); return;
+        case 2: v_pass<BF16, 2>(it, v_pool, d, bs, scores.data()); return;
+        case 3: v_pass<BF16, 3>(it, v_pool, d, bs, scores.data()); return;
+        default: break;
+    }
     std::fill(it.out, it.out + g * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;

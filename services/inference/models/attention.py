@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels import reshape_and_cache
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -46,9 +48,9 @@ def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.d
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """reshape-and-cache: store this step's K/V rows ([T, KVH, D]) at their slots."""
-    k_pool.index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_pool.index_copy_(1, slot_mapping, v.transpose(0, 1))
+    """reshape-and-cache: store this step's K/V rows ([T, KVH, D], strided views of the QKV output are
+    fine) at their slots (kernels.reshape_and_cache: one C++ call for both, torch where not built)."""
+    reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
