@@ -54,14 +54,7 @@ def int8_weight_gemv(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -
     devices = {t.device.type for t in (x, wq, w_scale)}
     if devices != {"cpu"} or not available():
         return reference.int8_weight_gemv(x, wq, w_scale)
-    if not wq.is_contiguous():
-        raise ValueError("wq must be contiguous ([N, K] row-major)")
-    m, k = x.shape
-    n = wq.shape[0]
-    x, w_scale = x.contiguous(), w_scale.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    cpu_module().int8_weight_gemv(x.data_ptr(), wq.data_ptr(), w_scale.data_ptr(), m, n, k, y.data_ptr())
-    return y
+    return Int8Matrix(wq, w_scale).weight_only(x)
 
 
 def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -71,14 +64,7 @@ def int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> tor
     devices = {t.device.type for t in (x, wq, w_scale)}
     if devices != {"cpu"} or not available():
         return reference.int8_linear(x, wq, w_scale)
-    if not wq.is_contiguous():
-        raise ValueError("wq must be contiguous ([N, K] row-major)")
-    m, k = x.shape
-    n = wq.shape[0]
-    x, w_scale = x.contiguous(), w_scale.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    cpu_module().int8_linear(x.data_ptr(), wq.data_ptr(), w_scale.data_ptr(), m, n, k, y.data_ptr())
-    return y
+    return Int8Matrix(wq, w_scale).linear(x)
 
 
 class Int8Matrix:

@@ -8,11 +8,7 @@
 // so only the few rows that could be are re-scored in float32: the result is the exact top-k.
 #pragma once
 
-#if defined(__CUDACC__)
-#define STRATA_HD __host__ __device__ __forceinline__
-#else
-#define STRATA_HD inline
-#endif
+#include "hd.h"
 
 namespace strata {
 
