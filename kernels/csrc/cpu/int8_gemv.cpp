@@ -69,24 +69,29 @@ void block_scalar(const int8_t* xq, const float* x_scale, const int8_t* wq, cons
     }
 }
 
+// Runs block(r0, rows, n0, n1) over row groups of up to kMaxRows and chunks of `chunk` output channels,
+// the chunks of a row group spread over OpenMP threads (enough per thread to amortise the fork, small
+// enough to balance).
+template <typename Block>
+void over_blocks(int64_t m, int64_t n, int64_t k, int64_t chunk, Block block) {
+    const int64_t chunks = (n + chunk - 1) / chunk;
+    const bool parallel = n * k >= (int64_t{1} << 15) && chunks > 1;
+    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
+        const int64_t rows = std::min(kMaxRows, m - r0);
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t c = 0; c < chunks; ++c) block(r0, rows, c * chunk, std::min(n, (c + 1) * chunk));
+    }
+}
+
 }  // namespace
 
 void int8_gemv(const int8_t* xq, const float* x_scale, const int8_t* wq, const float* w_scale, int64_t m, int64_t n,
                int64_t k, float* y) {
     const bool simd = has_avx2();
-    // chunks of output channels: enough per thread to amortise the fork, small enough to balance
-    constexpr int64_t kChunk = 64;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    const bool parallel = n * k >= (int64_t{1} << 15) && chunks > 1;
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, m - r0);
-#pragma omp parallel for schedule(static) if (parallel)
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t n0 = c * kChunk, n1 = std::min(n, n0 + kChunk);
-            if (simd) block_avx2(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
-            else block_scalar(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
-        }
-    }
+    over_blocks(m, n, k, 64, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
+        if (simd) block_avx2(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
+        else block_scalar(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
+    });
 }
 
 void int8_linear(const float* x, const int8_t* wq, const float* w_scale, int64_t m, int64_t n, int64_t k, float* y) {
@@ -151,18 +156,10 @@ void weight_block_scalar(const float* x, const int8_t* wq, const float* w_scale,
 void int8_weight_gemv(const float* x, const int8_t* wq, const float* w_scale, int64_t m, int64_t n, int64_t k,
                       float* y) {
     const bool simd = has_avx2();
-    constexpr int64_t kChunk = 256;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-    const bool parallel = n * k >= (int64_t{1} << 15) && chunks > 1;
-    for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
-        const int64_t rows = std::min(kMaxRows, m - r0);
-#pragma omp parallel for schedule(static) if (parallel)
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t n0 = c * kChunk, n1 = std::min(n, n0 + kChunk);
-            if (simd) weight_block_avx2(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
-            else weight_block_scalar(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
-        }
-    }
+    over_blocks(m, n, k, 256, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
+        if (simd) weight_block_avx2(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
+        else weight_block_scalar(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
+    });
 }
 
 }  // namespace strata::cpu
