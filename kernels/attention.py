@@ -1,10 +1,11 @@
-"""Paged attention for decode (one query token per sequence), read straight from the KV pool through
-the block table: the C++ kernel on CPU (AVX2/FMA when the CPU has them, OpenMP over sequences × KV
-heads), the CUDA kernel for float32 tensors on a GPU (where the CUDA module was built), the torch
-reference elsewhere or when STRATA_KERNELS=reference.
+"""Paged attention read straight from the KV pool through block tables: decodes (one query row per
+sequence), prefill chunks over cached context and speculative verification runs (several rows per
+sequence, causal) in one call. The C++ kernel on CPU (AVX2/FMA when the CPU has them, OpenMP over
+sequences × KV heads × query tiles), the CUDA kernel for float32 tensors on a GPU (where the CUDA module
+was built), the torch reference elsewhere or when STRATA_KERNELS=reference.
 
-A model calls it once per layer with the same block table: `PagedDecode` checks the table and the
-context lengths once per step, and each layer's call checks only its own tensors."""
+A model calls it once per layer with the same block tables: `PagedAttention` checks the tables and
+lengths once per step, and each layer's call checks only its own tensors."""
 
 from __future__ import annotations
 
@@ -16,77 +17,114 @@ from kernels._loader import available, cpu_module, cuda_module
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
-class PagedDecode:
-    """One step's decode plan: block_table [B, max_blocks] int64, context_lens [B] int64 (each at most
-    max_blocks * block_size). Call it with each layer's q and pools."""
+class PagedAttention:
+    """One step's attention plan over S sequences.
 
-    def __init__(self, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> None:
+    block_table [S, max_blocks] int64; context_lens [S] int64 (each at most max_blocks * block_size);
+    query_lens [S] int64 (None: one row per sequence, a decode step): sequence s owns the next
+    query_lens[s] rows of q, which are the last positions of its context (row r of n at position
+    context_lens[s] - n + r, attending positions up to and including its own). Call it with each
+    layer's q [T, H, D] and pools. Semantics: kernels.reference.paged_attention."""
+
+    def __init__(self, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 query_lens: torch.Tensor | None = None) -> None:
         if block_table.dtype != torch.int64 or context_lens.dtype != torch.int64:
             raise TypeError("block_table and context_lens must be int64")
         if block_table.dim() != 2 or context_lens.dim() != 1 or block_table.shape[0] != context_lens.shape[0]:
-            raise ValueError("block_table must be [B, max_blocks] and context_lens [B]")
+            raise ValueError("block_table must be [S, max_blocks] and context_lens [S]")
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
-        b = block_table.shape[0]
-        lo, hi = (int(context_lens.min()), int(context_lens.max())) if b else (0, 0)
+        s = block_table.shape[0]
+        lo, hi = (int(context_lens.min()), int(context_lens.max())) if s else (0, 0)
         if lo < 0 or hi > block_table.shape[1] * block_size:
             raise ValueError("context lengths must be in [0, max_blocks * block_size]")
+        if query_lens is None:
+            query_lens = torch.ones(s, dtype=torch.int64)
+        elif query_lens.dtype != torch.int64 or tuple(query_lens.shape) != (s,):
+            raise ValueError(f"query_lens must be int64 [{s}]")
+        elif s and (int(query_lens.min()) < 0 or bool((query_lens > context_lens).any())):
+            raise ValueError("query lengths must be in [0, context length]: a sequence's rows are its last positions")
         self.block_table, self.context_lens = block_table.contiguous(), context_lens.contiguous()
+        self.query_lens = query_lens.contiguous()
+        self.query_start = torch.zeros(s + 1, dtype=torch.int64)
+        torch.cumsum(self.query_lens, 0, out=self.query_start[1:])
+        self.num_rows = int(self.query_start[-1])
         self.block_size = block_size
         self.max_context = hi
         self.max_block = int(block_table.max()) if block_table.numel() else -1
         self.min_block = int(block_table.min()) if block_table.numel() else 0
 
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query row: its sequence and how many positions it attends ([T] int64 each)."""
+        seq = torch.repeat_interleave(torch.arange(len(self.query_lens)), self.query_lens)
+        offset = torch.arange(self.num_rows) - self.query_start[seq]
+        return seq, self.context_lens[seq] - self.query_lens[seq] + offset + 1
+
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [B, H, D]; k_pool / v_pool [KVH, num_slots, D], float32 or bfloat16 (the same) → [B, H, D] in
-        q's dtype. Semantics: kernels.reference.paged_attention_decode."""
+        """q [T, H, D]; k_pool / v_pool [KVH, num_slots, D], float32 or bfloat16 (the same) → [T, H, D] in
+        q's dtype."""
         if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
-            raise ValueError("q must be [B, H, D] and k_pool / v_pool the same [KVH, num_slots, D]")
-        b, h, d = q.shape
+            raise ValueError("q must be [T, H, D] and k_pool / v_pool the same [KVH, num_slots, D]")
+        t, h, d = q.shape
         kvh, num_slots, pool_d = k_pool.shape
-        if b != self.block_table.shape[0]:
-            raise ValueError(f"q has {b} sequences, the block table {self.block_table.shape[0]}")
+        if t != self.num_rows:
+            raise ValueError(f"q has {t} rows, the plan's sequences {self.num_rows}")
         if pool_d != d or h % kvh:
             raise ValueError(f"head_dim {d} vs pool {pool_d}, or {h} query heads not a multiple of {kvh} KV heads")
         if k_pool.dtype != v_pool.dtype or k_pool.dtype not in KV_DTYPES:
             raise TypeError(f"k_pool and v_pool must both be one of {KV_DTYPES}, got {k_pool.dtype} and {v_pool.dtype}")
         if num_slots % self.block_size or self.min_block < 0 or self.max_block >= num_slots // self.block_size:
             raise ValueError("the pool does not hold the block table's blocks (or num_slots is not whole blocks)")
-        devices = {t.device.type for t in (q, k_pool, v_pool, self.block_table)}
+        devices = {x.device.type for x in (q, k_pool, v_pool)}     # the plan's tables move to q's device
         gpu = cuda_module()
         if devices == {"cuda"} and gpu is not None and k_pool.dtype == torch.float32 and q.dtype == torch.float32:
             return self._cuda(gpu, q, k_pool, v_pool, scale)
         if devices != {"cpu"} or not available():
-            return reference.paged_attention_decode(q, k_pool, v_pool, self.block_table, self.context_lens, scale,
-                                                    self.block_size)
+            return reference.paged_attention(q, k_pool, v_pool, self.block_table, self.context_lens, self.query_lens,
+                                             scale, self.block_size)
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
             raise ValueError("k_pool and v_pool must be contiguous")
         qf = q.float().contiguous()
-        out = torch.empty(b, h, d, dtype=torch.float32)
-        cpu_module().paged_attention_decode(
+        out = torch.empty(t, h, d, dtype=torch.float32)
+        cpu_module().paged_attention(
             qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.bfloat16,
-            self.block_table.data_ptr(), self.context_lens.data_ptr(), b, h, kvh, d, num_slots, self.block_size,
-            self.block_table.shape[1], float(scale), out.data_ptr())
+            self.block_table.data_ptr(), self.context_lens.data_ptr(), self.query_start.data_ptr(),
+            len(self.context_lens), h, kvh, d, num_slots, self.block_size, self.block_table.shape[1], float(scale),
+            out.data_ptr())
         return out if q.dtype == torch.float32 else out.to(q.dtype)
 
-
     def _cuda(self, gpu, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
-        b, h, d = q.shape
+        t, h, d = q.shape
         kvh, num_slots, _ = k_pool.shape
-        table, lens = self.block_table.to(q.device), self.context_lens.to(q.device)
+        row_seq, row_len = (x.to(q.device) for x in self.rows())
+        table = self.block_table.to(q.device)
         q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
         out = torch.empty_like(q)
-        gpu.paged_attention_decode(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(),
-                                   lens.data_ptr(), b, h, kvh, d, num_slots, self.block_size, table.shape[1],
-                                   self.max_context, float(scale), out.data_ptr(),
-                                   torch.cuda.current_stream(q.device).cuda_stream)
+        gpu.paged_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), row_seq.data_ptr(),
+                            row_len.data_ptr(), t, h, kvh, d, num_slots, self.block_size, table.shape[1],
+                            self.max_context, float(scale), out.data_ptr(),
+                            torch.cuda.current_stream(q.device).cuda_stream)
         return out
+
+
+class PagedDecode(PagedAttention):
+    """The decode plan: one query row per sequence, attending its whole context."""
+
+    def __init__(self, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> None:
+        super().__init__(block_table, context_lens, block_size)
+
+
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                    context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
+                    block_size: int) -> torch.Tensor:
+    """One call: PagedAttention(block_table, context_lens, block_size, query_lens)(q, k_pool, v_pool, scale)."""
+    return PagedAttention(block_table, context_lens, block_size, query_lens)(q, k_pool, v_pool, scale)
 
 
 def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """One call: PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)."""
-    return PagedDecode(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)
+    """One query row per sequence: paged_attention with query_lens None."""
+    return PagedAttention(block_table, context_lens, block_size)(q, k_pool, v_pool, scale)
 
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

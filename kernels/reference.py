@@ -35,26 +35,41 @@ def quantize_rows_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return codes.to(torch.int8), scale, err.float()
 
 
-def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """One query per sequence over its paged K/V, computed in float32.
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                    context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
+                    block_size: int) -> torch.Tensor:
+    """Causal attention of each sequence's query rows over its paged K/V, computed in float32.
 
-    q [B, H, D]; k_pool / v_pool [KVH, num_slots, D]; block_table [B, max_blocks] int64 (position p of
-    sequence b lives in slot block_table[b, p // block_size] * block_size + p % block_size);
-    context_lens [B] int64. Query head h uses KV head h // (H // KVH). Returns [B, H, D] in q's dtype."""
-    b, h, d = q.shape
+    q [T, H, D]: sequence s owns the next query_lens[s] rows (None: one each), the last positions of its
+    context: row r of n sits at position context_lens[s] - n + r and attends positions 0 .. that one.
+    k_pool / v_pool [KVH, num_slots, D]; block_table [S, max_blocks] int64 (position p of sequence s lives
+    in slot block_table[s, p // block_size] * block_size + p % block_size); context_lens [S] int64. Query
+    head h uses KV head h // (H // KVH). Returns [T, H, D] in q's dtype."""
+    t, h, d = q.shape
     kvh = k_pool.shape[0]
-    out = torch.zeros(b, h, d, dtype=torch.float32)
-    for i in range(b):
-        n = int(context_lens[i])
+    out = torch.zeros(t, h, d, dtype=torch.float32)
+    row = 0
+    for s in range(block_table.shape[0]):
+        ctx = int(context_lens[s])
+        n = 1 if query_lens is None else int(query_lens[s])
         if n == 0:
             continue
-        pos = torch.arange(n)
-        slots = block_table[i, pos // block_size] * block_size + pos % block_size
-        k, v = k_pool[:, slots].float(), v_pool[:, slots].float()              # [KVH, L, D]
-        scores = q[i].float().view(kvh, h // kvh, d) @ k.transpose(-1, -2) * scale
-        out[i] = (torch.softmax(scores, dim=-1) @ v).reshape(h, d)
+        pos = torch.arange(ctx)
+        slots = block_table[s, pos // block_size] * block_size + pos % block_size
+        k, v = k_pool[:, slots].float(), v_pool[:, slots].float()               # [KVH, L, D]
+        qs = q[row:row + n].float().view(n, kvh, h // kvh, d).permute(1, 0, 2, 3)  # [KVH, n, G, D]
+        scores = torch.einsum("knqd,kld->knql", qs, k) * scale
+        visible = pos[None, :] <= (ctx - n + torch.arange(n))[:, None]           # [n, L]
+        scores = scores.masked_fill(~visible[None, :, None, :], float("-inf"))
+        out[row:row + n] = torch.einsum("knql,kld->nkqd", torch.softmax(scores, dim=-1), v).reshape(n, h, d)
+        row += n
     return out.to(q.dtype)
+
+
+def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """One query row per sequence (a decode step): paged_attention with query_lens None."""
+    return paged_attention(q, k_pool, v_pool, block_table, context_lens, None, scale, block_size)
 
 
 def int8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

@@ -40,15 +40,15 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<int64_t>(out_rows), ptr<float>(out_scores));
         });
     m.def(
-        "paged_attention_decode",
+        "paged_attention",
         [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, bool bf16_kv, uintptr_t block_table, uintptr_t context_lens,
-           int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
-           int64_t block_size, int64_t max_blocks, float scale, uintptr_t out) {
+           uintptr_t query_start, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+           int64_t num_slots, int64_t block_size, int64_t max_blocks, float scale, uintptr_t out) {
             py::gil_scoped_release release;
-            strata::cpu::paged_attention_decode(ptr<const float>(q), ptr<const void>(k_pool), ptr<const void>(v_pool),
-                                                bf16_kv, ptr<const int64_t>(block_table),
-                                                ptr<const int64_t>(context_lens), batch, num_heads, num_kv_heads,
-                                                head_dim, num_slots, block_size, max_blocks, scale, ptr<float>(out));
+            strata::cpu::paged_attention(ptr<const float>(q), ptr<const void>(k_pool), ptr<const void>(v_pool), bf16_kv,
+                                         ptr<const int64_t>(block_table), ptr<const int64_t>(context_lens),
+                                         ptr<const int64_t>(query_start), num_seqs, num_heads, num_kv_heads, head_dim,
+                                         num_slots, block_size, max_blocks, scale, ptr<float>(out));
         });
     m.def(
         "int8_gemv",

@@ -1,11 +1,13 @@
-"""Triton kernels: residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul, paged-attention decode
-(online softmax over the sequence's KV blocks). float32; see kernels.reference for the semantics."""
+"""Triton kernels: residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul, paged attention
+(decodes, prefill chunks and verification rows; online softmax over each row's visible KV blocks). float32; see kernels.reference for the semantics."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.attention import PagedAttention
 
 
 @triton.jit
@@ -47,14 +49,16 @@ def _silu_and_mul(gu_ptr, out_ptr, inner, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, num_heads, group, num_slots, max_blocks, scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    seq, head = tl.program_id(0), tl.program_id(1)
+def _paged_attention(q_ptr, k_ptr, v_ptr, table_ptr, row_seq_ptr, row_len_ptr, out_ptr, num_heads, group, num_slots,
+                     max_blocks, scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # one program per (query row, head); the row attends the first row_len positions of its sequence
+    row, head = tl.program_id(0), tl.program_id(1)
+    seq = tl.load(row_seq_ptr + row)
     kvh = head // group
     d = tl.arange(0, HEAD_DIM)
     pos = tl.arange(0, BLOCK_SIZE)
-    q = tl.load(q_ptr + (seq * num_heads + head) * HEAD_DIM + d)
-    length = tl.load(lens_ptr + seq)
+    q = tl.load(q_ptr + (row * num_heads + head) * HEAD_DIM + d)
+    length = tl.load(row_len_ptr + row)
     m = tl.full((), float("-inf"), tl.float32)
     total = tl.zeros((), tl.float32)
     acc = tl.zeros((HEAD_DIM,), tl.float32)
@@ -73,7 +77,7 @@ def _paged_decode(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, num_heads, 
         total = total * alpha + tl.sum(w, axis=0)
         m = m_new
     out = tl.where(total > 0, acc / total, 0.0)
-    tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + d, out)
+    tl.store(out_ptr + (row * num_heads + head) * HEAD_DIM + d, out)
 
 
 def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,11 +103,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                    context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
+                    block_size: int) -> torch.Tensor:
+    """Decodes, prefill chunks and verification rows in one launch (semantics: kernels.reference.paged_attention)."""
+    t, h, d = q.shape
+    kvh, num_slots, _ = k_pool.shape
+    row_seq, row_len = (x.to(q.device) for x in PagedAttention(block_table.cpu(), context_lens.cpu(), block_size,
+                                                                 None if query_lens is None else query_lens.cpu()).rows())
+    out = torch.empty_like(q)
+    _paged_attention[(t, h)](q.contiguous(), k_pool, v_pool, block_table.contiguous(), row_seq, row_len, out, h,
+                             h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size)
+    return out
+
+
 def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    b, h, d = q.shape
-    kvh, num_slots, _ = k_pool.shape
-    out = torch.empty_like(q)
-    _paged_decode[(b, h)](q.contiguous(), k_pool, v_pool, block_table.contiguous(), context_lens.contiguous(), out, h,
-                          h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size)
-    return out
+    return paged_attention(q, k_pool, v_pool, block_table, context_lens, None, scale, block_size)

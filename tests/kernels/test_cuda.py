@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kernels
-from kernels import PagedDecode, reference
+from kernels import PagedAttention, PagedDecode, reference
 from kernels._loader import cuda_built, cuda_module
-from tests.kernels.test_paged_attention import case
+from tests.kernels.test_paged_attention import case, mixed_case
 
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_built()), reason="needs a CUDA GPU and _cuda")
 
@@ -31,8 +31,20 @@ def test_the_cuda_module_is_built_and_imports_where_nvcc_exists():
 def test_cuda_paged_attention_matches_the_reference(block_size, head_dim, heads, kv_heads, batch):
     q, k, v, table, lens = case(batch, heads, kv_heads, head_dim, block_size, torch.float32, seed=batch)
     out = PagedDecode(table, lens, block_size)(q.cuda(), k.cuda(), v.cuda(), head_dim ** -0.5)
+    assert out.is_cuda
     torch.testing.assert_close(out.cpu(), reference.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5,
                                                                             block_size), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (32, 4)])
+def test_cuda_paged_attention_mixed_step_matches_the_reference(heads, kv_heads):
+    q, k, v, table, lens, qlens = mixed_case(heads, kv_heads, 64, 16, torch.float32, seed=heads)
+    out = PagedAttention(table, lens, 16, qlens)(q.cuda(), k.cuda(), v.cuda(), 0.125)
+    assert out.is_cuda
+    torch.testing.assert_close(out.cpu(), reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

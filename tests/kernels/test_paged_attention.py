@@ -1,5 +1,6 @@
-"""Paged attention for decode: the C++ kernel against the pure-torch reference over block sizes, head
-dims, GQA ratios, context lengths across block boundaries, batch sizes and KV dtypes."""
+"""Paged attention: the C++ kernel against the pure-torch reference over block sizes, head dims, GQA
+ratios, context lengths across block boundaries, batch sizes and KV dtypes, for decode steps and for
+mixed steps (decodes, prefill chunks with and without cached context, speculative verification runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import PagedDecode, paged_attention_decode, reference
+from kernels import PagedAttention, PagedDecode, paged_attention, paged_attention_decode, reference
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (make install)")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
@@ -92,6 +93,79 @@ def test_the_reference_path_can_be_forced(monkeypatch):
     fast = paged_attention_decode(q, k, v, table, lens, 0.125, 16)
     monkeypatch.setenv("STRATA_KERNELS", "reference")
     torch.testing.assert_close(paged_attention_decode(q, k, v, table, lens, 0.125, 16), fast, **TOL[torch.float32])
+
+
+def mixed_case(heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int):
+    """A step as the engine builds it: decodes, a first prefill chunk, later chunks over cached context,
+    verification runs of k + 1 rows, and a sequence with no rows this step."""
+    shapes = [(1, 1), (1, block_size), (block_size + 3, block_size + 3), (5, 2 * block_size + 7), (4, 4 * block_size),
+              (0, 9), (1, 300), (37, 37), (6, block_size + 1), (2 * block_size, 5 * block_size - 1)]   # (rows, context)
+    query_lens = [n for n, _ in shapes]
+    q, k, v, table, lens = case(len(shapes), heads, kv_heads, head_dim, block_size, dtype, seed, lens=[c for _, c in shapes])
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype)
+    return q, k, v, table, lens, torch.tensor(query_lens, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (9, 3), (32, 4)])
+def test_mixed_prefill_decode_and_verification_rows_match_the_reference(dtype, block_size, head_dim, heads, kv_heads):
+    q, k, v, table, lens, qlens = mixed_case(heads, kv_heads, head_dim, block_size, dtype, seed=head_dim + heads)
+    scale = head_dim ** -0.5
+    out = paged_attention(q, k, v, table, lens, qlens, scale, block_size)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), reference.paged_attention(q, k, v, table, lens, qlens, scale, block_size).float(),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 1, 64), (4, 2, 100)])
+def test_mixed_steps_on_the_scalar_path(heads, kv_heads, head_dim):
+    q, k, v, table, lens, qlens = mixed_case(heads, kv_heads, head_dim, 16, torch.float32, seed=4)
+    torch.testing.assert_close(paged_attention(q, k, v, table, lens, qlens, 0.1, 16),
+                               reference.paged_attention(q, k, v, table, lens, qlens, 0.1, 16), **TOL[torch.float32])
+
+
+def test_the_reference_is_causal_attention_over_the_gathered_context():
+    """The reference itself against torch's SDPA on the same sequence laid out contiguously: a chunk of n
+    rows at the end of a context of L attends exactly the positions up to its own."""
+    q, k, v, table, lens, qlens = mixed_case(9, 3, 64, 16, torch.float32, seed=8)
+    ref = reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16)
+    row = 0
+    for s, (n, ctx) in enumerate(zip(qlens.tolist(), lens.tolist())):
+        if n == 0:
+            continue
+        pos = torch.arange(ctx)
+        slots = table[s, pos // 16] * 16 + pos % 16
+        ks, vs = k[:, slots].unsqueeze(0), v[:, slots].unsqueeze(0)                    # [1, KVH, L, D]
+        mask = pos[None, :] <= (ctx - n + torch.arange(n))[:, None]
+        expect = torch.nn.functional.scaled_dot_product_attention(
+            q[row:row + n].transpose(0, 1).unsqueeze(0), ks, vs, attn_mask=mask, scale=0.125, enable_gqa=True)
+        torch.testing.assert_close(ref[row:row + n], expect.squeeze(0).transpose(0, 1), atol=1e-5, rtol=1e-5)
+        row += n
+
+
+def test_a_mixed_plan_serves_every_layer_and_reports_its_rows():
+    q, k, v, table, lens, qlens = mixed_case(9, 3, 64, 16, torch.float32, seed=12)
+    plan = PagedAttention(table, lens, 16, qlens)
+    for layer in range(2):
+        kl = k * (layer + 1)
+        torch.testing.assert_close(plan(q, kl, v, 0.125),
+                                   reference.paged_attention(q, kl, v, table, lens, qlens, 0.125, 16), **TOL[torch.float32])
+    seq, seen = plan.rows()
+    assert seq.tolist()[:3] == [0, 1, 2] and seen.tolist()[:2] == [1, 16]
+    assert seen[qlens[:2].sum():qlens[:3].sum()].tolist() == list(range(1, 20))       # a first chunk: causal
+
+
+def test_bad_query_lengths_are_refused():
+    q, k, v, table, lens = case(2, 9, 3, 64, 16, torch.float32, seed=1, lens=[20, 5])
+    with pytest.raises(ValueError, match="query lengths"):
+        PagedAttention(table, lens, 16, torch.tensor([3, 6]))
+    with pytest.raises(ValueError, match="query_lens"):
+        PagedAttention(table, lens, 16, torch.tensor([3]))
+    with pytest.raises(ValueError, match="rows"):
+        PagedAttention(table, lens, 16, torch.tensor([3, 2]))(q, k, v, 0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")        # before the kernels are d
 triton_kernels = pytest.importorskip("kernels.triton", reason="triton is installed by make install (test extra)")
 
 from kernels import reference  # noqa: E402
-from tests.kernels.test_paged_attention import case  # noqa: E402
+from tests.kernels.test_paged_attention import case, mixed_case  # noqa: E402
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -24,6 +24,16 @@ def test_triton_paged_attention_decode(block_size, head_dim, heads, kv_heads):
     out = triton_kernels.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size)
     torch.testing.assert_close(out, reference.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 1)])
+def test_triton_paged_attention_mixed_step(heads, kv_heads):
+    q, k, v, table, lens, qlens = mixed_case(heads, kv_heads, 64, 16, torch.float32, seed=heads)
+    keep = [0, 2, 3, 5, 7]                      # decode, first chunk, chunk over context, empty, 37-row chunk
+    rows = torch.cat([torch.arange(int(qlens[:i].sum()), int(qlens[:i + 1].sum())) for i in keep])
+    q, table, lens, qlens = q[rows], table[keep], lens[keep], qlens[keep]
+    out = triton_kernels.paged_attention(q, k, v, table, lens, qlens, 0.125, 16)
+    torch.testing.assert_close(out, reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16), atol=1e-4, rtol=1e-4)
 
 
 def test_triton_row_kernels():

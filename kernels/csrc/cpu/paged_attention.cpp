@@ -1,9 +1,12 @@
-// Paged attention, decode (see paged_attention.h).
+// Paged attention over block tables (see paged_attention.h): decodes, prefill chunks and verification
+// runs in one call.
 //
-// One work item per (sequence, KV head), spread over OpenMP threads. An item reads the sequence's K rows
-// once, scoring them against every query head of its group (G = H / KVH dot products per row, the K row
-// loaded once), takes a numerically safe softmax in float32, then reads the V rows once, accumulating
-// the G outputs. Nothing is gathered or copied: rows are addressed through the block table.
+// One work item per (sequence, KV head, tile of the sequence's query rows), spread over OpenMP threads.
+// An item reads the K rows the tile can see once, scoring each against every query vector of the tile
+// (the tile's rows × the G = H / KVH query heads sharing the KV head: up to 16 dot products per K row
+// load), takes a numerically safe softmax in float32 per vector over its own causal span, then reads the
+// V rows, accumulating outputs in registers. Nothing is gathered or copied from the pools: rows are
+// addressed through the block table.
 #include "paged_attention.h"
 
 #include <immintrin.h>
@@ -13,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../common/layer_math.h"
@@ -34,11 +38,16 @@ inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
+// One work item: a tile of a sequence's query rows against one KV head. Its query vectors (the tile's rows
+// × the G query heads sharing the KV head) are copied into a contiguous [n, D] buffer; vector j attends
+// positions [0, lens[j]) (causal: a row sees its own position and everything before it).
 struct Item {
-    const float* q;            // [G, D] the group's query heads
-    float* out;                // [G, D]
+    const float* q;            // [n, D] gathered query vectors
+    float* out;                // [n, D]
+    const int64_t* lens;       // [n] positions each vector attends
+    int64_t n;                 // vectors in the tile
+    int64_t len;               // the longest of lens (the last row's)
     const int64_t* table;      // this sequence's block ids
-    int64_t len;               // context length
     int64_t kv_offset;         // element offset of this KV head's slot 0 in the pools
 };
 
@@ -49,30 +58,33 @@ inline float load1(const void* base, int64_t i) {
     else return static_cast<const float*>(base)[i];
 }
 
+// softmax of vector j's scores over its own positions; the tile's later positions get weight 0
+void softmax_scalar(float* s, int64_t n, int64_t len) {
+    const float mx = *std::max_element(s, s + n);
+    float sum = 0.f;
+    for (int64_t p = 0; p < n; ++p) sum += (s[p] = std::exp(s[p] - mx));
+    const float inv = 1.f / sum;
+    for (int64_t p = 0; p < n; ++p) s[p] *= inv;
+    std::fill(s + n, s + len, 0.f);
+}
+
 template <bool BF16>
-void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t g, int64_t d, int64_t bs,
-                 float scale, std::vector<float>& scores) {
-    scores.resize(static_cast<size_t>(g * it.len));
+void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t d, int64_t bs, float scale,
+                 std::vector<float>& scores) {
+    scores.resize(static_cast<size_t>(it.n * it.len));
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
-        for (int64_t j = 0; j < g; ++j) {
+        for (int64_t j = 0; j < it.n; ++j) {
             float acc = 0.f;
             for (int64_t i = 0; i < d; ++i) acc += it.q[j * d + i] * load1<BF16>(k_pool, row + i);
             scores[j * it.len + p] = acc * scale;
         }
     }
-    for (int64_t j = 0; j < g; ++j) {
-        float* s = scores.data() + j * it.len;
-        const float mx = *std::max_element(s, s + it.len);
-        float sum = 0.f;
-        for (int64_t p = 0; p < it.len; ++p) sum += (s[p] = std::exp(s[p] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t p = 0; p < it.len; ++p) s[p] *= inv;
-    }
-    std::fill(it.out, it.out + g * d, 0.f);
+    for (int64_t j = 0; j < it.n; ++j) softmax_scalar(scores.data() + j * it.len, it.lens[j], it.len);
+    std::fill(it.out, it.out + it.n * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
-        for (int64_t j = 0; j < g; ++j) {
+        for (int64_t j = 0; j < it.n; ++j) {
             const float w = scores[j * it.len + p];
             for (int64_t i = 0; i < d; ++i) it.out[j * d + i] += w * load1<BF16>(v_pool, row + i);
         }
@@ -124,121 +136,209 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
-// softmax in place over n scores
-__attribute__((target("avx2,fma"))) void softmax_avx2(float* s, int64_t n) {
-    const float mx = *std::max_element(s, s + n);
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t p = 0;
-    for (; p + 8 <= n; p += 8) {
-        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + p), vmx));
-        _mm256_storeu_ps(s + p, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = hsum(vsum);
-    for (; p < n; ++p) sum += (s[p] = std::exp(s[p] - mx));
-    const __m256 inv = _mm256_set1_ps(1.f / sum);
-    p = 0;
-    for (; p + 8 <= n; p += 8) _mm256_storeu_ps(s + p, _mm256_mul_ps(_mm256_loadu_ps(s + p), inv));
-    for (; p < n; ++p) s[p] *= 1.f / sum;
+// The eight sums of eight vectors in one: lane j = sum of a[j]'s lanes.
+__attribute__((target("avx2,fma"))) inline __m256 reduce8(const __m256* a) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// out[j, :] = sum_p w[j, p] * V[p, :] for the G query heads of a group, 32 dimensions (4 registers) per
-// pass: G * 4 accumulators stay in registers instead of a load and a store of the output per row.
+// Scores are kept position-major, `stride` (8 or 16: the item's vectors rounded up) per position, vector j
+// of the item in lane j, so the reductions, the softmax and the masks all run 8 vectors to a register.
+constexpr int64_t stride_for(int64_t n) { return n <= 8 ? 8 : 16; }
+
+// Positions of an item are walked block by block (no division per row). Rows `ahead` positions on are
+// prefetched: blocks are scattered over the pool, so the hardware prefetcher stops at each block's end.
+struct Walk {
+    const Item& it;
+    int64_t d, bs, ahead;
+    int64_t base(int64_t block) const { return it.kv_offset + it.table[block] * bs * d; }
+};
+
+// K pass for NV vectors (a compile-time count keeps the accumulators in registers): every K row is
+// loaded once and dotted with all NV query vectors; the sums land in scores[p * stride + j] * scale.
+template <bool BF16, int NV>
+__attribute__((target("avx2,fma"))) void k_pass(const Item& it, const void* k_pool, int64_t d, int64_t bs, float scale,
+                                                 float* scores) {
+    constexpr int64_t elem = BF16 ? 2 : 4;
+    const Walk w{it, d, bs, std::min(kAhead, bs)};
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int64_t blk = 0, p = 0; p < it.len; ++blk) {
+        const int64_t base = w.base(blk);
+        const int64_t next = p + bs < it.len ? w.base(blk + 1) : 0;
+        const int64_t end = std::min(it.len, p + bs);
+        for (int64_t o = 0; p < end; ++p, ++o) {
+            if (p + w.ahead < it.len)
+                prefetch_row<BF16>(k_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d, d * elem);
+            const int64_t row = base + o * d;
+            constexpr int64_t stride = stride_for(NV);
+            __m256 acc[stride];
+            for (int j = 0; j < stride; ++j) acc[j] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < d; i += 8) {
+                const __m256 k = load8<BF16>(k_pool, row + i);
+                for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(it.q + j * d + i), k, acc[j]);
+            }
+            _mm256_storeu_ps(scores + p * stride, _mm256_mul_ps(reduce8(acc), vscale));
+            if constexpr (NV > 8) _mm256_storeu_ps(scores + p * stride + 8, _mm256_mul_ps(reduce8(acc + 8), vscale));
+        }
+    }
+}
+
+// Softmax of each vector over its own positions (lane j sees p < lens[j]; later positions get weight 0),
+// left unnormalised: inv[j] = 1 / the sum, applied to the output.
+__attribute__((target("avx2,fma"))) void softmax_lanes(const Item& it, float* scores, float* inv) {
+    const int64_t stride = stride_for(it.n);
+    for (int64_t g = 0; g < it.n; g += 8) {
+        alignas(32) float lens[8];
+        for (int64_t j = 0; j < 8; ++j) lens[j] = static_cast<float>(g + j < it.n ? it.lens[g + j] : 0);
+        const __m256 vlen = _mm256_load_ps(lens);
+        const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+        __m256 mx = ninf;
+        for (int64_t p = 0; p < it.len; ++p) {
+            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(p)), vlen, _CMP_LT_OQ);
+            mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(scores + p * stride + g), seen));
+        }
+        mx = _mm256_max_ps(mx, _mm256_set1_ps(-std::numeric_limits<float>::max()));   // lanes that see nothing
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t p = 0; p < it.len; ++p) {
+            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(p)), vlen, _CMP_LT_OQ);
+            float* s = scores + p * stride + g;
+            const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s), mx)), seen);
+            _mm256_storeu_ps(s, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        alignas(32) float sums[8];
+        _mm256_store_ps(sums, sum);
+        for (int64_t j = 0; j < 8 && g + j < it.n; ++j) inv[g + j] = sums[j] > 0.f ? 1.f / sums[j] : 0.f;
+    }
+}
+
+// out[j, :] = inv[j] * sum_p w[p, j] * V[p, :] for G consecutive vectors j0.. of the item (positions up to
+// the last one's length), 32 dimensions (4 registers) per pass: G * 4 accumulators stay in registers.
 template <bool BF16, int G>
 __attribute__((target("avx2,fma"))) void v_pass(const Item& it, const void* v_pool, int64_t d, int64_t bs,
-                                                 const float* w) {
+                                                 const float* scores, const float* inv, int64_t j0) {
     constexpr int64_t elem = BF16 ? 2 : 4;
+    const Walk w{it, d, bs, std::min(kAhead, bs)};
+    const int64_t len = it.lens[j0 + G - 1], stride = stride_for(it.n);
     for (int64_t i0 = 0; i0 < d; i0 += 32) {
         const int64_t lanes = std::min<int64_t>(4, (d - i0) / 8);
         __m256 acc[G][4];
         for (int j = 0; j < G; ++j)
             for (int c = 0; c < 4; ++c) acc[j][c] = _mm256_setzero_ps();
-        for (int64_t p = 0; p < it.len; ++p) {
-            const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d + i0;
-            if (p + kAhead < it.len)
-                prefetch_row<BF16>(v_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d + i0, lanes * 8 * elem);
-            __m256 wj[G];
-            for (int j = 0; j < G; ++j) wj[j] = _mm256_set1_ps(w[j * it.len + p]);
-            for (int64_t c = 0; c < lanes; ++c) {
-                const __m256 v = load8<BF16>(v_pool, row + c * 8);
-                for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(wj[j], v, acc[j][c]);
+        for (int64_t blk = 0, p = 0; p < len; ++blk) {
+            const int64_t base = w.base(blk) + i0;
+            const int64_t next = p + bs < len ? w.base(blk + 1) + i0 : 0;
+            const int64_t end = std::min(len, p + bs);
+            for (int64_t o = 0; p < end; ++p, ++o) {
+                if (p + w.ahead < len)
+                    prefetch_row<BF16>(v_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d,
+                                       lanes * 8 * elem);
+                const int64_t row = base + o * d;
+                __m256 wj[G];
+                for (int j = 0; j < G; ++j) wj[j] = _mm256_broadcast_ss(scores + p * stride + j0 + j);
+                for (int64_t c = 0; c < lanes; ++c) {
+                    const __m256 v = load8<BF16>(v_pool, row + c * 8);
+                    for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(wj[j], v, acc[j][c]);
+                }
             }
         }
-        for (int j = 0; j < G; ++j)
-            for (int64_t c = 0; c < lanes; ++c) _mm256_storeu_ps(it.out + j * d + i0 + c * 8, acc[j][c]);
+        for (int j = 0; j < G; ++j) {
+            const __m256 norm = _mm256_set1_ps(inv[j0 + j]);
+            for (int64_t c = 0; c < lanes; ++c)
+                _mm256_storeu_ps(it.out + (j0 + j) * d + i0 + c * 8, _mm256_mul_ps(acc[j][c], norm));
+        }
     }
 }
 
+template <bool BF16, int NV>
+__attribute__((target("avx2,fma"))) void item_avx2_n(const Item& it, const void* k_pool, const void* v_pool, int64_t d,
+                                                      int64_t bs, float scale, std::vector<float>& scores) {
+    scores.resize(static_cast<size_t>(it.len * stride_for(NV)));
+    float inv[16];
+    k_pass<BF16, NV>(it, k_pool, d, bs, scale, scores.data());
+    softmax_lanes(it, scores.data(), inv);
+    int64_t j0 = 0;
+    for (; j0 + 3 <= NV; j0 += 3) v_pass<BF16, 3>(it, v_pool, d, bs, scores.data(), inv, j0);
+    if (NV - j0 == 2) v_pass<BF16, 2>(it, v_pool, d, bs, scores.data(), inv, j0);
+    if (NV - j0 == 1) v_pass<BF16, 1>(it, v_pool, d, bs, scores.data(), inv, j0);
+}
+
+template <bool BF16, int... N>
+void item_avx2_dispatch(std::integer_sequence<int, N...>, const Item& it, const void* k_pool, const void* v_pool,
+                        int64_t d, int64_t bs, float scale, std::vector<float>& scores) {
+    using Fn = void (*)(const Item&, const void*, const void*, int64_t, int64_t, float, std::vector<float>&);
+    static constexpr Fn table[] = {&item_avx2_n<BF16, N + 1>...};
+    table[it.n - 1](it, k_pool, v_pool, d, bs, scale, scores);
+}
+
+// head_dim a multiple of 8, 1 <= it.n <= kMaxGroup
 template <bool BF16>
-__attribute__((target("avx2,fma"))) void item_avx2(const Item& it, const void* k_pool, const void* v_pool, int64_t g,
-                                                    int64_t d, int64_t bs, float scale, std::vector<float>& scores) {
-    scores.resize(static_cast<size_t>(g * it.len));
-    constexpr int64_t elem = BF16 ? 2 : 4;
-    for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
-        if (p + kAhead < it.len) prefetch_row<BF16>(k_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d, d * elem);
-        __m256 acc[kMaxGroup];
-        for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8) {
-            const __m256 k = load8<BF16>(k_pool, row + i);
-            for (int64_t j = 0; j < g; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(it.q + j * d + i), k, acc[j]);
-        }
-        for (int64_t j = 0; j < g; ++j) scores[j * it.len + p] = hsum(acc[j]) * scale;
-    }
-    for (int64_t j = 0; j < g; ++j) softmax_avx2(scores.data() + j * it.len, it.len);
-    switch (g) {                      // the weighted sum of V with its accumulators in registers
-        case 1: v_pass<BF16, 1>(it, v_pool, d, bs, scores.data()); return;
-        case 2: v_pass<BF16, 2>(it, v_pool, d, bs, scores.data()); return;
-        case 3: v_pass<BF16, 3>(it, v_pool, d, bs, scores.data()); return;
-        default: break;
-    }
-    std::fill(it.out, it.out + g * d, 0.f);
-    for (int64_t p = 0; p < it.len; ++p) {
-        const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
-        if (p + kAhead < it.len) prefetch_row<BF16>(v_pool, it.kv_offset + kv_slot(it.table, p + kAhead, bs) * d, d * elem);
-        for (int64_t i = 0; i < d; i += 8) {
-            const __m256 v = load8<BF16>(v_pool, row + i);
-            for (int64_t j = 0; j < g; ++j) {
-                float* o = it.out + j * d + i;
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(scores[j * it.len + p]), v, _mm256_loadu_ps(o)));
-            }
-        }
-    }
+void item_avx2(const Item& it, const void* k_pool, const void* v_pool, int64_t d, int64_t bs, float scale,
+               std::vector<float>& scores) {
+    item_avx2_dispatch<BF16>(std::make_integer_sequence<int, kMaxGroup>{}, it, k_pool, v_pool, d, bs, scale, scores);
 }
 
 }  // namespace
 
-void paged_attention_decode(const float* q, const void* k_pool, const void* v_pool, bool bf16_kv,
-                            const int64_t* block_table, const int64_t* context_lens, int64_t batch,
-                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
-                            int64_t block_size, int64_t max_blocks, float scale, float* out) {
+void paged_attention(const float* q, const void* k_pool, const void* v_pool, bool bf16_kv, const int64_t* block_table,
+                     const int64_t* context_lens, const int64_t* query_start, int64_t num_seqs, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t block_size,
+                     int64_t max_blocks, float scale, float* out) {
     const int64_t g = num_heads / num_kv_heads;
     const int64_t d = head_dim;
     const bool simd = has_avx2() && d % 8 == 0 && g <= kMaxGroup;
-    const int64_t items = batch * num_kv_heads;
+    // a tile holds as many query rows as fit kMaxGroup vectors (1 row where G > kMaxGroup: scalar path)
+    const int64_t tile = std::max<int64_t>(1, kMaxGroup / g);
+    // work items: (sequence, KV head, tile of its query rows)
+    std::vector<int64_t> first_item(num_seqs + 1, 0);
     int64_t work = 0;
-    for (int64_t b = 0; b < batch; ++b) work += context_lens[b];
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t rows = query_start[s + 1] - query_start[s];
+        first_item[s + 1] = first_item[s] + num_kv_heads * ((rows + tile - 1) / tile);
+        work += context_lens[s] * rows;
+    }
+    const int64_t items = first_item[num_seqs];
     // small steps are not worth waking the thread team
     const bool parallel = work * num_kv_heads * d >= (int64_t{1} << 16) && items > 1;
 #pragma omp parallel if (parallel)
     {
-        std::vector<float> scores;
+        std::vector<float> scores, qbuf, obuf;
+        std::vector<int64_t> lens;
+        int64_t s = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < items; ++w) {
-            const int64_t b = w / num_kv_heads, h = w % num_kv_heads;
-            const Item it{q + (b * num_heads + h * g) * d, out + (b * num_heads + h * g) * d,
-                          block_table + b * max_blocks, context_lens[b], h * num_slots * d};
-            if (it.len <= 0) {
-                std::fill(it.out, it.out + g * d, 0.f);
-                continue;
+            while (first_item[s + 1] <= w) ++s;          // items ascend within a thread's chunks
+            while (first_item[s] > w) --s;
+            const int64_t local = w - first_item[s];
+            const int64_t rows = query_start[s + 1] - query_start[s];
+            const int64_t tiles = (rows + tile - 1) / tile;
+            const int64_t h = local / tiles, r0 = (local % tiles) * tile, r1 = std::min(rows, r0 + tile);
+            const int64_t n = (r1 - r0) * g;
+            qbuf.resize(static_cast<size_t>(n * d));
+            obuf.resize(static_cast<size_t>(n * d));
+            lens.resize(static_cast<size_t>(n));
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t t = query_start[s] + r;
+                std::memcpy(qbuf.data() + (r - r0) * g * d, q + (t * num_heads + h * g) * d, sizeof(float) * g * d);
+                // row r of `rows` sits at position context - rows + r and sees everything up to it
+                const int64_t len = std::max<int64_t>(0, context_lens[s] - rows + r + 1);
+                for (int64_t j = 0; j < g; ++j) lens[(r - r0) * g + j] = len;
             }
-            if (simd) {
-                if (bf16_kv) item_avx2<true>(it, k_pool, v_pool, g, d, block_size, scale, scores);
-                else item_avx2<false>(it, k_pool, v_pool, g, d, block_size, scale, scores);
+            const Item it{qbuf.data(), obuf.data(), lens.data(), n, lens[n - 1], block_table + s * max_blocks,
+                          h * num_slots * d};
+            if (lens[0] <= 0) {          // an empty context (lengths ascend within a tile)
+                std::fill(obuf.begin(), obuf.end(), 0.f);
+            } else if (simd) {
+                if (bf16_kv) item_avx2<true>(it, k_pool, v_pool, d, block_size, scale, scores);
+                else item_avx2<false>(it, k_pool, v_pool, d, block_size, scale, scores);
             } else {
-                if (bf16_kv) item_scalar<true>(it, k_pool, v_pool, g, d, block_size, scale, scores);
-                else item_scalar<false>(it, k_pool, v_pool, g, d, block_size, scale, scores);
+                if (bf16_kv) item_scalar<true>(it, k_pool, v_pool, d, block_size, scale, scores);
+                else item_scalar<false>(it, k_pool, v_pool, d, block_size, scale, scores);
+            }
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t t = query_start[s] + r;
+                std::memcpy(out + (t * num_heads + h * g) * d, obuf.data() + (r - r0) * g * d, sizeof(float) * g * d);
             }
         }
     }

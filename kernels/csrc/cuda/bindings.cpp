@@ -40,16 +40,17 @@ PYBIND11_MODULE(_cuda, m) {
         check(strata::cuda::silu_and_mul(ptr<const float>(gate_up), rows, inner, ptr<float>(out), stream_of(stream)),
               "silu_and_mul");
     });
-    m.def("paged_attention_decode",
-          [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, uintptr_t block_table, uintptr_t context_lens,
-             int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
+    m.def("paged_attention",
+          [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, uintptr_t block_table, uintptr_t row_seq,
+             uintptr_t row_len, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
              int64_t block_size, int64_t max_blocks, int64_t max_context, float scale, uintptr_t out,
              uintptr_t stream) {
-              check(strata::cuda::paged_attention_decode(
+              check(strata::cuda::paged_attention(
                         ptr<const float>(q), ptr<const float>(k_pool), ptr<const float>(v_pool),
-                        ptr<const int64_t>(block_table), ptr<const int64_t>(context_lens), batch, num_heads,
+                        ptr<const int64_t>(block_table), ptr<const int64_t>(row_seq), ptr<const int64_t>(row_len),
+                        rows, num_heads,
                         num_kv_heads, head_dim, num_slots, block_size, max_blocks, max_context, scale, ptr<float>(out),
                         stream_of(stream)),
-                    "paged_attention_decode");
+                    "paged_attention");
           });
 }

@@ -76,21 +76,22 @@ __global__ void silu_and_mul_kernel(const float* gate_up, int64_t rows, int64_t 
     out[idx] = silu_mul(gate_up[t * 2 * inner + i], gate_up[t * 2 * inner + inner + i]);
 }
 
-// Decode attention: one block per (sequence, query head); the block's threads split the context
-// positions (scores into shared memory, then a block-wide softmax), then split the head dimension for
+// Paged attention: one block per (query row, query head). Row t belongs to sequence row_seq[t] and attends
+// its positions 0 .. row_len[t] - 1 (decodes: the whole context; prefill and verification rows: causal).
+// The block's threads split the context positions (scores into shared memory, then a block-wide softmax), then split the head dimension for
 // the weighted sum of V. `scores` holds max_context floats per block (dynamic shared memory).
-__global__ void paged_attention_decode_kernel(const float* q, const float* k_pool, const float* v_pool,
-                                              const int64_t* block_table, const int64_t* context_lens,
-                                              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+__global__ void paged_attention_kernel(const float* q, const float* k_pool, const float* v_pool,
+                                       const int64_t* block_table, const int64_t* row_seq, const int64_t* row_len,
+                                       int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                               int64_t num_slots, int64_t block_size, int64_t max_blocks, float scale,
                                               float* out) {
     extern __shared__ float scores[];
     __shared__ float shared[32];
-    const int64_t b = blockIdx.x / num_heads, h = blockIdx.x % num_heads;
+    const int64_t t = blockIdx.x / num_heads, h = blockIdx.x % num_heads;
     const int64_t kvh = h / (num_heads / num_kv_heads);
-    const int64_t len = context_lens[b];
-    const int64_t* table = block_table + b * max_blocks;
-    const float* qh = q + (b * num_heads + h) * head_dim;
+    const int64_t len = row_len[t];
+    const int64_t* table = block_table + row_seq[t] * max_blocks;
+    const float* qh = q + (t * num_heads + h) * head_dim;
     const float* kbase = k_pool + kvh * num_slots * head_dim;
     const float* vbase = v_pool + kvh * num_slots * head_dim;
     float local_max = -FLT_MAX;
@@ -109,7 +110,7 @@ __global__ void paged_attention_decode_kernel(const float* q, const float* k_poo
     for (int64_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float acc = 0.f;
         for (int64_t p = 0; p < len; ++p) acc += scores[p] * vbase[kv_slot(table, p, block_size) * head_dim + i];
-        out[(b * num_heads + h) * head_dim + i] = acc * inv;
+        out[(t * num_heads + h) * head_dim + i] = acc * inv;
     }
 }
 
@@ -141,20 +142,20 @@ int silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out, 
     return launched();
 }
 
-int paged_attention_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* block_table,
-                           const int64_t* context_lens, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                           int64_t head_dim, int64_t num_slots, int64_t block_size, int64_t max_blocks,
-                           int64_t max_context, float scale, float* out, cudaStream_t stream) {
-    if (batch == 0) return 0;
+int paged_attention(const float* q, const float* k_pool, const float* v_pool, const int64_t* block_table,
+                    const int64_t* row_seq, const int64_t* row_len, int64_t rows, int64_t num_heads,
+                    int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t block_size, int64_t max_blocks,
+                    int64_t max_context, float scale, float* out, cudaStream_t stream) {
+    if (rows == 0) return 0;
     const size_t shared_bytes = static_cast<size_t>(max_context > 0 ? max_context : 1) * sizeof(float);
     if (shared_bytes > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(paged_attention_decode_kernel,
+        const cudaError_t e = cudaFuncSetAttribute(paged_attention_kernel,
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(shared_bytes));
         if (e != cudaSuccess) return static_cast<int>(e);
     }
-    paged_attention_decode_kernel<<<static_cast<unsigned>(batch * num_heads), kThreads, shared_bytes, stream>>>(
-        q, k_pool, v_pool, block_table, context_lens, num_heads, num_kv_heads, head_dim, num_slots, block_size,
+    paged_attention_kernel<<<static_cast<unsigned>(rows * num_heads), kThreads, shared_bytes, stream>>>(
+        q, k_pool, v_pool, block_table, row_seq, row_len, num_heads, num_kv_heads, head_dim, num_slots, block_size,
         max_blocks, scale, out);
     return launched();
 }

@@ -13,11 +13,13 @@ int add_rms_norm(float* residual, const float* delta, const float* weight, int64
 int rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_dim, const float* cos,
                    const float* sin, cudaStream_t stream);
 int silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out, cudaStream_t stream);
-// float32 pools; max_context bounds context_lens (the scores of one head live in shared memory)
-int paged_attention_decode(const float* q, const float* k_pool, const float* v_pool, const int64_t* block_table,
-                           const int64_t* context_lens, int64_t batch, int64_t num_heads, int64_t num_kv_heads,
-                           int64_t head_dim, int64_t num_slots, int64_t block_size, int64_t max_blocks,
-                           int64_t max_context, float scale, float* out, cudaStream_t stream);
+// float32 pools; q/out [rows, H, D]; row t reads the blocks of sequence row_seq[t] (block_table
+// [S, max_blocks]) and attends its first row_len[t] positions; max_context bounds row_len (the scores of
+// one head live in shared memory)
+int paged_attention(const float* q, const float* k_pool, const float* v_pool, const int64_t* block_table,
+                    const int64_t* row_seq, const int64_t* row_len, int64_t rows, int64_t num_heads,
+                    int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t block_size, int64_t max_blocks,
+                    int64_t max_context, float scale, float* out, cudaStream_t stream);
 const char* error_string(int code);
 int device_count();
 

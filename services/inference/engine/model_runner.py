@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import available as kernels_available
-from kernels.attention import KV_DTYPES, PagedDecode
+from kernels.attention import KV_DTYPES, PagedAttention
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.llama import LlamaModel
 from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample
+
+
+# Chunks of up to this many rows go through the paged-attention kernel with the decodes (speculative
+# verification runs, short prefill chunks); longer prefill chunks use torch's SDPA, whose GEMMs are faster
+# there on CPU (kernels.bench / the issue-6 notes).
+PAGED_MAX_ROWS = 8
 
 
 @dataclass(slots=True)
@@ -53,30 +59,41 @@ class ModelRunner:
         return gen
 
     # inputs
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        prefills = [c for c in chunks if c.num_tokens > 1]
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, torch.Tensor,
+                                                              AttentionMetadata]:
+        """Lays a step out as paged rows first (decodes, and with the kernels every chunk of at most
+        PAGED_MAX_ROWS rows: short prefill chunks, speculative verification runs), then the longer prefill
+        chunks; returns the chunks in that order with the step's inputs."""
+        use_kernel = kernels_available() and self.kv_caches[0][0].dtype in KV_DTYPES
+        limit = PAGED_MAX_ROWS if use_kernel else 1
+        paged = [c for c in chunks if c.num_tokens <= limit]
+        prefills = [c for c in chunks if c.num_tokens > limit]
+        ordered = paged + prefills
         ids: list[int] = []
         pos: list[int] = []
-        for c in decodes + prefills:
+        for c in ordered:
             ids.extend(c.request.all_token_ids[c.start:c.start + c.num_tokens])
             pos.extend(range(c.start, c.start + c.num_tokens))
         positions = torch.tensor(pos, dtype=torch.int64)
         slot_parts = []
         bs = self.block_size
-        # decode: one query per sequence over its padded block table
-        table = mask = None
-        if decodes:
-            ctx = torch.tensor([c.start + 1 for c in decodes], dtype=torch.int64)
-            nb = max(len(c.request.block_ids) for c in decodes)
+        # paged rows: each sequence's new rows over its padded block table
+        table = mask = plan = None
+        if paged:
+            ctx = torch.tensor([c.start + c.num_tokens for c in paged], dtype=torch.int64)
+            nb = max(len(c.request.block_ids) for c in paged)
             table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
-                                  for c in decodes], dtype=torch.int64)
-            mask = torch.arange(nb * bs)[None, :] < ctx[:, None]
-            last = ctx - 1
-            slot_parts.append(table.gather(1, (last // bs)[:, None]).squeeze(1) * bs + last % bs)
-        # prefill: one span per chunk, attending to its cached context plus itself
+                                  for c in paged], dtype=torch.int64)
+            new_pos = positions[:len(pos) - sum(c.num_tokens for c in prefills)]
+            row_seq = torch.repeat_interleave(torch.arange(len(paged)), torch.tensor([c.num_tokens for c in paged]))
+            slot_parts.append(table[row_seq, new_pos // bs] * bs + new_pos % bs)
+            if use_kernel:              # checked once, used by every layer
+                plan = PagedAttention(table, ctx, bs, torch.tensor([c.num_tokens for c in paged], dtype=torch.int64))
+            else:                       # decodes only: the torch path's context mask
+                mask = torch.arange(nb * bs)[None, :] < ctx[:, None]
+        # longer prefill chunks: one span each, attending to its cached context plus itself
         spans = []
-        row = len(decodes)
+        row = len(pos) - sum(c.num_tokens for c in prefills)
         for c in prefills:
             ctx_len = c.start + c.num_tokens
             nb = -(-ctx_len // bs)
@@ -89,21 +106,17 @@ class ModelRunner:
                 span_mask = torch.arange(nb * bs)[None, :] <= new_pos[:, None]
                 spans.append(PrefillSpan(row, row + c.num_tokens, block_ids, span_mask))
             row += c.num_tokens
-        plan = None
-        if decodes and kernels_available() and self.kv_caches[0][0].dtype in KV_DTYPES:
-            plan = PagedDecode(table, ctx, bs)          # checked once, used by every layer
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
-            num_decode_tokens=len(decodes), decode_block_table=table, decode_mask=mask, prefills=spans,
-            decode_plan=plan)
-        return torch.tensor(ids, dtype=torch.int64), positions, meta
+            num_paged_rows=len(pos) - sum(c.num_tokens for c in prefills), paged_block_table=table, decode_mask=mask,
+            prefills=spans, paged_plan=plan)
+        return ordered, torch.tensor(ids, dtype=torch.int64), positions, meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta = self._prepare(out.chunks)
+        ordered, input_ids, positions, meta = self._prepare(out.chunks)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         # sample: last row of every chunk that reaches the end of its tokens
-        ordered = [c for c in out.chunks if c.num_tokens == 1] + [c for c in out.chunks if c.num_tokens > 1]
         rows, sampling = [], []
         end = 0
         for c in ordered:

@@ -1,14 +1,15 @@
 """Attention over the paged KV cache.
 
-Decodes use the C++ paged-attention kernel (kernels.PagedDecode, reading K/V in place through the block
-table) when the kernels are built and not forced off (STRATA_KERNELS=reference); otherwise, and for
-prefill chunks, the torch path below.
+The step's first rows ("paged rows": decodes, and with the kernels every chunk of a few rows, such as a
+speculative verification run) go through the paged-attention kernel (kernels.PagedAttention: causal,
+reading K/V in place through the block tables) when the kernels are built and not forced off
+(STRATA_KERNELS=reference); without them the paged rows are decodes only and use the torch path below.
+Longer prefill chunks use torch's SDPA over their gathered context.
 
 The KV pool of one layer is a pair of tensors [num_kv_heads, num_blocks * block_size, head_dim]:
 heads outermost, so gathering a sequence's blocks yields [KVH, L, D], the layout the attention
-matmuls want, with no transposing copy. A step's tokens are laid out decodes first (one token
-each), then prefill chunks; the model runner builds `AttentionMetadata` once per step and every
-layer reuses it.
+matmuls want, with no transposing copy. A step's tokens are laid out paged rows first, then the longer
+prefill chunks; the model runner builds `AttentionMetadata` once per step and every layer reuses it.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ class PrefillSpan:
 class AttentionMetadata:
     slot_mapping: torch.Tensor               # [T] int64: where each new token's K/V is written
     block_size: int                          # tokens per KV block
-    num_decode_tokens: int                   # rows [0, D) are decodes, one token per sequence
-    decode_block_table: torch.Tensor | None  # [D, nb] int64: block ids per decode, padded
-    decode_mask: torch.Tensor | None         # [D, nb * block_size] bool: real context positions
+    num_paged_rows: int                      # rows [0, P): the paged rows (decodes, short chunks)
+    paged_block_table: torch.Tensor | None   # [S, nb] int64: block ids per paged sequence, padded
+    decode_mask: torch.Tensor | None         # [S, nb * block_size] bool: context positions (torch path: decodes)
     prefills: list[PrefillSpan]
-    decode_plan: Any = None                  # kernels.PagedDecode: decodes read the pool in place (C++)
+    paged_plan: Any = None                   # kernels.PagedAttention: paged rows read the pool in place
 
 
 def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,13 +81,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     """q [T, H, D], k/v [T, KVH, D] (already rotated) -> attention output [T, H, D]."""
     write_kv(k_pool, v_pool, k, v, meta.slot_mapping)
     outs = []
-    nd = meta.num_decode_tokens
-    # decode
-    if nd and meta.decode_plan is not None:
-        outs.append(meta.decode_plan(q[:nd], k_pool, v_pool, scale))
+    nd = meta.num_paged_rows
+    if nd and meta.paged_plan is not None:
+        outs.append(meta.paged_plan(q[:nd], k_pool, v_pool, scale))
     elif nd:
-        outs.append(decode_attention(q[:nd], gather_blocks(k_pool, meta.decode_block_table, meta.block_size),
-                                     gather_blocks(v_pool, meta.decode_block_table, meta.block_size),
+        outs.append(decode_attention(q[:nd], gather_blocks(k_pool, meta.paged_block_table, meta.block_size),
+                                     gather_blocks(v_pool, meta.paged_block_table, meta.block_size),
                                      meta.decode_mask, scale))
     # prefill
     for span in meta.prefills:

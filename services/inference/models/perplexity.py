@@ -17,7 +17,7 @@ def token_logprobs(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
     kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype),
            new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype)) for _ in range(hp.num_layers)]
     slots = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_decode_tokens=0, decode_block_table=None,
+    meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_paged_rows=0, paged_block_table=None,
                              decode_mask=None, prefills=[PrefillSpan(0, n, None, None)])
     ids = torch.tensor(token_ids)
     hidden = model.forward(ids, slots, kv, meta)
