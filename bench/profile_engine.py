@@ -137,9 +137,11 @@ def profile_streams(engine: LLMEngine, streams: int, steps: int, prompt_len: int
     groups_ms["python, dispatch, profiler (step wall - op time)"] = 1e3 * profiled_step_s - sum(ops.values())
     projections = [getattr(layer, n) for layer in model.layers for n in ("qkv", "o", "gate_up", "down")]
     projections.append(model.lm_head)
-    weights = [p.weight if isinstance(p, DenseLinear) else p.qweight for p in projections]
-    weight_bytes = sum(w.nbytes for w in weights)
-    flops = 2 * streams * sum(w.numel() for w in weights)
+    def stored(p) -> int:      # the bytes a decode step reads: dense weights, int8 codes or GGUF blocks
+        return p.weight.nbytes if isinstance(p, DenseLinear) else p.kernel.nbytes if hasattr(p.kernel, "qs") else p.qweight.nbytes
+    weight_bytes = sum(stored(p) for p in projections)
+    flops = 2 * streams * sum(p.in_features * (p.weight.shape[1] if isinstance(p, DenseLinear) else p.kernel.n)
+                              for p in projections)
     mm_ms = ops.get("linear matmuls (mm)", float("nan"))
     return {
         "streams": streams, "step_ms": 1e3 * step_s, "tokens_per_s": streams / step_s,
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--quantization", choices=["none", "int8"], default="none")
+    p.add_argument("--quantization", choices=["none", "int8", "gguf"], default="none")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -5,9 +5,11 @@ version of every kernel (the tests' reference, and the path `STRATA_KERNELS=refe
 from kernels.attention import PagedAttention, PagedDecode, paged_attention, paged_attention_decode, reshape_and_cache
 from kernels.layers import add_rms_norm_, rotary_, silu_and_mul
 from kernels.quantized import Int8Matrix, int8_gemv, int8_linear, int8_weight_gemv
+from kernels.gguf import GGUFMatrix, gguf_gemv
+from kernels.stack import LayerStack, StackLayerWeights
 from kernels.topk import cosine_topk, cosine_topk_f32, quantize_rows_int8
 from kernels._loader import available, use_reference
 
-__all__ = ["Int8Matrix", "PagedAttention", "PagedDecode", "add_rms_norm_", "available", "cosine_topk", "cosine_topk_f32", "int8_gemv", "int8_linear",
+__all__ = ["GGUFMatrix", "Int8Matrix", "LayerStack", "StackLayerWeights", "PagedAttention", "PagedDecode", "add_rms_norm_", "available", "cosine_topk", "cosine_topk_f32", "gguf_gemv", "int8_gemv", "int8_linear",
            "int8_weight_gemv", "paged_attention", "paged_attention_decode", "quantize_rows_int8", "reshape_and_cache", "rotary_", "silu_and_mul",
            "use_reference"]

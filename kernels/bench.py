@@ -3,11 +3,16 @@ the torch path measured in the same run.
 
     python -m kernels.bench [--repeats 30] [--out bench/results/kernels.json]
 
-Paged attention (decode) uses SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64,
-float32 K/V, 16-token blocks scattered over the pool); the torch path is the engine's own (gather the
-blocks, batched matmuls, softmax). Bytes moved = the K and V rows read. Copy bandwidth = a 256 MiB
-tensor copy (bytes read + written), measured in the same run. Engine level: decode tokens/s at 1 and 32
-streams, float32 and int8, with the kernels and with STRATA_KERNELS=reference (--no-engine skips it).
+Paged attention uses SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, float32 K/V,
+16-token blocks scattered over the pool): decode steps, and a mixed step of speculative verification
+runs (5 rows per sequence, causal); the torch path is the engine's own (gather the blocks, batched
+matmuls or SDPA with a mask). Bytes moved = the K and V rows read. The decode GEMVs (one activation row,
+the model's shapes): the GGUF Q4_1 / Q8_0 block kernel and the int8 W8A8 kernel against torch's float32
+matmul of the same weights; bytes = the weights as stored. Copy bandwidth = a 256 MiB tensor copy (bytes
+read + written), measured in the same run. Engine level: decode tokens/s at 1 and 32 streams for
+float32, `--quantization int8` and `--quantization gguf`, with the kernels and with
+STRATA_KERNELS=reference, and llama.cpp (llama-cpp-python, the bench extra) on the same GGUF and prompts
+in the same run (--no-engine skips it).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import torch
 from kernels import PagedDecode
 
 TARGET_FRACTION_OF_COPY = 0.5        # issue 6: CPU paged-attention decode at 32 sequences x 1,024 tokens
+TARGET_SINGLE_STREAM_VS_LLAMACPP = 1.2   # issue 6: single-stream decode with the quantized kernel
 SHAPES = [(1, 128), (1, 1024), (8, 512), (32, 1024)]
+PROMPT_LEN, OUT_LEN = 128, 32
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -71,9 +78,102 @@ def paged_attention_case(batch: int, context: int, repeats: int, heads: int = 9,
             "kernel_gbs": moved / k_s / 1e9, "torch_gbs": moved / t_s / 1e9, "speedup_vs_torch": t_s / k_s}
 
 
-def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = 32) -> list[dict]:
+def paged_attention_mixed_case(batch: int, context: int, rows: int, repeats: int, heads: int = 9, kv_heads: int = 3,
+                               head_dim: int = 64, block_size: int = 16) -> dict:
+    """`batch` sequences each verifying `rows` new tokens at the end of `context` (causal), in one call."""
+    import torch.nn.functional as F
+
+    from kernels import PagedAttention
+    from services.inference.models.attention import gather_blocks
+
+    g = torch.Generator().manual_seed(batch * 31 + rows)
+    nb = -(-context // block_size)
+    num_blocks = batch * nb + 1
+    k = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
+    v = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
+    table = torch.randperm(num_blocks, generator=g)[:batch * nb].view(batch, nb).contiguous()
+    lens = torch.full((batch,), context, dtype=torch.int64)
+    q = torch.randn(batch * rows, heads, head_dim, generator=g)
+    scale = head_dim ** -0.5
+    plan = PagedAttention(table, lens, block_size, torch.full((batch,), rows, dtype=torch.int64))
+    mask = torch.arange(nb * block_size)[None, :] <= torch.arange(context - rows, context)[:, None]
+
+    def torch_path():            # the engine's path for chunks over cached context: gather, SDPA with a mask
+        outs = []
+        for b in range(batch):
+            kp, vp = (gather_blocks(x, table[b], block_size).unsqueeze(0) for x in (k, v))
+            qp = q[b * rows:(b + 1) * rows].transpose(0, 1).unsqueeze(0)
+            outs.append(F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
+                        .squeeze(0).transpose(0, 1))
+        return torch.cat(outs)
+    torch.testing.assert_close(plan(q, k, v, scale), torch_path(), atol=1e-4, rtol=1e-4)
+    moved = 2 * batch * context * kv_heads * head_dim * 4
+    k_s, t_s = _median_s(lambda: plan(q, k, v, scale), repeats), _median_s(torch_path, repeats)
+    return {"batch": batch, "context": context, "rows_per_sequence": rows, "bytes": moved, "kernel_ms": k_s * 1e3,
+            "torch_ms": t_s * 1e3, "kernel_gbs": moved / k_s / 1e9, "torch_gbs": moved / t_s / 1e9,
+            "speedup_vs_torch": t_s / k_s}
+
+
+def gemv_cases(repeats: int) -> list[dict]:
+    """One activation row through the model's own weights: GGUF blocks (as the file stores them) and int8
+    W8A8, against torch's float32 matmul of the same weights (the engine's dense layout [in, out])."""
+    import numpy as np
+
+    from kernels import GGUFMatrix
+    from services.inference.models.gguf_file import GGUFFile, default_model_path
+    from services.inference.models.linear import Int8Linear
+
+    gguf = GGUFFile(default_model_path())
+    rows = []
+    for name in ("blk.0.ffn_gate.weight", "blk.0.ffn_down.weight", "token_embd.weight"):
+        t = gguf.raw_tensor(name)
+        mat = GGUFMatrix(torch.from_numpy(np.array(t.data, copy=True)), gguf.tensor_type(name), int(t.shape[0]))
+        dense = mat.dequantize().t().contiguous()                     # [in, out]
+        x = torch.randn(1, mat.k, generator=torch.Generator().manual_seed(mat.n))
+        cases = [(f"gguf {mat.block_type}", mat, mat.nbytes)]
+        if name != "token_embd.weight":                               # the LM head is weight-only int8 there
+            int8 = Int8Linear(dense, emulate=True)
+            cases.append(("int8 W8A8", int8.kernel.linear, int8.qweight.nbytes + int8.scale.nbytes))
+        t_torch = _median_s(lambda: x @ dense, repeats)
+        for kind, fn, nbytes in cases:
+            t_k = _median_s(lambda: fn(x), repeats)
+            rows.append({"weights": name, "shape": [mat.n, mat.k], "kernel": kind, "bytes": nbytes,
+                         "kernel_us": t_k * 1e6, "kernel_gbs": nbytes / t_k / 1e9, "torch_float32_us": t_torch * 1e6,
+                         "torch_gbs": dense.nbytes / t_torch / 1e9, "speedup_vs_torch": t_torch / t_k})
+    return rows
+
+
+def llamacpp_decode_rates(streams: tuple[int, ...], out_len: int = OUT_LEN) -> dict | None:
+    """llama.cpp's decode tokens/s on the same GGUF and prompts (median of 3), or None without the bench extra."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama.cpp: llama-cpp-python is not installed (`make bench` installs the bench extra); skipped")
+        return None
+    from bench.llamacpp import LlamaCppRunner
+    from services.inference.models.gguf_file import default_model_path
+
+    runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(), PROMPT_LEN + out_len + 1)
+    try:
+        row = {"quantization": "Q4_1 (llama.cpp)", "path": "llama.cpp"}
+        for n in streams:
+            prompts = [list(range(100 + i, 100 + PROMPT_LEN + i)) for i in range(n)]
+            runner.run_batch(prompts, 4, n)                                # warm-up
+            rates = []
+            for _ in range(3):
+                t = runner.run_batch(prompts, out_len + 1, n)[0].arrivals_s
+                rates.append(n * out_len / (t[-1] - t[0]))                 # decode only, as the engine's rate
+            row[f"decode_tokens_per_s_{n}"] = sorted(rates)[1]
+        print(f"engine {row}", flush=True)
+        return row
+    finally:
+        runner.close()
+
+
+def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = OUT_LEN) -> list[dict]:
     """Decode tokens/s of the engine (in process, 128-token prompts, greedy) with the kernels and with
-    STRATA_KERNELS=reference, for float32 and --quantization int8; the median of 3 runs each."""
+    STRATA_KERNELS=reference, for float32, --quantization int8 and --quantization gguf; the median of 3
+    runs each."""
     import os
 
     from services.inference.engine.engine import EngineConfig, LLMEngine
@@ -82,7 +182,7 @@ def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = 32) -
     def rate(eng: LLMEngine, n: int) -> float:
         params = SamplingParams(temperature=0.0, max_tokens=out_len + 1, ignore_eos=True)
         for i in range(n):
-            eng.add_request(list(range(100 + i, 228 + i)), params)
+            eng.add_request(list(range(100 + i, 100 + PROMPT_LEN + i)), params)
         while eng.scheduler.waiting or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
             eng.step()                                   # prefill (not timed)
         t0, steps = time.perf_counter(), 0
@@ -92,7 +192,7 @@ def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = 32) -
         return n * steps / (time.perf_counter() - t0)
 
     rows = []
-    for quant in (None, "int8"):
+    for quant in (None, "int8", "gguf"):
         eng = LLMEngine(EngineConfig(dtype="float32", quantization=quant))
         rate(eng, 1)                                     # warm-up
         for mode in ("kernels", "reference"):
@@ -106,7 +206,9 @@ def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = 32) -
                 os.environ.pop("STRATA_KERNELS", None)
             rows.append(row)
             print(f"engine {row}", flush=True)
-    return rows
+        del eng
+    peer = llamacpp_decode_rates(streams, out_len)
+    return rows + ([peer] if peer else [])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -118,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["paged_attention_decode"]
     labels = [f"{r['batch']}x{r['context']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
     ax.bar([i - 0.2 for i in x], [r["kernel_gbs"] for r in rows], 0.4, label="C++ kernel")
     ax.bar([i + 0.2 for i in x], [r["torch_gbs"] for r in rows], 0.4, label="torch path (same run)")
     copy = result["copy_bandwidth_gbs"]
@@ -127,6 +229,19 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks(list(x), labels)
     ax.set(xlabel="sequences x context tokens", ylabel="K/V GB/s", title="paged attention decode (9 heads, 3 KV heads, d=64, fp32)")
     ax.legend(fontsize=8)
+    engine = [r for r in result["engine_decode"] if "decode_tokens_per_s_1" in r]
+    if engine:
+        names = [r["path"] if r["path"] == "llama.cpp" else f"{r['quantization']}\n{r['path']}" for r in engine]
+        colors = ["tab:gray" if r["path"] == "llama.cpp" else "tab:blue" if r["path"] == "kernels" else "tab:orange"
+                  for r in engine]
+        ax2.bar(range(len(engine)), [r["decode_tokens_per_s_1"] for r in engine], color=colors)
+        ax2.set_xticks(range(len(engine)), names, fontsize=7)
+        peer = next((r for r in engine if r["path"] == "llama.cpp"), None)
+        if peer:
+            ax2.axhline(peer["decode_tokens_per_s_1"] * TARGET_SINGLE_STREAM_VS_LLAMACPP, color="red", ls="--",
+                        label="target: 1.2x llama.cpp (same run)")
+            ax2.legend(fontsize=8)
+        ax2.set(ylabel="decode tokens/s", title="engine decode, 1 stream (128-token prompt; blue kernels, orange torch)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -153,13 +268,30 @@ def main(argv: list[str] | None = None) -> None:
         print(f"paged attention {batch}x{context}: kernel {r['kernel_ms']:.3f} ms ({r['kernel_gbs']:.1f} GB/s, "
               f"{100 * r['fraction_of_copy']:.0f}% of copy), torch {r['torch_ms']:.3f} ms, x{r['speedup_vs_torch']:.1f}",
               flush=True)
+    mixed = paged_attention_mixed_case(32, 1024, 5, a.repeats)
+    mixed["fraction_of_copy"] = mixed["kernel_gbs"] / copy
+    print(f"paged attention, 32 x 5 verification rows at 1024: kernel {mixed['kernel_ms']:.3f} ms "
+          f"({100 * mixed['fraction_of_copy']:.0f}% of copy), torch {mixed['torch_ms']:.3f} ms", flush=True)
+    gemv = gemv_cases(a.repeats)
+    for r in gemv:
+        r["fraction_of_copy"] = r["kernel_gbs"] / copy
+        print(f"gemv {r['weights']} {r['kernel']}: {r['kernel_us']:.0f} us ({r['kernel_gbs']:.1f} GB/s), "
+              f"torch float32 {r['torch_float32_us']:.0f} us, x{r['speedup_vs_torch']:.1f}", flush=True)
     engine = [] if a.no_engine else engine_decode_rates()
     target = next(r for r in rows if (r["batch"], r["context"]) == (32, 1024))
-    result = {"config": {"repeats": a.repeats, "threads": torch.get_num_threads()}, "machine": machine_info(),
-              "copy_bandwidth_gbs": copy, "paged_attention_decode": rows, "engine_decode": engine,
-              "targets": {"paged_attention_32x1024_fraction_of_copy": {
-                  "target": TARGET_FRACTION_OF_COPY, "value": target["fraction_of_copy"],
-                  "met": target["fraction_of_copy"] >= TARGET_FRACTION_OF_COPY}}}
+    targets = {"paged_attention_32x1024_fraction_of_copy": {
+        "target": TARGET_FRACTION_OF_COPY, "value": target["fraction_of_copy"],
+        "met": target["fraction_of_copy"] >= TARGET_FRACTION_OF_COPY}}
+    ours = next((r for r in engine if r["quantization"] == "gguf" and r["path"] == "kernels"), None)
+    peer = next((r for r in engine if r["path"] == "llama.cpp"), None)
+    if ours and peer:
+        ratio = ours["decode_tokens_per_s_1"] / peer["decode_tokens_per_s_1"]
+        targets["single_stream_gguf_vs_llamacpp"] = {"target": TARGET_SINGLE_STREAM_VS_LLAMACPP, "value": ratio,
+                                                     "met": ratio >= TARGET_SINGLE_STREAM_VS_LLAMACPP}
+    result = {"config": {"repeats": a.repeats, "threads": torch.get_num_threads(), "prompt_len": PROMPT_LEN,
+                         "decode_tokens": OUT_LEN}, "machine": machine_info(),
+              "copy_bandwidth_gbs": copy, "paged_attention_decode": rows, "paged_attention_mixed": mixed,
+              "gemv": gemv, "engine_decode": engine, "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, a.out.with_suffix(".png"))

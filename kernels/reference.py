@@ -72,6 +72,49 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return paged_attention(q, k_pool, v_pool, block_table, context_lens, None, scale, block_size)
 
 
+def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """blocks uint8 [N, K/32 * bytes] → codes [N, K/32, 32] (float), d and m [N, K/32] (float32; m = 0 for Q8_0)."""
+    n, nb = blocks.shape[0], k // 32
+    raw = blocks.reshape(n, nb, -1)
+    d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    if block_type == "Q4_1":
+        m = raw[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float()
+        qs = raw[..., 4:20]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()
+    elif block_type == "Q8_0":
+        m = torch.zeros_like(d)
+        q = raw[..., 2:34].contiguous().view(torch.int8).float()
+    else:
+        raise ValueError(f"unsupported block type {block_type!r}")
+    return q, d, m
+
+
+def gguf_dequantize(blocks: torch.Tensor, block_type: str, k: int) -> torch.Tensor:
+    """GGUF Q4_1 / Q8_0 blocks [N, K/32 * bytes] → float32 [N, K]: d * q + m per weight (ggml's order)."""
+    q, d, m = _gguf_fields(blocks, block_type, k)
+    return (q * d[..., None] + m[..., None]).reshape(blocks.shape[0], k)
+
+
+def quantize_blocks_q16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 → int16-range codes [M, K/32, 32] (round half to even of x / dx), dx = max|x| / 32767
+    and the block sums sx, both [M, K/32] (codes 0 where a block is all zero)."""
+    xb = x.float().reshape(x.shape[0], -1, 32)
+    dx = xb.abs().amax(dim=-1) / 32767.0
+    safe = torch.where(dx > 0, dx, torch.ones_like(dx))
+    codes = torch.where(dx[..., None] > 0, torch.round(xb / safe[..., None]), torch.zeros_like(xb))
+    return codes, dx, xb.sum(dim=-1)
+
+
+def gguf_gemv(x: torch.Tensor, blocks: torch.Tensor, block_type: str, k: int) -> torch.Tensor:
+    """y [M, N] = sum over blocks b of d[n, b] * dx[r, b] * (codes_w · codes_x) (+ m[n, b] * sx[r, b] for Q4_1):
+    the kernel's arithmetic (activations quantized to int16 per 32-value block), integer dots exact in float64."""
+    q, d, m = _gguf_fields(blocks, block_type, k)
+    xq, dx, sx = quantize_blocks_q16(x)
+    dots = torch.einsum("rbi,nbi->rnb", xq.double(), q.double())                 # exact integers
+    y = (dots * (d[None].double() * dx[:, None].double())).sum(-1) + (m[None].double() * sx[:, None].double()).sum(-1)
+    return y.float()
+
+
 def int8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """y [M, N] = x_scale[:, None] * w_scale[None, :] * (xq [M, K] int8 @ wq [N, K] int8ᵀ), the integer
     products summed exactly."""

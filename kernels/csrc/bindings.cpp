@@ -1,11 +1,14 @@
 // pybind11 bindings: raw pointers and explicit sizes only. kernels/*.py validate and allocate.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 
 #include "cpu/cosine_topk.h"
+#include "cpu/gguf_gemv.h"
 #include "cpu/int8_gemv.h"
 #include "cpu/layer_ops.h"
+#include "cpu/layer_stack.h"
 #include "cpu/paged_attention.h"
 
 namespace py = pybind11;
@@ -19,6 +22,39 @@ T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "Strata's CPU kernels (pybind11 over raw pointers; call them through the kernels package)";
+    // quantized decoder layers, one call per step: the layers' pointers are bound once (kernels.LayerStack)
+    py::class_<strata::cpu::Projection>(m, "Projection")
+        .def(py::init([](int kind, uintptr_t w, uintptr_t scale, uintptr_t d, uintptr_t m) {
+            if (kind < 0 || kind > 2) throw py::value_error("projection kind must be 0 (int8), 1 (Q4_1) or 2 (Q8_0)");
+            return strata::cpu::Projection{static_cast<strata::cpu::Projection::Kind>(kind), ptr<const void>(w),
+                                           ptr<const float>(scale), ptr<const uint16_t>(d), ptr<const uint16_t>(m)};
+        }));
+    py::class_<strata::cpu::StackLayer>(m, "StackLayer")
+        .def(py::init([](uintptr_t attn_norm, uintptr_t ffn_norm, const strata::cpu::Projection& qkv,
+                         const strata::cpu::Projection& o, const strata::cpu::Projection& gate_up,
+                         const strata::cpu::Projection& down, uintptr_t k_pool, uintptr_t v_pool) {
+            return strata::cpu::StackLayer{ptr<const float>(attn_norm), ptr<const float>(ffn_norm), qkv, o, gate_up, down,
+                                           ptr<float>(k_pool), ptr<float>(v_pool)};
+        }));
+    struct Stack {
+        strata::cpu::StackShape shape;
+        std::vector<strata::cpu::StackLayer> layers;
+    };
+    py::class_<Stack>(m, "LayerStack")
+        .def(py::init([](std::vector<strata::cpu::StackLayer> layers, int64_t hidden, int64_t heads, int64_t kv_heads,
+                         int64_t head_dim, int64_t inter, int64_t num_slots, int64_t block_size, float eps, float scale) {
+            return Stack{{hidden, heads, kv_heads, head_dim, inter, num_slots, block_size, eps, scale}, std::move(layers)};
+        }))
+        .def("run", [](const Stack& stack, uintptr_t h, int64_t rows, uintptr_t cos, uintptr_t sin,
+                       uintptr_t slot_mapping, uintptr_t block_table, uintptr_t context_lens, uintptr_t query_start,
+                       int64_t num_seqs, int64_t max_blocks) {
+            py::gil_scoped_release release;
+            const strata::cpu::StepLayout step{rows, ptr<const float>(cos), ptr<const float>(sin),
+                                               ptr<const int64_t>(slot_mapping), ptr<const int64_t>(block_table),
+                                               ptr<const int64_t>(context_lens), ptr<const int64_t>(query_start),
+                                               num_seqs, max_blocks};
+            strata::cpu::layer_stack(stack.shape, stack.layers, step, ptr<float>(h));
+        });
     m.def(
         "cosine_topk_int8",
         [](uintptr_t rows, uintptr_t codes, uintptr_t scales, uintptr_t errs, uintptr_t parts, int64_t n, int64_t d,
@@ -49,6 +85,15 @@ PYBIND11_MODULE(_C, m) {
                                          ptr<const int64_t>(block_table), ptr<const int64_t>(context_lens),
                                          ptr<const int64_t>(query_start), num_seqs, num_heads, num_kv_heads, head_dim,
                                          num_slots, block_size, max_blocks, scale, ptr<float>(out));
+        });
+    m.def(
+        "gguf_gemv",
+        [](int block_type, uintptr_t qs, uintptr_t d, uintptr_t m_offsets, int64_t n, int64_t k, uintptr_t x, int64_t m,
+           uintptr_t y) {
+            py::gil_scoped_release release;
+            const strata::cpu::BlockMatrix w{static_cast<strata::cpu::BlockType>(block_type), ptr<const uint8_t>(qs),
+                                             ptr<const uint16_t>(d), ptr<const uint16_t>(m_offsets), n, k};
+            strata::cpu::gguf_gemv(w, ptr<const float>(x), m, ptr<float>(y));
         });
     m.def(
         "int8_gemv",

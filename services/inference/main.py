@@ -41,8 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=env("STRATA_DTYPE", "auto"),
                    help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32")
-    p.add_argument("--quantization", choices=["none", "int8"], default=env("STRATA_QUANTIZATION", "none"),
-                   help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations)")
+    p.add_argument("--quantization", choices=["none", "int8", "gguf"], default=env("STRATA_QUANTIZATION", "none"),
+                   help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); gguf = decode multiplies "
+                        "the file's own Q4_1/Q8_0 blocks (the fastest single stream on CPU), prefill float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from services.inference.models.perplexity import perplexity, token_logprobs
 
 HELD_TEXT = (Path(__file__).parent.parent / "data" / "heldout.txt").read_text()
@@ -20,15 +22,26 @@ def test_bf16_perplexity_is_within_2_percent_of_float32(model_fp32, model_bf16, 
     assert abs(ppl16 - ppl32) / ppl32 < 0.02, (ppl32, ppl16)
 
 
-def test_int8_w8a8_perplexity_is_within_2_percent_of_float32(gguf_file, model_fp32, tokenizer):
+def test_int8_w8a8_perplexity_is_within_2_percent_of_float32(model_int8, model_fp32, tokenizer):
     from services.inference.models.linear import Int8Linear
-    from services.inference.models.llama import LlamaModel
 
-    int8 = LlamaModel.from_gguf(gguf_file, quantization="int8")
+    int8 = model_int8
     assert all(isinstance(layer.down, Int8Linear) for layer in int8.layers)
     ids = tokenizer.encode(HELD_TEXT)
     ppl32, ppl8 = perplexity(model_fp32, ids), perplexity(int8, ids)
     assert abs(ppl8 - ppl32) / ppl32 < 0.02, (ppl32, ppl8)
+
+
+def test_gguf_blocks_perplexity_is_within_2_percent_of_float32(model_gguf, model_fp32, tokenizer):
+    """In 16-token steps every product runs the Q4_1 / Q8_0 kernels (activations quantized per 32-value
+    block); the one-pass perplexity of the same model is float32's exactly (prefill multiplies the same
+    weights dequantized)."""
+    ids = tokenizer.encode(HELD_TEXT)
+    ppl32 = perplexity(model_fp32, ids)
+    assert perplexity(model_gguf, ids) == pytest.approx(ppl32, rel=1e-5)
+    chunked32, chunked = perplexity(model_fp32, ids, chunk=16), perplexity(model_gguf, ids, chunk=16)
+    assert chunked32 == pytest.approx(ppl32, rel=1e-3)          # chunking itself changes nothing
+    assert abs(chunked - ppl32) / ppl32 < 0.02, (ppl32, chunked)
 
 
 def test_smoothing_alone_leaves_the_float_model_unchanged(gguf_file, model_fp32, tokenizer):

@@ -120,16 +120,55 @@ __attribute__((target("avx2,fma"))) inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+__attribute__((target("avx2,fma"))) inline __m256 load_w8(const int8_t* w) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+// One or two activation rows (single-stream decode's LM head): four output channels at a time, so four
+// (or eight) independent FMA chains hide the FMA latency that one chain per channel would wait on.
+template <int R>
+__attribute__((target("avx2,fma"))) int64_t weight_block_few_rows(const float* x, const int8_t* wq,
+                                                                   const float* w_scale, int64_t n, int64_t k,
+                                                                   int64_t n0, int64_t n1, float* y) {
+    constexpr int C = 4;
+    const int64_t k8 = k - k % 8;
+    int64_t j = n0;
+    for (; j + C <= n1; j += C) {
+        __m256 acc[C][R];
+        for (int c = 0; c < C; ++c)
+            for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < k8; i += 8) {
+            __m256 xv[R];
+            for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * k + i);
+            for (int c = 0; c < C; ++c) {
+                const __m256 wv = load_w8(wq + (j + c) * k + i);
+                for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(xv[r], wv, acc[c][r]);
+            }
+        }
+        for (int c = 0; c < C; ++c) {
+            const int8_t* w = wq + (j + c) * k;
+            for (int r = 0; r < R; ++r) {
+                float total = hsum_ps(acc[c][r]);
+                for (int64_t i = k8; i < k; ++i) total += x[r * k + i] * static_cast<float>(w[i]);
+                y[r * n + j + c] = total * w_scale[j + c];
+            }
+        }
+    }
+    return j;                                   // the first channel left for the general loop
+}
+
 __attribute__((target("avx2,fma"))) void weight_block_avx2(const float* x, const int8_t* wq, const float* w_scale,
                                                             int64_t rows, int64_t n, int64_t k, int64_t n0,
                                                             int64_t n1, float* y) {
     const int64_t k8 = k - k % 8;
+    if (rows == 1) n0 = weight_block_few_rows<1>(x, wq, w_scale, n, k, n0, n1, y);
+    else if (rows == 2) n0 = weight_block_few_rows<2>(x, wq, w_scale, n, k, n0, n1, y);
     for (int64_t j = n0; j < n1; ++j) {
         const int8_t* w = wq + j * k;
         __m256 acc[kMaxRows];
         for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t i = 0; i < k8; i += 8) {
-            const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + i))));
+            const __m256 wv = load_w8(w + i);
             for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i), wv, acc[r]);
         }
         for (int64_t r = 0; r < rows; ++r) {

@@ -17,7 +17,7 @@ from services.inference.engine.outputs import EngineStats, RequestOutput, TokenL
 from services.inference.engine.request import Request, RequestStatus
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.inference.models.gguf_file import DEFAULT_MODEL_NAME, GGUFFile, default_model_path
-from services.inference.models.llama import LlamaModel
+from services.inference.models.llama import QUANTIZATIONS, LlamaModel
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
 
@@ -44,7 +44,8 @@ class EngineConfig:
     model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
     model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
     dtype: str = "auto"                  # "float32" (reference), "bfloat16", or "auto" (see resolve_dtype)
-    quantization: str | None = None      # None (dense) or "int8": W8A8 + SmoothQuant, float32 activations
+    quantization: str | None = None      # None (dense), "int8" (W8A8 + SmoothQuant) or "gguf" (the file's
+                                         # Q4_1/Q8_0 blocks for decode); both with float32 activations
     max_model_len: int | None = None     # None = the model's context length
     block_size: int = 16
     num_kv_blocks: int | None = None     # None = from kv_cache_memory_gb
@@ -57,8 +58,8 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"quantization must be None, {' or '.join(map(repr, QUANTIZATIONS))}, got {self.quantization!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -73,7 +74,7 @@ class LLMEngine:
                  tokenizer: Tokenizer | None = None) -> None:
         """`model`/`tokenizer` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
-        # int8 W8A8 keeps float32 activations
+        # the quantized paths keep float32 activations
         config = replace(config, dtype="float32" if config.quantization else resolve_dtype(config.dtype))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)

@@ -43,6 +43,7 @@ class ModelRunner:
                            new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype))
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
+        self.stack = model.layer_stack(self.kv_caches, block_size)     # int8 layers in one C++ call, or None
 
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
@@ -115,7 +116,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         ordered, input_ids, positions, meta = self._prepare(out.chunks)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.stack)
         # sample: last row of every chunk that reaches the end of its tokens
         rows, sampling = [], []
         end = 0

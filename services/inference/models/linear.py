@@ -1,4 +1,5 @@
-"""Projection weights and how they multiply: dense (float32/bfloat16) or int8 W8A8."""
+"""Projection weights and how they multiply: dense (float32/bfloat16), int8 W8A8, or a GGUF file's own
+quantized blocks (Q4_1 / Q8_0)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import torch
 
 from kernels import available as kernels_available
-from kernels import Int8Matrix
+from kernels import GGUFMatrix, Int8Matrix
 
 log = logging.getLogger(__name__)
 KERNEL_MAX_ROWS = 16      # up to this many rows (a decode step's batch) the int8 GEMV kernel runs
@@ -132,4 +133,32 @@ class Int8WeightLinear:
         return self.qweight.shape[1]
 
 
-Linear = DenseLinear | Int8Linear | Int8WeightLinear
+class GGUFLinear:
+    """The GGUF file's blocks for decode-sized inputs (up to KERNEL_MAX_ROWS rows: kernels.GGUFMatrix,
+    activations quantized per 32-value block as llama.cpp does), the same weights dequantized to float32
+    for larger ones (prefill), whose matmuls are compute-bound and faster in float32 on CPU."""
+
+    __slots__ = ("kernel", "dense")
+
+    def __init__(self, kernel: GGUFMatrix, dense_weight_t: torch.Tensor) -> None:
+        if tuple(dense_weight_t.shape) != (kernel.k, kernel.n):
+            raise ValueError(f"dense weights must be [{kernel.k}, {kernel.n}], got {tuple(dense_weight_t.shape)}")
+        self.kernel, self.dense = kernel, DenseLinear(dense_weight_t.float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
+            return self.kernel(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
+        return self.dense(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.kernel.k
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense.weight
+
+
+Linear = DenseLinear | Int8Linear | Int8WeightLinear | GGUFLinear

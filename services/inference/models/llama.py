@@ -3,14 +3,17 @@ paged KV cache, SwiGLU MLP, tied embeddings. Weights come dequantized from a GGU
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import add_rms_norm_, rotary_, silu_and_mul
+from kernels import GGUFMatrix, LayerStack, StackLayerWeights, add_rms_norm_, rotary_, silu_and_mul
 from kernels import available as kernels_available
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
-from services.inference.models.linear import DenseLinear, Int8Linear, Int8WeightLinear, Linear
+from services.inference.models.linear import DenseLinear, GGUFLinear, Int8Linear, Int8WeightLinear, Linear
+
+QUANTIZATIONS = ("int8", "gguf")
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -66,11 +69,13 @@ class LlamaModel:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
                   quantization: str | None = None) -> "LlamaModel":
-        """quantization=None keeps dense weights; "int8" = W8A8 with SmoothQuant (float32 only)."""
-        if quantization not in (None, "int8"):
-            raise ValueError(f"unknown quantization {quantization!r}; supported: int8")
+        """quantization=None keeps dense weights; "int8" = W8A8 with SmoothQuant; "gguf" = the file's own
+        Q4_1 / Q8_0 blocks for decode (kernels.GGUFMatrix) with float32 copies for prefill. Both run
+        float32 activations."""
+        if quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
         if quantization and dtype != torch.float32:
-            raise ValueError("int8 quantization runs with float32 activations (dtype float32)")
+            raise ValueError(f"{quantization} quantization runs with float32 activations (dtype float32)")
         hp = gguf.hparams
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
@@ -93,7 +98,42 @@ class LlamaModel:
         model = cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
         if quantization == "int8":
             model.quantize_int8(gguf)
+        elif quantization == "gguf":
+            model.use_gguf_blocks(gguf)
         return model
+
+    def use_gguf_blocks(self, gguf: GGUFFile) -> None:
+        """Every projection (and the LM head) multiplies the file's own blocks for decode-sized inputs:
+        rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
+        gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each."""
+        hp = self.hp
+
+        def blocks(name: str) -> tuple[torch.Tensor, str, int]:
+            t = gguf.raw_tensor(name)
+            kind = gguf.tensor_type(name)
+            if kind not in ("Q4_1", "Q8_0"):
+                raise ValueError(f"quantization 'gguf' needs Q4_1 or Q8_0 tensors; {name} is {kind}")
+            return torch.from_numpy(np.array(t.data, copy=True)), kind, int(t.shape[0])
+
+        def fused(*parts: tuple[torch.Tensor, str, int]) -> GGUFMatrix:
+            kinds = {p[1] for p in parts}
+            if len(kinds) != 1:
+                raise ValueError(f"fused projections need one block type, got {sorted(kinds)}")
+            return GGUFMatrix(torch.cat([p[0] for p in parts]), kinds.pop(), parts[0][2])
+
+        for i, layer in enumerate(self.layers):
+            p = f"blk.{i}."
+            q, k = blocks(p + "attn_q.weight"), blocks(p + "attn_k.weight")
+            q = (unpermute_qk(q[0], hp.num_heads), *q[1:])           # whole rows move: blocks stay intact
+            k = (unpermute_qk(k[0], hp.num_kv_heads), *k[1:])
+            mats = {"qkv": fused(q, k, blocks(p + "attn_v.weight")), "o": fused(blocks(p + "attn_output.weight")),
+                    "gate_up": fused(blocks(p + "ffn_gate.weight"), blocks(p + "ffn_up.weight")),
+                    "down": fused(blocks(p + "ffn_down.weight"))}
+            for name, mat in mats.items():
+                setattr(layer, name, GGUFLinear(mat, getattr(layer, name).weight))
+        head = blocks("token_embd.weight" if hp.tie_word_embeddings else "output.weight")
+        self.lm_head = GGUFLinear(fused(head), self.lm_head.weight)
+        self.quantization = "gguf"
 
     def quantize_int8(self, gguf: GGUFFile) -> None:
         """Smooth (calibrated on fixed prompts) then quantize every block projection to W8A8, and the LM
@@ -112,14 +152,32 @@ class LlamaModel:
         self.lm_head = Int8WeightLinear(self.lm_head.weight)
         self.quantization = "int8"
 
+    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
+        """The quantized layers bound to these KV pools for kernels.LayerStack (one C++ call per step of
+        up to 16 paged rows), or None where it does not apply (dense weights, kernels off, non-float32 pools)."""
+        if self.quantization not in QUANTIZATIONS or not kernels_available() or kv_caches[0][0].dtype != torch.float32:
+            return None
+        hp = self.hp
+        weights = [StackLayerWeights(layer.attn_norm.contiguous(), layer.ffn_norm.contiguous(),
+                                     *(p.kernel for p in (layer.qkv, layer.o, layer.gate_up, layer.down)), k_pool, v_pool)
+                   for layer, (k_pool, v_pool) in zip(self.layers, kv_caches)]
+        return LayerStack(weights, hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads,
+                              head_dim=hp.head_dim, inter=hp.intermediate_size, block_size=block_size,
+                              eps=hp.rms_norm_eps, scale=self.scale)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids/positions [T] -> final hidden states [T, hidden] (before the final norm)."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                stack: LayerStack | None = None) -> torch.Tensor:
+        """input_ids/positions [T] -> final hidden states [T, hidden] (before the final norm). With
+        `stack` (this model's layer_stack over kv_caches), steps of only paged rows, few enough, run the
+        layers in one C++ call."""
         hp = self.hp
         cos, sin = self.cos[positions], self.sin[positions]
         if self.dtype != torch.float32:
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
         h = F.embedding(input_ids, self.embed)
+        if stack is not None and meta.paged_plan is not None and not meta.prefills and h.shape[0] <= stack.MAX_ROWS:
+            return stack(h, cos, sin, meta.slot_mapping, meta.paged_plan)
         if self.dtype == torch.float32 and h.device.type == "cpu" and kernels_available():
             return self._forward_fused(h, cos, sin, kv_caches, meta)
         t = h.shape[0]

@@ -11,19 +11,31 @@ from services.inference.models.llama import LlamaModel
 
 
 @torch.inference_mode()
-def token_logprobs(model: LlamaModel, token_ids: list[int]) -> torch.Tensor:
-    """log p(token_i | tokens_<i) for i >= 1, in one causal pass over a scratch KV pool."""
+def token_logprobs(model: LlamaModel, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+    """log p(token_i | tokens_<i) for i >= 1 over a scratch KV pool: one causal pass, or with `chunk`
+    passes of that many tokens each attending to everything before it, which is how decode-sized steps
+    see the model (with chunk <= 16 the quantized kernels of `--quantization gguf` do every product)."""
     hp, n = model.hp, len(token_ids)
     kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype),
            new_kv_pool(hp.num_kv_heads, n, hp.head_dim, model.dtype)) for _ in range(hp.num_layers)]
-    slots = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_paged_rows=0, paged_block_table=None,
-                             decode_mask=None, prefills=[PrefillSpan(0, n, None, None)])
     ids = torch.tensor(token_ids)
-    hidden = model.forward(ids, slots, kv, meta)
-    logp = torch.log_softmax(model.compute_logits(hidden[:-1]), dim=-1)
-    return logp.gather(1, ids[1:, None]).squeeze(1)
+    step = chunk or n
+    logps = []
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        slots = torch.arange(start, end)
+        if start == 0:
+            span = PrefillSpan(0, end, None, None)
+        else:                                  # block size 1: block ids are positions
+            span = PrefillSpan(0, end - start, torch.arange(end), torch.arange(end)[None, :] <= slots[:, None])
+        meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_paged_rows=0, paged_block_table=None,
+                                 decode_mask=None, prefills=[span])
+        hidden = model.forward(ids[start:end], slots, kv, meta)
+        rows = hidden if end < n else hidden[:-1]                  # the last token predicts nothing here
+        logp = torch.log_softmax(model.compute_logits(rows), dim=-1)
+        logps.append(logp.gather(1, ids[start + 1:start + 1 + rows.shape[0], None]).squeeze(1))
+    return torch.cat(logps)
 
 
-def perplexity(model: LlamaModel, token_ids: list[int]) -> float:
-    return math.exp(-float(token_logprobs(model, token_ids).mean()))
+def perplexity(model: LlamaModel, token_ids: list[int], chunk: int | None = None) -> float:
+    return math.exp(-float(token_logprobs(model, token_ids, chunk).mean()))

@@ -1,0 +1,58 @@
+// Quantized decoder layers in one call (see layer_stack.h): the same kernels the Python forward calls, in the
+// same order, with scratch buffers reused across layers.
+#include "layer_stack.h"
+
+#include <cstring>
+
+#include "gguf_gemv.h"
+#include "int8_gemv.h"
+#include "layer_ops.h"
+#include "paged_attention.h"
+
+namespace strata::cpu {
+namespace {
+
+void project(const Projection& p, const float* x, int64_t m, int64_t n, int64_t k, float* y) {
+    switch (p.kind) {
+        case Projection::kInt8: int8_linear(x, static_cast<const int8_t*>(p.w), p.scale, m, n, k, y); return;
+        case Projection::kQ4_1:
+        case Projection::kQ8_0: {
+            const BlockMatrix w{p.kind == Projection::kQ4_1 ? BlockType::kQ4_1 : BlockType::kQ8_0,
+                                static_cast<const uint8_t*>(p.w), p.d, p.m, n, k};
+            gguf_gemv(w, x, m, y);
+            return;
+        }
+    }
+}
+
+}  // namespace
+
+void layer_stack(const StackShape& shape, const std::vector<StackLayer>& layers, const StepLayout& step, float* h) {
+    const int64_t t = step.rows, hidden = shape.hidden, d = shape.head_dim;
+    const int64_t q_size = shape.heads * d, kv_size = shape.kv_heads * d, qkv_width = q_size + 2 * kv_size;
+    std::vector<float> x(t * hidden), qkv(t * qkv_width), q(t * q_size), attn(t * q_size), o(t * hidden),
+        gate_up(t * 2 * shape.inter), act(t * shape.inter), pending(t * hidden);
+    bool have_pending = false;                  // the MLP output not yet added to h
+    for (const StackLayer& layer : layers) {
+        add_rms_norm(h, have_pending ? pending.data() : nullptr, layer.attn_norm, t, hidden, shape.eps, x.data());
+        project(layer.qkv, x.data(), t, qkv_width, hidden, qkv.data());
+        rotary_inplace(qkv.data(), t, qkv_width, shape.heads + shape.kv_heads, d, step.cos, step.sin);
+        reshape_and_cache(qkv.data() + q_size, qkv.data() + q_size + kv_size, qkv_width, qkv_width, step.slot_mapping,
+                          t, shape.kv_heads, d, shape.num_slots, sizeof(float), layer.k_pool, layer.v_pool);
+        for (int64_t r = 0; r < t; ++r)
+            std::memcpy(q.data() + r * q_size, qkv.data() + r * qkv_width, sizeof(float) * q_size);
+        paged_attention(q.data(), layer.k_pool, layer.v_pool, false, step.block_table, step.context_lens,
+                        step.query_start, step.num_seqs, shape.heads, shape.kv_heads, d, shape.num_slots,
+                        shape.block_size, step.max_blocks, shape.scale, attn.data());
+        project(layer.o, attn.data(), t, hidden, q_size, o.data());
+        add_rms_norm(h, o.data(), layer.ffn_norm, t, hidden, shape.eps, x.data());
+        project(layer.gate_up, x.data(), t, 2 * shape.inter, hidden, gate_up.data());
+        silu_and_mul(gate_up.data(), t, shape.inter, act.data());
+        project(layer.down, act.data(), t, hidden, shape.inter, pending.data());
+        have_pending = true;
+    }
+    if (have_pending)
+        for (int64_t i = 0; i < t * hidden; ++i) h[i] += pending[i];
+}
+
+}  // namespace strata::cpu

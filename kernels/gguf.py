@@ -1,0 +1,86 @@
+"""Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1 and Q8_0, llama.cpp's
+layouts): the C++ kernel for the few rows of a decode step (activations quantized to int16 per 32-value
+block, exact integer block sums with AVX2 madd; llama.cpp's int8 activation codes cost this model 3.5%
+perplexity, int16 ones nothing measurable), the torch reference elsewhere or when STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a
+weight), its embedding / tied LM head Q8_0, so a decode step reads ~85 MB instead of 540 MB in float32,
+and the weights are exactly the file's."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels._loader import available, cpu_module
+
+BLOCK = 32
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1}       # csrc/cpu/gguf_gemv.h BlockType
+
+
+class GGUFMatrix:
+    """Weights [N, K] from GGUF blocks: `blocks` uint8 [N, K / 32 * block bytes] (row n = output channel
+    n's blocks in order along K, as the file stores them), block_type "Q4_1" or "Q8_0". Regrouped once
+    for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32, 16 or 32] as stored, the fp16 scales
+    `d` (and Q4_1 offsets `m`) [N, nbp] with nbp = K/32 rounded up to 8, zero-padded: the same bytes.
+    Call with float32 x [M, K] on CPU."""
+
+    __slots__ = ("qs", "d", "m", "block_type", "n", "k")
+
+    def __init__(self, blocks: torch.Tensor, block_type: str, k: int) -> None:
+        if block_type not in BLOCK_BYTES:
+            raise ValueError(f"block_type must be one of {sorted(BLOCK_BYTES)}, got {block_type!r}")
+        if k % BLOCK or k == 0:
+            raise ValueError(f"K must be a positive multiple of {BLOCK}, got {k}")
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != k // BLOCK * BLOCK_BYTES[block_type]:
+            raise ValueError(f"blocks must be uint8 [N, {k // BLOCK * BLOCK_BYTES[block_type]}] for K = {k}, "
+                             f"got {blocks.dtype} {tuple(blocks.shape)}")
+        n, nb = blocks.shape[0], k // BLOCK
+        nbp = -(-nb // 8) * 8
+        raw = blocks.reshape(n, nb, BLOCK_BYTES[block_type])
+
+        def halves(lo: int) -> torch.Tensor:              # fp16 fields at byte lo of each block → [N, nbp] int16 bits
+            out = torch.zeros(n, nbp, dtype=torch.int16)
+            out[:, :nb] = raw[..., lo:lo + 2].contiguous().view(torch.int16).squeeze(-1)
+            return out
+
+        self.d = halves(0)
+        self.m = halves(2) if block_type == "Q4_1" else None
+        self.qs = raw[..., 4:].contiguous() if block_type == "Q4_1" else raw[..., 2:].contiguous()
+        self.block_type, self.n, self.k = block_type, n, k
+
+    @property
+    def type_code(self) -> int:
+        return _TYPE_CODE[self.block_type]
+
+    def blocks(self) -> torch.Tensor:
+        """The file's blocks again, uint8 [N, K / 32 * block bytes]."""
+        nb = self.k // BLOCK
+        fields = [self.d[:, :nb, None].contiguous().view(torch.uint8)]
+        if self.m is not None:
+            fields.append(self.m[:, :nb, None].contiguous().view(torch.uint8))
+        return torch.cat([*fields, self.qs], dim=-1).reshape(self.n, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.m is not None else 0)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weights as float32 [N, K], exactly as ggml dequantizes them."""
+        return reference.gguf_dequantize(self.blocks(), self.block_type, self.k)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"x must be float32 [M, {self.k}], got {x.dtype} {tuple(x.shape)}")
+        if x.device.type != "cpu" or not available():
+            return reference.gguf_gemv(x, self.blocks(), self.block_type, self.k)
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
+        cpu_module().gguf_gemv(self.type_code, self.qs.data_ptr(), self.d.data_ptr(),
+                               self.m.data_ptr() if self.m is not None else 0, self.n, self.k, x.data_ptr(),
+                               x.shape[0], y.data_ptr())
+        return y
+
+
+def gguf_gemv(x: torch.Tensor, blocks: torch.Tensor, block_type: str) -> torch.Tensor:
+    """y [M, N] = x [M, K] · Wᵀ for W in GGUF blocks (see GGUFMatrix)."""
+    return GGUFMatrix(blocks, block_type, x.shape[1])(x)

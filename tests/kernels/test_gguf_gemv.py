@@ -1,0 +1,82 @@
+"""GEMV from GGUF Q4_1 / Q8_0 blocks: the C++ kernel against the reference's arithmetic, the reference's
+dequantization against the gguf library's on the shipped model, and the product against float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.gguf import BLOCK_BYTES, GGUFMatrix, gguf_gemv
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (make install)")
+
+
+def random_blocks(n: int, k: int, block_type: str, seed: int) -> torch.Tensor:
+    """Valid random blocks: small positive fp16 scales (Q4_1 offsets negative, as real weights have)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = k // 32
+    raw = torch.randint(0, 256, (n, nb, BLOCK_BYTES[block_type]), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, nb, generator=g) * 0.02 + 1e-3).half()
+    raw[..., 0:2] = d.view(torch.uint8).view(n, nb, 2)
+    if block_type == "Q4_1":
+        m = (-torch.rand(n, nb, generator=g) * 0.1).half()
+        raw[..., 2:4] = m.view(torch.uint8).view(n, nb, 2)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])             # row groups of 4, remainders
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96)])   # channel tails
+def test_matches_the_reference_arithmetic(block_type, m, n, k):
+    blocks = random_blocks(n, k, block_type, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :32] = 0.0                                                   # an all-zero activation block
+    y = gguf_gemv(x, blocks, block_type)
+    # float32 accumulation over up to 1,536 products against float64: outputs are O(1)
+    torch.testing.assert_close(y, reference.gguf_gemv(x, blocks, block_type, k), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+def test_the_product_is_close_to_float32_over_the_dequantized_weights(block_type):
+    """Activation quantization per 32-value block costs well under 1% of the output's scale."""
+    blocks = random_blocks(512, 576, block_type, seed=3)
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(4))
+    exact = x @ reference.gguf_dequantize(blocks, block_type, 576).T
+    err = (gguf_gemv(x, blocks, block_type) - exact).abs().max() / exact.abs().max()
+    assert err < 0.01, float(err)
+
+
+def test_dequantization_equals_the_gguf_library_on_the_shipped_model(gguf_file):
+    from gguf.quants import dequantize
+
+    for name in ("blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
+        t = gguf_file.raw_tensor(name)
+        block_type = gguf_file.tensor_type(name)
+        raw = torch.from_numpy(np.array(t.data, copy=True))
+        k = int(t.shape[0])
+        ours = GGUFMatrix(raw, block_type, k).dequantize()
+        theirs = torch.from_numpy(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(ours.shape))
+        assert torch.equal(ours, theirs), name
+
+
+def test_the_reference_path_can_be_forced(monkeypatch):
+    blocks = random_blocks(64, 128, "Q4_1", seed=5)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
+    fast = gguf_gemv(x, blocks, "Q4_1")
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    torch.testing.assert_close(gguf_gemv(x, blocks, "Q4_1"), fast, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    blocks = random_blocks(8, 64, "Q4_1", seed=1)
+    with pytest.raises(ValueError, match="block_type"):
+        GGUFMatrix(blocks, "Q5_K", 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        GGUFMatrix(blocks, "Q4_1", 48)
+    with pytest.raises(ValueError, match="uint8"):
+        GGUFMatrix(blocks, "Q8_0", 64)
+    with pytest.raises(ValueError, match="float32"):
+        GGUFMatrix(blocks, "Q4_1", 64)(torch.zeros(1, 32))
