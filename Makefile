@@ -78,6 +78,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m kernels.bench
+	$(BIN)/python -m bench.spec_decode
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -52,6 +52,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--speculative", choices=["none", "ngram"], default=env("STRATA_SPECULATIVE", "none"),
+                   help="ngram = prompt-lookup speculative decoding: proposals from the request's own tokens, "
+                        "verified in one forward (greedy output unchanged)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="k, proposals per step (requests may lower it or turn it off)")
+    p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix the ngram proposer matches")
+    p.add_argument("--ngram-max", type=int, default=4, help="longest suffix the ngram proposer matches")
+    p.add_argument("--spec-max-batch", type=int, default=4,
+                   help="no proposals while more requests than this are decoding (verification stops paying)")
 
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
@@ -60,7 +69,9 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         quantization=None if a.quantization == "none" else a.quantization, max_model_len=a.max_model_len,
         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_gb,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads)
+        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads,
+        speculative=None if a.speculative == "none" else a.speculative, num_speculative_tokens=a.num_speculative_tokens,
+        ngram_min=a.ngram_min, ngram_max=a.ngram_max, spec_max_batch=a.spec_max_batch)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -111,6 +122,14 @@ class InferenceService:
         yield counter("strata:generation_tokens", "Tokens generated", s.generation_tokens_total)
         yield counter("strata:prefix_cache_hits", "Prompt tokens served from the prefix cache", s.prefix_cache_hit_tokens_total)
         yield counter("strata:num_preemptions", "Requests preempted for KV space", s.num_preemptions_total)
+        yield counter("strata:spec_decode_num_drafts", "Verification runs that carried proposals", s.spec_drafts_total)
+        yield counter("strata:spec_decode_num_draft_tokens", "Proposed tokens verified", s.spec_draft_tokens_total)
+        yield counter("strata:spec_decode_num_accepted_tokens", "Proposed tokens accepted", s.spec_accepted_tokens_total)
+        yield counter("strata:spec_decode_num_accepted_tokens_per_pos", "Runs whose proposal at this position was accepted",
+                      {(str(i),): n for i, n in enumerate(s.spec_accepted_by_position)}, ("position",))
+        yield gauge("strata:spec_decode_acceptance_rate", "Accepted / proposed tokens since start", s.spec_acceptance_rate)
+        yield gauge("strata:spec_decode_mean_tokens_per_step", "Tokens a request gets per verification step (1 = none)",
+                    s.spec_mean_tokens_per_step)
 
     async def start(self) -> int:
         self.engine.start()

@@ -118,6 +118,17 @@ class _Timing:
             span.end(end_time=ns(max(start, stop)))
 
 
+def speculative_from_proto(request: inference_pb2.GenerateRequest) -> int | None:
+    """The request's k: 0 when `speculative.enabled` is false, its num_speculative_tokens when given
+    (checked by the engine), else None (the replica's setting)."""
+    if not request.HasField("speculative"):
+        return None
+    spec = request.speculative
+    if spec.HasField("enabled") and not spec.enabled:
+        return 0
+    return spec.num_speculative_tokens if spec.HasField("num_speculative_tokens") else None
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     SERVICE = "strata.v1.Inference"
     UNTRACED = frozenset({"GetLoad", "GetModelInfo"})      # polled by every router
@@ -158,7 +169,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         timing = _Timing(arrival)
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
-                                                  priority=request.priority, model=request.model):
+                                                  priority=request.priority, model=request.model,
+                                                  num_speculative_tokens=speculative_from_proto(request)):
                 if out.finish_reason == "error":
                     raise RuntimeError(out.error or "engine error")
                 timing.output(out, self.metrics)

@@ -21,7 +21,7 @@ namespace strata::cpu {
 namespace {
 
 constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 4;          // activation rows per pass over the weights
+constexpr int64_t kMaxRows = 8;          // activation rows per pass over the weights
 
 bool has_avx2() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -140,6 +140,49 @@ __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w,
     for (int r = 0; r < R; ++r) y[r * w.n + j] = hsum(acc[r]);
 }
 
+// Three to eight activation rows: each block's int32 sums are scaled right away (one FMA per block and
+// row into the row's accumulator: the rows' chains overlap), which keeps R + 2 vectors live instead of
+// the 8 * R a deferred reduction would need. Q4_1's offsets: one FMA per eight blocks and row.
+template <BlockType T, int R>
+__attribute__((target("avx2,fma,f16c"))) void channel_rows_avx2(const BlockMatrix& w, const int16_t* xq,
+                                                                  const float* dx, const float* sx, int64_t j,
+                                                                  float* y) {
+    const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k);
+    constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
+    const __m128i low4 = _mm_set1_epi8(15);
+    const uint8_t* qrow = w.qs + j * nb * qb;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8) {
+        alignas(32) float d[8];
+        _mm256_store_ps(d, load_half8(w.d + j * nbp + g));
+        const int64_t blocks = std::min<int64_t>(8, nb - g);
+        for (int64_t b = 0; b < blocks; ++b) {
+            __m256i q0, q1;
+            if constexpr (T == BlockType::kQ4_1) {
+                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + (g + b) * qb));
+                q0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low4));
+                q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low4));
+            } else {
+                const __m128i* qs = reinterpret_cast<const __m128i*>(qrow + (g + b) * qb);
+                q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
+                q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs + 1));
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m256i* xv = reinterpret_cast<const __m256i*>(xq + r * w.k + (g + b) * kBlock);
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(xv)),
+                                                   _mm256_madd_epi16(q1, _mm256_loadu_si256(xv + 1)));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b] * dx[r * nbp + g + b]), acc[r]);
+            }
+        }
+        if constexpr (T == BlockType::kQ4_1) {
+            const __m256 m = load_half8(w.m + j * nbp + g);
+            for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * nbp + g), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r) y[r * w.n + j] = hsum(acc[r]);
+}
+
 template <BlockType T>
 void rows_avx2(const BlockMatrix& w, const int16_t* xq, const float* dx, const float* sx, int64_t rows, int64_t n0,
                int64_t n1, float* y) {
@@ -147,8 +190,12 @@ void rows_avx2(const BlockMatrix& w, const int16_t* xq, const float* dx, const f
         switch (rows) {
             case 1: channel_avx2<T, 1>(w, xq, dx, sx, j, y); break;
             case 2: channel_avx2<T, 2>(w, xq, dx, sx, j, y); break;
-            case 3: channel_avx2<T, 3>(w, xq, dx, sx, j, y); break;
-            default: channel_avx2<T, 4>(w, xq, dx, sx, j, y); break;
+            case 3: channel_rows_avx2<T, 3>(w, xq, dx, sx, j, y); break;
+            case 4: channel_rows_avx2<T, 4>(w, xq, dx, sx, j, y); break;
+            case 5: channel_rows_avx2<T, 5>(w, xq, dx, sx, j, y); break;
+            case 6: channel_rows_avx2<T, 6>(w, xq, dx, sx, j, y); break;
+            case 7: channel_rows_avx2<T, 7>(w, xq, dx, sx, j, y); break;
+            default: channel_rows_avx2<T, 8>(w, xq, dx, sx, j, y); break;
         }
     }
 }

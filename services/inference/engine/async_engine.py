@@ -31,6 +31,7 @@ class _Add:
     params: SamplingParams
     priority: int
     deliver: Callable[[RequestOutput | BaseException], None]
+    num_speculative_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -64,11 +65,13 @@ class AsyncEngine:
 
     async def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
                        request_id: str | None = None, priority: int = 0, model: str = "",
-                       ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs for one request. Raises InvalidRequestError before the first output."""
+                       num_speculative_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs for one request. Raises InvalidRequestError before the first output.
+        num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
         if self._stopped.is_set():
             raise UnavailableError("engine is shutting down")
         self.engine.check_request(prompt_token_ids, params, model)   # read-only: safe off-thread
+        self.engine.check_speculative(num_speculative_tokens)
         if self.max_queued_requests is not None and self._num_in_flight >= self.max_queued_requests:
             raise ResourceExhaustedError(
                 f"replica is at capacity ({self._num_in_flight} requests in flight)", retry_after_s=1.0)
@@ -80,7 +83,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
         self._num_in_flight += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, deliver))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, deliver, num_speculative_tokens))
         finished = False
         try:
             while True:
@@ -137,7 +140,7 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.prompt_token_ids, cmd.params, request_id=cmd.request_id,
-                                            priority=cmd.priority)
+                                            priority=cmd.priority, num_speculative_tokens=cmd.num_speculative_tokens)
                     self._delivery[cmd.request_id] = cmd.deliver
                 except Exception as exc:  # noqa: BLE001 - reported to the caller
                     cmd.deliver(exc)

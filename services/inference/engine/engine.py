@@ -20,6 +20,7 @@ from services.inference.models.gguf_file import DEFAULT_MODEL_NAME, GGUFFile, de
 from services.inference.models.llama import QUANTIZATIONS, LlamaModel
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
+from services.inference.spec_decode import NgramProposer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class InvalidRequestError(InvalidArgumentError):
     """The request cannot be served as asked (maps to INVALID_ARGUMENT)."""
 
 
+MAX_SPECULATIVE_TOKENS = 16
+
+
 @dataclass(slots=True, frozen=True)
 class EngineConfig:
     model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
@@ -54,6 +58,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     num_threads: int | None = None       # torch intra-op threads; None = leave torch's default
+    # speculative decoding (issue 7): "ngram" = prompt lookup; requests may lower k or turn it off
+    speculative: str | None = None       # None (off) or "ngram"
+    num_speculative_tokens: int = 4      # k: proposals verified per step (adapts per request up to this)
+    ngram_min: int = 2                   # shortest suffix matched against the request's own tokens
+    ngram_max: int = 4                   # longest
+    spec_max_batch: int = 4              # no proposals while more requests than this are decoding
 
     def validate(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
@@ -67,6 +77,14 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be > 0")
+        if self.speculative not in (None, "ngram"):
+            raise ValueError(f"speculative must be None or 'ngram', got {self.speculative!r}")
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("need 1 <= ngram_min <= ngram_max")
+        if self.spec_max_batch < 0:
+            raise ValueError("spec_max_batch must be >= 0")
 
 
 class LLMEngine:
@@ -107,6 +125,12 @@ class LLMEngine:
         self._prefix_hit_tokens = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
+        self.proposer = NgramProposer(config.ngram_min, config.ngram_max) if config.speculative == "ngram" else None
+        self._spec_drafts = 0                      # verification runs that carried proposals
+        self._spec_draft_tokens = 0
+        self._spec_accepted_tokens = 0
+        self._spec_emitted_tokens = 0              # tokens those runs produced (accepted + 1 each)
+        self._spec_accepted_by_position = [0] * MAX_SPECULATIVE_TOKENS
         log.info("engine ready", extra={"model": config.model_name, "dtype": config.dtype,
                                          "num_kv_blocks": num_blocks, "max_model_len": self.max_model_len})
 
@@ -144,14 +168,22 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the {where} ({limit} tokens)")
         return max_tokens
 
+    def check_speculative(self, num_speculative_tokens: int | None) -> None:
+        if num_speculative_tokens is not None and not 0 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise InvalidRequestError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
+                                      f"got {num_speculative_tokens}")
+
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
-                    request_id: str | None = None, priority: int = 0, model: str = "") -> str:
+                    request_id: str | None = None, priority: int = 0, model: str = "",
+                    num_speculative_tokens: int | None = None) -> str:
+        """num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
         max_tokens = self.check_request(prompt_token_ids, params, model)
+        self.check_speculative(num_speculative_tokens)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.scheduler.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running")
         req = Request(request_id, list(prompt_token_ids), params, max_tokens, priority,
-                      eos_token_id=self.tokenizer.eos_token_id)
+                      eos_token_id=self.tokenizer.eos_token_id, num_speculative_tokens=num_speculative_tokens)
         self.scheduler.add_request(req)
         self._text[request_id] = TextState(self.tokenizer, params.stop)
         self._sent_tokens[request_id] = 0
@@ -170,6 +202,8 @@ class LLMEngine:
 
     # step
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         self._num_preemptions += len(sched.preempted)
         if sched.is_empty:
@@ -179,26 +213,61 @@ class LLMEngine:
         except Exception as exc:  # a failed step fails the requests in it, never the process
             log.exception("model step failed")
             return self._fail(sched, f"internal error in model step: {type(exc).__name__}")
-        self.scheduler.update_after_step(sched)
+        self.scheduler.update_after_step(sched, result.num_accepted)
+        self._count_speculation(sched, result)
         return self._postprocess(sched, result)
+
+    # speculative decoding
+    def _propose(self) -> None:
+        """Proposals for every request about to decode. None while more than spec_max_batch requests
+        decode (verification then costs more than it saves); per request k adapts between 1 and its
+        limit (doubling down after a rejection at the first proposal, up by one after a full accept)
+        and never reaches past max_tokens or the context window."""
+        decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        enabled = len(decoding) <= self.config.spec_max_batch
+        for req in decoding:
+            limit = self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+            room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
+            k = min(req.spec_k if req.spec_k is not None else limit, limit, room)
+            req.spec_token_ids = self.proposer.propose(req.all_token_ids, k) if enabled and k > 0 else []
+
+    def _count_speculation(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
+        for chunk in sched.chunks:
+            k = len(chunk.spec_token_ids)
+            if not k:
+                continue
+            req, accepted = chunk.request, result.num_accepted.get(chunk.request.request_id, 0)
+            self._spec_drafts += 1
+            self._spec_draft_tokens += k
+            self._spec_accepted_tokens += accepted
+            self._spec_emitted_tokens += accepted + 1
+            for i in range(accepted):
+                self._spec_accepted_by_position[i] += 1
+            limit = self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+            current = req.spec_k if req.spec_k is not None else limit
+            req.spec_k = min(limit, current + 1) if accepted == k else max(1, current // 2) if accepted == 0 else current
 
     def _postprocess(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         outputs = []
         for chunk in sched.chunks:
             req = chunk.request
-            tok = result.sampled.get(req.request_id)
-            if tok is None:
+            toks = result.sampled.get(req.request_id)
+            if not toks:
                 continue
             if req.num_output_tokens == 0 and req.num_preemptions == 0:
                 self._prefix_hit_tokens += req.num_cached_tokens or 0
-            req.append_token(tok.token_id)
-            self._generation_tokens += 1
+            # tokens of an accepted run one at a time: a stop condition inside it ends the request there
             text_state = self._text[req.request_id]
-            delta = text_state.push([tok.token_id])
-            logprobs = []
-            if tok.logprob is not None:
-                logprobs.append(TokenLogprob(tok.token_id, tok.logprob, tuple(tok.top)))
-            reason = self._finish_reason(req, tok.token_id, text_state.stopped)
+            delta, logprobs, reason = "", [], None
+            for tok in toks:
+                req.append_token(tok.token_id)
+                self._generation_tokens += 1
+                delta += text_state.push([tok.token_id])
+                if tok.logprob is not None:
+                    logprobs.append(TokenLogprob(tok.token_id, tok.logprob, tuple(tok.top)))
+                reason = self._finish_reason(req, tok.token_id, text_state.stopped)
+                if reason is not None:
+                    break
             if reason is None:
                 outputs.append(self._output(req, delta, logprobs))
                 continue
@@ -260,7 +329,10 @@ class LLMEngine:
             num_free_blocks=s.kv.num_free_blocks, num_total_blocks=s.kv.num_blocks,
             kv_cache_usage=s.kv.usage, num_preemptions_total=self._num_preemptions,
             prefix_cache_hit_tokens_total=self._prefix_hit_tokens, prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generation_tokens)
+            generation_tokens_total=self._generation_tokens, spec_drafts_total=self._spec_drafts,
+            spec_draft_tokens_total=self._spec_draft_tokens, spec_accepted_tokens_total=self._spec_accepted_tokens,
+            spec_emitted_tokens_total=self._spec_emitted_tokens,
+            spec_accepted_by_position=tuple(self._spec_accepted_by_position[:max(1, self.config.num_speculative_tokens)]))
 
     # offline use
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],

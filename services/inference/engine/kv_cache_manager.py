@@ -69,9 +69,17 @@ class KVCacheManager:
             req.block_ids.extend(computed_blocks)
         if num_needed > 0:
             req.block_ids.extend(self.pool.allocate(num_needed))
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(req, total)
+        if self.enable_prefix_caching:       # verified tokens only: proposals may be rejected
+            self._cache_full_blocks(req, min(total, req.num_tokens))
         return True
+
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Release blocks past the first num_tokens positions (slots of rejected speculative tokens)."""
+        keep = cdiv(num_tokens, self.block_size)
+        if len(req.block_ids) > keep:
+            self.pool.free(reversed(req.block_ids[keep:]))
+            del req.block_ids[keep:]
+            req.num_registered_blocks = min(req.num_registered_blocks, keep)
 
     def _cache_full_blocks(self, req: Request, num_tokens: int) -> None:
         bs = self.block_size

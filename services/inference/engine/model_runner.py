@@ -12,13 +12,14 @@ from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.llama import LlamaModel
-from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample
+from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample, target_distribution
+from services.inference.spec_decode import greedy_verify, rejection_sample
 
 
 # Chunks of up to this many rows go through the paged-attention kernel with the decodes (speculative
 # verification runs, short prefill chunks); longer prefill chunks use torch's SDPA, whose GEMMs are faster
 # there on CPU (kernels.bench / the issue-6 notes).
-PAGED_MAX_ROWS = 8
+PAGED_MAX_ROWS = 16
 
 
 @dataclass(slots=True)
@@ -30,7 +31,8 @@ class SampledToken:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    sampled: dict[str, SampledToken]   # request_id -> the token sampled this step
+    sampled: dict[str, list[SampledToken]]   # request_id -> this step's tokens (several after accepted proposals)
+    num_accepted: dict[str, int] = field(default_factory=dict)   # request_id -> proposals accepted
 
 
 class ModelRunner:
@@ -73,7 +75,9 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         for c in ordered:
-            ids.extend(c.request.all_token_ids[c.start:c.start + c.num_tokens])
+            known = c.num_tokens - len(c.spec_token_ids)
+            ids.extend(c.request.all_token_ids[c.start:c.start + known])
+            ids.extend(c.spec_token_ids)
             pos.extend(range(c.start, c.start + c.num_tokens))
         positions = torch.tensor(pos, dtype=torch.int64)
         slot_parts = []
@@ -117,36 +121,86 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         ordered, input_ids, positions, meta = self._prepare(out.chunks)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.stack)
-        # sample: last row of every chunk that reaches the end of its tokens
-        rows, sampling = [], []
+        # sample: the last row of every chunk that reaches the end of its tokens, and every row of a
+        # chunk with proposals (row i: the target's choice after the first i proposals)
+        rows: list[int] = []
+        sampling: list[SamplingRow] = []
+        groups: list[tuple[ScheduledChunk, int]] = []       # (chunk, its first row in `rows`)
         end = 0
         for c in ordered:
             end += c.num_tokens
-            if c.samples:
-                rows.append(end - 1)
-                sampling.append(c.request)
+            if not c.samples:
+                continue
+            k = len(c.spec_token_ids)
+            groups.append((c, len(rows)))
+            for i in range(k + 1):
+                rows.append(end - 1 - k + i)
+                sampling.append(self._sampling_row(c.request, c.spec_token_ids[:i]))
         if not rows:
             return ModelRunnerOutput({})
         logits = self.model.compute_logits(hidden[torch.tensor(rows)])
-        meta_s = build_sampling_metadata([self._sampling_row(r) for r in sampling], logits.shape[-1])
-        res = sample(logits, meta_s)
-        token_ids = res.token_ids.tolist()
+        meta_s = build_sampling_metadata(sampling, logits.shape[-1])
+        if all(not c.spec_token_ids for c, _ in groups):
+            res = sample(logits, meta_s)
+            tokens = {c.request.request_id: [t] for (c, _), t in zip(groups, res.token_ids.tolist())}
+            accepted: dict[str, int] = {}
+        else:
+            tokens, accepted = self._verify(groups, logits, meta_s)
         sampled = {}
-        for i, req in enumerate(sampling):
-            tok = SampledToken(token_ids[i])
+        for c, first in groups:
+            req, emitted = c.request, tokens[c.request.request_id]
             n = req.params.logprobs
-            if n is not None and res.logprobs is not None:
-                tok.logprob = float(res.logprobs[i])
-                if n > 0:
-                    tok.top = list(zip(res.top_token_ids[i, :n].tolist(), res.top_logprobs[i, :n].tolist()))
-            sampled[req.request_id] = tok
-        return ModelRunnerOutput(sampled)
+            out_tokens = [SampledToken(t) for t in emitted]
+            if n is not None:
+                at = torch.arange(first, first + len(emitted))
+                logp = logits[at].float().log_softmax(dim=-1)
+                chosen = logp.gather(1, torch.tensor(emitted)[:, None]).squeeze(1).tolist()
+                top_lp, top_ids = logp.topk(n, dim=-1) if n > 0 else (None, None)
+                for i, tok in enumerate(out_tokens):
+                    tok.logprob = chosen[i]
+                    if n > 0:
+                        tok.top = list(zip(top_ids[i].tolist(), top_lp[i].tolist()))
+            sampled[req.request_id] = out_tokens
+        return ModelRunnerOutput(sampled, accepted)
 
-    def _sampling_row(self, req: Request) -> SamplingRow:
+    def _verify(self, groups: list[tuple[ScheduledChunk, int]], logits: torch.Tensor,
+                meta) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Tokens per request when some chunks carry proposals: greedy rows by exact match with the
+        target's argmax, sampled rows by rejection sampling (n-gram proposals are point masses); chunks
+        without proposals draw as `sample` does, from their own generator."""
+        from services.inference.sampling.sampler import random_sample
+
+        greedy_tokens, probs = target_distribution(logits, meta)
+        tokens: dict[str, list[int]] = {}
+        accepted: dict[str, int] = {}
+        for c, first in groups:
+            req, k = c.request, len(c.spec_token_ids)
+            span = slice(first, first + k + 1)
+            gen = self._generator(req)
+            if req.params.greedy:
+                if k == 0:
+                    tokens[req.request_id] = [int(greedy_tokens[first])]
+                    continue
+                out, n_acc = greedy_verify(greedy_tokens[span][None], torch.tensor([c.spec_token_ids]), torch.tensor([k]))
+            elif k == 0:
+                tokens[req.request_id] = [int(random_sample(probs[first:first + 1], [gen])[0])]
+                continue
+            else:
+                out, n_acc = rejection_sample(probs[span][None], torch.tensor([c.spec_token_ids]), torch.tensor([k]),
+                                              None, [gen])
+            a = int(n_acc[0])
+            tokens[req.request_id] = out[0, :a + 1].tolist()
+            accepted[req.request_id] = a
+        return tokens, accepted
+
+    def _sampling_row(self, req: Request, proposed: list[int] | None = None) -> SamplingRow:
+        """The request's sampling state, after `proposed` tokens (a verification row sees its run's
+        earlier proposals as output: penalties and min_tokens apply as if they had been sampled)."""
         p = req.params
+        proposed = proposed or []
         banned: tuple[int, ...] = ()
-        if req.num_output_tokens < p.min_tokens:
+        if req.num_output_tokens + len(proposed) < p.min_tokens:
             banned = tuple(p.stop_token_ids) + ((req.eos_token_id,) if req.eos_token_id is not None else ())
-        return SamplingRow(params=p, prompt_token_ids=req.prompt_token_ids,
-                           output_token_ids=req.output_token_ids, generator=self._generator(req),
-                           banned_token_ids=banned)
+        outputs = req.output_token_ids + proposed if proposed else req.output_token_ids
+        return SamplingRow(params=p, prompt_token_ids=req.prompt_token_ids, output_token_ids=outputs,
+                           generator=self._generator(req), banned_token_ids=banned)

@@ -39,3 +39,17 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_drafts_total: int = 0                   # verification runs that carried proposals
+    spec_draft_tokens_total: int = 0             # proposals verified
+    spec_accepted_tokens_total: int = 0          # proposals accepted
+    spec_emitted_tokens_total: int = 0           # tokens those runs produced (accepted + 1 each)
+    spec_accepted_by_position: tuple[int, ...] = ()   # runs whose proposal i (0-based) was accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total if self.spec_draft_tokens_total else 0.0
+
+    @property
+    def spec_mean_tokens_per_step(self) -> float:
+        """Tokens a request gets from one verification step (1 without speculation)."""
+        return self.spec_emitted_tokens_total / self.spec_drafts_total if self.spec_drafts_total else 1.0

@@ -30,7 +30,8 @@ class Request:
     """Tokens, progress and KV blocks of one generation request."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_tokens: int, priority: int = 0, eos_token_id: int | None = None) -> None:
+                 max_tokens: int, priority: int = 0, eos_token_id: int | None = None,
+                 num_speculative_tokens: int | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -50,6 +51,10 @@ class Request:
         self.num_registered_blocks = 0             # leading blocks already in the prefix-cache index
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        # speculative decoding: None = the engine's default k, 0 = off for this request
+        self.num_speculative_tokens = num_speculative_tokens
+        self.spec_token_ids: list[int] = []        # proposals for the next step (not yet verified)
+        self.spec_k: int | None = None             # adaptive proposal length (grows on full accepts)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -30,8 +30,9 @@ class SchedulerConfig:
 class ScheduledChunk:
     request: Request
     start: int             # first position computed this step (= num_computed_tokens before the step)
-    num_tokens: int        # tokens computed this step
+    num_tokens: int        # tokens computed this step (a decode with proposals: 1 + len(spec_token_ids))
     samples: bool          # the chunk reaches the end of the known tokens: sample the next one
+    spec_token_ids: list[int] = field(default_factory=list)   # proposals verified by this chunk
 
 
 @dataclass(slots=True)
@@ -86,11 +87,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=lambda r: r.sort_key)
 
-        # running requests: decodes and unfinished prompt chunks
+        # running requests: decodes (with their proposals, if any) and unfinished prompt chunks
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            pending = req.num_tokens - req.num_computed_tokens
+            if pending != 1:
+                req.spec_token_ids = []
+            num_new = min(pending + len(req.spec_token_ids), budget)
+            del req.spec_token_ids[max(0, num_new - pending):]          # what the budget leaves room for
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()        # lowest priority, latest: not yet scheduled
                 self._preempt(victim)
@@ -123,17 +128,28 @@ class Scheduler:
 
     def _schedule(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         start = req.num_computed_tokens
-        out.chunks.append(ScheduledChunk(req, start, num_new, start + num_new == req.num_tokens))
+        spec = list(req.spec_token_ids) if req.status == RequestStatus.RUNNING and num_new > 1 and \
+            start + 1 == req.num_tokens else []
+        out.chunks.append(ScheduledChunk(req, start, num_new, start + num_new - len(spec) == req.num_tokens, spec))
         out.num_batched_tokens += num_new
 
     def _preempt(self, req: Request) -> None:
+        req.spec_token_ids = []
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         bisect.insort(self.waiting, req, key=lambda r: r.sort_key)
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress of every scheduled chunk (the sampled tokens are appended by the engine)."""
+    def update_after_step(self, out: SchedulerOutput, num_accepted: dict[str, int] | None = None) -> None:
+        """Advance progress of every scheduled chunk (the sampled tokens are appended by the engine). A
+        chunk with proposals keeps the K/V of its first token and of the accepted proposals; the slots of
+        rejected ones are released."""
         for chunk in out.chunks:
-            chunk.request.num_computed_tokens = chunk.start + chunk.num_tokens
+            req = chunk.request
+            rejected = len(chunk.spec_token_ids) - (num_accepted or {}).get(req.request_id, 0)
+            req.num_computed_tokens = chunk.start + chunk.num_tokens - rejected
+            req.spec_token_ids = []
+            if rejected:
+                # the next step writes the position after the accepted run: keep its block
+                self.kv.trim(req, req.num_computed_tokens + 1)

@@ -8,6 +8,7 @@ from services.inference.sampling.sampler import (
     build_sampling_metadata,
     make_generator,
     sample,
+    target_distribution,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "build_sampling_metadata",
     "make_generator",
     "sample",
+    "target_distribution",
 ]

@@ -320,6 +320,20 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
     return SamplerOutput(token_ids, sampled, top_ids, top_logprobs)
 
 
+def target_distribution(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `sample` would draw from, for verifying proposals: (the argmax of the processed logits [B] —
+    the token of greedy rows —, the normalised distribution of random rows [B, V], None when all rows
+    are greedy; greedy rows' entries there are meaningless)."""
+    processed = apply_penalties(apply_banned_tokens(logits.float(), meta.banned_rows, meta.banned_token_ids), meta)
+    greedy = processed.argmax(dim=-1)
+    if meta.all_greedy:
+        return greedy, None
+    assert meta.temperature is not None
+    scaled = apply_top_k_top_p(apply_temperature(processed, meta.temperature), meta.top_k, meta.top_p)
+    probs = apply_min_p(scaled.softmax(dim=-1), meta.min_p)
+    return greedy, probs / probs.sum(dim=-1, keepdim=True)
+
+
 def _choose_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     if meta.all_greedy:
         return logits.argmax(dim=-1)

@@ -1,0 +1,184 @@
+"""Speculative decoding benchmark: n-gram (prompt lookup) speculation against none, in one run.
+
+    python -m bench.spec_decode [--quantization gguf] [--repeats 3] [--max-tokens 160]
+
+The engine runs in process (no gRPC: this isolates what speculation changes) with greedy decoding, so
+both configurations produce the same tokens (checked). Single stream: input-grounded tasks (summarise,
+extract from and rewrite a given passage; edit given code) and open-ended chat for contrast; decode
+tokens/s = (tokens - 1) / (time of the request - time of the same request with max_tokens 1, its prompt
+then cached). 32 streams: the same tasks mixed, 64 tokens each, aggregate decode tokens/s. Medians of
+--repeats runs; acceptance rate and tokens per verification step from the engine's counters. Targets
+(issue 7): >= 2x on input-grounded tasks, >= 0.95x on open chat, no loss at 32 streams (>= 0.95x: the
+run-to-run noise of this machine). JSON + PNG in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+PASSAGE = (
+    "The Harbour Street library reopened on 14 March 2025 after an eighteen-month renovation that cost "
+    "4.2 million euros. The building, first opened in 1911, now has a children's wing of 320 square metres, "
+    "a roof garden and 48 study desks with power outlets. Opening hours were extended to 9 p.m. on weekdays, "
+    "and the library expects 1,500 visitors a week, twice as many as before the works began. The city council "
+    "paid for most of the project; a local foundation contributed 600,000 euros for the new reading room, "
+    "which is named after the librarian Ada Brennan, who worked there from 1962 to 2001."
+)
+CODE = '''def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    averages = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            averages.append(total / window)
+    return averages
+'''
+TASKS = {
+    "summarise": ("grounded", f"Summarise the following passage in three sentences.\n\n{PASSAGE}"),
+    "extract": ("grounded", f"List every number and date in this passage, each with the sentence it comes from.\n\n{PASSAGE}"),
+    "rewrite": ("grounded", f"Rewrite this passage in the past tense, changing nothing else.\n\n{PASSAGE}"),
+    "code_edit": ("grounded", f"Add type hints and a docstring to this function. Reply with the full code.\n\n{CODE}"),
+    "chat_story": ("chat", "Tell me a short story about a lighthouse keeper and a lost cat."),
+    "chat_advice": ("chat", "What are five good habits for someone learning to cook?"),
+}
+TARGETS = {"grounded": 2.0, "chat": 0.95, "streams_32": 0.95}
+
+
+def _engines(quantization: str | None, k: int):
+    from services.inference.engine.engine import EngineConfig, LLMEngine
+
+    plain = LLMEngine(EngineConfig(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0))
+    spec = LLMEngine(EngineConfig(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0,
+                                  speculative="ngram", num_speculative_tokens=k), model=plain.model,
+                     tokenizer=plain.tokenizer)
+    return plain, spec
+
+
+def single_stream(engine, prompt: list[int], max_tokens: int, repeats: int) -> tuple[float, list[int]]:
+    from services.inference.sampling import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=1)
+    full = SamplingParams(temperature=0, max_tokens=max_tokens)
+    engine.generate([prompt], one)                                    # the prompt enters the prefix cache
+    rates, tokens = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = engine.generate([prompt], full)[0]
+        t1 = time.perf_counter()
+        engine.generate([prompt], one)
+        t2 = time.perf_counter()
+        tokens = out.new_token_ids
+        rates.append((len(tokens) - 1) / max(1e-9, (t1 - t0) - (t2 - t1)))
+    return statistics.median(rates), tokens
+
+
+def many_streams(engine, prompts: list[list[int]], max_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+    from services.inference.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+    rates, outs = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        rates.append(sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t0))
+    return statistics.median(rates), [o.new_token_ids for o in outs]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["single_stream"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["tokens_per_s_off"] for r in rows], 0.4, label="no speculation", color="tab:gray")
+    ax.bar([i + 0.2 for i in x], [r["tokens_per_s_ngram"] for r in rows], 0.4, label="n-gram speculation",
+           color=["tab:blue" if r["kind"] == "grounded" else "tab:orange" for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(i + 0.2, r["tokens_per_s_ngram"], f"x{r['speedup']:.2f}\nacc {r['acceptance_rate']:.2f}",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), [r["task"] for r in rows], fontsize=8)
+    ax.set(ylabel="decode tokens/s, 1 stream", title=f"n-gram speculation, {result['config']['quantization']} (same run)")
+    ax.legend(fontsize=8)
+    s = result["streams_32"]
+    ax2.bar([0, 1], [s["tokens_per_s_off"], s["tokens_per_s_ngram"]], color=["tab:gray", "tab:blue"])
+    ax2.set_xticks([0, 1], ["off", "ngram"])
+    ax2.set(title=f"32 streams: x{s['speedup']:.2f}", ylabel="aggregate tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.spec_decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quantization", choices=["none", "int8", "gguf"], default="gguf",
+                   help="the target's precision (default gguf: the fastest single stream here)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench/results/spec_decode.json"))
+    a = p.parse_args(argv)
+    from bench.serving import machine_info
+
+    quant = None if a.quantization == "none" else a.quantization
+    plain, spec = _engines(quant, a.num_speculative_tokens)
+    render = lambda text: plain.tokenizer.encode(plain.render_chat([{"role": "user", "content": text}]))  # noqa: E731
+    rows = []
+    for task, (kind, text) in TASKS.items():
+        prompt = render(text)
+        off, tokens_off = single_stream(plain, prompt, a.max_tokens, a.repeats)
+        before = spec.stats()
+        on, tokens_on = single_stream(spec, prompt, a.max_tokens, a.repeats)
+        after = spec.stats()
+        drafts = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+        runs = after.spec_drafts_total - before.spec_drafts_total
+        row = {"task": task, "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(tokens_on),
+               "tokens_per_s_off": off, "tokens_per_s_ngram": on, "speedup": on / off,
+               "identical_output": tokens_on == tokens_off,
+               "acceptance_rate": (after.spec_accepted_tokens_total - before.spec_accepted_tokens_total) / drafts if drafts else 0.0,
+               "tokens_per_verification_step": (after.spec_emitted_tokens_total - before.spec_emitted_tokens_total) / runs
+               if runs else 1.0}
+        rows.append(row)
+        print(f"{task:12s} {kind:8s} off {off:6.1f} tok/s  ngram {on:6.1f} tok/s  x{row['speedup']:.2f}  "
+              f"acceptance {row['acceptance_rate']:.2f}  tokens/step {row['tokens_per_verification_step']:.2f}  "
+              f"identical {row['identical_output']}", flush=True)
+    prompts = [render(TASKS[t][1]) for t in TASKS for _ in range(32 // len(TASKS) + 1)][:32]
+    off32, outs_off = many_streams(plain, prompts, 64, a.repeats)
+    on32, outs_on = many_streams(spec, prompts, 64, a.repeats)
+    streams = {"streams": 32, "tokens_per_s_off": off32, "tokens_per_s_ngram": on32, "speedup": on32 / off32,
+               "identical_output": outs_on == outs_off}
+    print(f"32 streams: off {off32:.1f} tok/s, ngram {on32:.1f} tok/s, x{streams['speedup']:.2f}", flush=True)
+
+    def geomean(xs: list[float]) -> float:
+        return statistics.geometric_mean(xs) if xs else float("nan")
+    grounded = geomean([r["speedup"] for r in rows if r["kind"] == "grounded"])
+    chat = geomean([r["speedup"] for r in rows if r["kind"] == "chat"])
+    targets = {"grounded_speedup": {"target": TARGETS["grounded"], "value": grounded, "met": grounded >= TARGETS["grounded"]},
+               "chat_speedup": {"target": TARGETS["chat"], "value": chat, "met": chat >= TARGETS["chat"]},
+               "streams_32_speedup": {"target": TARGETS["streams_32"], "value": streams["speedup"],
+                                      "met": streams["speedup"] >= TARGETS["streams_32"]}}
+    result = {"config": {"quantization": a.quantization, "num_speculative_tokens": a.num_speculative_tokens,
+                         "max_tokens": a.max_tokens, "repeats": a.repeats,
+                         "spec_max_batch": spec.config.spec_max_batch, "ngram": [spec.config.ngram_min, spec.config.ngram_max]},
+              "machine": machine_info(), "single_stream": rows, "streams_32": streams, "targets": targets}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, a.out.with_suffix(".png"))
+    print(f"grounded x{grounded:.2f} (target {TARGETS['grounded']}), chat x{chat:.2f} (target {TARGETS['chat']}); "
+          f"wrote {a.out} and {a.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

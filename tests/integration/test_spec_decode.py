@@ -1,0 +1,141 @@
+"""Speculative decoding inside continuous batching (real float32 model): greedy output is the same with
+and without n-gram speculation — stop strings, EOS and max_tokens inside an accepted run, preemption —,
+rejected slots and aborted requests give every KV block back, requests can turn it off, and the
+engine stops proposing when the batch is large."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.inference.engine.engine import InvalidRequestError
+from services.inference.sampling import SamplingParams
+from tests.conftest import assert_all_blocks_free
+
+CODE = '''def area(width, height):
+    return width * height
+
+
+def perimeter(width, height):
+    return 2 * (width + height)
+'''
+GROUNDED = [
+    "Repeat the following code exactly, then stop:\n\n" + CODE,
+    "Copy this sentence word for word: The quick brown fox jumps over the lazy dog near the river bank.",
+]
+OPEN = ["Write one sentence about the moon.", "Name three colours."]
+
+
+def prompts(engine, texts):
+    return [engine.tokenizer.encode(engine.render_chat([{"role": "user", "content": t}])) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def engines(make_engine):
+    plain = make_engine("float32")
+    spec = make_engine("float32", speculative="ngram", num_speculative_tokens=4, spec_max_batch=4)
+    return plain, spec
+
+
+@pytest.fixture(autouse=True)
+def pool_returns_to_full(engines):
+    yield
+    for e in engines:
+        assert_all_blocks_free(e)
+
+
+def tokens(outs):
+    return [o.new_token_ids for o in outs]
+
+
+def test_greedy_outputs_are_identical_with_and_without_speculation(engines):
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED + OPEN)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    before = spec.stats()
+    assert tokens(spec.generate(ps, params)) == tokens(plain.generate(ps, params))       # batched, 4 <= spec_max_batch
+    for p in ps[:2]:                                                                         # alone
+        assert tokens(spec.generate([p], params)) == tokens(plain.generate([p], params))
+    after = spec.stats()
+    assert after.spec_accepted_tokens_total > before.spec_accepted_tokens_total > -1
+    assert after.spec_mean_tokens_per_step > 1.5                                            # the grounded prompts copy
+    assert sum(after.spec_accepted_by_position) == after.spec_accepted_tokens_total
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 6, 11])
+def test_max_tokens_inside_an_accepted_run_is_exact(engines, max_tokens):
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED[:1])
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    out = spec.generate(ps, params)[0]
+    assert out.new_token_ids == plain.generate(ps, params)[0].new_token_ids
+    assert len(out.new_token_ids) == max_tokens and out.finish_reason == "length"
+
+
+def test_stop_strings_and_eos_inside_an_accepted_run(engines):
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED[:1])
+    full = plain.generate(ps, SamplingParams(temperature=0, max_tokens=40))[0]
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 6]          # text from the middle of a copied run
+    assert stop.strip()
+    for params in (SamplingParams(temperature=0, max_tokens=40, stop=(stop,)), SamplingParams(temperature=0, max_tokens=200)):
+        a, b = spec.generate(ps, params)[0], plain.generate(ps, params)[0]
+        assert (a.new_token_ids, a.text, a.finish_reason) == (b.new_token_ids, b.text, b.finish_reason)
+    assert a.finish_reason == "stop"                                          # the copy ends with EOS
+
+
+def test_preemption_with_speculation_gives_identical_outputs(engines, make_engine):
+    plain, _ = engines
+    ps = prompts(plain, GROUNDED + OPEN)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    longest = max(len(p) for p in ps) + 40
+    tiny = make_engine("float32", speculative="ngram", num_kv_blocks=(longest // 16 + 1) * 2, max_model_len=longest + 16)
+    squeezed = tiny.generate(ps, params)
+    assert tiny.stats().num_preemptions_total > 0 and tiny.stats().spec_drafts_total > 0
+    assert tokens(squeezed) == tokens(plain.generate(ps, params))
+    assert_all_blocks_free(tiny)
+
+
+def test_aborting_mid_speculation_frees_every_block(engines):
+    _, spec = engines
+    rid = spec.add_request(prompts(spec, GROUNDED[:1])[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    req = spec.scheduler.requests[rid]
+    for _ in range(100):                              # decode until a step would carry proposals
+        spec._propose()
+        if req.spec_token_ids and req.num_output_tokens > 4:
+            break
+        spec.step()
+    assert req.spec_token_ids
+    sched = spec.scheduler.schedule()                 # their slots allocated
+    assert any(c.spec_token_ids for c in sched.chunks)
+    assert spec.abort_request(rid).finish_reason == "abort"
+    assert_all_blocks_free(spec)
+
+
+def test_requests_can_turn_speculation_off_and_bad_values_are_refused(engines):
+    plain, spec = engines
+    p = prompts(plain, GROUNDED[:1])[0]
+    before = spec.stats().spec_drafts_total
+    rid = spec.add_request(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), num_speculative_tokens=0)
+    while spec.has_unfinished_requests():
+        spec.step()
+    assert spec.stats().spec_drafts_total == before and rid not in spec.scheduler.requests
+    for bad in (-1, 17):
+        with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+            spec.add_request(p, SamplingParams(max_tokens=4), num_speculative_tokens=bad)
+
+
+def test_no_proposals_while_the_batch_is_larger_than_spec_max_batch(engines):
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED * 3)                 # 6 decoding requests > spec_max_batch = 4
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = spec.stats().spec_drafts_total
+    assert tokens(spec.generate(ps, params)) == tokens(plain.generate(ps, params))
+    assert spec.stats().spec_drafts_total == before
+
+
+def test_seeded_sampling_with_speculation_runs_and_reproduces(engines):
+    _, spec = engines
+    p = prompts(spec, GROUNDED[:1])[0]
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=32, ignore_eos=True)
+    a, b = spec.generate([p], params)[0], spec.generate([p], params)[0]
+    assert a.new_token_ids == b.new_token_ids and len(a.new_token_ids) == 32
