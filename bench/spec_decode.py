@@ -9,7 +9,9 @@ tokens/s = (tokens - 1) / (time of the request - time of the same request with m
 then cached). 32 streams: the same tasks mixed, 64 tokens each, aggregate decode tokens/s. Medians of
 --repeats runs; acceptance rate and tokens per verification step from the engine's counters. Targets
 (issue 7): >= 2x on input-grounded tasks, >= 0.95x on open chat, no loss at 32 streams (>= 0.95x: the
-run-to-run noise of this machine). JSON + PNG in bench/results/.
+run-to-run noise of this machine). Draft model (--draft-tasks, default all): a float32 target with the
+same GGUF through the Q4_1/Q8_0 kernels as its draft, against the float32 target alone, single stream.
+JSON + PNG in bench/results/.
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--draft-tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                   help="tasks for the draft-model comparison (float32 target; none: skip it)")
+    p.add_argument("--draft-max-tokens", type=int, default=96)
     p.add_argument("--out", type=Path, default=Path("bench/results/spec_decode.json"))
     a = p.parse_args(argv)
     from bench.serving import machine_info
@@ -154,6 +159,34 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{task:12s} {kind:8s} off {off:6.1f} tok/s  ngram {on:6.1f} tok/s  x{row['speedup']:.2f}  "
               f"acceptance {row['acceptance_rate']:.2f}  tokens/step {row['tokens_per_verification_step']:.2f}  "
               f"identical {row['identical_output']}", flush=True)
+    draft_rows = []
+    if a.draft_tasks:
+        from services.inference.engine.engine import EngineConfig, LLMEngine
+        from services.inference.models.gguf_file import GGUFFile, default_model_path
+        from services.inference.models.llama import LlamaModel
+
+        target = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=1.0), tokenizer=plain.tokenizer)
+        gguf_model = plain.model if quant == "gguf" else LlamaModel.from_gguf(GGUFFile(default_model_path()),
+                                                                              quantization="gguf")
+        drafted = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=1.0, speculative="draft",
+                                         num_speculative_tokens=a.num_speculative_tokens),
+                            model=target.model, tokenizer=plain.tokenizer, draft_model=gguf_model)
+        for task in a.draft_tasks:
+            kind, text = TASKS[task]
+            prompt = render(text)
+            off, t_off = single_stream(target, prompt, a.draft_max_tokens, a.repeats)
+            before = drafted.stats()
+            on, t_on = single_stream(drafted, prompt, a.draft_max_tokens, a.repeats)
+            after = drafted.stats()
+            drafts = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+            row = {"task": task, "kind": kind, "tokens_per_s_off": off, "tokens_per_s_draft": on, "speedup": on / off,
+                   "identical_output": t_on == t_off,
+                   "acceptance_rate": (after.spec_accepted_tokens_total - before.spec_accepted_tokens_total) / drafts
+                   if drafts else 0.0}
+            draft_rows.append(row)
+            print(f"draft {task:12s} float32 {off:6.1f} tok/s  + gguf draft {on:6.1f} tok/s  x{row['speedup']:.2f}  "
+                  f"acceptance {row['acceptance_rate']:.2f}  identical {row['identical_output']}", flush=True)
+        del target, drafted
     prompts = [render(TASKS[t][1]) for t in TASKS for _ in range(32 // len(TASKS) + 1)][:32]
     off32, outs_off = many_streams(plain, prompts, 64, a.repeats)
     on32, outs_on = many_streams(spec, prompts, 64, a.repeats)
@@ -172,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"config": {"quantization": a.quantization, "num_speculative_tokens": a.num_speculative_tokens,
                          "max_tokens": a.max_tokens, "repeats": a.repeats,
                          "spec_max_batch": spec.config.spec_max_batch, "ngram": [spec.config.ngram_min, spec.config.ngram_max]},
-              "machine": machine_info(), "single_stream": rows, "streams_32": streams, "targets": targets}
+              "machine": machine_info(), "single_stream": rows, "streams_32": streams, "draft_model": draft_rows,
+              "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, a.out.with_suffix(".png"))

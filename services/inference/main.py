@@ -52,9 +52,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--speculative", choices=["none", "ngram"], default=env("STRATA_SPECULATIVE", "none"),
-                   help="ngram = prompt-lookup speculative decoding: proposals from the request's own tokens, "
-                        "verified in one forward (greedy output unchanged)")
+    p.add_argument("--speculative", choices=["none", "ngram", "draft"], default=env("STRATA_SPECULATIVE", "none"),
+                   help="speculative decoding, proposals verified in one forward (greedy output unchanged): ngram = "
+                        "prompt lookup in the request's own tokens; draft = a draft model's greedy tokens")
+    p.add_argument("--draft-model-path", default=env("STRATA_DRAFT_MODEL_PATH"),
+                   help="--speculative draft: a GGUF sharing the tokenizer (default: the served model's own file)")
+    p.add_argument("--draft-quantization", choices=["none", "int8", "gguf"], default="gguf",
+                   help="--speculative draft: the draft's precision (gguf: the file's Q4_1/Q8_0 blocks)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="k, proposals per step (requests may lower it or turn it off)")
     p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix the ngram proposer matches")
@@ -71,6 +75,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads,
         speculative=None if a.speculative == "none" else a.speculative, num_speculative_tokens=a.num_speculative_tokens,
+        draft_model_path=a.draft_model_path,
+        draft_quantization=None if a.draft_quantization == "none" else a.draft_quantization,
         ngram_min=a.ngram_min, ngram_max=a.ngram_max, spec_max_batch=a.spec_max_batch)
 
 

@@ -139,3 +139,60 @@ def test_seeded_sampling_with_speculation_runs_and_reproduces(engines):
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=32, ignore_eos=True)
     a, b = spec.generate([p], params)[0], spec.generate([p], params)[0]
     assert a.new_token_ids == b.new_token_ids and len(a.new_token_ids) == 32
+
+
+# draft-model proposals
+def tiny_llama(vocab_size: int, seed: int):
+    """A randomly initialised 2-layer Llama with the target's vocabulary: a draft that is almost always wrong."""
+    import torch
+
+    from services.inference.models.gguf_file import LlamaHParams
+    from services.inference.models.linear import DenseLinear
+    from services.inference.models.llama import LlamaLayer, LlamaModel
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, heads, kv_heads, head_dim, inter = 64, 4, 2, 16, 128
+    hp = LlamaHParams(num_layers=2, hidden_size=hidden, intermediate_size=inter, num_heads=heads, num_kv_heads=kv_heads,
+                      head_dim=head_dim, rope_theta=10000.0, rms_norm_eps=1e-5, vocab_size=vocab_size,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.1   # noqa: E731
+    layers = [LlamaLayer(attn_norm=torch.ones(hidden), qkv=DenseLinear(w(hidden, (heads + 2 * kv_heads) * head_dim)),
+                         o=DenseLinear(w(heads * head_dim, hidden)), ffn_norm=torch.ones(hidden),
+                         gate_up=DenseLinear(w(hidden, 2 * inter)), down=DenseLinear(w(inter, hidden)))
+              for _ in range(hp.num_layers)]
+    embed = w(vocab_size, hidden)
+    return LlamaModel(hp, layers, embed, torch.ones(hidden), DenseLinear(embed.t().contiguous()), torch.float32)
+
+
+def assert_draft_blocks_free(engine) -> None:
+    assert engine.proposer.num_free_blocks == engine.proposer.kv.num_blocks
+
+
+@pytest.mark.parametrize("draft", ["random", "gguf"])
+def test_draft_model_proposals_keep_greedy_output_and_give_back_their_blocks(engines, make_engine, model_fp32,
+                                                                              tokenizer, request, draft):
+    from services.inference.engine.engine import EngineConfig, LLMEngine
+
+    plain, _ = engines
+    model = tiny_llama(model_fp32.hp.vocab_size, seed=5) if draft == "random" else request.getfixturevalue("model_gguf")
+    eng = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=0.25, speculative="draft", num_speculative_tokens=4),
+                    model=model_fp32, tokenizer=tokenizer, draft_model=model)
+    ps = prompts(plain, GROUNDED + OPEN[:1])
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert tokens(eng.generate(ps, params)) == tokens(plain.generate(ps, params))
+    stats = eng.stats()
+    assert stats.spec_drafts_total > 0
+    if draft == "gguf":                          # the model itself, quantized: nearly every proposal holds
+        assert stats.spec_acceptance_rate > 0.8
+    assert_all_blocks_free(eng)
+    assert_draft_blocks_free(eng)
+    # abort mid-speculation: the target's and the draft's blocks come back
+    rid = eng.add_request(ps[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    eng._propose()
+    assert eng.scheduler.requests[rid].spec_token_ids
+    eng.scheduler.schedule()
+    eng.abort_request(rid)
+    assert_all_blocks_free(eng)
+    assert_draft_blocks_free(eng)

@@ -21,6 +21,7 @@ from services.inference.models.llama import QUANTIZATIONS, LlamaModel
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
 from services.inference.spec_decode import NgramProposer
+from services.inference.spec_decode.draft import DraftProposer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None       # torch intra-op threads; None = leave torch's default
     # speculative decoding (issue 7): "ngram" = prompt lookup; requests may lower k or turn it off
-    speculative: str | None = None       # None (off) or "ngram"
+    speculative: str | None = None       # None (off), "ngram" (prompt lookup) or "draft" (a draft model)
+    draft_model_path: str | None = None  # "draft": GGUF sharing the tokenizer; None = the target's own file
+    draft_quantization: str | None = "gguf"   # "draft": the draft's precision (gguf: the file's blocks)
     num_speculative_tokens: int = 4      # k: proposals verified per step (adapts per request up to this)
     ngram_min: int = 2                   # shortest suffix matched against the request's own tokens
     ngram_max: int = 4                   # longest
@@ -77,8 +80,10 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be >= 1")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError("kv_cache_memory_gb must be > 0")
-        if self.speculative not in (None, "ngram"):
-            raise ValueError(f"speculative must be None or 'ngram', got {self.speculative!r}")
+        if self.speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
+        if self.draft_quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"draft_quantization must be None or one of {QUANTIZATIONS}")
         if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
         if not 1 <= self.ngram_min <= self.ngram_max:
@@ -89,8 +94,8 @@ class EngineConfig:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LlamaModel | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
-        """`model`/`tokenizer` reuse already-loaded ones (tests, several engines in one process)."""
+                 tokenizer: Tokenizer | None = None, draft_model: LlamaModel | None = None) -> None:
+        """`model`/`tokenizer`/`draft_model` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
         # the quantized paths keep float32 activations
         config = replace(config, dtype="float32" if config.quantization else resolve_dtype(config.dtype))
@@ -125,7 +130,15 @@ class LLMEngine:
         self._prefix_hit_tokens = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
-        self.proposer = NgramProposer(config.ngram_min, config.ngram_max) if config.speculative == "ngram" else None
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if config.speculative == "ngram":
+            self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
+        elif config.speculative == "draft":
+            if draft_model is None:
+                path = Path(config.draft_model_path) if config.draft_model_path else \
+                    Path(config.model_path) if config.model_path else default_model_path()
+                draft_model = LlamaModel.from_gguf(GGUFFile(path), torch.float32, config.draft_quantization)
+            self.proposer = DraftProposer(draft_model, num_blocks, config.block_size, hp.vocab_size)
         self._spec_drafts = 0                      # verification runs that carried proposals
         self._spec_draft_tokens = 0
         self._spec_accepted_tokens = 0
@@ -206,6 +219,9 @@ class LLMEngine:
             self._propose()
         sched = self.scheduler.schedule()
         self._num_preemptions += len(sched.preempted)
+        if isinstance(self.proposer, DraftProposer):
+            for req in sched.preempted:          # recomputed from scratch later, the draft's copy too
+                self.proposer.release(req.request_id)
         if sched.is_empty:
             return []
         try:
@@ -225,11 +241,17 @@ class LLMEngine:
         and never reaches past max_tokens or the context window."""
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         enabled = len(decoding) <= self.config.spec_max_batch
+        ks = []
         for req in decoding:
             limit = self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
-            k = min(req.spec_k if req.spec_k is not None else limit, limit, room)
-            req.spec_token_ids = self.proposer.propose(req.all_token_ids, k) if enabled and k > 0 else []
+            ks.append(max(0, min(req.spec_k if req.spec_k is not None else limit, limit, room)) if enabled else 0)
+        if isinstance(self.proposer, DraftProposer):
+            proposals = self.proposer.propose(decoding, ks)
+        else:
+            proposals = [self.proposer.propose(r.all_token_ids, k) if k > 0 else [] for r, k in zip(decoding, ks)]
+        for req, spec in zip(decoding, proposals):
+            req.spec_token_ids = spec
 
     def _count_speculation(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         for chunk in sched.chunks:
@@ -306,6 +328,8 @@ class LLMEngine:
         out = self._output(req, text, logprobs)
         del self._sent_tokens[req.request_id]
         self.runner.release(req.request_id)
+        if isinstance(self.proposer, DraftProposer):
+            self.proposer.release(req.request_id)
         out.finished = True
         out.finish_reason = req.status.value
         out.error = error
