@@ -82,6 +82,16 @@ def single_stream(engine, prompt: list[int], max_tokens: int, repeats: int) -> t
     return statistics.median(rates), tokens
 
 
+def spec_counts(before, after) -> dict:
+    """Acceptance rate and tokens per verification step between two EngineStats."""
+    drafts = after.spec_draft_tokens_total - before.spec_draft_tokens_total
+    runs = after.spec_drafts_total - before.spec_drafts_total
+    return {"acceptance_rate": (after.spec_accepted_tokens_total - before.spec_accepted_tokens_total) / drafts
+            if drafts else 0.0,
+            "tokens_per_verification_step": (after.spec_emitted_tokens_total - before.spec_emitted_tokens_total) / runs
+            if runs else 1.0}
+
+
 def many_streams(engine, prompts: list[list[int]], max_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
     from services.inference.sampling import SamplingParams
 
@@ -146,15 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         off, tokens_off = single_stream(plain, prompt, a.max_tokens, a.repeats)
         before = spec.stats()
         on, tokens_on = single_stream(spec, prompt, a.max_tokens, a.repeats)
-        after = spec.stats()
-        drafts = after.spec_draft_tokens_total - before.spec_draft_tokens_total
-        runs = after.spec_drafts_total - before.spec_drafts_total
         row = {"task": task, "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(tokens_on),
                "tokens_per_s_off": off, "tokens_per_s_ngram": on, "speedup": on / off,
-               "identical_output": tokens_on == tokens_off,
-               "acceptance_rate": (after.spec_accepted_tokens_total - before.spec_accepted_tokens_total) / drafts if drafts else 0.0,
-               "tokens_per_verification_step": (after.spec_emitted_tokens_total - before.spec_emitted_tokens_total) / runs
-               if runs else 1.0}
+               "identical_output": tokens_on == tokens_off, **spec_counts(before, spec.stats())}
         rows.append(row)
         print(f"{task:12s} {kind:8s} off {off:6.1f} tok/s  ngram {on:6.1f} tok/s  x{row['speedup']:.2f}  "
               f"acceptance {row['acceptance_rate']:.2f}  tokens/step {row['tokens_per_verification_step']:.2f}  "
@@ -177,12 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             off, t_off = single_stream(target, prompt, a.draft_max_tokens, a.repeats)
             before = drafted.stats()
             on, t_on = single_stream(drafted, prompt, a.draft_max_tokens, a.repeats)
-            after = drafted.stats()
-            drafts = after.spec_draft_tokens_total - before.spec_draft_tokens_total
             row = {"task": task, "kind": kind, "tokens_per_s_off": off, "tokens_per_s_draft": on, "speedup": on / off,
-                   "identical_output": t_on == t_off,
-                   "acceptance_rate": (after.spec_accepted_tokens_total - before.spec_accepted_tokens_total) / drafts
-                   if drafts else 0.0}
+                   "identical_output": t_on == t_off, **spec_counts(before, drafted.stats())}
             draft_rows.append(row)
             print(f"draft {task:12s} float32 {off:6.1f} tok/s  + gguf draft {on:6.1f} tok/s  x{row['speedup']:.2f}  "
                   f"acceptance {row['acceptance_rate']:.2f}  identical {row['identical_output']}", flush=True)

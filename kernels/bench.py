@@ -51,18 +51,27 @@ def copy_bandwidth_gbs(repeats: int) -> float:
     return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), max(5, repeats // 3)) / 1e9
 
 
-def paged_attention_case(batch: int, context: int, repeats: int, heads: int = 9, kv_heads: int = 3,
-                         head_dim: int = 64, block_size: int = 16) -> dict:
-    from services.inference.models.attention import decode_attention, gather_blocks
-
-    g = torch.Generator().manual_seed(batch * 7919 + context)
+def _paged_inputs(batch: int, context: int, rows: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+                  seed: int) -> tuple[torch.Tensor, ...]:
+    """K/V pools with each sequence's `context` positions in blocks scattered over them, the block
+    table, the context lengths and `rows` query rows."""
+    g = torch.Generator().manual_seed(seed)
     nb = -(-context // block_size)
     num_blocks = batch * nb + 1
     k = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
     v = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
     table = torch.randperm(num_blocks, generator=g)[:batch * nb].view(batch, nb).contiguous()
     lens = torch.full((batch,), context, dtype=torch.int64)
-    q = torch.randn(batch, heads, head_dim, generator=g)
+    return k, v, table, lens, torch.randn(rows, heads, head_dim, generator=g)
+
+
+def paged_attention_case(batch: int, context: int, repeats: int, heads: int = 9, kv_heads: int = 3,
+                         head_dim: int = 64, block_size: int = 16) -> dict:
+    from services.inference.models.attention import decode_attention, gather_blocks
+
+    k, v, table, lens, q = _paged_inputs(batch, context, batch, heads, kv_heads, head_dim, block_size,
+                                         seed=batch * 7919 + context)
+    nb = table.shape[1]
     mask = torch.arange(nb * block_size)[None, :] < lens[:, None]
     scale = head_dim ** -0.5
     plan = PagedDecode(table, lens, block_size)
@@ -87,14 +96,9 @@ def paged_attention_mixed_case(batch: int, context: int, rows: int, repeats: int
     from kernels import PagedAttention
     from services.inference.models.attention import gather_blocks
 
-    g = torch.Generator().manual_seed(batch * 31 + rows)
-    nb = -(-context // block_size)
-    num_blocks = batch * nb + 1
-    k = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
-    v = torch.randn(kv_heads, num_blocks * block_size, head_dim, generator=g)
-    table = torch.randperm(num_blocks, generator=g)[:batch * nb].view(batch, nb).contiguous()
-    lens = torch.full((batch,), context, dtype=torch.int64)
-    q = torch.randn(batch * rows, heads, head_dim, generator=g)
+    k, v, table, lens, q = _paged_inputs(batch, context, batch * rows, heads, kv_heads, head_dim, block_size,
+                                         seed=batch * 31 + rows)
+    nb = table.shape[1]
     scale = head_dim ** -0.5
     plan = PagedAttention(table, lens, block_size, torch.full((batch,), rows, dtype=torch.int64))
     mask = torch.arange(nb * block_size)[None, :] <= torch.arange(context - rows, context)[:, None]

@@ -95,13 +95,27 @@ __attribute__((target("avx2,f16c"))) inline __m256 load_half8(const uint16_t* p)
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+// a block's 32 codes widened to int16: Q4_1's nibbles (low ones are weights 0..15), Q8_0's signed bytes
+template <BlockType T>
+__attribute__((target("avx2"))) inline void unpack_block(const uint8_t* q, __m256i& q0, __m256i& q1) {
+    if constexpr (T == BlockType::kQ4_1) {
+        const __m128i low4 = _mm_set1_epi8(15);
+        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        q0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low4));
+        q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low4));
+    } else {
+        const __m128i* qs = reinterpret_cast<const __m128i*>(q);
+        q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
+        q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs + 1));
+    }
+}
+
 // one output channel j against R activation rows
 template <BlockType T, int R>
 __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w, const int16_t* xq, const float* dx,
                                                              const float* sx, int64_t j, float* y) {
     const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k);
     constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
-    const __m128i low4 = _mm_set1_epi8(15);
     const uint8_t* qrow = w.qs + j * nb * qb;
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -114,15 +128,7 @@ __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w,
                 continue;
             }
             __m256i q0, q1;                                     // weights 0..15 and 16..31 as int16
-            if constexpr (T == BlockType::kQ4_1) {
-                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + (g + b) * qb));
-                q0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low4));
-                q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low4));
-            } else {
-                const __m128i* qs = reinterpret_cast<const __m128i*>(qrow + (g + b) * qb);
-                q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
-                q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs + 1));
-            }
+            unpack_block<T>(qrow + (g + b) * qb, q0, q1);
             for (int r = 0; r < R; ++r) {
                 const __m256i* xv = reinterpret_cast<const __m256i*>(xq + r * w.k + (g + b) * kBlock);
                 p[r][b] = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(xv)),
@@ -149,7 +155,6 @@ __attribute__((target("avx2,fma,f16c"))) void channel_rows_avx2(const BlockMatri
                                                                   float* y) {
     const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k);
     constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
-    const __m128i low4 = _mm_set1_epi8(15);
     const uint8_t* qrow = w.qs + j * nb * qb;
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -158,16 +163,8 @@ __attribute__((target("avx2,fma,f16c"))) void channel_rows_avx2(const BlockMatri
         _mm256_store_ps(d, load_half8(w.d + j * nbp + g));
         const int64_t blocks = std::min<int64_t>(8, nb - g);
         for (int64_t b = 0; b < blocks; ++b) {
-            __m256i q0, q1;
-            if constexpr (T == BlockType::kQ4_1) {
-                const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + (g + b) * qb));
-                q0 = _mm256_cvtepu8_epi16(_mm_and_si128(qs, low4));
-                q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(qs, 4), low4));
-            } else {
-                const __m128i* qs = reinterpret_cast<const __m128i*>(qrow + (g + b) * qb);
-                q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs));
-                q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(qs + 1));
-            }
+            __m256i q0, q1;                                     // weights 0..15 and 16..31 as int16
+            unpack_block<T>(qrow + (g + b) * qb, q0, q1);
             for (int r = 0; r < R; ++r) {
                 const __m256i* xv = reinterpret_cast<const __m256i*>(xq + r * w.k + (g + b) * kBlock);
                 const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_loadu_si256(xv)),
