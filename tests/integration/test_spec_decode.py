@@ -83,6 +83,19 @@ def test_stop_strings_and_eos_inside_an_accepted_run(engines):
     assert a.finish_reason == "stop"                                          # the copy ends with EOS
 
 
+def test_logprobs_of_tokens_from_an_accepted_run_match_plain_decoding(engines):
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED[:1])
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
+    before = spec.stats().spec_accepted_tokens_total
+    a, b = spec.generate(ps, params)[0], plain.generate(ps, params)[0]
+    assert spec.stats().spec_accepted_tokens_total > before
+    assert [lp.token_id for lp in a.logprobs] == a.new_token_ids == b.new_token_ids
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-3)
+        assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
 def test_preemption_with_speculation_gives_identical_outputs(engines, make_engine):
     plain, _ = engines
     ps = prompts(plain, GROUNDED + OPEN)
