@@ -6,6 +6,7 @@
 // into one contiguous range per OpenMP thread; inside a range, blocks of rows are scored against every
 // query so a batch of queries reads the matrix once.
 #include "cosine_topk.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -27,11 +28,6 @@ constexpr int64_t kParallelWork = int64_t{1} << 22;   // below this many multipl
 const float kNegInf = -std::numeric_limits<float>::infinity();
 // float32 rounding of the re-scored dot products (d * 2^-24 relative at d = 384 is ~2e-5 worst case)
 constexpr float kRoundingSlack = 3e-5f;
-
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
 
 __attribute__((target("avx2"))) int32_t dot_i8_avx2(const int8_t* a, const int8_t* b, int64_t d) {
     __m256i acc = _mm256_setzero_si256();
@@ -81,7 +77,7 @@ float dot_f32_scalar(const float* a, const float* b, int64_t d) {
 }
 
 float dot_f32(const float* a, const float* b, int64_t d) {
-    return has_avx2() ? dot_f32_avx2(a, b, d) : dot_f32_scalar(a, b, d);
+    return has_avx2_fma() ? dot_f32_avx2(a, b, d) : dot_f32_scalar(a, b, d);
 }
 
 // The k largest values seen, as a min-heap: front() is the k-th largest once full.
@@ -155,7 +151,7 @@ int64_t cosine_topk_int8(const float* rows, const int8_t* codes, const float* sc
         qscale[j] = s;
         qerr[j] = static_cast<float>(std::sqrt(err2)) * 1.0001f;   // rounding slack: a bound must hold
     }
-    const auto dot_i8 = has_avx2() ? dot_i8_avx2 : dot_i8_scalar;
+    const auto dot_i8 = has_avx2_fma() ? dot_i8_avx2 : dot_i8_scalar;
     const int threads = thread_count(n * d * m);
     std::vector<std::vector<Screen>> screens(threads, std::vector<Screen>(m, Screen(k)));
 

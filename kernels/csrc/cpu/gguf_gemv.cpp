@@ -8,6 +8,7 @@
 // (d * dx, converted from fp16 eight at a time) and another the Q4_1 offsets (m * sx). Output channels
 // are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums.
 #include "gguf_gemv.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -22,12 +23,6 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 8;          // activation rows per pass over the weights
-
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("f16c");
-    return yes;
-}
 
 // IEEE half → float (normals, subnormals, inf, nan), for the scalar path
 inline float half_to_float(uint16_t h) {
@@ -82,13 +77,6 @@ __attribute__((target("avx2"))) inline __m256i reduce8_epi32(const __m256i* a) {
     const __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
     const __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 __attribute__((target("avx2,f16c"))) inline __m256 load_half8(const uint16_t* p) {
@@ -225,7 +213,7 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     std::vector<int16_t> xq(static_cast<size_t>(m * w.k));
     std::vector<float> dx(static_cast<size_t>(m * nbp)), sx(static_cast<size_t>(m * nbp));
     quantize_blocks_q16(x, m, w.k, xq.data(), dx.data(), sx.data());
-    const bool simd = has_avx2();
+    const bool simd = has_avx2_fma_f16c();
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
     const bool parallel = w.n * w.k >= (int64_t{1} << 15) && chunks > 1;

@@ -6,6 +6,7 @@
 // maddubs(|w|, sign(x, w)) gives pairwise int16 sums (no saturation: 2 * 127 * 127 < 2^15), madd widens
 // them to int32. Without AVX2 a scalar loop computes the same integers.
 #include "int8_gemv.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -18,11 +19,6 @@ namespace strata::cpu {
 namespace {
 
 constexpr int64_t kMaxRows = 8;
-
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
 
 __attribute__((target("avx2"))) inline int32_t hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -87,7 +83,7 @@ void over_blocks(int64_t m, int64_t n, int64_t k, int64_t chunk, Block block) {
 
 void int8_gemv(const int8_t* xq, const float* x_scale, const int8_t* wq, const float* w_scale, int64_t m, int64_t n,
                int64_t k, float* y) {
-    const bool simd = has_avx2();
+    const bool simd = has_avx2_fma();
     over_blocks(m, n, k, 64, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
         if (simd) block_avx2(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
         else block_scalar(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
@@ -112,13 +108,6 @@ void int8_linear(const float* x, const int8_t* wq, const float* w_scale, int64_t
 }
 
 namespace {
-
-__attribute__((target("avx2,fma"))) inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 __attribute__((target("avx2,fma"))) inline __m256 load_w8(const int8_t* w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
@@ -148,7 +137,7 @@ __attribute__((target("avx2,fma"))) int64_t weight_block_few_rows(const float* x
         for (int c = 0; c < C; ++c) {
             const int8_t* w = wq + (j + c) * k;
             for (int r = 0; r < R; ++r) {
-                float total = hsum_ps(acc[c][r]);
+                float total = hsum(acc[c][r]);
                 for (int64_t i = k8; i < k; ++i) total += x[r * k + i] * static_cast<float>(w[i]);
                 y[r * n + j + c] = total * w_scale[j + c];
             }
@@ -172,7 +161,7 @@ __attribute__((target("avx2,fma"))) void weight_block_avx2(const float* x, const
             for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + i), wv, acc[r]);
         }
         for (int64_t r = 0; r < rows; ++r) {
-            float total = hsum_ps(acc[r]);
+            float total = hsum(acc[r]);
             for (int64_t i = k8; i < k; ++i) total += x[r * k + i] * static_cast<float>(w[i]);
             y[r * n + j] = total * w_scale[j];
         }
@@ -194,7 +183,7 @@ void weight_block_scalar(const float* x, const int8_t* wq, const float* w_scale,
 
 void int8_weight_gemv(const float* x, const int8_t* wq, const float* w_scale, int64_t m, int64_t n, int64_t k,
                       float* y) {
-    const bool simd = has_avx2();
+    const bool simd = has_avx2_fma();
     over_blocks(m, n, k, 256, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
         if (simd) weight_block_avx2(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
         else weight_block_scalar(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);

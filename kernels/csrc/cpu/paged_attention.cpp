@@ -8,6 +8,7 @@
 // V rows, accumulating outputs in registers. Nothing is gathered or copied from the pools: rows are
 // addressed through the block table.
 #include "paged_attention.h"
+#include "simd.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -25,11 +26,6 @@ namespace strata::cpu {
 namespace {
 
 constexpr int64_t kMaxGroup = 16;
-
-bool has_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
 
 inline float bf16_to_f32(uint16_t x) {
     uint32_t bits = uint32_t{x} << 16;
@@ -110,13 +106,6 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const void* base, int64_
     } else {
         return _mm256_loadu_ps(static_cast<const float*>(base) + i);
     }
-}
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 // e^x for x <= 0 (softmax after subtracting the max), 8 lanes: Cephes' polynomial, ~2 ulp; x < -87 → 0
@@ -287,7 +276,7 @@ void paged_attention(const float* q, const void* k_pool, const void* v_pool, boo
                      int64_t max_blocks, float scale, float* out) {
     const int64_t g = num_heads / num_kv_heads;
     const int64_t d = head_dim;
-    const bool simd = has_avx2() && d % 8 == 0 && g <= kMaxGroup;
+    const bool simd = has_avx2_fma() && d % 8 == 0 && g <= kMaxGroup;
     // a tile holds as many query rows as fit kMaxGroup vectors (1 row where G > kMaxGroup: scalar path)
     const int64_t tile = std::max<int64_t>(1, kMaxGroup / g);
     // work items: (sequence, KV head, tile of its query rows)

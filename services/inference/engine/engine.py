@@ -243,7 +243,7 @@ class LLMEngine:
         enabled = len(decoding) <= self.config.spec_max_batch
         ks = []
         for req in decoding:
-            limit = self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+            limit = self._spec_limit(req)
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
             ks.append(max(0, min(req.spec_k if req.spec_k is not None else limit, limit, room)) if enabled else 0)
         if isinstance(self.proposer, DraftProposer):
@@ -252,6 +252,10 @@ class LLMEngine:
             proposals = [self.proposer.propose(r.all_token_ids, k) if k > 0 else [] for r, k in zip(decoding, ks)]
         for req, spec in zip(decoding, proposals):
             req.spec_token_ids = spec
+
+    def _spec_limit(self, req: Request) -> int:
+        """The request's k: its own setting, else the engine's."""
+        return self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
 
     def _count_speculation(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         for chunk in sched.chunks:
@@ -265,7 +269,7 @@ class LLMEngine:
             self._spec_emitted_tokens += accepted + 1
             for i in range(accepted):
                 self._spec_accepted_by_position[i] += 1
-            limit = self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+            limit = self._spec_limit(req)
             current = req.spec_k if req.spec_k is not None else limit
             req.spec_k = min(limit, current + 1) if accepted == k else max(1, current // 2) if accepted == 0 else current
 

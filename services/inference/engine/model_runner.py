@@ -13,6 +13,7 @@ from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.llama import LlamaModel
 from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample, target_distribution
+from services.inference.sampling.sampler import random_sample
 from services.inference.spec_decode import greedy_verify, rejection_sample
 
 
@@ -72,6 +73,7 @@ class ModelRunner:
         paged = [c for c in chunks if c.num_tokens <= limit]
         prefills = [c for c in chunks if c.num_tokens > limit]
         ordered = paged + prefills
+        num_paged_rows = sum(c.num_tokens for c in paged)
         ids: list[int] = []
         pos: list[int] = []
         for c in ordered:
@@ -89,7 +91,7 @@ class ModelRunner:
             nb = max(len(c.request.block_ids) for c in paged)
             table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
                                   for c in paged], dtype=torch.int64)
-            new_pos = positions[:len(pos) - sum(c.num_tokens for c in prefills)]
+            new_pos = positions[:num_paged_rows]
             row_seq = torch.repeat_interleave(torch.arange(len(paged)), torch.tensor([c.num_tokens for c in paged]))
             slot_parts.append(table[row_seq, new_pos // bs] * bs + new_pos % bs)
             if use_kernel:              # checked once, used by every layer
@@ -98,7 +100,7 @@ class ModelRunner:
                 mask = torch.arange(nb * bs)[None, :] < ctx[:, None]
         # longer prefill chunks: one span each, attending to its cached context plus itself
         spans = []
-        row = len(pos) - sum(c.num_tokens for c in prefills)
+        row = num_paged_rows
         for c in prefills:
             ctx_len = c.start + c.num_tokens
             nb = -(-ctx_len // bs)
@@ -113,7 +115,7 @@ class ModelRunner:
             row += c.num_tokens
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
-            num_paged_rows=len(pos) - sum(c.num_tokens for c in prefills), paged_block_table=table, decode_mask=mask,
+            num_paged_rows=num_paged_rows, paged_block_table=table, decode_mask=mask,
             prefills=spans, paged_plan=plan)
         return ordered, torch.tensor(ids, dtype=torch.int64), positions, meta
 
@@ -168,8 +170,6 @@ class ModelRunner:
         """Tokens per request when some chunks carry proposals: greedy rows by exact match with the
         target's argmax, sampled rows by rejection sampling (n-gram proposals are point masses); chunks
         without proposals draw as `sample` does, from their own generator."""
-        from services.inference.sampling.sampler import random_sample
-
         greedy_tokens, probs = target_distribution(logits, meta)
         tokens: dict[str, list[int]] = {}
         accepted: dict[str, int] = {}

@@ -16,6 +16,11 @@ log = logging.getLogger(__name__)
 KERNEL_MAX_ROWS = 16      # up to this many rows (a decode step's batch) the int8 GEMV kernel runs
 
 
+def decode_sized(x2: torch.Tensor) -> bool:
+    """Rows few enough for the compiled GEMV kernels, on CPU, with the kernels built and not forced off."""
+    return x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available()
+
+
 @functools.cache
 def int8_matmul_is_fast() -> bool:
     """Whether torch._int_mm beats a float32 matmul here, measured once on a decode-sized product.
@@ -88,7 +93,7 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
+        if decode_sized(x2):
             # decode: the C++ int8 GEMV (quantizes the rows the same way; integer sums exact)
             return self.kernel.linear(x2).reshape(*shape[:-1], -1).to(x.dtype)
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(127.0)   # [M, 1]
@@ -122,7 +127,7 @@ class Int8WeightLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
+        if decode_sized(x2):
             y = self.kernel.weight_only(x2)
         else:
             y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
@@ -148,7 +153,7 @@ class GGUFLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available():
+        if decode_sized(x2):
             return self.kernel(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
         return self.dense(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
 
