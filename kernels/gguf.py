@@ -1,7 +1,7 @@
 """Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1 and Q8_0, llama.cpp's
-layouts): the C++ kernel for the few rows of a decode step (activations quantized to int16 per 32-value
-block, exact integer block sums with AVX2 madd; llama.cpp's int8 activation codes cost this model 3.5%
-perplexity, int16 ones nothing measurable), the torch reference elsewhere or when STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a
+layouts): the C++ kernel for the few rows of a decode step (activations quantized to int8 per 32-value
+block as llama.cpp's Q8_1, +0.5% perplexity on SmolLM2; exact integer block sums with AVX2 maddubs), the
+torch reference elsewhere or when STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a
 weight), its embedding / tied LM head Q8_0, so a decode step reads ~85 MB instead of 540 MB in float32,
 and the weights are exactly the file's."""
 

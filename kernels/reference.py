@@ -95,21 +95,22 @@ def gguf_dequantize(blocks: torch.Tensor, block_type: str, k: int) -> torch.Tens
     return (q * d[..., None] + m[..., None]).reshape(blocks.shape[0], k)
 
 
-def quantize_blocks_q16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] float32 → int16-range codes [M, K/32, 32] (round half to even of x / dx), dx = max|x| / 32767
-    and the block sums sx, both [M, K/32] (codes 0 where a block is all zero)."""
+def quantize_blocks_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 → int8-range codes [M, K/32, 32] (round half to even of x * (127 / max|x|)), the
+    scales dx = max|x| / 127 and the quantized blocks' sums sx = dx * sum(codes), both [M, K/32] (codes 0
+    where a block is all zero)."""
     xb = x.float().reshape(x.shape[0], -1, 32)
-    dx = xb.abs().amax(dim=-1) / 32767.0
-    safe = torch.where(dx > 0, dx, torch.ones_like(dx))
-    codes = torch.where(dx[..., None] > 0, torch.round(xb / safe[..., None]), torch.zeros_like(xb))
-    return codes, dx, xb.sum(dim=-1)
+    amax = xb.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
+    codes, dx = torch.round(xb * inv[..., None]), amax / 127.0
+    return codes, dx, dx * codes.sum(dim=-1)
 
 
 def gguf_gemv(x: torch.Tensor, blocks: torch.Tensor, block_type: str, k: int) -> torch.Tensor:
     """y [M, N] = sum over blocks b of d[n, b] * dx[r, b] * (codes_w · codes_x) (+ m[n, b] * sx[r, b] for Q4_1):
-    the kernel's arithmetic (activations quantized to int16 per 32-value block), integer dots exact in float64."""
+    the kernel's arithmetic (activations quantized to int8 per 32-value block), integer dots exact in float64."""
     q, d, m = _gguf_fields(blocks, block_type, k)
-    xq, dx, sx = quantize_blocks_q16(x)
+    xq, dx, sx = quantize_blocks_q8(x)
     dots = torch.einsum("rbi,nbi->rnb", xq.double(), q.double())                 # exact integers
     y = (dots * (d[None].double() * dx[:, None].double())).sum(-1) + (m[None].double() * sx[:, None].double()).sum(-1)
     return y.float()

@@ -108,23 +108,6 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const void* base, int64_
     }
 }
 
-// e^x for x <= 0 (softmax after subtracting the max), 8 lanes: Cephes' polynomial, ~2 ulp; x < -87 → 0
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-}
-
 // The eight sums of eight vectors in one: lane j = sum of a[j]'s lanes.
 __attribute__((target("avx2,fma"))) inline __m256 reduce8(const __m256* a) {
     const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -289,7 +272,7 @@ void paged_attention(const float* q, const void* k_pool, const void* v_pool, boo
     }
     const int64_t items = first_item[num_seqs];
     // small steps are not worth waking the thread team
-    const bool parallel = work * num_kv_heads * d >= (int64_t{1} << 16) && items > 1;
+    const bool parallel = work * num_kv_heads * d >= (int64_t{1} << 13) && items > 1;
 #pragma omp parallel if (parallel)
     {
         std::vector<float> scores, qbuf, obuf;
