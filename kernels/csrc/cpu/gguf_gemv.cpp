@@ -126,6 +126,16 @@ struct PairWeights {
     }
 };
 
+// A thread walks its channels' rows in order, but a row is only a few hundred bytes and the hardware
+// prefetcher ramps up slowly across the many small matrices of a step: the row ~3 KB ahead is requested
+// explicitly (x1.04-1.15 single-stream decode here, in alternating runs of one process).
+constexpr int64_t kPrefetchBytes = 3072;
+
+inline void prefetch_ahead(const uint8_t* row, int64_t row_bytes) {
+    const uint8_t* ahead = row + (kPrefetchBytes + row_bytes - 1) / row_bytes * row_bytes;
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
+}
+
 // four pairs' vectors (blocks 0..7 of a group) → the eight block sums in order
 __attribute__((target("avx2"))) inline __m256i reduce_pairs(const __m256i* p) {
     const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));  // 0 2 4 6 | 1 3 5 7
@@ -139,6 +149,7 @@ __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w,
     const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k), stride = code_stride(w.k);
     constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
     const uint8_t* qrow = w.qs + j * nb * qb;
+    prefetch_ahead(qrow, nb * qb);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < nb; g += 8) {
@@ -174,6 +185,7 @@ __attribute__((target("avx2,fma,f16c"))) void channel_rows_avx2(const BlockMatri
     const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k), stride = code_stride(w.k);
     constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
     const uint8_t* qrow = w.qs + j * nb * qb;
+    prefetch_ahead(qrow, nb * qb);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < nb; g += 8) {
