@@ -129,21 +129,47 @@ struct Walk {
 
 // K pass for NV vectors (a compile-time count keeps the accumulators in registers): every K row is
 // loaded once and dotted with all NV query vectors; the sums land in scores[p * stride + j] * scale.
+// With NV <= 4 two rows go together: each query load serves both, the 2 * NV accumulator chains overlap,
+// and one reduction gives both rows' scores (lanes 0-3 and 4-7).
 template <bool BF16, int NV>
 __attribute__((target("avx2,fma"))) void k_pass(const Item& it, const void* k_pool, int64_t d, int64_t bs, float scale,
                                                  float* scores) {
     constexpr int64_t elem = BF16 ? 2 : 4;
+    constexpr int64_t stride = stride_for(NV);
     const Walk w{it, d, bs, std::min(kAhead, bs)};
     const __m256 vscale = _mm256_set1_ps(scale);
+    auto prefetch = [&](int64_t p, int64_t o, int64_t base, int64_t next) {
+        if (p + w.ahead < it.len)
+            prefetch_row<BF16>(k_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d, d * elem);
+    };
     for (int64_t blk = 0, p = 0; p < it.len; ++blk) {
         const int64_t base = w.base(blk);
         const int64_t next = p + bs < it.len ? w.base(blk + 1) : 0;
         const int64_t end = std::min(it.len, p + bs);
-        for (int64_t o = 0; p < end; ++p, ++o) {
-            if (p + w.ahead < it.len)
-                prefetch_row<BF16>(k_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d, d * elem);
+        int64_t o = 0;
+        if constexpr (NV <= 4) {
+            for (; p + 1 < end; p += 2, o += 2) {
+                prefetch(p, o, base, next);
+                prefetch(p + 1, o + 1, base, next);
+                const int64_t row = base + o * d;
+                __m256 acc[8];
+                for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+                for (int64_t i = 0; i < d; i += 8) {
+                    const __m256 k0 = load8<BF16>(k_pool, row + i), k1 = load8<BF16>(k_pool, row + d + i);
+                    for (int j = 0; j < NV; ++j) {
+                        const __m256 qv = _mm256_loadu_ps(it.q + j * d + i);
+                        acc[j] = _mm256_fmadd_ps(qv, k0, acc[j]);
+                        acc[4 + j] = _mm256_fmadd_ps(qv, k1, acc[4 + j]);
+                    }
+                }
+                const __m256 both = _mm256_mul_ps(reduce8(acc), vscale);
+                _mm256_storeu_ps(scores + p * stride, _mm256_zextps128_ps256(_mm256_castps256_ps128(both)));
+                _mm256_storeu_ps(scores + (p + 1) * stride, _mm256_zextps128_ps256(_mm256_extractf128_ps(both, 1)));
+            }
+        }
+        for (; p < end; ++p, ++o) {
+            prefetch(p, o, base, next);
             const int64_t row = base + o * d;
-            constexpr int64_t stride = stride_for(NV);
             __m256 acc[stride];
             for (int j = 0; j < stride; ++j) acc[j] = _mm256_setzero_ps();
             for (int64_t i = 0; i < d; i += 8) {
@@ -185,40 +211,60 @@ __attribute__((target("avx2,fma"))) void softmax_lanes(const Item& it, float* sc
     }
 }
 
-// out[j, :] = inv[j] * sum_p w[p, j] * V[p, :] for G consecutive vectors j0.. of the item (positions up to
-// the last one's length), 32 dimensions (4 registers) per pass: G * 4 accumulators stay in registers.
-template <bool BF16, int G>
-__attribute__((target("avx2,fma"))) void v_pass(const Item& it, const void* v_pool, int64_t d, int64_t bs,
-                                                 const float* scores, const float* inv, int64_t j0) {
+// out[j, i0 : i0 + 8 * L] = inv[j] * sum_p w[p, j] * V[p, i0 : ...] for G consecutive vectors j0.. of the
+// item (positions up to the last one's length): G * L accumulators, a compile-time count in one flat array,
+// fully unrolled and walked in one loop over positions, so GCC keeps them in registers (with a run-time
+// count, a 2-D array or a block loop around a row loop it kept them on the stack: a store-forwarding round
+// trip per FMA, the V pass ~3x slower).
+template <bool BF16, int G, int L>
+__attribute__((target("avx2,fma"))) void v_slice(const Item& it, const void* v_pool, int64_t d, int64_t bs,
+                                                  const float* scores, const float* inv, int64_t j0, int64_t i0) {
     constexpr int64_t elem = BF16 ? 2 : 4;
     const Walk w{it, d, bs, std::min(kAhead, bs)};
     const int64_t len = it.lens[j0 + G - 1], stride = stride_for(it.n);
-    for (int64_t i0 = 0; i0 < d; i0 += 32) {
-        const int64_t lanes = std::min<int64_t>(4, (d - i0) / 8);
-        __m256 acc[G][4];
-        for (int j = 0; j < G; ++j)
-            for (int c = 0; c < 4; ++c) acc[j][c] = _mm256_setzero_ps();
-        for (int64_t blk = 0, p = 0; p < len; ++blk) {
-            const int64_t base = w.base(blk) + i0;
-            const int64_t next = p + bs < len ? w.base(blk + 1) + i0 : 0;
-            const int64_t end = std::min(len, p + bs);
-            for (int64_t o = 0; p < end; ++p, ++o) {
-                if (p + w.ahead < len)
-                    prefetch_row<BF16>(v_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d,
-                                       lanes * 8 * elem);
-                const int64_t row = base + o * d;
-                __m256 wj[G];
-                for (int j = 0; j < G; ++j) wj[j] = _mm256_broadcast_ss(scores + p * stride + j0 + j);
-                for (int64_t c = 0; c < lanes; ++c) {
-                    const __m256 v = load8<BF16>(v_pool, row + c * 8);
-                    for (int j = 0; j < G; ++j) acc[j][c] = _mm256_fmadd_ps(wj[j], v, acc[j][c]);
-                }
-            }
+    __m256 acc[G * L];                      // [j * L + c]
+#pragma GCC unroll 16
+    for (int i = 0; i < G * L; ++i) acc[i] = _mm256_setzero_ps();
+    // one loop over positions; the block changes when o reaches bs
+    int64_t blk = 0, o = 0, base = w.base(0) + i0, ahead_blk = 0, ahead_o = w.ahead, ahead_base = base;
+    if (ahead_o >= bs) ahead_blk = 1, ahead_o -= bs, ahead_base = bs < len ? w.base(1) + i0 : 0;
+    for (int64_t p = 0; p < len; ++p) {
+        if (p + w.ahead < len) {
+            prefetch_row<BF16>(v_pool, ahead_base + ahead_o * d, (d - i0) * elem);   // the rest of the row: later slices hit
+            if (++ahead_o == bs && p + w.ahead + 1 < len) ahead_o = 0, ahead_base = w.base(++ahead_blk) + i0;
         }
-        for (int j = 0; j < G; ++j) {
-            const __m256 norm = _mm256_set1_ps(inv[j0 + j]);
-            for (int64_t c = 0; c < lanes; ++c)
-                _mm256_storeu_ps(it.out + (j0 + j) * d + i0 + c * 8, _mm256_mul_ps(acc[j][c], norm));
+        const int64_t row = base + o * d;
+        if (++o == bs && p + 1 < len) o = 0, base = w.base(++blk) + i0;
+        __m256 wj[G];
+#pragma GCC unroll 16
+        for (int j = 0; j < G; ++j) wj[j] = _mm256_broadcast_ss(scores + p * stride + j0 + j);
+#pragma GCC unroll 16
+        for (int c = 0; c < L; ++c) {
+            const __m256 v = load8<BF16>(v_pool, row + c * 8);
+#pragma GCC unroll 16
+            for (int j = 0; j < G; ++j) acc[j * L + c] = _mm256_fmadd_ps(wj[j], v, acc[j * L + c]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j) {
+        const __m256 norm = _mm256_set1_ps(inv[j0 + j]);
+#pragma GCC unroll 16
+        for (int c = 0; c < L; ++c) _mm256_storeu_ps(it.out + (j0 + j) * d + i0 + c * 8, _mm256_mul_ps(acc[j * L + c], norm));
+    }
+}
+
+// the V pass for G vectors from j0, in slices of up to 8 * LM dimensions: G * LM accumulators + G weights +
+// a V vector within the 16 registers (G = 3: 24 dimensions a slice)
+template <bool BF16, int G>
+void v_pass(const Item& it, const void* v_pool, int64_t d, int64_t bs, const float* scores, const float* inv,
+            int64_t j0) {
+    constexpr int64_t LM = G >= 3 ? 3 : 4;
+    for (int64_t i0 = 0; i0 < d; i0 += 8 * LM) {
+        switch (std::min<int64_t>(LM, (d - i0) / 8)) {
+            case 4: v_slice<BF16, G, 4>(it, v_pool, d, bs, scores, inv, j0, i0); break;
+            case 3: v_slice<BF16, G, 3>(it, v_pool, d, bs, scores, inv, j0, i0); break;
+            case 2: v_slice<BF16, G, 2>(it, v_pool, d, bs, scores, inv, j0, i0); break;
+            default: v_slice<BF16, G, 1>(it, v_pool, d, bs, scores, inv, j0, i0); break;
         }
     }
 }
