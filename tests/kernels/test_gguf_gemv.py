@@ -40,6 +40,18 @@ def test_matches_the_reference_arithmetic(block_type, m, n, k):
 
 
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", [576, 96])                            # whole pairs of blocks, and an odd count
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, k):
+    """Bit for bit: a decode row alone equals the same row among up to 16 (a batch, or the k + 1 rows of a
+    speculative verification), so greedy speculation reproduces plain decoding's tokens exactly."""
+    blocks = random_blocks(300, k, block_type, seed=11)
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(12))
+    alone = torch.cat([gguf_gemv(x[i:i + 1], blocks, block_type) for i in range(16)])
+    for m in (2, 3, 5, 8, 9, 16):
+        assert torch.equal(gguf_gemv(x[:m], blocks, block_type), alone[:m]), m
+
+
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
 def test_the_product_is_close_to_float32_over_the_dequantized_weights(block_type):
     """Activation quantization per 32-value block costs well under 1% of the output's scale."""
     blocks = random_blocks(512, 576, block_type, seed=3)

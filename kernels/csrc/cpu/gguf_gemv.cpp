@@ -7,9 +7,9 @@
 // multiplies unsigned by signed bytes into pairwise int16 sums (Q4_1's nibbles are 0..15 as they are;
 // Q8_0's codes go in as |w| with the sign moved onto x: at most 2 * 128 * 127, no saturation) and a madd
 // with ones widens them to int32, exact: one vector per pair, lanes 0-3 block a's partial sums, 4-7 b's.
-// For one or two rows four pairs' vectors are reduced into one vector of eight block sums (three hadds and
-// a permute), converted once, and one FMA applies the eight blocks' scales (d * dx, converted from fp16
-// eight at a time) and another the Q4_1 offsets (m * sx). Output channels are split over OpenMP threads.
+// Four pairs' vectors are reduced into one vector of eight block sums (three hadds and a permute),
+// converted once, and one FMA applies the eight blocks' scales (d * dx, converted from fp16 eight at a
+// time) and another the Q4_1 offsets (m * sx), in the same order for every row count. Output channels are split over OpenMP threads.
 // Without AVX2 a scalar loop computes the same sums.
 #include "gguf_gemv.h"
 #include "simd.h"
@@ -142,7 +142,12 @@ __attribute__((target("avx2"))) inline __m256i reduce_pairs(const __m256i* p) {
     return _mm256_permutevar8x32_epi32(t, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// one output channel j against R activation rows (R = 1, 2): block sums reduced eight at a time
+// One output channel j against R activation rows. Per group of eight blocks, each pair's dot products go
+// into p (registers for one or two rows; the compiler parks them in L1 for more), then per row the four
+// pair vectors are reduced to the eight block sums (three hadds and a permute), converted once, and one
+// FMA applies the blocks' scales (d * dx), another the Q4_1 offsets (m * sx). Every row sees the same
+// operations in the same order whatever R is, so a row's result does not depend on how many rows share
+// the call: greedy decoding gives the same tokens alone, batched, or verifying speculative proposals.
 template <BlockType T, int R>
 __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w, const int8_t* xq, const float* dx,
                                                              const float* sx, int64_t j, float* y) {
@@ -174,53 +179,19 @@ __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w,
     for (int r = 0; r < R; ++r) y[r * w.n + j] = hsum(acc[r]);
 }
 
-// Three to eight activation rows: each pair's int32 sums are scaled right away (one FMA per pair and row
-// into the row's accumulator: the rows' chains overlap), which keeps R + 4 vectors live instead of the
-// 4 * R a deferred reduction would need. dxp: each row's dx per pair as [dx_a x4, dx_b x4]. Q4_1's offsets:
-// one FMA per eight blocks and row.
-template <BlockType T, int R>
-__attribute__((target("avx2,fma,f16c"))) void channel_rows_avx2(const BlockMatrix& w, const int8_t* xq,
-                                                                  const float* dxp, const float* sx, int64_t j,
-                                                                  float* y) {
-    const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k), stride = code_stride(w.k);
-    constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
-    const uint8_t* qrow = w.qs + j * nb * qb;
-    prefetch_ahead(qrow, nb * qb);
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < nb; g += 8) {
-        alignas(32) float d[8];
-        _mm256_store_ps(d, load_half8(w.d + j * nbp + g));
-        for (int64_t u = 0; u < 4 && g + 2 * u < nb; ++u) {
-            const int64_t b = g + 2 * u;
-            const PairWeights<T> pw(qrow + b * qb, b + 1 == nb);
-            const __m256 dp = _mm256_set_m128(_mm_set1_ps(d[2 * u + 1]), _mm_set1_ps(d[2 * u]));
-            for (int r = 0; r < R; ++r) {
-                const __m256 scale = _mm256_mul_ps(dp, _mm256_loadu_ps(dxp + r * nbp * 4 + b * 4));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pw.dot(xq + r * stride + b * kBlock)), scale, acc[r]);
-            }
-        }
-        if constexpr (T == BlockType::kQ4_1) {
-            const __m256 m = load_half8(w.m + j * nbp + g);
-            for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(sx + r * nbp + g), acc[r]);
-        }
-    }
-    for (int r = 0; r < R; ++r) y[r * w.n + j] = hsum(acc[r]);
-}
-
 template <BlockType T>
-void rows_avx2(const BlockMatrix& w, const int8_t* xq, const float* dx, const float* dxp, const float* sx,
-               int64_t rows, int64_t n0, int64_t n1, float* y) {
+void rows_avx2(const BlockMatrix& w, const int8_t* xq, const float* dx, const float* sx, int64_t rows, int64_t n0,
+               int64_t n1, float* y) {
     for (int64_t j = n0; j < n1; ++j) {
         switch (rows) {
             case 1: channel_avx2<T, 1>(w, xq, dx, sx, j, y); break;
             case 2: channel_avx2<T, 2>(w, xq, dx, sx, j, y); break;
-            case 3: channel_rows_avx2<T, 3>(w, xq, dxp, sx, j, y); break;
-            case 4: channel_rows_avx2<T, 4>(w, xq, dxp, sx, j, y); break;
-            case 5: channel_rows_avx2<T, 5>(w, xq, dxp, sx, j, y); break;
-            case 6: channel_rows_avx2<T, 6>(w, xq, dxp, sx, j, y); break;
-            case 7: channel_rows_avx2<T, 7>(w, xq, dxp, sx, j, y); break;
-            default: channel_rows_avx2<T, 8>(w, xq, dxp, sx, j, y); break;
+            case 3: channel_avx2<T, 3>(w, xq, dx, sx, j, y); break;
+            case 4: channel_avx2<T, 4>(w, xq, dx, sx, j, y); break;
+            case 5: channel_avx2<T, 5>(w, xq, dx, sx, j, y); break;
+            case 6: channel_avx2<T, 6>(w, xq, dx, sx, j, y); break;
+            case 7: channel_avx2<T, 7>(w, xq, dx, sx, j, y); break;
+            default: channel_avx2<T, 8>(w, xq, dx, sx, j, y); break;
         }
     }
 }
@@ -291,12 +262,8 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     const int64_t nbp = padded_blocks(w.k), stride = code_stride(w.k);
     std::vector<int8_t> xq(static_cast<size_t>(m * stride));
-    std::vector<float> dx(static_cast<size_t>(m * nbp)), sx(static_cast<size_t>(m * nbp)), dxp;
+    std::vector<float> dx(static_cast<size_t>(m * nbp)), sx(static_cast<size_t>(m * nbp));
     quantize_blocks_q8(x, m, w.k, xq.data(), dx.data(), sx.data());
-    if (m > 2) {                                  // the rows path's scales per pair: [dx_a x4, dx_b x4]
-        dxp.resize(static_cast<size_t>(m * nbp * 4));
-        for (int64_t i = 0; i < m * nbp; ++i) std::fill_n(dxp.data() + i * 4, 4, dx[i]);
-    }
     const bool simd = has_avx2_fma_f16c();
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
@@ -305,14 +272,13 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
         const int64_t rows = std::min(kMaxRows, m - r0);
         const int8_t* xr = xq.data() + r0 * stride;
         const float *dr = dx.data() + r0 * nbp, *sr = sx.data() + r0 * nbp;
-        const float* dpr = dxp.empty() ? nullptr : dxp.data() + r0 * nbp * 4;
         float* yr = y + r0 * w.n;
 #pragma omp parallel for schedule(static) if (parallel)
         for (int64_t c = 0; c < chunks; ++c) {
             const int64_t n0 = c * chunk, n1 = std::min(w.n, n0 + chunk);
             if (!simd) rows_scalar(w, xr, dr, sr, rows, n0, n1, yr);
-            else if (w.type == BlockType::kQ4_1) rows_avx2<BlockType::kQ4_1>(w, xr, dr, dpr, sr, rows, n0, n1, yr);
-            else rows_avx2<BlockType::kQ8_0>(w, xr, dr, dpr, sr, rows, n0, n1, yr);
+            else if (w.type == BlockType::kQ4_1) rows_avx2<BlockType::kQ4_1>(w, xr, dr, sr, rows, n0, n1, yr);
+            else rows_avx2<BlockType::kQ8_0>(w, xr, dr, sr, rows, n0, n1, yr);
         }
     }
 }
