@@ -16,7 +16,7 @@ from services.inference.sampling import (
     make_generator,
     sample,
 )
-from services.inference.sampling.sampler import apply_penalties, apply_top_k_top_p
+from services.inference.sampling.sampler import apply_penalties, apply_top_k_top_p, argmax_rows
 
 VOCAB = 32
 
@@ -317,3 +317,17 @@ def test_validate_rejects_an_out_of_range_field_naming_it(field: str, value: obj
 def test_validate_rejects_min_tokens_above_max_tokens() -> None:
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5).validate(VOCAB)
+
+
+def test_argmax_rows_is_torchs_argmax_including_ties_and_nan():
+    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(3))
+    x[1, [10, 500]] = 50.0                                      # a tie: the first index wins
+    x[2, 7] = float("nan")                                      # NaN counts as the maximum
+    x[3] = 0.0                                                  # all equal
+    x[4, 999] = float("inf")
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[1] == 10 and got[2] == 7 and got[3] == 0 and got[4] == 999
+    assert torch.equal(argmax_rows(x.t().contiguous().t()), x.argmax(dim=-1))          # non-contiguous input
+    assert torch.equal(argmax_rows(x.double()), x.double().argmax(dim=-1))             # other dtypes: torch's

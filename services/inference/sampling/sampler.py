@@ -83,6 +83,15 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] int64, the first maximum of each row (torch.argmax's answer). A float32 CPU tensor
+    goes through numpy, whose SIMD argmax is ~6x faster here (27 vs 162 us for 5 x 49,152): a greedy
+    step's and a verification step's last reduction."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1)).to(torch.int64)
+    return x.argmax(dim=-1)
+
+
 # metadata
 
 
@@ -325,7 +334,7 @@ def target_distribution(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[t
     the token of greedy rows —, the normalised distribution of random rows [B, V], None when all rows
     are greedy; greedy rows' entries there are meaningless)."""
     processed = apply_penalties(apply_banned_tokens(logits.float(), meta.banned_rows, meta.banned_token_ids), meta)
-    greedy = processed.argmax(dim=-1)
+    greedy = argmax_rows(processed)
     if meta.all_greedy:
         return greedy, None
     assert meta.temperature is not None
@@ -336,9 +345,9 @@ def target_distribution(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[t
 
 def _choose_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     if meta.all_greedy:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     assert meta.temperature is not None
-    greedy_tokens = logits.argmax(dim=-1) if meta.greedy_mask is not None else None
+    greedy_tokens = argmax_rows(logits) if meta.greedy_mask is not None else None
     scaled = apply_temperature(logits, meta.temperature)
     scaled = apply_top_k_top_p(scaled, meta.top_k, meta.top_p)
     probs = apply_min_p(scaled.softmax(dim=-1), meta.min_p)
