@@ -52,7 +52,7 @@ inline float half_to_float(uint16_t h) {
     return f;
 }
 
-int64_t qs_bytes(BlockType t) { return t == BlockType::kQ4_1 ? 16 : 32; }
+constexpr int64_t qs_bytes(BlockType t) { return t == BlockType::kQ4_1 ? 16 : 32; }
 
 // bytes of activation codes per row: whole pairs of blocks, zero past K
 inline int64_t code_stride(int64_t k) { return padded_blocks(k) * kBlock; }
@@ -152,7 +152,7 @@ template <BlockType T, int R>
 __attribute__((target("avx2,fma,f16c"))) void channel_avx2(const BlockMatrix& w, const int8_t* xq, const float* dx,
                                                              const float* sx, int64_t j, float* y) {
     const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k), stride = code_stride(w.k);
-    constexpr int64_t qb = T == BlockType::kQ4_1 ? 16 : 32;
+    constexpr int64_t qb = qs_bytes(T);
     const uint8_t* qrow = w.qs + j * nb * qb;
     prefetch_ahead(qrow, nb * qb);
     __m256 acc[R];

@@ -125,6 +125,10 @@ struct Walk {
     const Item& it;
     int64_t d, bs, ahead;
     int64_t base(int64_t block) const { return it.kv_offset + it.table[block] * bs * d; }
+    // the row `ahead` positions after offset o of a block starting at `base` (`next`: the following block's)
+    int64_t ahead_row(int64_t o, int64_t base, int64_t next) const {
+        return o + ahead < bs ? base + (o + ahead) * d : next + (o + ahead - bs) * d;
+    }
 };
 
 // K pass for NV vectors (a compile-time count keeps the accumulators in registers): every K row is
@@ -140,7 +144,7 @@ __attribute__((target("avx2,fma"))) void k_pass(const Item& it, const void* k_po
     const __m256 vscale = _mm256_set1_ps(scale);
     auto prefetch = [&](int64_t p, int64_t o, int64_t base, int64_t next) {
         if (p + w.ahead < it.len)
-            prefetch_row<BF16>(k_pool, o + w.ahead < bs ? base + (o + w.ahead) * d : next + (o + w.ahead - bs) * d, d * elem);
+            prefetch_row<BF16>(k_pool, w.ahead_row(o, base, next), d * elem);
     };
     for (int64_t blk = 0, p = 0; p < it.len; ++blk) {
         const int64_t base = w.base(blk);
@@ -226,15 +230,15 @@ __attribute__((target("avx2,fma"))) void v_slice(const Item& it, const void* v_p
 #pragma GCC unroll 16
     for (int i = 0; i < G * L; ++i) acc[i] = _mm256_setzero_ps();
     // one loop over positions; the block changes when o reaches bs
-    int64_t blk = 0, o = 0, base = w.base(0) + i0, ahead_blk = 0, ahead_o = w.ahead, ahead_base = base;
-    if (ahead_o >= bs) ahead_blk = 1, ahead_o -= bs, ahead_base = bs < len ? w.base(1) + i0 : 0;
+    int64_t blk = 0, o = 0, base = w.base(0) + i0, next = bs < len ? w.base(1) + i0 : 0;
     for (int64_t p = 0; p < len; ++p) {
-        if (p + w.ahead < len) {
-            prefetch_row<BF16>(v_pool, ahead_base + ahead_o * d, (d - i0) * elem);   // the rest of the row: later slices hit
-            if (++ahead_o == bs && p + w.ahead + 1 < len) ahead_o = 0, ahead_base = w.base(++ahead_blk) + i0;
-        }
+        if (p + w.ahead < len)               // the rest of the row: later slices hit
+            prefetch_row<BF16>(v_pool, w.ahead_row(o, base, next), (d - i0) * elem);
         const int64_t row = base + o * d;
-        if (++o == bs && p + 1 < len) o = 0, base = w.base(++blk) + i0;
+        if (++o == bs && p + 1 < len) {
+            o = 0, base = next, ++blk;
+            next = (blk + 1) * bs < len ? w.base(blk + 1) + i0 : 0;
+        }
         __m256 wj[G];
 #pragma GCC unroll 16
         for (int j = 0; j < G; ++j) wj[j] = _mm256_broadcast_ss(scores + p * stride + j0 + j);
