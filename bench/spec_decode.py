@@ -6,8 +6,11 @@ The engine runs in process (no gRPC: this isolates what speculation changes) wit
 both configurations produce the same tokens (checked). Single stream: input-grounded tasks (summarise,
 extract from and rewrite a given passage; edit given code) and open-ended chat for contrast; decode
 tokens/s = (tokens - 1) / (time of the request - time of the same request with max_tokens 1, its prompt
-then cached). 32 streams: the same tasks mixed, 64 tokens each, aggregate decode tokens/s. Medians of
---repeats runs; acceptance rate and tokens per verification step from the engine's counters. Targets
+then cached). 32 streams: the same tasks mixed, 64 tokens each, aggregate decode tokens/s. Off and on run
+alternately for --repeats rounds and a speedup is the median of the per-round ratios (this host's speed
+drifts within minutes); acceptance rate and tokens per verification step from the engine's counters.
+Verification cost: the time of a single-stream step verifying k proposals against a plain step, k = 0..8,
+and the per-row cost fitted to it (what --spec-row-cost should be on this machine). Targets
 (issue 7): >= 2x on input-grounded tasks, >= 0.95x on open chat, no loss at 32 streams (>= 0.95x: the
 run-to-run noise of this machine). Draft model (--draft-tasks, default all): a float32 target with the
 same GGUF through the Q4_1/Q8_0 kernels as its draft, against the float32 target alone, single stream.
@@ -20,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 PASSAGE = (
@@ -64,22 +68,39 @@ def _engines(quantization: str | None, k: int):
     return plain, spec
 
 
-def single_stream(engine, prompt: list[int], max_tokens: int, repeats: int) -> tuple[float, list[int]]:
+def _decode_rate(engine, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s of one request whose prompt is already cached, and its tokens."""
     from services.inference.sampling import SamplingParams
 
-    one = SamplingParams(temperature=0, max_tokens=1)
-    full = SamplingParams(temperature=0, max_tokens=max_tokens)
-    engine.generate([prompt], one)                                    # the prompt enters the prefix cache
-    rates, tokens = [], []
+    t0 = time.perf_counter()
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
+    t1 = time.perf_counter()
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    t2 = time.perf_counter()
+    return (len(out.new_token_ids) - 1) / max(1e-9, (t1 - t0) - (t2 - t1)), out.new_token_ids
+
+
+def paired(measure_off, measure_on, repeats: int) -> dict:
+    """Off and on alternately, `repeats` rounds: this host's speed drifts by up to 1.5x within minutes, so
+    the speedup is the median of the per-round ratios (each from two runs seconds apart)."""
+    offs, ons, ratios = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = engine.generate([prompt], full)[0]
-        t1 = time.perf_counter()
-        engine.generate([prompt], one)
-        t2 = time.perf_counter()
-        tokens = out.new_token_ids
-        rates.append((len(tokens) - 1) / max(1e-9, (t1 - t0) - (t2 - t1)))
-    return statistics.median(rates), tokens
+        off, tokens_off = measure_off()
+        on, tokens_on = measure_on()
+        offs.append(off)
+        ons.append(on)
+        ratios.append(on / off)
+    return {"off": statistics.median(offs), "on": statistics.median(ons), "speedup": statistics.median(ratios),
+            "ratios": ratios, "identical_output": tokens_on == tokens_off, "tokens": tokens_on}
+
+
+def single_stream(off_engine, on_engine, prompt: list[int], max_tokens: int, repeats: int) -> dict:
+    from services.inference.sampling import SamplingParams
+
+    for engine in (off_engine, on_engine):                         # the prompt enters each prefix cache
+        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    return paired(lambda: _decode_rate(off_engine, prompt, max_tokens), lambda: _decode_rate(on_engine, prompt, max_tokens),
+                  repeats)
 
 
 def spec_counts(before, after) -> dict:
@@ -92,17 +113,60 @@ def spec_counts(before, after) -> dict:
             if runs else 1.0}
 
 
-def many_streams(engine, prompts: list[list[int]], max_tokens: int, repeats: int) -> tuple[float, list[list[int]]]:
+def _aggregate_rate(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
     from services.inference.sampling import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
-    rates, outs = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        rates.append(sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t0))
-    return statistics.median(rates), [o.new_token_ids for o in outs]
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    return sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t0), [o.new_token_ids for o in outs]
+
+
+def many_streams(off_engine, on_engine, prompts: list[list[int]], max_tokens: int, repeats: int) -> dict:
+    from services.inference.sampling import SamplingParams
+
+    for engine in (off_engine, on_engine):
+        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+    return paired(lambda: _aggregate_rate(off_engine, prompts, max_tokens),
+                  lambda: _aggregate_rate(on_engine, prompts, max_tokens), repeats)
+
+
+def verification_cost(engine, prompt: list[int], max_k: int = 8, steps: int = 15, repeats: int = 3) -> dict:
+    """Step time of one request verifying k fixed proposals (all rejected: the cost does not depend on the
+    outcome) relative to a plain step, k = 0..max_k, each k timed in every round; and the per-row cost c
+    of C(k) = 1 + c k fitted over the k whose rows fit one pass of the GEMV kernels (k + 1 <= 8)."""
+    from services.inference.sampling import SamplingParams
+
+    class Fixed:                                   # proposes `k` copies of one token
+        k = 0
+
+        def propose(self, token_ids, k):
+            return [5] * min(self.k, k)
+
+    saved = engine.proposer, engine.config
+    engine.proposer = Fixed()
+    engine.config = replace(engine.config, num_speculative_tokens=max_k, spec_row_cost=0.0)
+    times: dict[int, list[float]] = {k: [] for k in range(max_k + 1)}
+    try:
+        for _ in range(repeats):
+            for k in times:
+                engine.proposer.k = k
+                rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + max_k + 2, ignore_eos=True))
+                engine.step()                                            # prefill (cached prompt)
+                per_step = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    engine.step()
+                    per_step.append(time.perf_counter() - t0)
+                engine.abort_request(rid)
+                times[k].append(statistics.median(per_step))
+    finally:
+        engine.proposer, engine.config = saved
+    base = statistics.median(times[0])
+    relative = {k: statistics.median(v) / base for k, v in times.items()}
+    fit = [k for k in relative if 1 <= k <= 7]
+    row_cost = sum(k * (relative[k] - 1) for k in fit) / sum(k * k for k in fit)
+    return {"plain_step_ms": base * 1e3, "relative_step_time": relative, "fitted_row_cost": row_cost,
+            "configured_row_cost": saved[1].spec_row_cost}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -139,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the target's precision (default gguf: the fastest single stream here)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=160)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="alternating off/on rounds per measurement")
     p.add_argument("--draft-tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
                    help="tasks for the draft-model comparison (float32 target; none: skip it)")
     p.add_argument("--draft-max-tokens", type=int, default=96)
@@ -153,14 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for task, (kind, text) in TASKS.items():
         prompt = render(text)
-        off, tokens_off = single_stream(plain, prompt, a.max_tokens, a.repeats)
         before = spec.stats()
-        on, tokens_on = single_stream(spec, prompt, a.max_tokens, a.repeats)
-        row = {"task": task, "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(tokens_on),
-               "tokens_per_s_off": off, "tokens_per_s_ngram": on, "speedup": on / off,
-               "identical_output": tokens_on == tokens_off, **spec_counts(before, spec.stats())}
+        r = single_stream(plain, spec, prompt, a.max_tokens, a.repeats)
+        row = {"task": task, "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(r["tokens"]),
+               "tokens_per_s_off": r["off"], "tokens_per_s_ngram": r["on"], "speedup": r["speedup"],
+               "round_speedups": r["ratios"], "identical_output": r["identical_output"],
+               **spec_counts(before, spec.stats())}
         rows.append(row)
-        print(f"{task:12s} {kind:8s} off {off:6.1f} tok/s  ngram {on:6.1f} tok/s  x{row['speedup']:.2f}  "
+        print(f"{task:12s} {kind:8s} off {r['off']:6.1f} tok/s  ngram {r['on']:6.1f} tok/s  x{row['speedup']:.2f}  "
               f"acceptance {row['acceptance_rate']:.2f}  tokens/step {row['tokens_per_verification_step']:.2f}  "
               f"identical {row['identical_output']}", flush=True)
     draft_rows = []
@@ -178,21 +242,24 @@ def main(argv: list[str] | None = None) -> None:
         for task in a.draft_tasks:
             kind, text = TASKS[task]
             prompt = render(text)
-            off, t_off = single_stream(target, prompt, a.draft_max_tokens, a.repeats)
             before = drafted.stats()
-            on, t_on = single_stream(drafted, prompt, a.draft_max_tokens, a.repeats)
-            row = {"task": task, "kind": kind, "tokens_per_s_off": off, "tokens_per_s_draft": on, "speedup": on / off,
-                   "identical_output": t_on == t_off, **spec_counts(before, drafted.stats())}
+            r = single_stream(target, drafted, prompt, a.draft_max_tokens, a.repeats)
+            row = {"task": task, "kind": kind, "tokens_per_s_off": r["off"], "tokens_per_s_draft": r["on"],
+                   "speedup": r["speedup"], "round_speedups": r["ratios"], "identical_output": r["identical_output"],
+                   **spec_counts(before, drafted.stats())}
             draft_rows.append(row)
-            print(f"draft {task:12s} float32 {off:6.1f} tok/s  + gguf draft {on:6.1f} tok/s  x{row['speedup']:.2f}  "
+            print(f"draft {task:12s} float32 {r['off']:6.1f} tok/s  + gguf draft {r['on']:6.1f} tok/s  x{row['speedup']:.2f}  "
                   f"acceptance {row['acceptance_rate']:.2f}  identical {row['identical_output']}", flush=True)
         del target, drafted
+    cost = verification_cost(spec, render(TASKS["chat_story"][1]), repeats=a.repeats)
+    print("verification step time / plain step, by k: " +
+          " ".join(f"{k}:{v:.2f}" for k, v in cost["relative_step_time"].items()) +
+          f"; fitted row cost {cost['fitted_row_cost']:.3f} (configured {cost['configured_row_cost']})", flush=True)
     prompts = [render(TASKS[t][1]) for t in TASKS for _ in range(32 // len(TASKS) + 1)][:32]
-    off32, outs_off = many_streams(plain, prompts, 64, a.repeats)
-    on32, outs_on = many_streams(spec, prompts, 64, a.repeats)
-    streams = {"streams": 32, "tokens_per_s_off": off32, "tokens_per_s_ngram": on32, "speedup": on32 / off32,
-               "identical_output": outs_on == outs_off}
-    print(f"32 streams: off {off32:.1f} tok/s, ngram {on32:.1f} tok/s, x{streams['speedup']:.2f}", flush=True)
+    r = many_streams(plain, spec, prompts, 64, a.repeats)
+    streams = {"streams": 32, "tokens_per_s_off": r["off"], "tokens_per_s_ngram": r["on"], "speedup": r["speedup"],
+               "round_speedups": r["ratios"], "identical_output": r["identical_output"]}
+    print(f"32 streams: off {r['off']:.1f} tok/s, ngram {r['on']:.1f} tok/s, x{r['speedup']:.2f}", flush=True)
 
     def geomean(xs: list[float]) -> float:
         return statistics.geometric_mean(xs) if xs else float("nan")
@@ -205,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {"config": {"quantization": a.quantization, "num_speculative_tokens": a.num_speculative_tokens,
                          "max_tokens": a.max_tokens, "repeats": a.repeats,
                          "spec_max_batch": spec.config.spec_max_batch, "ngram": [spec.config.ngram_min, spec.config.ngram_max]},
-              "machine": machine_info(), "single_stream": rows, "streams_32": streams, "draft_model": draft_rows,
+              "machine": machine_info(), "single_stream": rows, "verification_cost": cost,
+              "streams_32": streams, "draft_model": draft_rows,
               "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -8,8 +8,8 @@ from kernels.quantized import Int8Matrix, int8_gemv, int8_linear, int8_weight_ge
 from kernels.gguf import GGUFMatrix, gguf_gemv
 from kernels.stack import LayerStack, StackLayerWeights
 from kernels.topk import cosine_topk, cosine_topk_f32, quantize_rows_int8
-from kernels._loader import available, use_reference
+from kernels._loader import ISA_LEVELS, available, cpu_isa, set_cpu_isa, use_reference
 
-__all__ = ["GGUFMatrix", "Int8Matrix", "LayerStack", "StackLayerWeights", "PagedAttention", "PagedDecode", "add_rms_norm_", "available", "cosine_topk", "cosine_topk_f32", "gguf_gemv", "int8_gemv", "int8_linear",
-           "int8_weight_gemv", "paged_attention", "paged_attention_decode", "quantize_rows_int8", "reshape_and_cache", "rotary_", "silu_and_mul",
+__all__ = ["ISA_LEVELS", "GGUFMatrix", "Int8Matrix", "LayerStack", "StackLayerWeights", "PagedAttention", "PagedDecode", "add_rms_norm_", "available", "cosine_topk", "cosine_topk_f32", "cpu_isa", "gguf_gemv", "int8_gemv", "int8_linear",
+           "int8_weight_gemv", "paged_attention", "paged_attention_decode", "quantize_rows_int8", "reshape_and_cache", "rotary_", "set_cpu_isa", "silu_and_mul",
            "use_reference"]

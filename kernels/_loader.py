@@ -22,6 +22,37 @@ except ImportError:                      # built only where nvcc was found
     _CUDA = None
 
 
+# instruction-set levels of the CPU kernels, in order (csrc/cpu/simd.h)
+ISA_LEVELS = ("scalar", "avx2", "avx512vnni")
+
+
+def cpu_isa() -> str:
+    """The level the CPU kernels run at now: the best this CPU has, unless capped by set_cpu_isa or
+    STRATA_CPU_ISA."""
+    return ISA_LEVELS[cpu_module().active_isa()]
+
+
+def set_cpu_isa(level: str) -> str:
+    """Caps the CPU kernels at `level` (one of ISA_LEVELS; a level above the CPU's best runs the best);
+    returns the previous cap's effective level. Every level computes the same GGUF products bit for bit."""
+    if level not in ISA_LEVELS:
+        raise ValueError(f"CPU instruction-set level must be one of {', '.join(ISA_LEVELS)}, got {level!r}")
+    before = cpu_isa()
+    cpu_module().set_isa_cap(ISA_LEVELS.index(level))
+    return before
+
+
+def _cap_from_env() -> None:
+    level = os.environ.get("STRATA_CPU_ISA", "").strip().lower()
+    if level and _C is not None:
+        if level not in ISA_LEVELS:
+            raise ValueError(f"STRATA_CPU_ISA must be one of {', '.join(ISA_LEVELS)}, got {level!r}")
+        _C.set_isa_cap(ISA_LEVELS.index(level))
+
+
+_cap_from_env()
+
+
 def cuda_module() -> ModuleType | None:
     """The CUDA module, or None where it was not built (no nvcc at install time) or is forced off."""
     return None if use_reference() else _CUDA

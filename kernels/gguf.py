@@ -17,12 +17,37 @@ BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 _TYPE_CODE = {"Q4_1": 0, "Q8_0": 1}       # csrc/cpu/gguf_gemv.h BlockType
 
 
+GROUP = 8                                 # blocks per group: one 32-bit SIMD lane each
+
+
+def _transpose_groups(codes: torch.Tensor) -> torch.Tensor:
+    """Blocks' codes [N, nb, bytes] as the file orders them → [N, nb * bytes] with each group of 8 blocks
+    (the last may be shorter) stored word-major: word 0 of each of its blocks, then word 1, ..."""
+    n, nb, words = codes.shape[0], codes.shape[1], codes.shape[2] // 4
+    full = nb // GROUP * GROUP
+    parts = [codes[:, :full].reshape(n, full // GROUP, GROUP, words, 4).transpose(2, 3)]
+    if full < nb:
+        parts.append(codes[:, full:].reshape(n, nb - full, words, 4).transpose(1, 2))
+    return torch.cat([p.reshape(n, -1) for p in parts], dim=1).contiguous()
+
+
+def _untranspose_groups(qs: torch.Tensor, nb: int) -> torch.Tensor:
+    """The inverse of _transpose_groups: [N, nb * bytes] → [N, nb, bytes]."""
+    n, words = qs.shape[0], qs.shape[1] // nb // 4
+    full = nb // GROUP * GROUP
+    split = full * words * 4
+    parts = [qs[:, :split].reshape(n, full // GROUP, words, GROUP, 4).transpose(2, 3).reshape(n, full, words * 4)]
+    if full < nb:
+        parts.append(qs[:, split:].reshape(n, words, nb - full, 4).transpose(1, 2).reshape(n, nb - full, words * 4))
+    return torch.cat(parts, dim=1)
+
+
 class GGUFMatrix:
     """Weights [N, K] from GGUF blocks: `blocks` uint8 [N, K / 32 * block bytes] (row n = output channel
     n's blocks in order along K, as the file stores them), block_type "Q4_1" or "Q8_0". Regrouped once
-    for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32, 16 or 32] as stored, the fp16 scales
-    `d` (and Q4_1 offsets `m`) [N, nbp] with nbp = K/32 rounded up to 8, zero-padded: the same bytes.
-    Call with float32 x [M, K] on CPU."""
+    for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32 * 16 or 32] as 32-bit words transposed
+    per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets `m`) [N, nbp]
+    with nbp = K/32 rounded up to 8, zero-padded: the same bytes. Call with float32 x [M, K] on CPU."""
 
     __slots__ = ("qs", "d", "m", "block_type", "n", "k")
 
@@ -45,7 +70,7 @@ class GGUFMatrix:
 
         self.d = halves(0)
         self.m = halves(2) if block_type == "Q4_1" else None
-        self.qs = raw[..., 4:].contiguous() if block_type == "Q4_1" else raw[..., 2:].contiguous()
+        self.qs = _transpose_groups(raw[..., 4:] if block_type == "Q4_1" else raw[..., 2:])
         self.block_type, self.n, self.k = block_type, n, k
 
     @property
@@ -58,7 +83,7 @@ class GGUFMatrix:
         fields = [self.d[:, :nb, None].contiguous().view(torch.uint8)]
         if self.m is not None:
             fields.append(self.m[:, :nb, None].contiguous().view(torch.uint8))
-        return torch.cat([*fields, self.qs], dim=-1).reshape(self.n, -1)
+        return torch.cat([*fields, _untranspose_groups(self.qs, nb)], dim=-1).reshape(self.n, -1)
 
     @property
     def nbytes(self) -> int:

@@ -10,6 +10,7 @@
 #include "cpu/layer_ops.h"
 #include "cpu/layer_stack.h"
 #include "cpu/paged_attention.h"
+#include "cpu/simd.h"
 
 namespace py = pybind11;
 
@@ -22,6 +23,13 @@ T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "Strata's CPU kernels (pybind11 over raw pointers; call them through the kernels package)";
+    // instruction-set levels: 0 scalar, 1 AVX2, 2 AVX512-VNNI (csrc/cpu/simd.h)
+    m.def("cpu_isa", [] { return static_cast<int>(strata::cpu::cpu_isa()); }, "the best level this CPU supports");
+    m.def("active_isa", [] { return static_cast<int>(strata::cpu::active_isa()); }, "the level the kernels run at");
+    m.def("set_isa_cap", [](int level) {
+        if (level < 0 || level > 2) throw py::value_error("isa level must be 0 (scalar), 1 (avx2) or 2 (avx512vnni)");
+        strata::cpu::set_isa_cap(static_cast<strata::cpu::Isa>(level));
+    });
     // quantized decoder layers, one call per step: the layers' pointers are bound once (kernels.LayerStack)
     py::class_<strata::cpu::Projection>(m, "Projection")
         .def(py::init([](int kind, uintptr_t w, uintptr_t scale, uintptr_t d, uintptr_t m) {

@@ -60,7 +60,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quantization", choices=["none", "int8", "gguf"], default="gguf",
                    help="--speculative draft: the draft's precision (gguf: the file's Q4_1/Q8_0 blocks)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,
-                   help="k, proposals per step (requests may lower it or turn it off)")
+                   help="k, the most proposals per step (requests may lower it or turn it off)")
+    p.add_argument("--spec-row-cost", type=float, default=0.2,
+                   help="one extra verified row's cost relative to a 1-row decode step: with it and each request's "
+                        "acceptance rate the engine picks k per step, or none when proposals do not pay "
+                        "(measure it with python -m bench.spec_decode)")
     p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix the ngram proposer matches")
     p.add_argument("--ngram-max", type=int, default=4, help="longest suffix the ngram proposer matches")
     p.add_argument("--spec-max-batch", type=int, default=4,
@@ -77,7 +81,8 @@ def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
         speculative=None if a.speculative == "none" else a.speculative, num_speculative_tokens=a.num_speculative_tokens,
         draft_model_path=a.draft_model_path,
         draft_quantization=None if a.draft_quantization == "none" else a.draft_quantization,
-        ngram_min=a.ngram_min, ngram_max=a.ngram_max, spec_max_batch=a.spec_max_batch)
+        ngram_min=a.ngram_min, ngram_max=a.ngram_max, spec_max_batch=a.spec_max_batch,
+        spec_row_cost=a.spec_row_cost)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,10 @@ dequantization against the gguf library's on the shipped model, and the product 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +33,8 @@ def random_blocks(n: int, k: int, block_type: str, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])             # row groups of 4, remainders
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96)])   # channel tails
+@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96), (33, 256), (40, 288)])
+# channel tails; groups of 8 blocks: shorter than one, whole, and short last groups
 def test_matches_the_reference_arithmetic(block_type, m, n, k):
     blocks = random_blocks(n, k, block_type, seed=n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -92,3 +97,57 @@ def test_bad_inputs_are_refused():
         GGUFMatrix(blocks, "Q8_0", 64)
     with pytest.raises(ValueError, match="float32"):
         GGUFMatrix(blocks, "Q4_1", 64)(torch.zeros(1, 32))
+
+
+LEVELS = [lvl for lvl in kernels.ISA_LEVELS if kernels.ISA_LEVELS.index(lvl) <= kernels.ISA_LEVELS.index(kernels.cpu_isa())]
+
+
+@pytest.fixture
+def isa():
+    """Runs the body at a chosen instruction-set level, then restores the best one."""
+    best = kernels.cpu_isa()
+    yield kernels.set_cpu_isa
+    kernels.set_cpu_isa(best)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 5, 8, 9])
+@pytest.mark.parametrize("n,k", [(70, 576), (40, 288), (33, 256), (9, 64)])
+def test_every_instruction_set_level_matches_the_reference(isa, level, block_type, m, n, k):
+    isa(level)
+    assert kernels.cpu_isa() == level
+    blocks = random_blocks(n, k, block_type, seed=n * k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + 1)) * 3
+    torch.testing.assert_close(gguf_gemv(x, blocks, block_type), reference.gguf_gemv(x, blocks, block_type, k),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(kernels.cpu_isa() != "avx512vnni", reason="this CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", [576, 1536, 96])
+def test_avx2_and_avx512_vnni_give_the_same_bits(isa, block_type, k):
+    """The two SIMD levels compute the same exact integer block sums and then the same float operations, so
+    a model's greedy output does not depend on which of the two a machine has."""
+    blocks = random_blocks(257, k, block_type, seed=k)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(k + 1)) * 4
+    x[1, 64:96] = 0.0
+    x[2, :] = -x[2, :].abs()            # all-negative rows: the unsigned codes' bias at its largest
+    vnni = gguf_gemv(x, blocks, block_type)
+    isa("avx2")
+    assert torch.equal(gguf_gemv(x, blocks, block_type), vnni)
+
+
+def test_unknown_instruction_set_levels_are_refused(isa):
+    with pytest.raises(ValueError, match="avx2"):
+        isa("sse9")
+
+
+def test_the_level_can_be_capped_from_the_environment():
+    code = "import kernels; print(kernels.cpu_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STRATA_CPU_ISA": "scalar"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STRATA_CPU_ISA": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "STRATA_CPU_ISA must be one of" in bad.stderr

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from services.inference.spec_decode import NgramProposer, greedy_verify, rejection_sample
+from services.inference.spec_decode.policy import AcceptanceEstimate, choose_k, expected_tokens
 
 
 def test_ngram_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -91,3 +92,41 @@ def test_seeded_rows_reproduce_and_rows_do_not_disturb_each_other():
     assert torch.equal(a, b)
     out, n = rejection_sample(p, drafts, torch.tensor([0, 2]), None, [None, None])
     assert n[0] == 0 and out[0, 0] >= 0 and (out[0, 1:] == -1).all()   # no proposals: one token from p
+
+
+def test_expected_tokens_of_a_run_is_the_truncated_geometric_sum():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_k_maximises_tokens_per_step_time_and_is_zero_when_proposing_does_not_pay():
+    # k = 1 pays exactly when alpha > row cost
+    assert choose_k(0.19, 4, 0.2) == 0 and choose_k(0.21, 4, 0.2) == 1
+    # brute force over k: the chosen one has the best rate, ties to the smaller k
+    for alpha in (0.3, 0.6, 0.8, 0.9, 0.97):
+        for cost in (0.05, 0.2, 0.5):
+            rates = [expected_tokens(alpha, k) / (1 + cost * k) for k in range(0, 9)]
+            rates[0] = 1.0
+            assert choose_k(alpha, 8, cost) == rates.index(max(rates)), (alpha, cost)
+    ks = [choose_k(a, 8, 0.2) for a in (0.3, 0.6, 0.8, 0.9, 0.95, 0.99)]
+    assert ks == sorted(ks) and ks[-1] == 8                  # more acceptance, longer runs, up to the limit
+    assert choose_k(0.99, 3, 0.2) == 3 and choose_k(0.99, 0, 0.2) == 0
+
+
+def test_the_acceptance_estimate_follows_recent_runs_and_fades_back_to_the_prior():
+    est = AcceptanceEstimate()
+    assert est.alpha == 0.5
+    for _ in range(6):
+        est.observe(4, 4)                                     # full accepts: copying
+        est.decay()
+    assert est.alpha > 0.9 and choose_k(est.alpha, 4, 0.2) == 4
+    for _ in range(12):
+        est.observe(2, 0)                                     # first-position misses: free text
+        est.decay()
+    assert est.alpha < 0.5 and choose_k(est.alpha, 4, 0.2) <= 1
+    low = est.alpha
+    for _ in range(60):                                       # no proposals for a while: evidence fades
+        est.decay()
+    assert low < est.alpha == pytest.approx(0.5, abs=0.02)
+    assert choose_k(est.alpha, 4, 0.2) >= 1                   # so the request is probed again

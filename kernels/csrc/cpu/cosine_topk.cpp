@@ -77,7 +77,7 @@ float dot_f32_scalar(const float* a, const float* b, int64_t d) {
 }
 
 float dot_f32(const float* a, const float* b, int64_t d) {
-    return has_avx2_fma() ? dot_f32_avx2(a, b, d) : dot_f32_scalar(a, b, d);
+    return has_avx2() ? dot_f32_avx2(a, b, d) : dot_f32_scalar(a, b, d);
 }
 
 // The k largest values seen, as a min-heap: front() is the k-th largest once full.
@@ -151,7 +151,7 @@ int64_t cosine_topk_int8(const float* rows, const int8_t* codes, const float* sc
         qscale[j] = s;
         qerr[j] = static_cast<float>(std::sqrt(err2)) * 1.0001f;   // rounding slack: a bound must hold
     }
-    const auto dot_i8 = has_avx2_fma() ? dot_i8_avx2 : dot_i8_scalar;
+    const auto dot_i8 = has_avx2() ? dot_i8_avx2 : dot_i8_scalar;
     const int threads = thread_count(n * d * m);
     std::vector<std::vector<Screen>> screens(threads, std::vector<Screen>(m, Screen(k)));
 

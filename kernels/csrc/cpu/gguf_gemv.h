@@ -10,9 +10,13 @@ namespace strata::cpu {
 // A GGUF block holds 32 weights along K: Q4_1 = fp16 d, fp16 m, 16 bytes of nibbles (weight i = d * q_i + m,
 // q_i = qs[i] & 15 for i < 16, qs[i - 16] >> 4 otherwise); Q8_0 = fp16 d, 32 int8 codes (weight i = d * q_i).
 // Regrouped per matrix W [N, K] with nb = K / 32 blocks a row:
-//   qs    [N, nb, 16] bytes (Q4_1 nibbles) or [N, nb, 32] int8 (Q8_0 codes), as in the file
+//   qs    [N, nb * 16] bytes (Q4_1) or [N, nb * 32] (Q8_0): a block's codes as 32-bit words (Q4_1: 4, word t
+//         holding values 4t..4t+3 in its low nibbles and 16+4t..16+4t+3 in its high ones; Q8_0: 8, word t
+//         values 4t..4t+3), transposed per group of 8 blocks along K (the last group of a row may be
+//         shorter): group bytes = word 0 of each of its blocks, then word 1, ... — the file's bytes, reordered
 //   d, m  [N, nbp] fp16 bits, nbp = nb rounded up to a multiple of 8, zero past nb (m: Q4_1 only)
-// so the scales of 8 blocks convert in one instruction.
+// so one 256-bit load holds the same word of eight blocks, one block per lane, and the scales of those
+// 8 blocks convert in one instruction.
 enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1 };
 
 struct BlockMatrix {
@@ -31,8 +35,9 @@ inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
 // then a Q4_1 product is exactly (d q + m) · (dx c), whose error (d q + m) · (x - dx c) is centred; the
 // exact float sum leaves d q · (x - dx c), biased by q's mean of 7.5, which costs this model +2.7%
 // perplexity instead of +0.5% (and the reason an earlier int8 attempt here looked worse than int16).
-// x [M, K] → xq [M, padded_blocks(K) * 32] int8, blocks by pairs (a, b) as [a 0..15, b 0..15, a 16..31,
-// b 16..31], zero past K; dx, sx [M, padded_blocks(K)] (zero past K).
+// x [M, K] → xq [M, padded_blocks(K) * 32] int8, each group of 8 blocks as 8 vectors of 32 bytes, vector t
+// holding values 4t..4t+3 of each block (one block per 4-byte lane), zero past K; dx, sx [M, padded_blocks(K)]
+// (zero past K).
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx);
 
 // y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1),

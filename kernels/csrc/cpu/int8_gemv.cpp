@@ -83,7 +83,7 @@ void over_blocks(int64_t m, int64_t n, int64_t k, int64_t chunk, Block block) {
 
 void int8_gemv(const int8_t* xq, const float* x_scale, const int8_t* wq, const float* w_scale, int64_t m, int64_t n,
                int64_t k, float* y) {
-    const bool simd = has_avx2_fma();
+    const bool simd = has_avx2();
     over_blocks(m, n, k, 64, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
         if (simd) block_avx2(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
         else block_scalar(xq + r0 * k, x_scale + r0, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
@@ -183,7 +183,7 @@ void weight_block_scalar(const float* x, const int8_t* wq, const float* w_scale,
 
 void int8_weight_gemv(const float* x, const int8_t* wq, const float* w_scale, int64_t m, int64_t n, int64_t k,
                       float* y) {
-    const bool simd = has_avx2_fma();
+    const bool simd = has_avx2();
     over_blocks(m, n, k, 256, [&](int64_t r0, int64_t rows, int64_t n0, int64_t n1) {
         if (simd) weight_block_avx2(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);
         else weight_block_scalar(x + r0 * k, wq, w_scale, rows, n, k, n0, n1, y + r0 * n);

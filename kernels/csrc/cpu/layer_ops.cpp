@@ -69,7 +69,7 @@ __attribute__((target("avx2,fma"))) void silu_and_mul_row_avx2(const float* g, c
 
 void add_rms_norm(float* residual, const float* delta, const float* weight, int64_t rows, int64_t hidden, float eps,
                   float* out) {
-    const bool simd = has_avx2_fma();
+    const bool simd = has_avx2();
 #pragma omp parallel for schedule(static) if (rows * hidden >= (int64_t{1} << 16))
     for (int64_t t = 0; t < rows; ++t) {
         const float* d = delta != nullptr ? delta + t * hidden : nullptr;
@@ -94,7 +94,7 @@ void rotary_inplace(float* x, int64_t rows, int64_t row_stride, int64_t heads, i
 }
 
 void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out) {
-    const bool simd = has_avx2_fma();
+    const bool simd = has_avx2();
 #pragma omp parallel for schedule(static) if (rows * inner >= (int64_t{1} << 16))
     for (int64_t t = 0; t < rows; ++t) {
         const float* g = gate_up + t * 2 * inner;

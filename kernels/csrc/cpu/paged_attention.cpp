@@ -309,7 +309,7 @@ void paged_attention(const float* q, const void* k_pool, const void* v_pool, boo
                      int64_t max_blocks, float scale, float* out) {
     const int64_t g = num_heads / num_kv_heads;
     const int64_t d = head_dim;
-    const bool simd = has_avx2_fma() && d % 8 == 0 && g <= kMaxGroup;
+    const bool simd = has_avx2() && d % 8 == 0 && g <= kMaxGroup;
     // a tile holds as many query rows as fit kMaxGroup vectors (1 row where G > kMaxGroup: scalar path)
     const int64_t tile = std::max<int64_t>(1, kMaxGroup / g);
     // work items: (sequence, KV head, tile of its query rows)

@@ -1,22 +1,48 @@
-// x86 helpers shared by the CPU kernels: run-time instruction-set checks (the module is built without
-// -march, so each AVX2 path is chosen when the CPU has it), horizontal sums and a vector exp.
+// x86 helpers shared by the CPU kernels: run-time instruction-set levels (the module is built without
+// -march, so each SIMD path is chosen when the CPU has it), horizontal sums and a vector exp.
 #pragma once
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace strata::cpu {
 
-inline bool has_avx2_fma() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
+// Instruction-set levels, in order. The module runs the best level the CPU has, capped by
+// set_isa_cap (kernels.set_cpu_isa / STRATA_CPU_ISA): a test compares the levels' results on one machine,
+// an operator can rule a level out.
+enum class Isa : int {
+    kScalar = 0,
+    kAvx2 = 1,          // AVX2 + FMA + F16C
+    kAvx512Vnni = 2,    // + AVX512F/BW/VL and AVX512-VNNI (vpdpbusd, EVEX-encoded: no AVX-VNNI needed)
+};
+
+inline Isa cpu_isa() {
+    static const Isa best = [] {
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+            return Isa::kScalar;
+        const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+        return vnni ? Isa::kAvx512Vnni : Isa::kAvx2;
+    }();
+    return best;
 }
 
-inline bool has_avx2_fma_f16c() {
-    static const bool yes = has_avx2_fma() && __builtin_cpu_supports("f16c");
-    return yes;
+inline std::atomic<int>& isa_cap() {
+    static std::atomic<int> cap{static_cast<int>(Isa::kAvx512Vnni)};
+    return cap;
 }
+
+inline void set_isa_cap(Isa level) { isa_cap().store(static_cast<int>(level), std::memory_order_relaxed); }
+
+// the level the kernels run at now
+inline Isa active_isa() {
+    return static_cast<Isa>(std::min(static_cast<int>(cpu_isa()), isa_cap().load(std::memory_order_relaxed)));
+}
+
+inline bool has_avx2() { return active_isa() >= Isa::kAvx2; }
 
 // the sum of v's eight lanes
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {

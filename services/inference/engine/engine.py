@@ -22,6 +22,7 @@ from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
 from services.inference.spec_decode import NgramProposer
 from services.inference.spec_decode.draft import DraftProposer
+from services.inference.spec_decode.policy import choose_k
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class EngineConfig:
     speculative: str | None = None       # None (off), "ngram" (prompt lookup) or "draft" (a draft model)
     draft_model_path: str | None = None  # "draft": GGUF sharing the tokenizer; None = the target's own file
     draft_quantization: str | None = "gguf"   # "draft": the draft's precision (gguf: the file's blocks)
-    num_speculative_tokens: int = 4      # k: proposals verified per step (adapts per request up to this)
+    num_speculative_tokens: int = 4      # k: the most proposals verified per step (chosen per request up to this)
+    spec_row_cost: float = 0.2           # one extra verified row's cost relative to a 1-row decode step
+                                         # (spec_decode/policy.py; measured by bench.spec_decode)
     ngram_min: int = 2                   # shortest suffix matched against the request's own tokens
     ngram_max: int = 4                   # longest
     spec_max_batch: int = 4              # no proposals while more requests than this are decoding
@@ -90,6 +93,8 @@ class EngineConfig:
             raise ValueError("need 1 <= ngram_min <= ngram_max")
         if self.spec_max_batch < 0:
             raise ValueError("spec_max_batch must be >= 0")
+        if not 0 <= self.spec_row_cost <= 10:
+            raise ValueError(f"spec_row_cost must be in [0, 10], got {self.spec_row_cost}")
 
 
 class LLMEngine:
@@ -236,16 +241,17 @@ class LLMEngine:
     # speculative decoding
     def _propose(self) -> None:
         """Proposals for every request about to decode. None while more than spec_max_batch requests
-        decode (verification then costs more than it saves); per request k adapts between 1 and its
-        limit (doubling down after a rejection at the first proposal, up by one after a full accept)
-        and never reaches past max_tokens or the context window."""
+        decode (verification then costs more than it saves); per request, the k up to its limit that
+        yields the most tokens per unit of step time given how often its proposals have been accepted
+        (spec_decode/policy.py), never reaching past max_tokens or the context window."""
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         enabled = len(decoding) <= self.config.spec_max_batch
         ks = []
         for req in decoding:
-            limit = self._spec_limit(req)
+            req.acceptance.decay()
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
-            ks.append(max(0, min(req.spec_k if req.spec_k is not None else limit, limit, room)) if enabled else 0)
+            limit = min(self._spec_limit(req), room)
+            ks.append(choose_k(req.acceptance.alpha, limit, self.config.spec_row_cost) if enabled and limit > 0 else 0)
         if isinstance(self.proposer, DraftProposer):
             proposals = self.proposer.propose(decoding, ks)
         else:
@@ -269,9 +275,7 @@ class LLMEngine:
             self._spec_emitted_tokens += accepted + 1
             for i in range(accepted):
                 self._spec_accepted_by_position[i] += 1
-            limit = self._spec_limit(req)
-            current = req.spec_k if req.spec_k is not None else limit
-            req.spec_k = min(limit, current + 1) if accepted == k else max(1, current // 2) if accepted == 0 else current
+            req.acceptance.observe(k, accepted)
 
     def _postprocess(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         outputs = []

@@ -8,6 +8,7 @@ import time
 
 from services.inference.engine.block_pool import BlockHash
 from services.inference.sampling import SamplingParams
+from services.inference.spec_decode.policy import AcceptanceEstimate
 
 _arrival_counter = itertools.count()
 
@@ -54,7 +55,7 @@ class Request:
         # speculative decoding: None = the engine's default k, 0 = off for this request
         self.num_speculative_tokens = num_speculative_tokens
         self.spec_token_ids: list[int] = []        # proposals for the next step (not yet verified)
-        self.spec_k: int | None = None             # adaptive proposal length (grows on full accepts)
+        self.acceptance = AcceptanceEstimate()     # how often its proposals are accepted (picks its k)
 
     @property
     def output_token_ids(self) -> list[int]:
