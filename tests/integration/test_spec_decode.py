@@ -146,6 +146,26 @@ def test_no_proposals_while_the_batch_is_larger_than_spec_max_batch(engines):
     assert spec.stats().spec_drafts_total == before
 
 
+def test_a_step_with_proposals_stays_within_the_decode_kernels_rows(engines, monkeypatch):
+    """Four requests proposing k = 4 would verify 20 rows, past the 16 the layer kernels take (the float32
+    path beyond is several times slower): the longest runs are shortened to fit."""
+    from dataclasses import replace
+
+    from services.inference.models.linear import KERNEL_MAX_ROWS
+
+    plain, spec = engines
+    ps = prompts(plain, GROUNDED * 2)
+    rows = []
+    execute = spec.runner.execute
+    monkeypatch.setattr(spec.runner, "execute", lambda sched: rows.append(sched.num_batched_tokens) or execute(sched))
+    monkeypatch.setattr(spec, "config", replace(spec.config, spec_row_cost=0.0))     # always the longest k
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    assert tokens(spec.generate(ps, params)) == tokens(plain.generate(ps, params))
+    decode_steps = rows[1:]                                           # after the prompts' prefill
+    assert max(decode_steps) == KERNEL_MAX_ROWS                       # proposals were made, up to the limit
+    assert all(r <= KERNEL_MAX_ROWS for r in decode_steps)
+
+
 def test_seeded_sampling_with_speculation_runs_and_reproduces(engines):
     _, spec = engines
     p = prompts(spec, GROUNDED[:1])[0]

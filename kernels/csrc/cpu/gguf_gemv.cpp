@@ -34,8 +34,20 @@ constexpr int64_t kMaxRows = 8;          // activation rows per pass over the we
 
 constexpr int64_t kGroup = 8;            // blocks per group: one 32-bit lane each
 
-// where value i of block b sits in a row of activation codes: group b / 8, vector i / 4, lane b % 8
-inline int64_t code_index(int64_t b, int64_t i) { return (b / kGroup) * 256 + (i / 4) * 32 + (b % kGroup) * 4 + i % 4; }
+// blocks in the group of block b, of a row of nb
+inline int64_t group_size(int64_t b, int64_t nb) { return std::min(kGroup, nb - b / kGroup * kGroup); }
+
+// a group of 8, 4 or 2 blocks fills whole vectors with its words (1, 2 or 4 words a vector)
+inline bool packed_group(int64_t in_group) { return in_group >= 2 && kGroup % in_group == 0; }
+
+// where value i of block b (of nb) sits in a row of activation codes: its group's words word-major, as
+// the weights (gguf_gemv.h), in whole vectors for groups of 8, 4 or 2 blocks (4 or 2 words a vector),
+// else one word a vector, masked to the group's lanes
+inline int64_t code_index(int64_t b, int64_t i, int64_t nb) {
+    const int64_t g = b / kGroup * kGroup, in_group = group_size(b, nb);
+    const int64_t lanes = packed_group(in_group) ? in_group : kGroup;
+    return g * kBlock + ((i / 4) * lanes + b - g) * 4 + i % 4;
+}
 
 // IEEE half → float (normals, subnormals, inf, nan), for the scalar path
 inline float half_to_float(uint16_t h) {
@@ -66,7 +78,7 @@ inline int64_t code_stride(int64_t k) { return padded_blocks(k) * kBlock; }
 // the code of value i (0..31) of block b in channel j's weights (gguf_gemv.h: 32-bit word i / 4 of the
 // block's codes, Q4_1's words holding values i and i + 16 in their low and high nibbles, transposed per group)
 inline int32_t weight_code(const BlockMatrix& w, int64_t j, int64_t b, int64_t i) {
-    const int64_t nb = w.k / kBlock, qb = qs_bytes(w.type), g = b / kGroup * kGroup, in_group = std::min(kGroup, nb - g);
+    const int64_t nb = w.k / kBlock, qb = qs_bytes(w.type), g = b / kGroup * kGroup, in_group = group_size(b, nb);
     const int64_t word = w.type == BlockType::kQ4_1 ? i % 16 / 4 : i / 4;
     const uint8_t byte = w.qs[j * nb * qb + g * qb + (word * in_group + b - g) * 4 + i % 4];
     if (w.type == BlockType::kQ8_0) return static_cast<int8_t>(byte);
@@ -83,7 +95,7 @@ void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const 
             for (int64_t b = 0; b < nb; ++b) {
                 const int8_t* xr = xq + r * stride;
                 int32_t dot = 0;
-                for (int64_t i = 0; i < kBlock; ++i) dot += weight_code(w, j, b, i) * xr[code_index(b, i)];
+                for (int64_t i = 0; i < kBlock; ++i) dot += weight_code(w, j, b, i) * xr[code_index(b, i, nb)];
                 total += half_to_float(w.d[j * nbp + b]) * dx[r * nbp + b] * static_cast<float>(dot);
                 if (w.m != nullptr) total += half_to_float(w.m[j * nbp + b]) * sx[r * nbp + b];
             }
@@ -172,16 +184,16 @@ RowsKernel pick_rows(BlockType t) {
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx) {
     const int64_t nb = k / kBlock, nbp = padded_blocks(k), stride = code_stride(k);
     const bool simd = has_avx2();
+    std::memset(xq, 0, static_cast<size_t>(m * stride));
     for (int64_t r = 0; r < m; ++r) {
         int8_t* xr = xq + r * stride;
-        for (int64_t b = 0; b < nbp; ++b) {
+        for (int64_t b = nb; b < nbp; ++b) dx[r * nbp + b] = sx[r * nbp + b] = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
             float* d = dx + r * nbp + b;
             float* s = sx + r * nbp + b;
-            alignas(32) int8_t c[kBlock] = {};
+            alignas(32) int8_t c[kBlock];
             const float* xb = x + r * k + b * kBlock;
-            if (b >= nb) {
-                *d = *s = 0.f;
-            } else if (simd) {
+            if (simd) {
                 quantize_block_avx2(xb, c, d, s);
             } else {
                 float amax = 0.f;
@@ -195,7 +207,7 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
                 *d = amax / 127.0f;
                 *s = *d * static_cast<float>(sum);
             }
-            for (int64_t i = 0; i < kBlock; i += 4) std::memcpy(xr + code_index(b, i), c + i, 4);   // its 8 words
+            for (int64_t i = 0; i < kBlock; i += 4) std::memcpy(xr + code_index(b, i, nb), c + i, 4);   // its 8 words
         }
     }
 }

@@ -35,9 +35,10 @@ inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
 // then a Q4_1 product is exactly (d q + m) · (dx c), whose error (d q + m) · (x - dx c) is centred; the
 // exact float sum leaves d q · (x - dx c), biased by q's mean of 7.5, which costs this model +2.7%
 // perplexity instead of +0.5% (and the reason an earlier int8 attempt here looked worse than int16).
-// x [M, K] → xq [M, padded_blocks(K) * 32] int8, each group of 8 blocks as 8 vectors of 32 bytes, vector t
-// holding values 4t..4t+3 of each block (one block per 4-byte lane), zero past K; dx, sx [M, padded_blocks(K)]
-// (zero past K).
+// x [M, K] → xq [M, padded_blocks(K) * 32] int8, each group of blocks' codes as 32-bit words, word-major
+// like the weights (a group of 8: vector t = word t of each block, one block per 4-byte lane; a last group
+// of 4 or 2 blocks packed 2 or 4 words a vector; other short groups one word a vector in its first
+// lanes), zero elsewhere; dx, sx [M, padded_blocks(K)] (zero past K).
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx);
 
 // y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1),

@@ -17,6 +17,7 @@ from services.inference.engine.outputs import EngineStats, RequestOutput, TokenL
 from services.inference.engine.request import Request, RequestStatus
 from services.inference.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from services.inference.models.gguf_file import DEFAULT_MODEL_NAME, GGUFFile, default_model_path
+from services.inference.models.linear import KERNEL_MAX_ROWS
 from services.inference.models.llama import QUANTIZATIONS, LlamaModel
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
@@ -243,7 +244,8 @@ class LLMEngine:
         """Proposals for every request about to decode. None while more than spec_max_batch requests
         decode (verification then costs more than it saves); per request, the k up to its limit that
         yields the most tokens per unit of step time given how often its proposals have been accepted
-        (spec_decode/policy.py), never reaching past max_tokens or the context window."""
+        (spec_decode/policy.py), never reaching past max_tokens or the context window, nor the step past
+        the decode kernels' KERNEL_MAX_ROWS rows."""
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         enabled = len(decoding) <= self.config.spec_max_batch
         ks = []
@@ -252,6 +254,11 @@ class LLMEngine:
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
             limit = min(self._spec_limit(req), room)
             ks.append(choose_k(req.acceptance.alpha, limit, self.config.spec_row_cost) if enabled and limit > 0 else 0)
+        # the step stays in the decode kernels' regime: past KERNEL_MAX_ROWS rows it would run the float32
+        # path, far slower than the proposals save; the longest runs give way first
+        budget = KERNEL_MAX_ROWS - len(decoding)
+        while sum(ks) > max(0, budget):
+            ks[ks.index(max(ks))] -= 1
         if isinstance(self.proposer, DraftProposer):
             proposals = self.proposer.propose(decoding, ks)
         else:
