@@ -1,14 +1,15 @@
 """Speculative decoding benchmark: n-gram (prompt lookup) speculation against none, in one run.
 
-    python -m bench.spec_decode [--quantization gguf] [--repeats 3] [--max-tokens 160]
+    python -m bench.spec_decode [--quantization gguf] [--repeats 5] [--max-tokens 160]
 
 The engine runs in process (no gRPC: this isolates what speculation changes) with greedy decoding, so
 both configurations produce the same tokens (checked). Single stream: input-grounded tasks (summarise,
 extract from and rewrite a given passage; edit given code) and open-ended chat for contrast; decode
-tokens/s = (tokens - 1) / (time of the request - time of the same request with max_tokens 1, its prompt
-then cached). 32 streams: the same tasks mixed, 64 tokens each, aggregate decode tokens/s. Off and on run
-alternately for --repeats rounds and a speedup is the median of the per-round ratios (this host's speed
-drifts within minutes); acceptance rate and tokens per verification step from the engine's counters.
+tokens/s = (tokens - 1) / (the time of the steps after the first, which computes the cached prompt's last
+token and samples the first). 32 streams: the same tasks mixed, 64 tokens each, aggregate tokens/s. The two engines run
+the same requests side by side, one step of each in turn with every step timed (this host's speed drifts
+by up to 1.5x within seconds), for --repeats rounds; a speedup is the median of the per-round ratios.
+Acceptance rate and tokens per verification step from the engine's counters.
 Verification cost: the time of a single-stream step verifying k proposals against a plain step, k = 0..8,
 and the per-row cost fitted to it (what --spec-row-cost should be on this machine). Targets
 (issue 7): >= 2x on input-grounded tasks, >= 0.95x on open chat, no loss at 32 streams (>= 0.95x: the
@@ -68,39 +69,53 @@ def _engines(quantization: str | None, k: int):
     return plain, spec
 
 
-def _decode_rate(engine, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
-    """Decode tokens/s of one request whose prompt is already cached, and its tokens."""
-    from services.inference.sampling import SamplingParams
+def interleaved(off_engine, on_engine, prompts: list[list[int]], params) -> dict:
+    """Runs the same requests on both engines one step of each in turn, timing every step: this host's
+    speed drifts by up to 1.5x within seconds, and stepping the two side by side gives both the same
+    conditions. Per engine: decode tokens/s (the tokens after each request's first, over the steps
+    after the first one, which prefills a cached prompt), aggregate tokens/s (all tokens over all step
+    time) and the tokens."""
+    runs = []
+    for engine in (off_engine, on_engine):
+        ids = [engine.add_request(p, params) for p in prompts]
+        runs.append({"engine": engine, "ids": ids, "tokens": {i: [] for i in ids}, "step_s": []})
+    while any(r["engine"].has_unfinished_requests() for r in runs):
+        for r in runs:
+            if not r["engine"].has_unfinished_requests():
+                continue
+            t0 = time.perf_counter()
+            outs = r["engine"].step()
+            r["step_s"].append(time.perf_counter() - t0)
+            for out in outs:
+                r["tokens"][out.request_id].extend(out.new_token_ids)
+    result = []
+    for r in runs:
+        tokens = [r["tokens"][i] for i in r["ids"]]
+        total = sum(map(len, tokens))
+        result.append({"decode_tokens_per_s": (total - len(tokens)) / max(1e-9, sum(r["step_s"][1:])),
+                       "tokens_per_s": total / max(1e-9, sum(r["step_s"])), "tokens": tokens})
+    return result
 
-    t0 = time.perf_counter()
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens))[0]
-    t1 = time.perf_counter()
-    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-    t2 = time.perf_counter()
-    return (len(out.new_token_ids) - 1) / max(1e-9, (t1 - t0) - (t2 - t1)), out.new_token_ids
 
-
-def paired(measure_off, measure_on, repeats: int) -> dict:
-    """Off and on alternately, `repeats` rounds: this host's speed drifts by up to 1.5x within minutes, so
-    the speedup is the median of the per-round ratios (each from two runs seconds apart)."""
+def paired(off_engine, on_engine, prompts: list[list[int]], params, repeats: int, rate: str) -> dict:
+    """`repeats` interleaved rounds (after one that puts the prompts in both prefix caches); the speedup
+    is the median of the per-round ratios of `rate`."""
+    interleaved(off_engine, on_engine, prompts, replace(params, max_tokens=1))
     offs, ons, ratios = [], [], []
     for _ in range(repeats):
-        off, tokens_off = measure_off()
-        on, tokens_on = measure_on()
-        offs.append(off)
-        ons.append(on)
-        ratios.append(on / off)
+        off, on = interleaved(off_engine, on_engine, prompts, params)
+        offs.append(off[rate])
+        ons.append(on[rate])
+        ratios.append(on[rate] / off[rate])
     return {"off": statistics.median(offs), "on": statistics.median(ons), "speedup": statistics.median(ratios),
-            "ratios": ratios, "identical_output": tokens_on == tokens_off, "tokens": tokens_on}
+            "ratios": ratios, "identical_output": on["tokens"] == off["tokens"], "tokens": on["tokens"][0]}
 
 
 def single_stream(off_engine, on_engine, prompt: list[int], max_tokens: int, repeats: int) -> dict:
     from services.inference.sampling import SamplingParams
 
-    for engine in (off_engine, on_engine):                         # the prompt enters each prefix cache
-        engine.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
-    return paired(lambda: _decode_rate(off_engine, prompt, max_tokens), lambda: _decode_rate(on_engine, prompt, max_tokens),
-                  repeats)
+    return paired(off_engine, on_engine, [prompt], SamplingParams(temperature=0, max_tokens=max_tokens), repeats,
+                  "decode_tokens_per_s")
 
 
 def spec_counts(before, after) -> dict:
@@ -113,21 +128,11 @@ def spec_counts(before, after) -> dict:
             if runs else 1.0}
 
 
-def _aggregate_rate(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
-    from services.inference.sampling import SamplingParams
-
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    return sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t0), [o.new_token_ids for o in outs]
-
-
 def many_streams(off_engine, on_engine, prompts: list[list[int]], max_tokens: int, repeats: int) -> dict:
     from services.inference.sampling import SamplingParams
 
-    for engine in (off_engine, on_engine):
-        engine.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
-    return paired(lambda: _aggregate_rate(off_engine, prompts, max_tokens),
-                  lambda: _aggregate_rate(on_engine, prompts, max_tokens), repeats)
+    return paired(off_engine, on_engine, prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                  repeats, "tokens_per_s")
 
 
 def verification_cost(engine, prompt: list[int], max_k: int = 8, steps: int = 15, repeats: int = 3) -> dict:

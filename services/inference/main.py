@@ -61,7 +61,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="--speculative draft: the draft's precision (gguf: the file's Q4_1/Q8_0 blocks)")
     p.add_argument("--num-speculative-tokens", type=int, default=4,
                    help="k, the most proposals per step (requests may lower it or turn it off)")
-    p.add_argument("--spec-row-cost", type=float, default=0.2,
+    p.add_argument("--spec-row-cost", type=float, default=0.25,
                    help="one extra verified row's cost relative to a 1-row decode step: with it and each request's "
                         "acceptance rate the engine picks k per step, or none when proposals do not pay "
                         "(measure it with python -m bench.spec_decode)")

@@ -66,7 +66,7 @@ class EngineConfig:
     draft_model_path: str | None = None  # "draft": GGUF sharing the tokenizer; None = the target's own file
     draft_quantization: str | None = "gguf"   # "draft": the draft's precision (gguf: the file's blocks)
     num_speculative_tokens: int = 4      # k: the most proposals verified per step (chosen per request up to this)
-    spec_row_cost: float = 0.2           # one extra verified row's cost relative to a 1-row decode step
+    spec_row_cost: float = 0.25          # one extra verified row's cost relative to a 1-row decode step
                                          # (spec_decode/policy.py; measured by bench.spec_decode)
     ngram_min: int = 2                   # shortest suffix matched against the request's own tokens
     ngram_max: int = 4                   # longest
