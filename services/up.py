@@ -153,7 +153,7 @@ def plan(a: argparse.Namespace) -> list[Child]:
     port, mport = ports["gateway"]
     children.append(Child("gateway", "gateway", [*cli, "gateway", "--host", host, "--port", str(port), "--metrics-port",
                                                  str(mport), "--redis-url", redis_url, "--router", router,
-                                                 "--cache", cache], port, mport))
+                                                 "--cache", cache, "--plaintext"], port, mport))   # a local run
     return children
 
 

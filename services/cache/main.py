@@ -15,6 +15,7 @@ from services.common.config import add_metrics_arg, env
 from services.common.metrics import CacheMetrics, counter, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
+from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "strata.v1.SemanticCache"
@@ -40,6 +41,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="embedding batches run at once, one thread each (default: 2 on 2+ cores)")
     p.add_argument("--embed-threads", type=int, default=int(env("STRATA_CACHE_EMBED_THREADS", str(threads))),
                    help="torch threads per embedding batch (default: the cores divided among the workers)")
+    add_tls_args(p)
 
 
 def default_embed_parallelism() -> tuple[int, int]:
@@ -64,7 +66,8 @@ class CacheService:
     """Embedder + SemanticCacheService + gRPC server; used by the CLI and the tests (port 0)."""
 
     def __init__(self, config: CacheConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
-                 replica_id: str = "", embed_threads: int | None = None, metrics_port: int = -1) -> None:
+                 replica_id: str = "", embed_threads: int | None = None, metrics_port: int = -1,
+                 tls: TlsConfig = PLAINTEXT) -> None:
         from services.cache.embedder import MiniLMEmbedder
         from services.cache.servicer import SemanticCacheServicer
         from services.common.pb import cache_pb2_grpc
@@ -75,7 +78,7 @@ class CacheService:
         self.metrics.collect_with(self._collect)
         servicer = SemanticCacheServicer(self.cache, tracer, self.metrics)
         self.server = GrpcServer(lambda s: cache_pb2_grpc.add_SemanticCacheServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], host, port, self.metrics, metrics_port)
+                                 [SERVICE_NAME], host, port, self.metrics, metrics_port, tls)
         self.cache.on_health_change(self._health_changed)
         self._stopped = False
 
@@ -112,7 +115,7 @@ class CacheService:
 
 async def serve(a: argparse.Namespace) -> None:
     service = CacheService(config_from_args(a), a.host, a.port, replica_id=f"{socket.gethostname()}-{os.getpid()}",
-                           embed_threads=a.embed_threads, metrics_port=a.metrics_port)
+                           embed_threads=a.embed_threads, metrics_port=a.metrics_port, tls=tls_from_args(a))
     port = await service.start()
     log.info("cache service ready", extra={"address": f"{a.host}:{port}", "decision": service.cache.decider.describe(),
                                            "redis_ok": service.cache.redis_ok})

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from services.common.metrics import ServiceMetrics
+from services.common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +25,18 @@ class GrpcServer:
 
     `start()` binds (port 0 picks a free port) and returns the bound port; `stop()` flips health to
     NOT_SERVING before stopping with a grace period, so load balancers drain first. With metrics, /metrics is served on
-    `metrics_port` (0 = a free one, negative = none) from start() to stop()."""
+    `metrics_port` (0 = a free one, negative = none) from start() to stop(). `tls`: the port serves TLS
+    (mutual TLS with a client CA) when it names a certificate, else plaintext."""
 
     def __init__(self, register: Callable[[grpc.aio.Server], None], service_names: Iterable[str],
                  host: str = "127.0.0.1", port: int = 0,
-                 metrics: ServiceMetrics | None = None, metrics_port: int = -1) -> None:
+                 metrics: ServiceMetrics | None = None, metrics_port: int = -1, tls: TlsConfig = PLAINTEXT) -> None:
         self.service_names = list(service_names)
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
-        self.host, self.metrics, self.metrics_port = host, metrics, metrics_port
+        self.host, self.metrics, self.metrics_port, self.tls = host, metrics, metrics_port, tls
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -44,7 +46,9 @@ class GrpcServer:
         self.port: int | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.address)
+        creds = self.tls.server_credentials()
+        self.port = (self.server.add_secure_port(self.address, creds) if creds is not None
+                     else self.server.add_insecure_port(self.address))
         if not self.port:
             raise OSError(f"cannot bind {self.address}")
         await self.server.start()

@@ -16,6 +16,7 @@ import grpc
 from services.common import telemetry
 from services.common.errors import DeadlineExceededError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
+from services.common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,11 @@ def _time_out(answer: asyncio.Future) -> None:
 
 
 class Downstream:
-    def __init__(self, router_address: str, cache_address: str = "", cache_timeout_s: float = 0.5) -> None:
-        self._router_ch = grpc.aio.insecure_channel(router_address)
+    def __init__(self, router_address: str, cache_address: str = "", cache_timeout_s: float = 0.5,
+                 tls: TlsConfig = PLAINTEXT) -> None:
+        self._router_ch = tls.channel(router_address)
         self.router = router_pb2_grpc.RouterStub(self._router_ch)
-        self._cache_ch = grpc.aio.insecure_channel(cache_address) if cache_address else None
+        self._cache_ch = tls.channel(cache_address) if cache_address else None
         self.cache = cache_pb2_grpc.SemanticCacheStub(self._cache_ch) if self._cache_ch else None
         self.cache_timeout_s = cache_timeout_s
         self._lookups = LookupPipe(self.cache, cache_timeout_s) if self.cache else None

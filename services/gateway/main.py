@@ -14,6 +14,7 @@ from services.common.config import add_metrics_arg, env
 from services.common.metrics import GatewayMetrics
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
+from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
 from services.gateway.clients import Downstream
 from services.gateway.keys import KeyStore
 from services.gateway.limits import RateLimiter
@@ -33,6 +34,7 @@ class GatewayServiceConfig:
     key_pepper: str = ""
     admin_token: str = ""
     redis_timeout_s: float = 0.5
+    tls: TlsConfig = PLAINTEXT      # the public port (and the channels to the router and cache)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="embedding cosine to a known attack phrasing that counts as injection (0 = rules only)")
     p.add_argument("--limits-fail", choices=["open", "closed"], default=env("STRATA_GATEWAY_LIMITS_FAIL", "open"),
                    help="when Redis is unreachable: admit without limits (open) or refuse (closed)")
+    add_tls_args(p)
+    p.add_argument("--plaintext", action="store_true", default=env("STRATA_GATEWAY_PLAINTEXT", "") in ("1", "true"),
+                   help="serve the public port without TLS (local runs only; env STRATA_GATEWAY_PLAINTEXT=1)")
 
 
 def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
@@ -66,11 +71,16 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
             models = {k: ModelPrice(float(v[0]), float(v[1])) for k, v in json.loads(a.models).items()}
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             raise SystemExit(f"--models: {exc}") from None
+    tls = tls_from_args(a)
+    if not tls.serves_tls and not a.plaintext:
+        raise SystemExit("the gateway's public port serves TLS: give --tls-cert and --tls-key (STRATA_TLS_CERT, "
+                         "STRATA_TLS_KEY), or --plaintext (STRATA_GATEWAY_PLAINTEXT=1) for a local run")
     return GatewayServiceConfig(
         GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses, injection_mode=a.injection,
                       injection_similarity=a.injection_similarity,
                       limits_fail_open=a.limits_fail == "open"),
-        redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin)
+        redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin,
+        tls=tls)
 
 
 class GatewayService:
@@ -83,7 +93,7 @@ class GatewayService:
 
         self.redis = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
                                        socket_connect_timeout=config.redis_timeout_s)
-        self.down = Downstream(config.router_address, config.cache_address)
+        self.down = Downstream(config.router_address, config.cache_address, tls=config.tls)
         self.batcher, similarity = None, None
         g = config.gateway
         if g.injection_mode != "allow" and g.injection_similarity > 0:
@@ -102,7 +112,7 @@ class GatewayService:
         def register(server) -> None:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
             gateway_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
-        self.server = GrpcServer(register, SERVICE_NAMES, host, port, self.metrics, metrics_port)
+        self.server = GrpcServer(register, SERVICE_NAMES, host, port, self.metrics, metrics_port, config.tls)
         self._stopped = False
 
     async def start(self) -> int:
@@ -123,7 +133,9 @@ class GatewayService:
 async def serve(a: argparse.Namespace) -> None:
     service = GatewayService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port)
     port = await service.start()
-    log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache})
+    log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache,
+                                     "tls": "mutual" if service.server.tls.client_ca_file else
+                                     "on" if service.server.tls.serves_tls else "off (--plaintext)"})
     try:
         await service.server.serve_until_signal()
     finally:

@@ -15,6 +15,7 @@ from services.common.config import add_metrics_arg, env
 from services.common.metrics import InferenceMetrics, counter, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
+from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.engine import EngineConfig, LLMEngine
 
@@ -33,6 +34,7 @@ class InferenceServiceConfig:
     advertise: str = ""                     # the address routers should use (default host:port)
     grace_s: float = 5.0
     metrics_port: int = -1                  # Prometheus /metrics side port (0 = free, -1 = none)
+    tls: TlsConfig = PLAINTEXT              # the gRPC port's TLS (mutual with a client CA)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -96,13 +98,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Redis URL: register this replica there (heartbeats) for routers started with --discover")
     p.add_argument("--advertise", default=env("STRATA_ADVERTISE_ADDRESS", ""),
                    help="host:port routers should dial (default: --host:--port)")
+    add_tls_args(p)
 
 
 def config_from_args(a: argparse.Namespace) -> InferenceServiceConfig:
     return InferenceServiceConfig(engine=engine_config_from_args(a), host=a.host, port=a.port,
                                   replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
                                   max_queued_requests=a.max_queued_requests, registry_url=a.registry_url,
-                                  advertise=a.advertise, metrics_port=a.metrics_port)
+                                  advertise=a.advertise, metrics_port=a.metrics_port, tls=tls_from_args(a))
 
 
 class InferenceService:
@@ -119,7 +122,8 @@ class InferenceService:
         self.metrics.collect_with(self._collect)
         servicer = InferenceServicer(self.engine, config.replica_id or "inference-0", tracer, self.metrics)
         self.server = GrpcServer(lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], config.host, config.port, self.metrics, config.metrics_port)
+                                 [SERVICE_NAME], config.host, config.port, self.metrics, config.metrics_port,
+                                 config.tls)
         self._register: asyncio.Task | None = None
         self._redis = None
 

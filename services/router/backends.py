@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.aio import cancel_and_wait
 from services.common.pb import inference_pb2, inference_pb2_grpc
+from services.common.tls import PLAINTEXT, TlsConfig
 from services.router.circuit import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,14 @@ class BackendConfig:
     failure_threshold: int = 5
     failure_window_s: float = 30.0
     open_cooldown_s: float = 10.0
+    tls: TlsConfig = PLAINTEXT         # how the replicas are dialed (and the router's own port served)
 
 
 class Backend:
     def __init__(self, address: str, config: BackendConfig) -> None:
         self.address = address
         self.config = config
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = config.tls.channel(address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.circuit = CircuitBreaker(config.failure_threshold, config.failure_window_s, config.open_cooldown_s)

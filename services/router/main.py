@@ -14,6 +14,7 @@ from services.common.config import add_metrics_arg, env
 from services.common.metrics import RouterMetrics, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
+from services.common.tls import add_tls_args, tls_from_args
 from services.router.backends import BackendConfig
 from services.router.policy import POLICIES
 from services.router.service import Router, RouterConfig
@@ -45,6 +46,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="A/B split: requests for NAME go to the models by weight (repeat for more names)")
     p.add_argument("--fallback", action="append", default=[], metavar="MODEL=OTHER[,OTHER]",
                    help="models to try, in order, when MODEL's replicas cannot start an answer")
+    add_tls_args(p)
 
 
 def parse_splits(items: list[str]) -> dict[str, dict[str, float]]:
@@ -77,11 +79,13 @@ def config_from_args(a: argparse.Namespace) -> RouterConfig:
     return RouterConfig(backends=backends, policy=a.policy, max_attempts=a.max_attempts,
                         splits=parse_splits(a.split), fallbacks=parse_fallbacks(a.fallback), discover_url=a.discover,
                         backend=BackendConfig(load_interval_s=a.load_interval_s, failure_threshold=a.failure_threshold,
-                                              failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s))
+                                              failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s,
+                                              tls=tls_from_args(a)))
 
 
 class RouterService:
-    """Router + gRPC server; SERVING while at least one replica is healthy. Used by the CLI and the tests."""
+    """Router + gRPC server; SERVING while at least one replica is healthy. Used by the CLI and the tests.
+    config.backend.tls is both how it serves and how it dials the replicas."""
 
     def __init__(self, config: RouterConfig, host: str = "127.0.0.1", port: int = 0, metrics_port: int = -1) -> None:
         from services.common.pb import router_pb2_grpc
@@ -92,7 +96,7 @@ class RouterService:
         self.metrics.collect_with(self._collect)
         servicer = RouterServicer(self.router)
         self.server = GrpcServer(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                                 [SERVICE_NAME], host, port, self.metrics, metrics_port)
+                                 [SERVICE_NAME], host, port, self.metrics, metrics_port, config.backend.tls)
         self._health_task: asyncio.Task | None = None
         self._stopped = False
 
