@@ -161,3 +161,51 @@ async def test_a_rejected_request_is_counted_and_its_trace_says_why(suite):
     gw_m = _scrape(services["gateway"])
     assert _value(gw_m, 'strata:ratelimit_rejections_total{limit="requests_per_minute"}') == 1
     assert _value(gw_m, 'strata:gateway_requests_total{code="RESOURCE_EXHAUSTED",source="none"}') == 1
+
+
+async def test_no_secret_key_prompt_or_answer_reaches_logs_spans_or_metrics(suite):
+    """Everything the four services log (at DEBUG, through the services' own JSON formatter), every span and
+    every metrics sample of a run is scanned for the API key, the admin token, the key pepper, the prompt
+    and the answer: none may appear."""
+    import io
+    import logging
+
+    from services.common.logs import JsonFormatter
+
+    channel, services = suite
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("scan"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    before = _trace_file_size()
+    try:
+        admin = gateway_pb2_grpc.GatewayAdminStub(channel)
+        key = (await admin.CreateKey(gateway_pb2.CreateKeyRequest(tenant="scan", models=[MODEL]),
+                                     metadata=(("authorization", f"Bearer {ADMIN}"),))).key
+        gw = gateway_pb2_grpc.GatewayStub(channel)
+        prompt = "Describe the orange zeppelin named Quillfeather over Lake Vostrikova"
+        req = gateway_pb2.GatewayRequest(model=MODEL, prompt=prompt, sampling=common_pb2.SamplingParams(
+            temperature=0.0, max_tokens=12, ignore_eos=True))
+        answer = (await gw.Generate(req, metadata=(("authorization", f"Bearer {key}"),), timeout=60)).text
+        streamed = "".join([c.text async for c in gw.GenerateStream(req, metadata=(("authorization", f"Bearer {key}"),),
+                                                                     timeout=60)])
+        with pytest.raises(grpc.aio.AioRpcError):                        # a wrong key is logged as a failure
+            await gw.Generate(req, metadata=(("authorization", f"Bearer {key}x"),), timeout=60)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    logs = stream.getvalue()
+    spans = json.dumps(_new_spans(before))
+    metrics = "".join(_scrape(s) for s in services.values())
+    assert logs and spans and metrics
+    assert answer.strip() and streamed == answer
+    secret = key[len("sk-strata-") + 13:]                                 # sk-strata-<12 hex id>-<secret>
+    assert len(secret) >= 20
+    needles = {"api key": key, "key secret": secret, "admin token": ADMIN, "pepper": PEPPER,
+               "prompt": "Quillfeather", "prompt words": "orange zeppelin", "answer": answer.strip()}
+    for where, text in (("logs", logs), ("spans", spans), ("metrics", metrics)):
+        leaked = [name for name, needle in needles.items() if needle and needle in text]
+        assert not leaked, f"{leaked} found in {where}"
