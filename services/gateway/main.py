@@ -56,6 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="embedding cosine to a known attack phrasing that counts as injection (0 = rules only)")
     p.add_argument("--limits-fail", choices=["open", "closed"], default=env("STRATA_GATEWAY_LIMITS_FAIL", "open"),
                    help="when Redis is unreachable: admit without limits (open) or refuse (closed)")
+    p.add_argument("--auth-failures-per-minute", type=int,
+                   default=int(env("STRATA_GATEWAY_AUTH_FAILURES_PER_MINUTE", str(d.auth_failures_per_minute))),
+                   help="failed API key attempts a client address may make per minute before it is refused (0 = no limit)")
     add_tls_args(p)
     p.add_argument("--plaintext", action="store_true", default=env("STRATA_GATEWAY_PLAINTEXT", "") in ("1", "true"),
                    help="serve the public port without TLS (local runs only; env STRATA_GATEWAY_PLAINTEXT=1)")
@@ -75,11 +78,15 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
     if not tls.serves_tls and not a.plaintext:
         raise SystemExit("the gateway's public port serves TLS: give --tls-cert and --tls-key (STRATA_TLS_CERT, "
                          "STRATA_TLS_KEY), or --plaintext (STRATA_GATEWAY_PLAINTEXT=1) for a local run")
+    try:
+        gateway = GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses,
+                                injection_mode=a.injection, injection_similarity=a.injection_similarity,
+                                limits_fail_open=a.limits_fail == "open",
+                                auth_failures_per_minute=a.auth_failures_per_minute)
+    except ValueError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
     return GatewayServiceConfig(
-        GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses, injection_mode=a.injection,
-                      injection_similarity=a.injection_similarity,
-                      limits_fail_open=a.limits_fail == "open"),
-        redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin,
+        gateway, redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin,
         tls=tls)
 
 

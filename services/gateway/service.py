@@ -64,7 +64,9 @@ class GatewayConfig:
     injection_similarity: float = 0.55    # embedding cosine to a known attack that counts (0 = rules only)
     limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
     key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
-    key_cache_s: float = 2.0              # a verified key is trusted this long without asking Redis
+    key_cache_s: float = 0.5              # a verified key is trusted this long without asking Redis (so a
+                                          # revocation reaches every replica within it)
+    auth_failures_per_minute: int = 30    # failed API key attempts a client address may make (0 = no limit)
     replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
     auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
     auto_default: str = ""                # ... else this one ("" = the first configured model)
@@ -75,6 +77,8 @@ class GatewayConfig:
             raise ValueError(f"pii_mode must be one of {PII_MODES}, injection_mode one of {INJECTION_MODES}")
         if not self.models:
             raise ValueError("configure at least one model")
+        if self.auth_failures_per_minute < 0:
+            raise ValueError("auth_failures_per_minute must be >= 0 (0 = no limit)")
         named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades)
         unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
         if unknown:
@@ -92,15 +96,18 @@ class Gateway:
         self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
 
     # ---- requests
-    async def authenticate(self, bearer: str) -> ApiKey:
+    async def authenticate(self, bearer: str, client: str = "") -> ApiKey:
         """The key's record. A verification is reused for `key_cache_s` (a revocation on another replica
         takes that long to apply; on this one it applies at once); while Redis is unreachable, one within
-        `key_fallback_s` stands in, and keys never seen are refused with UNAVAILABLE."""
+        `key_fallback_s` stands in, and keys never seen are refused with UNAVAILABLE. A client address
+        (`client`, e.g. "ipv4:10.0.0.7") that failed `auth_failures_per_minute` times in its current minute
+        gets RESOURCE_EXHAUSTED with retry-after before its key is even looked at, across replicas."""
         digest = hashlib.sha256(bearer.encode()).hexdigest()
         known = self._verified.get(digest)
         now = time.monotonic()
         if known is not None and now - known[1] < self.config.key_cache_s:
             return known[0]
+        await self._check_auth_failures(client)
         try:
             key = await self.keys.authenticate(bearer)
         except _REDIS_ERRORS:
@@ -109,25 +116,50 @@ class Gateway:
             raise UnavailableError("cannot verify the API key right now (key store unreachable)") from None
         except UnauthenticatedError:
             self._verified.pop(digest, None)
+            await self._count_auth_failure(client)
             raise
         if len(self._verified) > 10_000:
             self._verified.clear()
         self._verified[digest] = (key, now)
         return key
 
+    def _auth_failures_key(self, client: str) -> str:
+        return f"{self.keys.prefix}authfail:{client}"
+
+    async def _check_auth_failures(self, client: str) -> None:
+        if not client or self.config.auth_failures_per_minute <= 0:
+            return
+        try:
+            failures, ttl = await self.keys.redis.pipeline(transaction=False).get(
+                self._auth_failures_key(client)).ttl(self._auth_failures_key(client)).execute()
+        except _REDIS_ERRORS:
+            return                      # the key check that follows reports the outage
+        if failures is not None and int(failures) >= self.config.auth_failures_per_minute:
+            raise LimitExceededError("auth_failures", float(max(1, ttl)),
+                                     "too many failed API key attempts from this client; retry later")
+
+    async def _count_auth_failure(self, client: str) -> None:
+        if not client or self.config.auth_failures_per_minute <= 0:
+            return
+        name = self._auth_failures_key(client)
+        try:
+            await self.keys.redis.pipeline(transaction=True).incr(name).expire(name, 60, nx=True).execute()
+        except _REDIS_ERRORS:
+            pass
+
     async def revoke_key(self, key_id: str) -> None:
         await self.keys.revoke(key_id)
         for digest in [d for d, (k, _) in self._verified.items() if k.key_id == key_id]:
             del self._verified[digest]
 
-    async def stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
-                     timeout_s: float | None = None) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+    async def stream(self, req: gateway_pb2.GatewayRequest, bearer: str, timeout_s: float | None = None,
+                     client: str = "") -> AsyncIterator[gateway_pb2.GatewayChunk]:
         """The answer as chunks; the last one says where it came from. Counted in the metrics by
         outcome and source."""
         t0 = time.perf_counter()
         code, source = "OK", "none"
         try:
-            async for chunk in self._stream(req, bearer, timeout_s):
+            async for chunk in self._stream(req, bearer, timeout_s, client):
                 if chunk.HasField("source"):
                     source = _SOURCES.get(chunk.source.kind, "none")
                 yield chunk
@@ -144,11 +176,11 @@ class Gateway:
             if code == "OK":
                 self.metrics.latency.labels(source).observe(time.perf_counter() - t0)
 
-    async def _stream(self, req: gateway_pb2.GatewayRequest, bearer: str,
-                      timeout_s: float | None) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+    async def _stream(self, req: gateway_pb2.GatewayRequest, bearer: str, timeout_s: float | None,
+                      client: str = "") -> AsyncIterator[gateway_pb2.GatewayChunk]:
         tracer = self.tracer
         with telemetry.child_span(tracer, "auth") as span:
-            key = await self.authenticate(bearer)
+            key = await self.authenticate(bearer, client)
             span.set_attribute("strata.key_id", key.key_id)
         with telemetry.child_span(tracer, "guardrails") as span:
             model, max_tokens = self._validate(req, key)
@@ -238,11 +270,11 @@ class Gateway:
             if not settled:               # failed or cut short: charge what was used, free the slot
                 await self._settle(key, reservation, used[0], used[1], model, count=False)
 
-    async def generate(self, req: gateway_pb2.GatewayRequest, bearer: str,
-                       timeout_s: float | None = None) -> gateway_pb2.GatewayResponse:
+    async def generate(self, req: gateway_pb2.GatewayRequest, bearer: str, timeout_s: float | None = None,
+                       client: str = "") -> gateway_pb2.GatewayResponse:
         """Unary: the whole answer. A configured cascade re-asks its larger model once when the model's
         answer has a mean token log-probability under the threshold (cached answers are never re-asked)."""
-        out = await self._collect(self.stream(req, bearer, timeout_s))
+        out = await self._collect(self.stream(req, bearer, timeout_s, client))
         cascade = self.config.cascades.get(out.source.model)
         if (cascade is not None and out.source.kind == common_pb2.Source.KIND_MODEL and out.HasField("mean_logprob")
                 and out.mean_logprob < cascade.min_mean_logprob):
@@ -250,7 +282,7 @@ class Gateway:
             again.CopyFrom(req)
             again.model = cascade.to
             first_model = out.source.model
-            out = await self._collect(self.stream(again, bearer, timeout_s))
+            out = await self._collect(self.stream(again, bearer, timeout_s, client))
             out.flags.append(f"cascade:{first_model}->{cascade.to}")
         return out
 

@@ -20,6 +20,13 @@ def bearer(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
+def client_address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port ("ipv4:10.0.0.7", "ipv6:[::1]"): what failed API key
+    attempts are counted by."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     SERVICE = "strata.v1.Gateway"
 
@@ -29,11 +36,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        return await self.gateway.generate(request, bearer(context), context.time_remaining())
+        return await self.gateway.generate(request, bearer(context), context.time_remaining(), client_address(context))
 
     @map_errors
     async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
-        async for chunk in self.gateway.stream(request, bearer(context), context.time_remaining()):
+        async for chunk in self.gateway.stream(request, bearer(context), context.time_remaining(),
+                                               client_address(context)):
             yield chunk
 
 

@@ -293,3 +293,42 @@ async def test_cascade_reasks_the_larger_model_when_the_answer_is_unsure(two_tie
     assert ("cascade:smol-fast->smol-exact" in out.flags) == (expected == "smol-exact")
     if expected == "smol-fast":
         assert out.HasField("mean_logprob") and out.mean_logprob < 0
+
+
+async def test_failed_key_attempts_are_limited_per_client_across_replicas(stack):
+    """Guessing keys: after `auth_failures_per_minute` failures a client address is refused with
+    RESOURCE_EXHAUSTED and retry-after on every replica, even with a good key, before any key is checked."""
+    _, gw1, admin = await stack.gateway(stack.redis_url, *stack.addresses, auth_failures_per_minute=4)
+    _, gw2, _ = await stack.gateway(stack.redis_url, *stack.addresses, auth_failures_per_minute=4)
+    good = await new_key(admin)
+    guess = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    for i in range(4):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await (gw1, gw2)[i % 2].Generate(ask("Hi", max_tokens=1), metadata=auth(guess))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    for stub, key in ((gw1, guess), (gw2, guess), (gw2, good)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(ask("Hi", max_tokens=1), metadata=auth(key))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "failed API key attempts" in err.value.details()
+        assert 1 <= int(dict(err.value.trailing_metadata())["retry-after"]) <= 60
+    redis.Redis.from_url(stack.redis_url).delete(*redis.Redis.from_url(stack.redis_url).keys("strata:gw:authfail:*"))
+    assert (await gw1.Generate(ask("Hi", max_tokens=1), metadata=auth(good))).usage.completion_tokens == 1
+
+
+async def test_a_revoked_key_stops_working_on_every_replica_within_a_second(stack):
+    _, gw1, admin = await stack.gateway(stack.redis_url, *stack.addresses)
+    _, gw2, _ = await stack.gateway(stack.redis_url, *stack.addresses)
+    key = await new_key(admin)
+    key_id = key[len("sk-strata-"):len("sk-strata-") + 12]
+    for gw in (gw1, gw2):                                       # both replicas have verified (and cached) it
+        await gw.Generate(ask("Hi", max_tokens=1, cache_policy=common_pb2.CACHE_POLICY_BYPASS), metadata=auth(key))
+    await admin.RevokeKey(gateway_pb2.RevokeKeyRequest(key_id=key_id), metadata=auth(ADMIN))
+    revoked_at = asyncio.get_running_loop().time()
+    while True:
+        try:
+            await gw2.Generate(ask("Hi", max_tokens=1, cache_policy=common_pb2.CACHE_POLICY_BYPASS), metadata=auth(key))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in exc.details()
+            break
+        assert asyncio.get_running_loop().time() - revoked_at < 1.0, "still accepted a second after revocation"
+        await asyncio.sleep(0.05)
