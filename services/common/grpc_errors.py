@@ -15,6 +15,15 @@ from services.common.telemetry import finish_server_span, server_span
 
 log = logging.getLogger(__name__)
 
+# A status message travels in trailing metadata, which gRPC caps at 16 KiB a header: a message that echoes
+# a huge field back (an unknown 16 KB model name) would turn INVALID_ARGUMENT into a transport error.
+MAX_DETAILS_CHARS = 1024
+
+
+def bounded_details(message: str) -> str:
+    """The message, cut to MAX_DETAILS_CHARS characters (with an ellipsis) when longer."""
+    return message if len(message) <= MAX_DETAILS_CHARS else message[:MAX_DETAILS_CHARS - 1] + "…"
+
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, StrataError):
@@ -27,7 +36,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
         context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),))
     if isinstance(exc, StrataError):
-        await context.abort(status_code(exc), str(exc))
+        await context.abort(status_code(exc), bounded_details(str(exc)))
     log.error("internal error", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
 

@@ -208,8 +208,9 @@ def test_draft_model_proposals_keep_greedy_output_and_give_back_their_blocks(eng
 
     plain, _ = engines
     model = tiny_llama(model_fp32.hp.vocab_size, seed=5) if draft == "random" else request.getfixturevalue("model_gguf")
-    eng = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=0.25, speculative="draft", num_speculative_tokens=4),
-                    model=model_fp32, tokenizer=tokenizer, draft_model=model)
+    # spec_row_cost 0: always propose k = 4 (the policy would soon switch the random draft off)
+    eng = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=0.25, speculative="draft", num_speculative_tokens=4,
+                                 spec_row_cost=0.0), model=model_fp32, tokenizer=tokenizer, draft_model=model)
     ps = prompts(plain, GROUNDED + OPEN[:1])
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     assert tokens(eng.generate(ps, params)) == tokens(plain.generate(ps, params))
