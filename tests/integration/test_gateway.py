@@ -48,7 +48,7 @@ async def stack(redis_url, make_engine, embedder):
     s = Stack(embedder)
     async with running_downstream(redis_url, make_engine("float32"), embedder) as down:
         s.addresses = (down.router_address, down.cache_address)
-        s.replica, s.redis_url = down.replica, redis_url
+        s.replica, s.router, s.redis_url = down.replica, down.router, redis_url
         yield s
         for ch in s.channels:
             await ch.close()
@@ -332,3 +332,43 @@ async def test_a_revoked_key_stops_working_on_every_replica_within_a_second(stac
             break
         assert asyncio.get_running_loop().time() - revoked_at < 1.0, "still accepted a second after revocation"
         await asyncio.sleep(0.05)
+
+
+async def test_clients_hanging_up_at_random_points_leave_no_blocks_or_engine_work(stack):
+    """Twelve streaming callers through gateway -> router -> replica hang up at random points (before the
+    first chunk, or after 1 to 6 chunks; seeded): the replica ends with no request running or waiting and
+    every KV block free, the router with nothing in flight, and the key's concurrency slots come back."""
+    import random
+
+    from tests.integration.test_inference_grpc import wait_all_blocks_free
+
+    _, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses)
+    key = await new_key(admin, limits=gateway_pb2.KeyLimits(concurrent_requests=12))
+    rng = random.Random(7)
+    plans = [("delay", rng.uniform(0.0, 0.4)) if rng.random() < 0.3 else ("chunks", rng.randint(1, 6)) for _ in range(12)]
+
+    async def caller(i: int, plan: tuple[str, float]) -> None:
+        call = gw.GenerateStream(ask(f"Count slowly from one to fifty, take {i}.", max_tokens=60,
+                                     cache_policy=common_pb2.CACHE_POLICY_BYPASS), metadata=auth(key))
+        if plan[0] == "delay":
+            await asyncio.sleep(plan[1])
+            call.cancel()
+            return
+        got = 0
+        async for _ in call:
+            got += 1
+            if got >= plan[1]:
+                call.cancel()
+                return
+    await asyncio.gather(*(caller(i, p) for i, p in enumerate(plans)))
+    await wait_all_blocks_free(stack.replica)
+    router_backends = [b for b in stack.router.router.backends.values()]
+    for _ in range(100):
+        if all(b.in_flight == 0 for b in router_backends):
+            break
+        await asyncio.sleep(0.05)
+    assert all(b.in_flight == 0 for b in router_backends)
+    # every slot is back: twelve more at once are all admitted
+    answers = await asyncio.gather(*(gw.Generate(ask(f"Say {i}", max_tokens=1, cache_policy=common_pb2.CACHE_POLICY_BYPASS),
+                                                 metadata=auth(key)) for i in range(12)))
+    assert all(a.usage.completion_tokens == 1 for a in answers)
