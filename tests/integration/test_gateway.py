@@ -372,3 +372,27 @@ async def test_clients_hanging_up_at_random_points_leave_no_blocks_or_engine_wor
     answers = await asyncio.gather(*(gw.Generate(ask(f"Say {i}", max_tokens=1, cache_policy=common_pb2.CACHE_POLICY_BYPASS),
                                                  metadata=auth(key)) for i in range(12)))
     assert all(a.usage.completion_tokens == 1 for a in answers)
+
+
+async def test_another_tenant_probing_the_cache_never_gets_a_cached_answer(stack):
+    """Tenant acme's answers are cached; other tenants ask the same questions word for word, with other
+    whitespace and case, and paraphrased (each probe from a tenant of its own, so nothing of theirs is
+    cached): every answer comes from the model, none from the cache, while acme is served from it."""
+    _, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses)
+    acme = await new_key(admin, tenant="acme")
+    questions = ["What is the capital of France?", "Name three primary colours."]
+    for q in questions:
+        assert (await gw.Generate(ask(q, max_tokens=6), metadata=auth(acme))).source.kind == common_pb2.Source.KIND_MODEL
+        assert (await gw.Generate(ask(q, max_tokens=6), metadata=auth(acme))).source.kind == common_pb2.Source.KIND_CACHE_EXACT
+    probes = questions + ["  what is the CAPITAL of france? ", "Which city is the capital of France?",
+                          "Tell me the three primary colors."]
+    # the probes can hit: within acme a variant is served from its cache
+    variant = await gw.Generate(ask(probes[2], max_tokens=6), metadata=auth(acme))
+    assert variant.source.kind in (common_pb2.Source.KIND_CACHE_EXACT, common_pb2.Source.KIND_CACHE_SEMANTIC)
+    for i, p in enumerate(probes):
+        rival = await new_key(admin, tenant=f"rival-{i}")
+        unary = await gw.Generate(ask(p, max_tokens=6), metadata=auth(rival))
+        assert unary.source.kind == common_pb2.Source.KIND_MODEL, p
+        rival = await new_key(admin, tenant=f"rival-stream-{i}")
+        streamed = [c async for c in gw.GenerateStream(ask(p, max_tokens=6), metadata=auth(rival))]
+        assert streamed[-1].source.kind == common_pb2.Source.KIND_MODEL, p
