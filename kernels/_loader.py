@@ -32,22 +32,25 @@ def cpu_isa() -> str:
     return ISA_LEVELS[cpu_module().active_isa()]
 
 
+def _isa_index(level: str, what: str) -> int:
+    if level not in ISA_LEVELS:
+        raise ValueError(f"{what} must be one of {', '.join(ISA_LEVELS)}, got {level!r}")
+    return ISA_LEVELS.index(level)
+
+
 def set_cpu_isa(level: str) -> str:
     """Caps the CPU kernels at `level` (one of ISA_LEVELS; a level above the CPU's best runs the best);
     returns the previous cap's effective level. Every level computes the same GGUF products bit for bit."""
-    if level not in ISA_LEVELS:
-        raise ValueError(f"CPU instruction-set level must be one of {', '.join(ISA_LEVELS)}, got {level!r}")
+    index = _isa_index(level, "CPU instruction-set level")
     before = cpu_isa()
-    cpu_module().set_isa_cap(ISA_LEVELS.index(level))
+    cpu_module().set_isa_cap(index)
     return before
 
 
 def _cap_from_env() -> None:
     level = os.environ.get("STRATA_CPU_ISA", "").strip().lower()
     if level and _C is not None:
-        if level not in ISA_LEVELS:
-            raise ValueError(f"STRATA_CPU_ISA must be one of {', '.join(ISA_LEVELS)}, got {level!r}")
-        _C.set_isa_cap(ISA_LEVELS.index(level))
+        _C.set_isa_cap(_isa_index(level, "STRATA_CPU_ISA"))
 
 
 _cap_from_env()

@@ -24,7 +24,6 @@ T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 PYBIND11_MODULE(_C, m) {
     m.doc() = "Strata's CPU kernels (pybind11 over raw pointers; call them through the kernels package)";
     // instruction-set levels: 0 scalar, 1 AVX2, 2 AVX512-VNNI (csrc/cpu/simd.h)
-    m.def("cpu_isa", [] { return static_cast<int>(strata::cpu::cpu_isa()); }, "the best level this CPU supports");
     m.def("active_isa", [] { return static_cast<int>(strata::cpu::active_isa()); }, "the level the kernels run at");
     m.def("set_isa_cap", [](int level) {
         if (level < 0 || level > 2) throw py::value_error("isa level must be 0 (scalar), 1 (avx2) or 2 (avx512vnni)");

@@ -129,9 +129,9 @@ class Gateway:
     async def _check_auth_failures(self, client: str) -> None:
         if not client or self.config.auth_failures_per_minute <= 0:
             return
+        name = self._auth_failures_key(client)
         try:
-            failures, ttl = await self.keys.redis.pipeline(transaction=False).get(
-                self._auth_failures_key(client)).ttl(self._auth_failures_key(client)).execute()
+            failures, ttl = await self.keys.redis.pipeline(transaction=False).get(name).ttl(name).execute()
         except _REDIS_ERRORS:
             return                      # the key check that follows reports the outage
         if failures is not None and int(failures) >= self.config.auth_failures_per_minute:
