@@ -14,7 +14,7 @@ from typing import AsyncIterator
 import grpc
 
 from services.common import telemetry
-from services.common.errors import DeadlineExceededError, UpstreamError
+from services.common.errors import DeadlineExceededError, ResourceExhaustedError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
 from services.common.tls import PLAINTEXT, TlsConfig
 
@@ -100,6 +100,22 @@ class LookupPipe:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class CapacityError(ResourceExhaustedError):
+    """The suite is at capacity (not a per-key limit): `limit` names it in the gateway's metrics."""
+
+    limit = "capacity"
+
+
+def _retry_after(metadata) -> float | None:
+    for k, v in metadata or ():
+        if k == "retry-after":
+            try:
+                return float(v)
+            except ValueError:
+                return None
+    return None
+
+
 def _time_out(answer: asyncio.Future) -> None:
     if not answer.done():
         answer.set_exception(asyncio.TimeoutError())
@@ -153,6 +169,9 @@ class Downstream:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceededError("deadline exceeded while generating") from None
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:     # every replica is full: keep retry-after
+                raise CapacityError(exc.details() or "the inference replicas are at capacity",
+                                    _retry_after(exc.trailing_metadata())) from None
             raise UpstreamError(exc.code().name, exc.details() or exc.code().name) from None
         finally:
             call.cancel()

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from services.common import aio, telemetry
 from services.common.config import add_metrics_arg, env
-from services.common.metrics import GatewayMetrics
+from services.common.metrics import GatewayMetrics, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
@@ -59,6 +59,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-failures-per-minute", type=int,
                    default=int(env("STRATA_GATEWAY_AUTH_FAILURES_PER_MINUTE", str(d.auth_failures_per_minute))),
                    help="failed API key attempts a client address may make per minute before it is refused (0 = no limit)")
+    p.add_argument("--max-in-flight", type=int, default=int(env("STRATA_GATEWAY_MAX_IN_FLIGHT", str(d.max_in_flight))),
+                   help="requests this gateway carries at once; more are refused at once with RESOURCE_EXHAUSTED "
+                        "and retry-after (0 = no cap)")
     add_tls_args(p)
     p.add_argument("--plaintext", action="store_true", default=env("STRATA_GATEWAY_PLAINTEXT", "") in ("1", "true"),
                    help="serve the public port without TLS (local runs only; env STRATA_GATEWAY_PLAINTEXT=1)")
@@ -82,7 +85,7 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
         gateway = GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses,
                                 injection_mode=a.injection, injection_similarity=a.injection_similarity,
                                 limits_fail_open=a.limits_fail == "open",
-                                auth_failures_per_minute=a.auth_failures_per_minute)
+                                auth_failures_per_minute=a.auth_failures_per_minute, max_in_flight=a.max_in_flight)
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
     return GatewayServiceConfig(
@@ -115,6 +118,8 @@ class GatewayService:
         self.gateway = Gateway(g, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
                                UsageStore(self.redis), self.down, similarity, tracer, self.metrics)
         servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.gateway, config.admin_token)
+        self.metrics.collect_with(lambda: [gauge("strata:gateway_in_flight", "Requests this gateway is carrying now",
+                                                 self.gateway.in_flight)])
 
         def register(server) -> None:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

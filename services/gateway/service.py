@@ -27,7 +27,7 @@ from services.common.errors import (InvalidArgumentError, PermissionDeniedError,
                                     StrataError, UnauthenticatedError, UnavailableError)
 from services.common.metrics import GatewayMetrics
 from services.common.pb import cache_pb2, common_pb2, gateway_pb2, inference_pb2
-from services.gateway.clients import Downstream
+from services.gateway.clients import CapacityError, Downstream
 from services.gateway.guardrails import InjectionSimilarity, redact, screen_injection
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.selection import AutoRule, Cascade, select_model
@@ -67,6 +67,8 @@ class GatewayConfig:
     key_cache_s: float = 0.5              # a verified key is trusted this long without asking Redis (so a
                                           # revocation reaches every replica within it)
     auth_failures_per_minute: int = 30    # failed API key attempts a client address may make (0 = no limit)
+    max_in_flight: int = 1024             # requests this replica carries at once; more are refused at once with
+                                          # RESOURCE_EXHAUSTED + retry-after (0 = no cap)
     replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
     auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
     auto_default: str = ""                # ... else this one ("" = the first configured model)
@@ -79,6 +81,8 @@ class GatewayConfig:
             raise ValueError("configure at least one model")
         if self.auth_failures_per_minute < 0:
             raise ValueError("auth_failures_per_minute must be >= 0 (0 = no limit)")
+        if self.max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0 (0 = no cap)")
         named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades)
         unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
         if unknown:
@@ -94,6 +98,7 @@ class Gateway:
         self.tracer = tracer or telemetry.tracer("gateway")
         self.metrics = metrics or GatewayMetrics()
         self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
+        self.in_flight = 0
 
     # ---- requests
     async def authenticate(self, bearer: str, client: str = "") -> ApiKey:
@@ -158,7 +163,11 @@ class Gateway:
         outcome and source."""
         t0 = time.perf_counter()
         code, source = "OK", "none"
+        self.in_flight += 1
         try:
+            cap = self.config.max_in_flight
+            if cap and self.in_flight > cap:        # shed before any work: no key lookup, no Redis, no model
+                raise CapacityError(f"the gateway is at capacity ({cap} requests in flight)", retry_after_s=1.0)
             async for chunk in self._stream(req, bearer, timeout_s, client):
                 if chunk.HasField("source"):
                     source = _SOURCES.get(chunk.source.kind, "none")
@@ -172,6 +181,7 @@ class Gateway:
             code = "CANCELLED"
             raise
         finally:
+            self.in_flight -= 1
             self.metrics.requests.labels(code, source).inc()
             if code == "OK":
                 self.metrics.latency.labels(source).observe(time.perf_counter() - t0)

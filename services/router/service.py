@@ -6,6 +6,10 @@ UNAVAILABLE, RESOURCE_EXHAUSTED (that replica's queue is full), CANCELLED by the
 shutting down). A failure after the first chunk ends the stream with UNAVAILABLE: a second replica
 would start the answer over and the caller would see it twice. Errors that are the request's own
 (INVALID_ARGUMENT, …) pass through unchanged and do not count against the replica.
+
+A full queue is load, not a fault: it does not count against the replica's circuit, and when every
+replica tried (fallback models included) was full the caller gets RESOURCE_EXHAUSTED with retry-after,
+at once, rather than UNAVAILABLE or a wait in an ever longer queue.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from opentelemetry.trace import SpanKind
 
 from services.common import telemetry
 from services.common.aio import cancel_and_wait
-from services.common.errors import (DeadlineExceededError, InvalidArgumentError, StrataError, UnavailableError,
-                                    UpstreamError)
+from services.common.errors import (DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError,
+                                    StrataError, UnavailableError, UpstreamError)
 from services.common.metrics import RouterMetrics
 from services.common.pb import inference_pb2
 from services.router.backends import Backend, BackendConfig
@@ -35,6 +39,15 @@ log = logging.getLogger(__name__)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 REPLICA_FAULTS = RETRYABLE | {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 CHARS_PER_TOKEN = 4          # the router does not tokenize: a prompt's token estimate for load accounting
+FULL_RETRY_AFTER_S = 1.0     # retry-after when every replica's queue was full
+
+
+class _ModelUnavailable(UnavailableError):
+    """None of one model's replicas could start the answer; `full` when every one tried was at capacity."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +198,7 @@ class Router:
             raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        queue, visited, errors = [self.resolve(req.model)], [], []
+        queue, visited, errors, all_full = [self.resolve(req.model)], [], [], True
         while queue:
             model = queue.pop(0)
             if model in visited:
@@ -207,8 +220,12 @@ class Router:
                 if started:
                     raise
                 errors.append(f"{model or 'any model'}: {exc}")
+                all_full = all_full and isinstance(exc, _ModelUnavailable) and exc.full
             queue += [self.resolve(m) for m in self.config.fallbacks.get(model, ())]
-        raise UnavailableError("; ".join(errors) + (f" (models tried: {', '.join(visited)})" if len(visited) > 1 else ""))
+        message = "; ".join(errors) + (f" (models tried: {', '.join(visited)})" if len(visited) > 1 else "")
+        if all_full:
+            raise ResourceExhaustedError(f"every replica is at capacity: {message}", retry_after_s=FULL_RETRY_AFTER_S)
+        raise UnavailableError(message)
 
     async def _generate_on(self, req: inference_pb2.GenerateRequest,
                            deadline: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
@@ -216,6 +233,7 @@ class Router:
         loop = asyncio.get_running_loop()
         tokens = estimated_tokens(req, self.config.default_max_tokens)
         tried: set[str] = set()
+        full = 0                                  # attempts a replica refused with a full queue
         last_error = "no healthy inference replica" + (f" serves {req.model!r}" if req.model else "")
         for attempt in range(self.config.max_attempts):
             if attempt:
@@ -253,6 +271,10 @@ class Router:
                     if code not in REPLICA_FAULTS:    # the request's own fault: the replica is fine
                         b.circuit.record_success()
                         raise UpstreamError(code.name, exc.details() or code.name) from None
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not streamed:
+                        full += 1                     # busy, not broken: no verdict for the circuit
+                        last_error = f"replica {b.replica or b.address} is at capacity"
+                        continue
                     b.failures += 1
                     b.circuit.record_failure()
                     last_error = f"replica {b.replica or b.address} failed: {code.name}"
@@ -271,7 +293,8 @@ class Router:
                     call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
                     span.set_attribute("strata.result", result)
                     self.metrics.attempts.labels(b.replica or b.address, result).inc()
-        raise UnavailableError(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)")
+        raise _ModelUnavailable(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)",
+                                full=bool(tried) and full == len(tried))
 
     def _backoff(self, attempt: int, deadline: float | None) -> float:
         delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)

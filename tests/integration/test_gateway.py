@@ -374,6 +374,32 @@ async def test_clients_hanging_up_at_random_points_leave_no_blocks_or_engine_wor
     assert all(a.usage.completion_tokens == 1 for a in answers)
 
 
+async def test_a_gateway_at_capacity_refuses_at_once_with_retry_after(stack):
+    """Backpressure at the gateway: past --max-in-flight (2 here) a request is refused with
+    RESOURCE_EXHAUSTED and retry-after before any work (while the two in flight still stream), counted in
+    the metrics as a capacity rejection; once they end, requests are admitted again."""
+    svc, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses, max_in_flight=2)
+    key = await new_key(admin)
+    long = [gw.GenerateStream(ask(f"Tell a long story, take {i}.", max_tokens=300,
+                                  cache_policy=common_pb2.CACHE_POLICY_BYPASS), metadata=auth(key)) for i in range(2)]
+    for call in long:
+        await call.read()
+    for md in (auth(key), auth("sk-strata-not-a-key")):         # shed before the key is even looked at
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gw.Generate(ask("One more?"), metadata=md, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in err.value.details()
+        assert dict(err.value.trailing_metadata()).get("retry-after") == "1"
+    assert not any(c.done() for c in long)
+    assert svc.metrics.ratelimit_rejections.labels("capacity")._value.get() == 2
+    for call in long:
+        call.cancel()
+    for _ in range(100):
+        if svc.gateway.in_flight == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await gw.Generate(ask("And now?"), metadata=auth(key))).usage.completion_tokens == 6
+
+
 async def test_another_tenant_probing_the_cache_never_gets_a_cached_answer(stack):
     """Tenant acme's answers are cached; other tenants ask the same questions word for word, with other
     whitespace and case, and paraphrased (each probe from a tenant of its own, so nothing of theirs is

@@ -206,6 +206,32 @@ async def test_no_healthy_replica_answers_unavailable_at_once(suite):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - t0 < 1.0
 
 
+async def test_every_replica_full_answers_resource_exhausted_at_once_without_opening_circuits(suite):
+    """Backpressure: with each replica's queue full (one request in flight each), a third request is
+    refused with RESOURCE_EXHAUSTED and retry-after while the first two are still streaming (it does not
+    wait in a queue); a full queue is load, not a fault, so no circuit opens; afterwards all blocks are free."""
+    a, b = await suite.replica("r-a", max_queued_requests=1), await suite.replica("r-b", max_queued_requests=1)
+    router = await suite.router([a, b], backend={"failure_threshold": 1})
+    long = [router.Generate(chat(f"Write a long story, take {i}.", max_tokens=400, ignore_eos=True)) for i in range(2)]
+    for call in long:
+        await call.read()                                   # both replicas now hold one request each
+    assert {s.engine._num_in_flight for s in suite.replicas.values()} == {1}
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(router, chat("One more?", max_tokens=2), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity" in err.value.details()
+        assert dict(err.value.trailing_metadata()).get("retry-after") == "1"
+    assert all(c.done() is False for c in long), "the refusal came only after the long answers ended"
+    listed = await router.ListBackends(router_pb2.ListBackendsRequest())
+    assert all(x.circuit == router_pb2.CIRCUIT_STATE_CLOSED for x in listed.backends)
+    for call in long:
+        call.cancel()
+    for svc in suite.replicas.values():
+        stats = lambda: svc.engine.stats                               # noqa: E731
+        await until(lambda: stats().num_running == 0 and stats().num_free_blocks == stats().num_total_blocks)
+    assert (await collect(router, chat("And now?", max_tokens=2)))[-1].usage.completion_tokens == 2
+
+
 async def test_caller_cancel_and_deadline_free_the_replicas_kv_blocks(suite):
     a = await suite.replica("r-a")
     router = await suite.router([a])
