@@ -1,7 +1,12 @@
 """Usage per key and UTC day in Redis (requests, tokens, spend, cache hits) and the running total spend
 that budgets are checked against. Spend is kept in micro-dollars so counters stay integers.
 
-Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:total hash (spend_micro).
+Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:total hash (spend_micro),
+usage-batch:{id} (a written batch's marker, kept a day).
+
+Counted once: each flush is a batch with an id, applied by one Lua script that first sets the batch's
+marker (SET NX). A batch whose reply was lost (Redis restarted or the connection broke after the
+script ran) is retried with the same id and skipped, instead of being added a second time.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -17,6 +23,27 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
+BATCH_MARKER_TTL_S = 86_400      # how long a written batch is remembered (retries come within seconds)
+
+# KEYS[1]: the batch's marker; then per row its day hash and its total hash.
+# ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS order.
+_APPLY = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'spend_micro', 'cache_hits'}
+local row = 0
+for k = 2, #KEYS, 2 do
+  local base = 2 + row * 5
+  for f = 1, 5 do
+    local v = tonumber(ARGV[base + f])
+    if v ~= 0 then redis.call('HINCRBY', KEYS[k], fields[f], v) end
+  end
+  redis.call('EXPIRE', KEYS[k], tonumber(ARGV[2]))
+  local spend = tonumber(ARGV[base + 4])
+  if spend ~= 0 then redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend) end
+  row = row + 1
+end
+return 1
+"""
 
 
 def utc_day(ts: float | None = None) -> str:
@@ -45,8 +72,10 @@ class UsageStore:
         self.prefix = prefix
         self.flush_s = flush_s
         self._pending: dict[tuple[str, str], list[int]] = {}
+        self._unsent: list[tuple[str, dict[tuple[str, str], list[int]]]] = []   # (batch id, rows) not yet acknowledged
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._apply = redis.register_script(_APPLY)
 
     async def record(self, key_id: str, prompt_tokens: int, completion_tokens: int, spend_usd: float,
                      cache_hit: bool, day: str | None = None) -> None:
@@ -62,31 +91,26 @@ class UsageStore:
             await self.flush()
         except (RedisError, OSError):
             log.warning("usage could not be written (store unreachable); kept for the next flush")
-            if self._pending:              # retry with backoff, up to every 5 s
+            if self._unsent or self._pending:      # retry with backoff, up to every 5 s
                 self._task = asyncio.create_task(self._flush_later(min(5.0, delay * 2)))
 
     async def flush(self) -> None:
+        """Write what was recorded; batches not acknowledged are retried under their own id, in order."""
         async with self._lock:
-            pending, self._pending = self._pending, {}
-            if not pending:
-                return
-            try:
-                async with self.redis.pipeline(transaction=False) as p:
-                    for (key_id, day), row in pending.items():
-                        day_key = f"{self.prefix}usage:{key_id}:{day}"
-                        for name, v in zip(self._FIELDS, row):
-                            if v:
-                                p.hincrby(day_key, name, v)
-                        p.expire(day_key, USAGE_TTL_S)
-                        if row[3]:
-                            p.hincrby(f"{self.prefix}usage:{key_id}:total", "spend_micro", row[3])
-                    await p.execute()
-            except BaseException:
-                for k, row in pending.items():     # nothing lost: merged back for the next attempt
-                    mine = self._pending.setdefault(k, [0] * len(self._FIELDS))
-                    for i, v in enumerate(row):
-                        mine[i] += v
-                raise
+            if self._pending:
+                if len(self._unsent) > 1:          # the last batch was never sent: it may still grow
+                    _add_rows(self._unsent[-1][1], self._pending)
+                else:
+                    self._unsent.append((uuid.uuid4().hex, self._pending))
+                self._pending = {}
+            while self._unsent:
+                batch_id, rows = self._unsent[0]
+                keys, args = [f"{self.prefix}usage-batch:{batch_id}"], [BATCH_MARKER_TTL_S, USAGE_TTL_S]
+                for (key_id, day), row in rows.items():
+                    keys += [f"{self.prefix}usage:{key_id}:{day}", f"{self.prefix}usage:{key_id}:total"]
+                    args += row
+                await self._apply(keys=keys, args=args)     # raises: the batch stays first in line
+                self._unsent.pop(0)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -104,6 +128,14 @@ class UsageStore:
 
     async def total_spend(self, key_id: str) -> float:
         """Spend written so far plus what this replica has not written yet."""
-        mine = sum(row[3] for (k, _), row in self._pending.items() if k == key_id)
+        batches = [self._pending] + [rows for _, rows in self._unsent]
+        mine = sum(row[3] for rows in batches for (k, _), row in rows.items() if k == key_id)
         v = await self.redis.hget(f"{self.prefix}usage:{key_id}:total", "spend_micro")
         return (int(v or 0) + mine) / 1e6
+
+
+def _add_rows(into: dict[tuple[str, str], list[int]], rows: dict[tuple[str, str], list[int]]) -> None:
+    for k, row in rows.items():
+        mine = into.setdefault(k, [0] * len(row))
+        for i, v in enumerate(row):
+            mine[i] += v

@@ -85,3 +85,34 @@ async def test_keys_do_not_share_limits_and_bad_limits_are_refused(replicas):
         await replicas[1].reserve("a", Limits(requests_per_minute=1), 1, now_ms=now)
     with pytest.raises(ValueError):
         Limits(requests_per_minute=-1)
+
+
+async def test_usage_whose_write_reply_was_lost_is_counted_once(redis_url):
+    """A flush that reached Redis but whose reply was lost (a restart or a broken connection right after
+    the write) is retried under its batch id and skipped: the usage is counted once, not twice; counts
+    recorded while a batch waits are written after it, and nothing is lost."""
+    from services.gateway.usage import UsageStore
+
+    client = aioredis.from_url(redis_url)
+    usage = UsageStore(client, prefix="strata:test-once:", flush_s=60)
+    applied, lose_reply = usage._apply, [True]
+
+    async def write_then_lose_the_reply(**kw):
+        out = await applied(**kw)
+        if lose_reply[0]:
+            lose_reply[0] = False
+            raise ConnectionError("connection lost before the reply")
+        return out
+    usage._apply = write_then_lose_the_reply
+    try:
+        await usage.record("k1", 10, 20, 0.5, cache_hit=False, day="2026-11-26")
+        with pytest.raises(ConnectionError):
+            await usage.flush()
+        await usage.record("k1", 1, 2, 0.25, cache_hit=True, day="2026-11-26")    # while the first batch waits
+        # until the retry an unacknowledged batch also counts as unwritten: a budget errs on the safe side
+        assert await usage.total_spend("k1") == pytest.approx(0.5 + 0.5 + 0.25)
+        day = await usage.day("k1", "2026-11-26")                         # flushes: the retry, then the new row
+        assert (day.requests, day.prompt_tokens, day.completion_tokens, day.cache_hits) == (2, 11, 22, 1)
+        assert day.spend_usd == pytest.approx(0.75) and await usage.total_spend("k1") == pytest.approx(0.75)
+    finally:
+        await client.aclose()
