@@ -1,7 +1,7 @@
-"""deploy/, checked offline: docker-compose renders the compose file, kustomize renders both overlays,
+"""deploy/, checked offline: docker-compose renders the compose file, kustomize renders the overlays,
 the rendered objects pass the Kubernetes JSON schemas (strict: an unknown field is an error), the
 wiring agrees with itself (ports, addresses, probes, selectors), and every environment variable the
-manifests set is one that services/ reads."""
+manifests set is one that services/ reads. The TLS component's own checks: test_tls_component.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yaml"
-OVERLAYS = ("cpu", "gpu")
+# the plaintext overlays (native gRPC probes), and overlays/cpu-tls: overlays/cpu with components/tls
+PLAIN_OVERLAYS = ("cpu", "gpu")
+OVERLAYS = (*PLAIN_OVERLAYS, "cpu-tls")
 # gRPC probes are GA from 1.27; "latest" is the newest schema kubernetes-validate bundles
 K8S_VERSIONS = ("1.27.0", "latest")
 # service -> (gRPC port, metrics port, health service name)
@@ -235,7 +237,7 @@ def test_overlay_has_each_service_with_its_account_probes_and_ports(overlay):
     assert set(containers) == set(SERVICES)
     accounts = by_kind(docs, "ServiceAccount")
     for kind, (container, dep) in containers.items():
-        port, metrics_port, health_name = SERVICES[kind]
+        port, metrics_port, _ = SERVICES[kind]
         env, pod = container_env(docs, container), dep["spec"]["template"]
         prefix = f"STRATA_{kind.upper()}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -243,13 +245,25 @@ def test_overlay_has_each_service_with_its_account_probes_and_ports(overlay):
         assert (env[f"{prefix}_HOST"], env[f"{prefix}_PORT"], env[f"{prefix}_METRICS_PORT"]) == \
             ("0.0.0.0", str(port), str(metrics_port)), kind
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port), kind
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"]["port"] == port, (kind, probe)
-        assert container["readinessProbe"]["grpc"]["service"] == health_name, kind
         assert pod["spec"]["serviceAccountName"] in accounts, kind
         svc = services[kind]
         assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), kind
         assert {p["port"] for p in svc["spec"]["ports"]} == {port, metrics_port}, kind
+
+
+@pytest.mark.parametrize("overlay", PLAIN_OVERLAYS)
+def test_plain_overlays_probe_natively_over_grpc_and_serve_the_gateway_port_plaintext(overlay):
+    docs = render(overlay)
+    for kind, (container, dep) in strata_containers(docs).items():
+        port, _, health_name = SERVICES[kind]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == port, (kind, probe)
+        assert container["readinessProbe"]["grpc"]["service"] == health_name, kind
+        env = container_env(docs, container)
+        assert not [var for var in env if var.startswith("STRATA_TLS_")], kind
+        assert not [v for v in dep["spec"]["template"]["spec"]["volumes"] if "secret" in v], kind
+        # TLS terminates in front of the gateway Service
+        assert env.get("STRATA_GATEWAY_PLAINTEXT") == ("1" if kind == "gateway" else None), kind
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -264,8 +278,9 @@ def test_every_pod_is_non_root_read_only_and_bounded(overlay):
             assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, where
             assert sc["capabilities"]["drop"] == ["ALL"], where
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), where
-            for m in c.get("volumeMounts", []):
-                assert "emptyDir" in volumes[m["name"]], where
+            for m in c.get("volumeMounts", []):   # scratch space, or a Secret it cannot write
+                volume = volumes[m["name"]]
+                assert "emptyDir" in volume or ("secret" in volume and m["readOnly"] is True), where
             if c["image"].split("/")[-1].startswith("strata"):
                 assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, where
 
