@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 from services.common.errors import InvalidArgumentError
 
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# no ':' in an id: Redis keys are `e:{ns}:{id}`, and "fuzz" + "victim:abc" would name namespace "fuzz:victim"'s "abc"
+ENTRY_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SPACE = re.compile(r"\s+")
 ROLES = ("system", "user", "assistant")
 
@@ -37,9 +39,15 @@ def normalize_text(text: str) -> str:
 
 
 def validate_namespace(namespace: str) -> str:
-    if not NAMESPACE_RE.match(namespace or ""):
+    if not NAMESPACE_RE.fullmatch(namespace or ""):
         raise InvalidArgumentError("namespace must be 1-64 characters of letters, digits and _ . : -")
     return namespace
+
+
+def validate_entry_id(entry_id: str) -> str:
+    if not ENTRY_ID_RE.fullmatch(entry_id or ""):
+        raise InvalidArgumentError("entry_id must be 1-64 characters of letters, digits and _ -")
+    return entry_id
 
 
 @dataclass(frozen=True, slots=True)

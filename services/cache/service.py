@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from services.cache.batcher import MicroBatcher
 from services.cache.decision import HitDecider
 from services.cache.index import NamespaceIndex
-from services.cache.keys import CacheKey, make_key, validate_namespace
+from services.cache.keys import CacheKey, make_key, validate_entry_id, validate_namespace
 from services.cache.store import Entry, RedisStore
 from services.common.aio import cancel_and_wait
 from services.common.errors import InvalidArgumentError, UnavailableError
@@ -306,8 +306,7 @@ class SemanticCacheService:
 
     async def delete(self, namespace: str, entry_id: str) -> bool:
         validate_namespace(namespace)
-        if not entry_id or len(entry_id) > 64:
-            raise InvalidArgumentError("entry_id is required (at most 64 characters)")
+        validate_entry_id(entry_id)
         try:
             deleted = await self.store.delete(namespace, entry_id)
         except _REDIS_ERRORS as exc:

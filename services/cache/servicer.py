@@ -7,6 +7,8 @@ import logging
 import time
 
 import grpc
+from google.protobuf import wrappers_pb2
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -15,7 +17,7 @@ from services.cache.service import LookupResult, Query, SemanticCacheService
 from services.common import telemetry
 from services.common.aio import cancel_and_wait
 from services.common.errors import InvalidArgumentError, StrataError
-from services.common.grpc_errors import map_errors
+from services.common.grpc_errors import Undecodable, bounded_details, map_errors
 from services.common.metrics import CacheMetrics
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
 
@@ -39,6 +41,17 @@ def query_from_proto(q: cache_pb2.CacheQuery) -> Query:
         return Query(q.namespace, q.model, messages=[(m.role, m.content) for m in q.messages.messages],
                      sampling=sampling)
     raise InvalidArgumentError("query needs a prompt or messages")
+
+
+def undecodable_answer(item: Undecodable) -> cache_pb2.LookupStreamResponse:
+    """INVALID_ARGUMENT for a stream item that does not parse, under its id when that much is readable
+    (as a UInt64Value the item is field 1, its id; the other fields are unknown to it and skipped), else 0."""
+    try:
+        item_id = wrappers_pb2.UInt64Value.FromString(item.data).value
+    except DecodeError:
+        item_id = 0
+    return cache_pb2.LookupStreamResponse(id=item_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                          message=bounded_details(item.reason))
 
 
 def lookup_to_proto(r: LookupResult) -> cache_pb2.LookupResponse:
@@ -84,7 +97,8 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
 
     async def LookupStream(self, requests, context: grpc.aio.ServicerContext):
         """Each request is looked up as its own task; answers are written by this one generator (a
-        gRPC stream takes one write at a time) in the order they complete."""
+        gRPC stream takes one write at a time) in the order they complete. An item that does not parse
+        is answered INVALID_ARGUMENT at once (undecodable_answer); the stream carries on."""
         answers: asyncio.Queue[cache_pb2.LookupStreamResponse | None] = asyncio.Queue()
         running: set[asyncio.Task] = set()
 
@@ -97,7 +111,7 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
                 try:
                     out.response.CopyFrom(await self._lookup(item.request))
                 except StrataError as exc:
-                    out.code, out.message = grpc.StatusCode[exc.status].value[0], str(exc)
+                    out.code, out.message = grpc.StatusCode[exc.status].value[0], bounded_details(str(exc))
                 except Exception as exc:  # noqa: BLE001 - one failed lookup must not end the others' stream
                     log.error("internal error in a streamed lookup", exc_info=exc)
                     out.code, out.message = grpc.StatusCode.INTERNAL.value[0], f"internal error ({type(exc).__name__})"
@@ -109,6 +123,9 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
         async def read() -> None:
             try:
                 async for item in requests:
+                    if item.__class__ is Undecodable:
+                        answers.put_nowait(undecodable_answer(item))
+                        continue
                     task = asyncio.create_task(one(item))
                     running.add(task)
                     task.add_done_callback(running.discard)

@@ -12,12 +12,50 @@ from typing import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.grpc_errors import tolerant
 from services.common.metrics import ServiceMetrics
 from services.common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 2**20
+
+
+def _tolerant_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    return handler._replace(request_deserializer=tolerant(handler.request_deserializer))
+
+
+class _TolerantGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}     # only methods it has: names come from callers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = _tolerant_handler(self._inner.service(handler_call_details))
+            if handler is not None:
+                self._handlers[method] = handler
+        return handler
+
+
+class _TolerantRegistry:
+    """The server as a service's `register` sees it: its handlers are added with tolerant request
+    deserializers (grpc_errors.tolerant), so bytes that do not parse (text that is not UTF-8, corrupt
+    wire data) reach map_errors and become INVALID_ARGUMENT instead of gRPC's UNKNOWN."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_TolerantGenericHandler(h) for h in handlers])
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._server.add_registered_method_handlers(service, {m: _tolerant_handler(h) for m, h in handlers.items()})
 
 
 class GrpcServer:
@@ -37,7 +75,7 @@ class GrpcServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
         self.host, self.metrics, self.metrics_port, self.tls = host, metrics, metrics_port, tls
-        register(self.server)
+        register(_TolerantRegistry(self.server))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
