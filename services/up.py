@@ -63,13 +63,23 @@ class Child:
     tail: list[str] = field(default_factory=list)
 
 
-def _detach_and_follow_parent() -> None:
-    """In the child before exec: its own session (a terminal's Ctrl-C reaches `up` only, which stops the
-    services in order), and SIGTERM when `up` itself dies, however it dies (Linux PR_SET_PDEATHSIG)."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)        # 1 = PR_SET_PDEATHSIG
+def _follow_parent(args: list[str]) -> list[str]:
+    """The command, run so that it gets SIGTERM when `up` dies, however it dies (Linux PR_SET_PDEATHSIG,
+    set by util-linux's setpriv before it execs the command). Not a preexec_fn: Python code between fork
+    and exec can deadlock on a lock another thread held at the fork (gRPC's threads, a malloc lock), which
+    left a restarted child hung before exec with no output."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *args] if setpriv else args
+
+
+def _redis_ready(port: int) -> bool:
+    """Redis answers PING (not only listening: while it loads its data it answers -LOADING)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def _free_port() -> int:
@@ -174,8 +184,9 @@ class Suite:
 
     def start(self, c: Child) -> None:
         c.log = open(self.run_dir / f"{c.name}.log", "w")
-        c.proc = subprocess.Popen(c.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, text=True, bufsize=1, preexec_fn=_detach_and_follow_parent)
+        # its own session: a terminal's Ctrl-C reaches `up` only, which stops the services in order
+        c.proc = subprocess.Popen(_follow_parent(c.args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
         threading.Thread(target=self._pump, args=(c,), name=f"log-{c.name}", daemon=True).start()
 
     def _pump(self, c: Child) -> None:
@@ -192,7 +203,7 @@ class Suite:
         if c.kind == "redis":
             while time.monotonic() < deadline:
                 self._check_alive(c)
-                if _port_busy(c.port):
+                if _redis_ready(c.port):
                     return
                 await asyncio.sleep(0.05)
             raise TimeoutError(f"{c.name} did not start")
