@@ -27,8 +27,8 @@ from opentelemetry.trace import SpanKind
 
 from services.common import telemetry
 from services.common.aio import cancel_and_wait
-from services.common.errors import (DeadlineExceededError, InvalidArgumentError, ResourceExhaustedError,
-                                    StrataError, UnavailableError, UpstreamError)
+from services.common.errors import (DeadlineExceededError, InvalidArgumentError, NotFoundError,
+                                    ResourceExhaustedError, StrataError, UnavailableError, UpstreamError)
 from services.common.metrics import RouterMetrics
 from services.common.pb import inference_pb2
 from services.router.backends import Backend, BackendConfig
@@ -43,11 +43,12 @@ FULL_RETRY_AFTER_S = 1.0     # retry-after when every replica's queue was full
 
 
 class _ModelUnavailable(UnavailableError):
-    """None of one model's replicas could start the answer; `full` when every one tried was at capacity."""
+    """None of one model's replicas could start the answer. `reason`: "full" (every one tried was at
+    capacity), "unserved" (every replica is known to serve another model) or "down"."""
 
-    def __init__(self, message: str, full: bool = False) -> None:
+    def __init__(self, message: str, reason: str = "down") -> None:
         super().__init__(message)
-        self.full = full
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ class Router:
             raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        queue, visited, errors, all_full = [self.resolve(req.model)], [], [], True
+        queue, visited, errors, reasons = [self.resolve(req.model)], [], [], set()
         while queue:
             model = queue.pop(0)
             if model in visited:
@@ -220,11 +221,13 @@ class Router:
                 if started:
                     raise
                 errors.append(f"{model or 'any model'}: {exc}")
-                all_full = all_full and isinstance(exc, _ModelUnavailable) and exc.full
+                reasons.add(exc.reason if isinstance(exc, _ModelUnavailable) else "down")
             queue += [self.resolve(m) for m in self.config.fallbacks.get(model, ())]
         message = "; ".join(errors) + (f" (models tried: {', '.join(visited)})" if len(visited) > 1 else "")
-        if all_full:
+        if reasons == {"full"}:
             raise ResourceExhaustedError(f"every replica is at capacity: {message}", retry_after_s=FULL_RETRY_AFTER_S)
+        if reasons == {"unserved"}:
+            raise NotFoundError(message)
         raise UnavailableError(message)
 
     async def _generate_on(self, req: inference_pb2.GenerateRequest,
@@ -293,8 +296,15 @@ class Router:
                     call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
                     span.set_attribute("strata.result", result)
                     self.metrics.attempts.labels(b.replica or b.address, result).inc()
-        raise _ModelUnavailable(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)",
-                                full=bool(tried) and full == len(tried))
+        if tried and full == len(tried):
+            reason = "full"
+        elif (not tried and req.model and self.backends
+              and all(b.model is not None and b.model != req.model for b in self.backends.values())):
+            reason = "unserved"
+            last_error = f"no replica serves model {req.model!r} (served: {', '.join(sorted({b.model for b in self.backends.values() if b.model}))})"
+        else:
+            reason = "down"
+        raise _ModelUnavailable(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)", reason)
 
     def _backoff(self, attempt: int, deadline: float | None) -> float:
         delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
