@@ -73,13 +73,15 @@ redis.call('PEXPIRE', conc, lease)
 return {1, '', 0}
 """
 
-# KEYS: tok, day, conc. ARGV: request id, reserved tokens, actual tokens, admission time (ms)
+# KEYS: tok, day, conc. ARGV: request id, reserved tokens, actual tokens, admission time (ms). Idempotent: the
+# concurrency lease is removed first and only a present one lets the tokens be corrected, so a retry after a
+# lost reply changes nothing (a request longer than the lease keeps its estimate: charged, never twice)
 _RECONCILE = """
 local tok, day, conc = KEYS[1], KEYS[2], KEYS[3]
 local rid, est, actual, at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if redis.call('ZREM', conc, rid) == 0 then return 0 end   -- reconciled already (a retry), or its lease expired
 if redis.call('ZREM', tok, rid .. ':' .. est) == 1 then redis.call('ZADD', tok, at, rid .. ':' .. actual) end
 if redis.call('EXISTS', day) == 1 then redis.call('INCRBY', day, actual - est) end
-redis.call('ZREM', conc, rid)
 return 1
 """
 

@@ -135,6 +135,7 @@ class GatewayService:
             return
         self._stopped = True
         await self.server.stop(grace)
+        await self.gateway.close()
         await self.gateway.usage.close()
         if self.batcher is not None:
             await self.batcher.close()

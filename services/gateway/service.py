@@ -9,6 +9,7 @@ the router, Redis and the logs get the redacted prompt. A stream that ends early
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -99,6 +100,7 @@ class Gateway:
         self.metrics = metrics or GatewayMetrics()
         self._verified: dict[str, tuple[ApiKey, float]] = {}    # sha256(key) -> (record, verified at)
         self.in_flight = 0
+        self._background: set[asyncio.Task] = set()
 
     # ---- requests
     async def authenticate(self, bearer: str, client: str = "") -> ApiKey:
@@ -405,14 +407,32 @@ class Gateway:
 
     async def _settle(self, key: ApiKey, r: Reservation | None, prompt_tokens: int, completion_tokens: int,
                       model: str, cache_hit: bool = False, count: bool = True) -> None:
-        try:
-            if r is not None:
+        if count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
+            cost = self.config.models[model].cost(prompt_tokens, completion_tokens)
+            await self.usage.record(key.key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count)
+        if r is not None:
+            try:
                 await self.limiter.reconcile(r, prompt_tokens + completion_tokens)
-            if count or prompt_tokens or completion_tokens:
-                cost = self.config.models[model].cost(prompt_tokens, completion_tokens)
-                await self.usage.record(key.key_id, prompt_tokens, completion_tokens, cost, cache_hit)
-        except _REDIS_ERRORS:
-            log.warning("usage could not be recorded (store unreachable)")
+            except _REDIS_ERRORS:                  # retried in the background: the concurrency slot comes back
+                log.warning("limits could not be reconciled (store unreachable); retrying")
+                task = asyncio.create_task(self._reconcile_later(r, prompt_tokens + completion_tokens))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _reconcile_later(self, r: Reservation, tokens: int, attempts: int = 6) -> None:
+        for i in range(attempts):                  # 1, 2, 4, ... 32 s: past a Redis restart (reconcile is idempotent)
+            await asyncio.sleep(2 ** i)
+            try:
+                await self.limiter.reconcile(r, tokens)
+                return
+            except _REDIS_ERRORS:
+                pass
+        log.warning("limits could not be reconciled; the reservation's lease expires on its own")
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _replay(self, hit: cache_pb2.LookupResponse, request_id: str, model: str,
                       flags: list[str]) -> AsyncIterator[gateway_pb2.GatewayChunk]:

@@ -78,9 +78,11 @@ class UsageStore:
         self._apply = redis.register_script(_APPLY)
 
     async def record(self, key_id: str, prompt_tokens: int, completion_tokens: int, spend_usd: float,
-                     cache_hit: bool, day: str | None = None) -> None:
+                     cache_hit: bool, day: str | None = None, answered: bool = True) -> None:
+        """One request's usage; `answered` False for one that failed or was cut short (its tokens are
+        charged, it is not counted among the requests)."""
         row = self._pending.setdefault((key_id, day or utc_day()), [0] * len(self._FIELDS))
-        for i, v in enumerate((1, prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit))):
+        for i, v in enumerate((int(answered), prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit))):
             row[i] += v
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush_later(self.flush_s))

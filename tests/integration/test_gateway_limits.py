@@ -77,6 +77,19 @@ async def test_concurrent_requests_are_leased_and_released(replicas):
     assert len(ok3) == 3
 
 
+async def test_a_reconcile_retried_after_a_lost_reply_corrects_the_tokens_once(replicas):
+    """The gateway retries a reconcile that failed (Redis restarting): a second run of the same one must not
+    hand the unused tokens back twice."""
+    day_start = 20_001 * DAY_MS
+    limits = Limits(tokens_per_day=500)
+    ok, _ = await hammer(replicas, 5, limits, 100, day_start + 1000)
+    assert len(ok) == 5
+    for _ in range(3):
+        await replicas[0].reconcile(ok[0], 20)        # 80 tokens back, once
+    more, refused = await hammer(replicas, 10, limits, 40, day_start + 2000)
+    assert len(more) == 2 and {e.limit for e in refused} == {"tokens_per_day"}
+
+
 async def test_keys_do_not_share_limits_and_bad_limits_are_refused(replicas):
     now = 1_000_000_000_000
     await replicas[0].reserve("a", Limits(requests_per_minute=1), 1, now_ms=now)
