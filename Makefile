@@ -81,6 +81,8 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m kernels.bench
 	$(BIN)/python -m bench.spec_decode
+	$(BIN)/python -m bench.guardrails
+	$(BIN)/python -m bench.hardening
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -2,7 +2,7 @@
 that budgets are checked against. Spend is kept in micro-dollars so counters stay integers.
 
 Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:total hash (spend_micro),
-usage-batch:{id} (a written batch's marker, kept a day).
+usage-batch:{id} (a written batch's marker, kept an hour).
 
 Counted once: each flush is a batch with an id, applied by one Lua script that first sets the batch's
 marker (SET NX). A batch whose reply was lost (Redis restarted or the connection broke after the
@@ -23,7 +23,8 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
-BATCH_MARKER_TTL_S = 86_400      # how long a written batch is remembered (retries come within seconds)
+BATCH_MARKER_TTL_S = 3_600       # how long a written batch is remembered: a retry comes once Redis is back
+                                 # (an hour of markers at 5 flushes/s is about 2 MB per gateway)
 
 # KEYS[1]: the batch's marker; then per row its day hash and its total hash.
 # ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS order.
@@ -49,6 +50,14 @@ return 1
 def utc_day(ts: float | None = None) -> str:
     when = dt.datetime.now(dt.timezone.utc) if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc)
     return when.strftime("%Y-%m-%d")
+
+
+def is_utc_day(day: str) -> bool:
+    """Whether `day` is a calendar date written as utc_day writes them (YYYY-MM-DD, ASCII digits)."""
+    try:
+        return dt.date.fromisoformat(day).isoformat() == day
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)
