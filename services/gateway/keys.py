@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import time
@@ -23,8 +24,9 @@ import redis.asyncio as aioredis
 from services.common.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 from services.gateway.limits import Limits
 
-_KEY = re.compile(r"^sk-strata-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})$")
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY = re.compile(r"sk-strata-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})")
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # fullmatch: "acme\n" is no tenant
+_KEY_ID = re.compile(r"[0-9a-f]{12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,16 +58,18 @@ class KeyStore:
     async def create(self, tenant: str, models: tuple[str, ...] = (), limits: Limits = Limits(),
                      budget_usd: float = 0.0, tier: str = "") -> tuple[str, ApiKey]:
         """Returns (the key, shown this once, and its record)."""
-        if not _TENANT.match(tenant):
-            raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-'")
-        if budget_usd < 0:
-            raise InvalidArgumentError("budget_usd must be >= 0 (0 = no budget)")
+        if not _TENANT.fullmatch(tenant):
+            raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-' "
+                                       "(the first a letter or digit)")
+        if not (math.isfinite(budget_usd) and budget_usd >= 0):     # NaN or inf would mean "no budget" unsaid
+            raise InvalidArgumentError("budget_usd must be a finite number >= 0 (0 = no budget)")
+        if len(tier) > 64:
+            raise InvalidArgumentError("tier must be at most 64 characters")
+        models = tuple(dict.fromkeys(models))          # each once, in order
         key_id = secrets.token_hex(6)
         key = f"sk-strata-{key_id}-{secrets.token_urlsafe(32)}"
         salt = secrets.token_hex(16)
-        if len(tier) > 64:
-            raise InvalidArgumentError("tier must be at most 64 characters")
-        record = ApiKey(key_id, tenant, tuple(models), limits, float(budget_usd), False, time.time(), tier)
+        record = ApiKey(key_id, tenant, models, limits, float(budget_usd), False, time.time(), tier)
         await self.redis.hset(self.prefix + f"key:{key_id}", mapping={
             "hash": self._digest(salt, key), "salt": salt, "tenant": tenant, "models": json.dumps(list(models)),
             "limits": json.dumps(asdict(limits)), "budget_usd": repr(float(budget_usd)), "revoked": "0",
@@ -75,7 +79,7 @@ class KeyStore:
     async def authenticate(self, key: str) -> ApiKey:
         """The key's record, or UnauthenticatedError (malformed, unknown, wrong secret or revoked: the
         message does not say which of the first three, so ids cannot be probed)."""
-        m = _KEY.match(key or "")
+        m = _KEY.fullmatch(key or "")
         if not m:
             raise UnauthenticatedError("missing or malformed API key (authorization: Bearer sk-strata-...)")
         raw = await self.redis.hgetall(self.prefix + f"key:{m.group(1)}")
@@ -90,8 +94,14 @@ class KeyStore:
         return ApiKey(m.group(1), d["tenant"], tuple(json.loads(d["models"])), Limits(**json.loads(d["limits"])),
                       float(d["budget_usd"]), False, float(d["created"]), d.get("tier", ""))
 
-    async def revoke(self, key_id: str) -> None:
-        name = self.prefix + f"key:{key_id}"
-        if not await self.redis.exists(name):
+    async def require(self, key_id: str) -> None:
+        """InvalidArgumentError unless key_id is written as CreateKey returns them, NotFoundError unless a
+        key (revoked or not) has it."""
+        if not _KEY_ID.fullmatch(key_id):
+            raise InvalidArgumentError("key_id must be the 12 hexadecimal characters CreateKey returned")
+        if not await self.redis.exists(self.prefix + f"key:{key_id}"):
             raise NotFoundError(f"no API key with id {key_id}")
-        await self.redis.hset(name, "revoked", "1")
+
+    async def revoke(self, key_id: str) -> None:
+        await self.require(key_id)
+        await self.redis.hset(self.prefix + f"key:{key_id}", "revoked", "1")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.common.errors import ResourceExhaustedError
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 
 WINDOW_MS = 60_000
 DAY_MS = 86_400_000
@@ -97,7 +97,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         if min(self.requests_per_minute, self.tokens_per_minute, self.tokens_per_day, self.concurrent_requests) < 0:
-            raise ValueError("limits must be >= 0 (0 = unlimited)")
+            raise InvalidArgumentError("limits must be >= 0 (0 = unlimited)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,11 +33,10 @@ from services.gateway.guardrails import InjectionSimilarity, redact, screen_inje
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.selection import AutoRule, Cascade, select_model
 from services.gateway.limits import LimitExceededError, Limits, RateLimiter, Reservation
-from services.gateway.usage import UsageStore, utc_day
+from services.gateway.usage import UsageStore, is_utc_day, utc_day
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (RedisError, OSError)
-_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 PII_MODES = ("off", "redact", "block")
 INJECTION_MODES = ("allow", "flag", "block")
 _SOURCES = {common_pb2.Source.KIND_MODEL: "model", common_pb2.Source.KIND_CACHE_EXACT: "cache_exact",
@@ -474,8 +473,9 @@ class Gateway:
 
     async def get_usage(self, key_id: str, day: str) -> tuple[str, object, float]:
         day = day or utc_day()
-        if not _DAY.match(day):
-            raise InvalidArgumentError("day must be YYYY-MM-DD")
+        if not is_utc_day(day):
+            raise InvalidArgumentError("day must be a date written YYYY-MM-DD")
+        await self.keys.require(key_id)
         return day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id)
 
 

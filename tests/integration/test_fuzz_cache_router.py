@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of the semantic cache's RPCs (Lookup, LookupStream, Store, Delete,
 Invalidate, Stats) and the router's (Generate, ListBackends) on real sockets, with the strategies of
-test_fuzz.py. Requests go out as bytes, so a text can also arrive as invalid UTF-8 (MARK) and a whole
-request as corrupt wire data.
+test_fuzz.py. Requests go out as bytes (test_fuzz's `wire`), so a text can also arrive as invalid UTF-8
+(MARK) and a whole request as corrupt wire data (`garbage`).
 
 Every call ends with an answer or a clear status and a short message (never UNKNOWN / INTERNAL, never a
 hang); a valid request is answered; what Store stored is what Lookup serves; a bad item of a LookupStream
@@ -28,27 +28,19 @@ from services.common.grpc_errors import MAX_DETAILS_CHARS
 from services.common.pb import cache_pb2, common_pb2, inference_pb2, router_pb2
 from tests.conftest import assert_all_blocks_free
 from tests.integration.downstream import running_downstream
-from tests.integration.test_fuzz import (CLEAR, MODEL, SETTINGS, enums, floats, inference_requests, messages, mostly,
-                                         sampling, texts, valid_sampling, valid_texts)
+from tests.integration.test_fuzz import (BAD_UTF8, CALL_TIMEOUT_S, INVALID, MARK, MODEL, OK, SETTINGS, enums, floats,
+                                         garbage, inference_wire_requests, messages, mostly, outcome, parses, raw,
+                                         sampling, texts, valid_sampling, valid_texts, wire)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 SEEN: collections.Counter = collections.Counter()     # status codes the fuzzing produced, per RPC
-OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 NAMESPACE, OTHER_NAMESPACE = "fuzz", "fuzz-b"
 VICTIM_NAMESPACE = "fuzz:victim"      # a tenant no call addressed to NAMESPACE may touch ("fuzz" + ":victim")
 VICTIM_PROBE = "<victim>"             # an entry_id the Delete test turns into "victim:<the victim's id>"
-MARK = "\x02not-utf-8\x03"            # a text the wire encoding below turns into invalid UTF-8
-BAD_UTF8 = b"\xff" + MARK.encode()[1:-1] + b"\xfe"      # as many bytes: the length prefix stays right
-CALL_TIMEOUT_S = 30
 CACHE_RESPONSES = {"Lookup": cache_pb2.LookupResponse, "Store": cache_pb2.StoreResponse,
                    "Delete": cache_pb2.DeleteResponse, "Invalidate": cache_pb2.InvalidateResponse,
                    "Stats": cache_pb2.CacheStats}
-
-
-def wire(msg) -> bytes:
-    """The request as sent: serialized, every MARK made invalid UTF-8."""
-    return msg.SerializeToString().replace(MARK.encode(), BAD_UTF8)
 
 
 # ---- strategies
@@ -128,7 +120,6 @@ invalidations = st.builds(cache_pb2.InvalidateRequest, namespace=namespaces,
 stats_requests = st.builds(cache_pb2.StatsRequest, namespace=mostly(st.sampled_from(["", NAMESPACE]), namespaces))
 traceparents = mostly(st.sampled_from(["", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]),
                       st.one_of(hostile_texts, st.just("00-" + "f" * 32 + "-" + "0" * 16 + "-ff")))
-garbage = st.binary(max_size=60).map(lambda b: b"\xff" + b)   # wire type 7 does not exist: never parses
 
 
 @st.composite
@@ -143,20 +134,6 @@ def lookup_streams(draw) -> list[bytes]:
     return out
 
 
-@st.composite
-def router_requests(draw) -> bytes:
-    """test_fuzz's inference requests, now and then with a text that is not UTF-8 on the wire."""
-    req = draw(inference_requests())
-    where = draw(mostly(st.none(), st.sampled_from(["prompt", "model", "request_id", "stop", "unserved model"])))
-    if where == "stop":
-        req.sampling.stop.append(MARK)
-    elif where == "unserved model":
-        req.model = draw(st.one_of(st.sampled_from(["gpt-5", MODEL.lower(), MODEL + " "]), texts))
-    elif where is not None:
-        setattr(req, where, MARK)
-    return wire(req)
-
-
 # ---- the services
 class Services:
     def __init__(self, down, engine, cache_channel, router_channel, victim: cache_pb2.LookupRequest) -> None:
@@ -165,13 +142,11 @@ class Services:
         self.victim_id = ""
 
     def call_cache(self, method: str, data: bytes):
-        return self.cache_channel.unary_unary(f"/strata.v1.SemanticCache/{method}", request_serializer=None,
-                                              response_deserializer=CACHE_RESPONSES[method].FromString)(
+        return raw(self.cache_channel, f"/strata.v1.SemanticCache/{method}", CACHE_RESPONSES[method])(
             data, timeout=CALL_TIMEOUT_S)
 
     def router(self, method: str, response, streamed: bool = False):
-        rpc = self.router_channel.unary_stream if streamed else self.router_channel.unary_unary
-        return rpc(f"/strata.v1.Router/{method}", request_serializer=None, response_deserializer=response.FromString)
+        return raw(self.router_channel, f"/strata.v1.Router/{method}", response, streamed)
 
     def lookup_stream(self):
         return self.cache_channel.stream_stream("/strata.v1.SemanticCache/LookupStream", request_serializer=None,
@@ -207,18 +182,6 @@ async def services(redis_server, make_engine, embedder):
         await rch.close()
 
 
-async def _outcome(rpc: str, call, allowed=CLEAR) -> tuple[grpc.StatusCode, object]:
-    """(status, answer): OK and the answer, or a refusal, which must be allowed and say why, briefly."""
-    try:
-        answer, code = await call(), OK
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() in allowed, (rpc, exc.code(), exc.details())
-        assert exc.details() and len(exc.details()) <= MAX_DETAILS_CHARS, (rpc, exc.details())
-        answer, code = None, exc.code()
-    SEEN[rpc, code.name] += 1
-    return code, answer
-
-
 def _readable_id(data: bytes) -> int:
     """Field 1 (the id) of a LookupStreamRequest that does not parse; 0 when even that is unreadable."""
     try:
@@ -237,7 +200,7 @@ def _expected_refusal(data: bytes, namespace: str) -> bool:
 @given(case=lookups())
 async def test_every_cache_lookup_gets_an_answer_or_a_clear_status(services, case):
     req, valid = case
-    code, answer = await _outcome("Lookup", lambda: services.lookup(req))
+    code, answer = await outcome(SEEN, "Lookup", lambda: services.lookup(req))
     if _expected_refusal(wire(req), req.query.namespace):
         assert code == INVALID, code
     elif valid:
@@ -254,7 +217,7 @@ async def test_every_cache_lookup_gets_an_answer_or_a_clear_status(services, cas
 async def test_every_cache_store_gets_an_answer_or_a_clear_status_and_serves_what_it_stored(services, case):
     req, valid = case
     data = wire(req)
-    code, stored = await _outcome("Store", lambda: services.call_cache("Store", data))
+    code, stored = await outcome(SEEN, "Store", lambda: services.call_cache("Store", data))
     if _expected_refusal(data, req.query.namespace):
         assert code == INVALID, code
     elif valid:
@@ -283,7 +246,7 @@ async def test_every_cache_delete_and_invalidate_gets_an_answer_or_a_clear_statu
     if method == "Delete" and req.entry_id == VICTIM_PROBE:     # "fuzz" + ":victim:<id>" spells the victim's key
         req.namespace, req.entry_id = NAMESPACE, f"victim:{services.victim_id}"
     data = wire(req)
-    code, _ = await _outcome(method, lambda: services.call_cache(method, data))
+    code, _ = await outcome(SEEN, method, lambda: services.call_cache(method, data))
     if _expected_refusal(data, req.namespace):
         assert code == INVALID, code
     services.assert_redis_still_trusted()
@@ -294,7 +257,7 @@ async def test_every_cache_delete_and_invalidate_gets_an_answer_or_a_clear_statu
 @given(req=stats_requests)
 async def test_every_cache_stats_call_gets_an_answer_or_a_clear_status(services, req):
     data = wire(req)
-    code, stats = await _outcome("Stats", lambda: services.call_cache("Stats", data))
+    code, stats = await outcome(SEEN, "Stats", lambda: services.call_cache("Stats", data))
     if BAD_UTF8 in data or (req.namespace and NAMESPACE_RE.fullmatch(req.namespace) is None):
         assert code == INVALID, code
     else:
@@ -323,7 +286,7 @@ async def test_a_lookup_stream_answers_every_item_as_lookup_would_and_a_bad_one_
             SEEN["LookupStream", INVALID.name] += 1
             continue
         out = answers[item.id]
-        code, unary = await _outcome("Lookup", lambda: services.lookup(item.request))
+        code, unary = await outcome(SEEN, "Lookup", lambda: services.lookup(item.request))
         assert out.code == code.value[0], (out, code)
         assert (out.code == 0) != bool(out.message) and len(out.message) <= MAX_DETAILS_CHARS, out
         if unary is not None and unary.layer == cache_pb2.CACHE_LAYER_EXACT:
@@ -334,7 +297,7 @@ async def test_a_lookup_stream_answers_every_item_as_lookup_would_and_a_bad_one_
 
 # ---- the router
 @SETTINGS
-@given(data=router_requests())
+@given(data=inference_wire_requests())
 async def test_every_router_request_gets_an_answer_or_a_clear_status(services, data):
     req = None if BAD_UTF8 in data else inference_pb2.GenerateRequest.FromString(data)
     served = req is None or req.model in ("", MODEL)
@@ -343,7 +306,7 @@ async def test_every_router_request_gets_an_answer_or_a_clear_status(services, d
     async def call():
         chunks.extend([c async for c in services.router("Generate", inference_pb2.GenerateChunk, streamed=True)(
             data, timeout=CALL_TIMEOUT_S)])
-    code, _ = await _outcome("Router.Generate", call, allowed=CLEAR)
+    code, _ = await outcome(SEEN, "Router.Generate", call)
     if not served and code != INVALID:
         assert code == grpc.StatusCode.NOT_FOUND, code          # a model no replica serves
     if req is None:
@@ -355,11 +318,9 @@ async def test_every_router_request_gets_an_answer_or_a_clear_status(services, d
 @SETTINGS
 @given(data=st.one_of(st.binary(max_size=100), garbage))
 async def test_router_list_backends_answers_anything_that_parses_and_refuses_the_rest(services, data):
-    code, answer = await _outcome("Router.ListBackends", lambda: services.router(
+    code, answer = await outcome(SEEN, "Router.ListBackends", lambda: services.router(
         "ListBackends", router_pb2.ListBackendsResponse)(data, timeout=CALL_TIMEOUT_S))
-    try:
-        router_pb2.ListBackendsRequest.FromString(data)
-    except DecodeError:
+    if not parses(router_pb2.ListBackendsRequest, data):
         assert code == INVALID, code
     else:
         assert code == OK and [b.healthy for b in answer.backends] == [True], (code, answer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -45,6 +47,9 @@ async def test_wrong_malformed_unknown_and_revoked_keys_are_refused(store):
         await keys.authenticate(key)
     with pytest.raises(NotFoundError):
         await keys.revoke("000000000000")
+    for not_an_id in ("", "key:*", record.key_id.upper(), record.key_id + "\n"):
+        with pytest.raises(InvalidArgumentError):
+            await keys.revoke(not_an_id)
 
 
 async def test_another_pepper_cannot_verify_stored_keys(store):
@@ -56,9 +61,12 @@ async def test_another_pepper_cannot_verify_stored_keys(store):
 
 async def test_bad_key_settings_are_refused(store):
     keys, client = store
-    with pytest.raises(InvalidArgumentError):
-        await keys.create("no spaces allowed")
-    with pytest.raises(InvalidArgumentError):
-        await keys.create("acme", budget_usd=-1)
+    for tenant in ("no spaces allowed", "", "-acme", "acme\n", "t" * 65):
+        with pytest.raises(InvalidArgumentError):
+            await keys.create(tenant)
+    for budget in (-1.0, math.nan, math.inf):              # NaN and inf would mean "no budget", unsaid
+        with pytest.raises(InvalidArgumentError):
+            await keys.create("acme", budget_usd=budget)
+    assert not await client.keys("*"), "a refused key was stored"
     with pytest.raises(ValueError):
         KeyStore(client, "short")

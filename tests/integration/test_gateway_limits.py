@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
+from services.common.errors import InvalidArgumentError
 from services.gateway.limits import DAY_MS, WINDOW_MS, LimitExceededError, Limits, RateLimiter
 
 
@@ -96,7 +97,7 @@ async def test_keys_do_not_share_limits_and_bad_limits_are_refused(replicas):
     await replicas[0].reserve("b", Limits(requests_per_minute=1), 1, now_ms=now)
     with pytest.raises(LimitExceededError):
         await replicas[1].reserve("a", Limits(requests_per_minute=1), 1, now_ms=now)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):         # INVALID_ARGUMENT at CreateKey, not INTERNAL
         Limits(requests_per_minute=-1)
 
 
