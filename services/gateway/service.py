@@ -10,13 +10,14 @@ the router, Redis and the logs get the redacted prompt. A stream that ends early
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping
+from typing import AsyncIterator, Iterator, Mapping
 
 from redis.exceptions import RedisError
 
@@ -154,7 +155,8 @@ class Gateway:
             pass
 
     async def revoke_key(self, key_id: str) -> None:
-        await self.keys.revoke(key_id)
+        with _store_unavailable("revoke the key"):
+            await self.keys.revoke(key_id)
         for digest in [d for d, (k, _) in self._verified.items() if k.key_id == key_id]:
             del self._verified[digest]
 
@@ -469,14 +471,25 @@ class Gateway:
         unknown = [m for m in models if m not in self.config.models]
         if unknown:
             raise InvalidArgumentError(f"unknown models: {', '.join(unknown)}")
-        return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier)
+        with _store_unavailable("create a key"):
+            return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier)
 
     async def get_usage(self, key_id: str, day: str) -> tuple[str, object, float]:
         day = day or utc_day()
         if not is_utc_day(day):
             raise InvalidArgumentError("day must be a date written YYYY-MM-DD")
-        await self.keys.require(key_id)
-        return day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id)
+        with _store_unavailable("read usage"):
+            await self.keys.require(key_id)
+            return day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id)
+
+
+@contextlib.contextmanager
+def _store_unavailable(what: str) -> Iterator[None]:
+    """Redis unreachable during an admin call: UNAVAILABLE with a message, not gRPC's UNKNOWN."""
+    try:
+        yield
+    except _REDIS_ERRORS:
+        raise UnavailableError(f"cannot {what} right now (key store unreachable)") from None
 
 
 def _prompt_chars(req: gateway_pb2.GatewayRequest) -> int:

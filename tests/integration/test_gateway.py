@@ -219,6 +219,11 @@ async def test_redis_down_keeps_known_keys_serving_and_never_hangs(stack, redis_
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gw.Generate(ask("Hi"), metadata=auth(other), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for call in (admin.CreateKey(gateway_pb2.CreateKeyRequest(tenant="acme"), metadata=auth(ADMIN), timeout=10),
+                     admin.GetUsage(gateway_pb2.GetUsageRequest(key_id="0" * 12), metadata=auth(ADMIN), timeout=10)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:             # the admin RPCs say so too
+                await call
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in err.value.details()
         _, gw_closed, _ = await stack.gateway(stack.redis_url, *stack.addresses, limits_fail_open=False)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gw_closed.Generate(ask("Hi"), metadata=auth(key), timeout=10)
