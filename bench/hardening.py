@@ -183,7 +183,7 @@ class Outcome:
 
 
 class Load:
-    def __init__(self, gateway: str, key: str, deadline_s: float, seed: int) -> None:
+    def __init__(self, gateway: str, key: str, deadline_s: float, seed: int, bypass_cache: bool = False) -> None:
         import grpc
 
         from services.common.pb import gateway_pb2_grpc
@@ -195,6 +195,7 @@ class Load:
         self.outcomes: list[Outcome] = []
         self.t_start = time.monotonic()
         self.stopping = False       # callers finish the call they are in, then stop
+        self.bypass_cache = bypass_cache
 
     def request(self):
         from services.common.pb import common_pb2, gateway_pb2
@@ -205,7 +206,8 @@ class Load:
             text = f"Give me one tip about {self.rng.choice(TOPICS)} (note {uuid.uuid4().hex[:8]})."
         sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=self.rng.randint(8, 24))
         return gateway_pb2.GatewayRequest(model=MODEL, sampling=sampling, messages=common_pb2.ChatMessages(
-            messages=[common_pb2.ChatMessage(role="user", content=text)]))
+            messages=[common_pb2.ChatMessage(role="user", content=text)]),
+            cache_policy=common_pb2.CACHE_POLICY_BYPASS if self.bypass_cache else common_pb2.CACHE_POLICY_UNSPECIFIED)
 
     async def one(self) -> Outcome:
         import grpc
@@ -253,14 +255,14 @@ class Load:
         await self.channel.close()
 
 
-async def new_key(gateway: str, admin_token: str, tenant: str) -> tuple[str, str]:
+async def new_key(gateway: str, admin_token: str, tenant: str, concurrent_requests: int = 0) -> tuple[str, str]:
     import grpc
 
     from services.common.pb import gateway_pb2, gateway_pb2_grpc
     async with grpc.aio.insecure_channel(gateway) as ch:
         r = await gateway_pb2_grpc.GatewayAdminStub(ch).CreateKey(
-            gateway_pb2.CreateKeyRequest(tenant=tenant), metadata=(("authorization", f"Bearer {admin_token}"),),
-            timeout=10)
+            gateway_pb2.CreateKeyRequest(tenant=tenant, limits=gateway_pb2.KeyLimits(concurrent_requests=concurrent_requests)),
+            metadata=(("authorization", f"Bearer {admin_token}"),), timeout=10)
     return r.key, r.key_id
 
 
@@ -391,6 +393,11 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
     key, key_id = await new_key(gateway, cluster.admin_token, "faults")
     days = [utc_day()]
     load = Load(gateway, key, a.deadline_s, seed=3)
+    # a key allowed 2 concurrent requests: its limit is probed before the Redis restart, while Redis is down
+    # (fail-open admits all), and after (enforced again, and no slot lost to a reconcile Redis missed)
+    limited, _ = await new_key(gateway, cluster.admin_token, "faults-limited", concurrent_requests=2)
+    probe = Load(gateway, limited, a.deadline_s, seed=4, bypass_cache=True)
+    probes: dict[str, dict] = {}
     events: list[dict] = []
     circuit: list[tuple[float, float | None, float | None]] = []     # (t, circuit state, healthy) of inference-1
     stop = asyncio.Event()
@@ -410,6 +417,19 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
         events.append({"t": now(), "event": what})
         print(f"  {now():6.1f} s  {what}", flush=True)
 
+    async def outage(name: str, down_s: float) -> None:
+        await mark(f"kill {name} (SIGKILL)")
+        cluster.kill(name)
+        await asyncio.sleep(down_s)
+        await mark(f"restart {name}")
+        await cluster.restart(name)
+        await mark(f"{name} serving")
+
+    async def limit_probe(when: str, n: int = 3) -> None:
+        outs = await asyncio.gather(*(probe.one() for _ in range(n)))
+        probes[when] = dict(collections.Counter(o.code for o in outs))
+        print(f"  {now():6.1f} s  {n} calls at once on a key allowed 2: {probes[when]} ({when})", flush=True)
+
     async def victim_busy() -> bool:
         m = await asyncio.to_thread(cluster.metrics, "router")
         return sum(v for (n, lab), v in m.items() if n == "strata:backend_in_flight" and victim in str(lab)) >= 2
@@ -422,34 +442,18 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)
-        await mark("kill inference-1 (SIGKILL)")
-        cluster.kill("inference-1")
-        await asyncio.sleep(g)
-        await mark("restart inference-1")
-        await cluster.restart("inference-1")
-        await mark("inference-1 serving")
+        await outage("inference-1", g)
         await asyncio.sleep(a.circuit_cooldown_s + g)
-        await mark("kill redis (SIGKILL)")
-        cluster.kill("redis")
-        await asyncio.sleep(a.outage_s)
-        await mark("restart redis")
-        await cluster.restart("redis")
-        await mark("redis serving")
+        await limit_probe("before the Redis restart")
+        during = asyncio.create_task(limit_probe("in flight across the Redis restart", 2))
+        await asyncio.sleep(1.0)                      # their slots are leased: their release needs Redis back
+        await outage("redis", a.outage_s)
+        await during
         await asyncio.sleep(g)
-        await mark("kill cache (SIGKILL)")
-        cluster.kill("cache")
-        await asyncio.sleep(a.outage_s)
-        await mark("restart cache")
-        await cluster.restart("cache")
-        await mark("cache serving")
-        await asyncio.sleep(g)
-        await mark("kill router (SIGKILL)")
-        cluster.kill("router")
-        await asyncio.sleep(a.outage_s)
-        await mark("restart router")
-        await cluster.restart("router")
-        await mark("router serving")
-        await asyncio.sleep(g)
+        await limit_probe("after the Redis restart")
+        for name in ("cache", "router"):
+            await outage(name, a.outage_s)
+            await asyncio.sleep(g)
         await mark("end of load")
 
     watcher = asyncio.create_task(watch_router())
@@ -497,7 +501,7 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
              "after": window("redis", at["redis serving"], at["kill cache (SIGKILL)"])}
     cache = {"before": window("cache", at["redis serving"], at["kill cache (SIGKILL)"]),
              "during": window("cache", at["kill cache (SIGKILL)"], at["cache serving"]),
-             "after": window("cache", at["cache serving"] + 1, at["kill router (SIGKILL)"])}
+             "after": window("cache", at["cache serving"] + 1, at["end of load"])}   # the router outage too
     router = {"during": window("router", at["kill router (SIGKILL)"] + 0.5, at["restart router"]),
               "after": window("router", at["router serving"], at["end of load"]),
               "first_answer_after_ready_s": recovery("router serving", at["router serving"])}
@@ -510,7 +514,9 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
                    "failed_after_final_chunk": sum(1 for o in outs if o.code != "OK" and o.source),
                    "answers_whose_usage_differs_from_tokens_received": sum(
                        1 for o in served if o.source == "model" and o.usage_tokens != o.tokens)}
+    await probe.close()
     res = {"clients": a.fault_clients, "events": events, **summarize(outs), "replica_kill": replica_kill,
+           "limit_probes": probes,
            "redis_restart": redis, "cache_restart": cache, "router_restart": router, "usage": usage_check,
            "end_state": state, "circuit": circuit, "timeline": timeline(outs, 1.0),
            "not_answered": [asdict(o) for o in outs if o.code != "OK"]}
@@ -547,6 +553,9 @@ def checks(result: dict) -> dict:
                                                                           or k["marked_unhealthy_after_s"] is not None)
         out["replica kill: circuit closed and traffic returned"] = (k["circuit_closed_after_return_s"] is not None
                                                                     and "inference-1" in k["answered_by_after_return"])
+        p = f["limit_probes"]
+        out["redis restart: a key's concurrency limit is enforced before and after, no slot lost"] = all(
+            p.get(w) == {"OK": 2, "RESOURCE_EXHAUSTED": 1} for w in ("before the Redis restart", "after the Redis restart"))
         out["redis restart: answers continued and resumed"] = (f["redis_restart"]["during"]["by_code"].get("OK", 0) > 0
                                                               and f["redis_restart"]["after"]["by_code"].get("OK", 0) > 0)
         out["cache restart: answers continued, hits resumed"] = (f["cache_restart"]["during"]["by_code"].get("OK", 0) > 0

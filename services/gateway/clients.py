@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from services.client.errors import retry_after_s
 from services.common import telemetry
 from services.common.errors import DeadlineExceededError, ResourceExhaustedError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
@@ -106,16 +107,6 @@ class CapacityError(ResourceExhaustedError):
     limit = "capacity"
 
 
-def _retry_after(metadata) -> float | None:
-    for k, v in metadata or ():
-        if k == "retry-after":
-            try:
-                return float(v)
-            except ValueError:
-                return None
-    return None
-
-
 def _time_out(answer: asyncio.Future) -> None:
     if not answer.done():
         answer.set_exception(asyncio.TimeoutError())
@@ -171,7 +162,7 @@ class Downstream:
                 raise DeadlineExceededError("deadline exceeded while generating") from None
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:     # every replica is full: keep retry-after
                 raise CapacityError(exc.details() or "the inference replicas are at capacity",
-                                    _retry_after(exc.trailing_metadata())) from None
+                                    retry_after_s(exc)) from None
             raise UpstreamError(exc.code().name, exc.details() or exc.code().name) from None
         finally:
             call.cancel()
