@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -680,19 +680,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gateway-max-in-flight", type=int, default=1024)
     p.add_argument("--phases", type=lambda s: s.split(","), default=["soak", "backpressure", "faults"])
     p.add_argument("--out", type=Path, default=Path("bench/results/hardening.json"))
+    p.add_argument("--no-plot", action="store_true", help="only the JSON (no matplotlib needed: the test's run)")
     a = p.parse_args(argv)
     from services.common import aio
     res = aio.run(run(a))
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "no_plot"},
               "machine": machine_info(), **res}
     result["checks"] = checks(result)
     result["lost"] = lost(result)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, a.out.with_suffix(".png"))
+    if not a.no_plot:
+        plot(result, a.out.with_suffix(".png"))
     for name, ok in result["checks"].items():
         print(f"  {'ok ' if ok else 'FAILED'}  {name}")
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"wrote {a.out}" + ("" if a.no_plot else f" and {a.out.with_suffix('.png')}"))
     return result
 
 

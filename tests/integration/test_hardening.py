@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 def test_the_suite_under_load_and_faults_loses_nothing(tmp_path):
     result = hardening.main(["--phases", "soak,faults", "--clients", "200", "--soak-s", "30", "--max-queued", "16",
                              "--gateway-max-in-flight", "150", "--fault-clients", "10", "--fault-gap-s", "4",
-                             "--outage-s", "3", "--out", str(tmp_path / "hardening.json")])
+                             "--outage-s", "3", "--out", str(tmp_path / "hardening.json"), "--no-plot"])
     soak = result["soak"]
     assert soak["by_code"].get("OK", 0) > 100, soak["by_code"]
     assert soak["by_code"].get("RESOURCE_EXHAUSTED", 0) > 0, "the small queues should have refused some calls"
