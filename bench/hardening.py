@@ -367,23 +367,17 @@ async def backpressure(cluster: Cluster, a: argparse.Namespace) -> dict:
             await load.one()
         await asyncio.gather(*(at(i) for i in range(n)))
         end = max(o.t1 for o in load.outcomes)
-        ok = [o for o in load.outcomes if o.code == "OK" and o.source == "model"]
-        refused = [o for o in load.outcomes if o.code == "RESOURCE_EXHAUSTED"]
         s = summarize(load.outcomes)
         row = {"offered_rps": rate, "sent": n, "by_code": s["by_code"], "hung": s["hung"], "bad_status": s["bad_status"],
-               "goodput_rps": len([o for o in load.outcomes if o.code == "OK"]) / end,
-               "model_answers": len(ok),
-               "answer_latency_s": s["latency_s"],
-               "refused": len(refused),
-               "refusal_latency_ms": ({"p50": 1e3 * float(np.percentile([o.t1 - o.t0 for o in refused], 50)),
-                                       "p99": 1e3 * float(np.percentile([o.t1 - o.t0 for o in refused], 99))}
-                                      if refused else {})}
+               "goodput_rps": s["by_code"].get("OK", 0) / end, "model_answers": s["by_source"].get("model", 0),
+               "answer_latency_s": s["latency_s"], "refused": s["by_code"].get("RESOURCE_EXHAUSTED", 0),
+               "refusal_latency_ms": s["refusal_ms"]}
         await load.close()
         state = await settle(cluster)
         row["idle_after"] = state["idle"]
         rows.append(row)
         print(f"  offered {rate:g}/s: goodput {row['goodput_rps']:.2f}/s, answers p50/p99 "
-              f"{s['latency_s'].get('p50', 0):.1f}/{s['latency_s'].get('p99', 0):.1f} s, refused {len(refused)} "
+              f"{s['latency_s'].get('p50', 0):.1f}/{s['latency_s'].get('p99', 0):.1f} s, refused {row['refused']} "
               f"(p99 {row['refusal_latency_ms'].get('p99', 0):.0f} ms), {s['by_code']}", flush=True)
     return {"rate_s": a.rate_s, "rates": rows}
 
@@ -488,7 +482,7 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
                     "marked_unhealthy_after_s": (unhealthy[0] - k0) if unhealthy else None,
                     "circuit_closed_after_return_s": (closed_again[0] - k1) if closed_again else None}
 
-    def window(name: str, t0: float, t1: float) -> dict:
+    def window(t0: float, t1: float) -> dict:
         o = between(t0, t1)
         return {"requests": len(o), "by_code": dict(collections.Counter(x.code for x in o)),
                 "by_source": dict(collections.Counter(x.source for x in o if x.code == "OK")),
@@ -497,13 +491,13 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
     def recovery(restarted: str, since: float) -> float | None:
         ok = [o.t1 for o in outs if o.code == "OK" and o.t0 >= since]
         return (min(ok) - at[restarted]) if ok else None
-    redis = {"during": window("redis", at["kill redis (SIGKILL)"], at["redis serving"]),
-             "after": window("redis", at["redis serving"], at["kill cache (SIGKILL)"])}
-    cache = {"before": window("cache", at["redis serving"], at["kill cache (SIGKILL)"]),
-             "during": window("cache", at["kill cache (SIGKILL)"], at["cache serving"]),
-             "after": window("cache", at["cache serving"] + 1, at["end of load"])}   # the router outage too
-    router = {"during": window("router", at["kill router (SIGKILL)"] + 0.5, at["restart router"]),
-              "after": window("router", at["router serving"], at["end of load"]),
+    redis = {"during": window(at["kill redis (SIGKILL)"], at["redis serving"]),
+             "after": window(at["redis serving"], at["kill cache (SIGKILL)"])}
+    cache = {"before": window(at["redis serving"], at["kill cache (SIGKILL)"]),
+             "during": window(at["kill cache (SIGKILL)"], at["cache serving"]),
+             "after": window(at["cache serving"] + 1, at["end of load"])}   # the router outage too
+    router = {"during": window(at["kill router (SIGKILL)"] + 0.5, at["restart router"]),
+              "after": window(at["router serving"], at["end of load"]),
               "first_answer_after_ready_s": recovery("router serving", at["router serving"])}
     fail_lat = [o.t1 - o.t0 for o in between(at["kill router (SIGKILL)"] + 0.5, at["restart router"]) if o.code == "UNAVAILABLE"]
     router["unavailable_latency_ms_p99"] = 1e3 * float(np.percentile(fail_lat, 99)) if fail_lat else None
