@@ -56,9 +56,29 @@ def _cap_from_env() -> None:
 _cap_from_env()
 
 
+def _kernels_env() -> str:
+    return os.environ.get("STRATA_KERNELS", "").strip().lower()
+
+
 def cuda_module() -> ModuleType | None:
-    """The CUDA module, or None where it was not built (no nvcc at install time) or is forced off."""
-    return None if use_reference() else _CUDA
+    """The CUDA module, or None where it was not built (no nvcc at install time) or is forced off
+    (STRATA_KERNELS=reference, or =triton to run the Triton kernels on a GPU instead)."""
+    return None if _kernels_env() in ("reference", "triton") else _CUDA
+
+
+def triton_module() -> ModuleType | None:
+    """kernels.triton for CUDA tensors the CUDA module does not take (not built, or STRATA_KERNELS=triton),
+    where Triton is installed and a GPU is visible; None otherwise (and under STRATA_KERNELS=reference)."""
+    if _kernels_env() == "reference" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        from kernels import triton as triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
 
 
 def cuda_built() -> bool:
@@ -67,7 +87,7 @@ def cuda_built() -> bool:
 
 def use_reference() -> bool:
     """True when `STRATA_KERNELS=reference` forces the pure-torch path."""
-    return os.environ.get("STRATA_KERNELS", "").strip().lower() == "reference"
+    return _kernels_env() == "reference"
 
 
 def available() -> bool:

@@ -2,7 +2,9 @@
 sequence), prefill chunks over cached context and speculative verification runs (several rows per
 sequence, causal) in one call. The C++ kernel on CPU (AVX2/FMA when the CPU has them, OpenMP over
 sequences × KV heads × query tiles), the CUDA kernel for float32 tensors on a GPU (where the CUDA module
-was built), the torch reference elsewhere or when STRATA_KERNELS=reference.
+was built; split-K over the context, each K/V row read once for its whole query-head group), the Triton
+kernel on a GPU without it (or with STRATA_KERNELS=triton), the torch reference elsewhere or when
+STRATA_KERNELS=reference.
 
 A model calls it once per layer with the same block tables: `PagedAttention` checks the tables and
 lengths once per step, and each layer's call checks only its own tensors."""
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module
+from kernels._loader import available, cpu_module, cuda_module, triton_module
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -53,12 +55,22 @@ class PagedAttention:
         self.max_context = hi
         self.max_block = int(block_table.max()) if block_table.numel() else -1
         self.min_block = int(block_table.min()) if block_table.numel() else 0
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query row: its sequence and how many positions it attends ([T] int64 each)."""
         seq = torch.repeat_interleave(torch.arange(len(self.query_lens)), self.query_lens)
         offset = torch.arange(self.num_rows) - self.query_start[seq]
         return seq, self.context_lens[seq] - self.query_lens[seq] + offset + 1
+
+    def device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block_table, row_seq, row_len) on `device`, copied once per plan (every layer reuses them)."""
+        tables = self._on_device.get(device)
+        if tables is None:
+            row_seq, row_len = self.rows()
+            tables = self._on_device[device] = tuple(x.to(device, non_blocking=True)
+                                                     for x in (self.block_table, row_seq, row_len))
+        return tables
 
     def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
         """q [T, H, D]; k_pool / v_pool [KVH, num_slots, D], float32 or bfloat16 (the same) → [T, H, D] in
@@ -77,8 +89,13 @@ class PagedAttention:
             raise ValueError("the pool does not hold the block table's blocks (or num_slots is not whole blocks)")
         devices = {x.device.type for x in (q, k_pool, v_pool)}     # the plan's tables move to q's device
         gpu = cuda_module()
-        if devices == {"cuda"} and gpu is not None and k_pool.dtype == torch.float32 and q.dtype == torch.float32:
-            return self._cuda(gpu, q, k_pool, v_pool, scale)
+        if devices == {"cuda"} and k_pool.dtype == torch.float32 and q.dtype == torch.float32:
+            if gpu is not None:
+                return self._cuda(gpu, q, k_pool, v_pool, scale)
+            tri = triton_module()
+            if tri is not None and _pow2(d) and _pow2(self.block_size):
+                table, row_seq, row_len = self.device_tables(q.device)
+                return tri.paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, self.block_size)
         if devices != {"cpu"} or not available():
             return reference.paged_attention(q, k_pool, v_pool, self.block_table, self.context_lens, self.query_lens,
                                              scale, self.block_size)
@@ -96,15 +113,21 @@ class PagedAttention:
     def _cuda(self, gpu, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
         t, h, d = q.shape
         kvh, num_slots, _ = k_pool.shape
-        row_seq, row_len = (x.to(q.device) for x in self.rows())
-        table = self.block_table.to(q.device)
+        table, row_seq, row_len = self.device_tables(q.device)
         q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
         out = torch.empty_like(q)
+        floats = gpu.paged_attention_workspace_floats(t, h, kvh, d, self.max_context)
+        workspace = torch.empty(floats, dtype=torch.float32, device=q.device) if floats else None
         gpu.paged_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), row_seq.data_ptr(),
                             row_len.data_ptr(), t, h, kvh, d, num_slots, self.block_size, table.shape[1],
                             self.max_context, float(scale), out.data_ptr(),
+                            workspace.data_ptr() if workspace is not None else 0, floats,
                             torch.cuda.current_stream(q.device).cuda_stream)
         return out
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 class PagedDecode(PagedAttention):
@@ -137,6 +160,16 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_
         raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}]")
     same = k.dtype == v.dtype == k_pool.dtype == v_pool.dtype and k.dtype in KV_DTYPES
     rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+    devices = {t.device for t in (k, v, k_pool, v_pool, slot_mapping)}
+    gpu = cuda_module()
+    if (same and rows_ok and gpu is not None and len(devices) == 1 and k.is_cuda and k_pool.is_contiguous()
+            and v_pool.is_contiguous()):
+        # no bounds check here: it would synchronize the stream; the engine's slots come from its block table
+        slots = slot_mapping.contiguous()
+        gpu.reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
+                              k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
+                              v_pool.data_ptr(), torch.cuda.current_stream(k.device).cuda_stream)
+        return
     devices = {t.device.type for t in (k, v, k_pool, v_pool, slot_mapping)}
     if not (same and rows_ok and devices == {"cpu"} and available() and k_pool.is_contiguous() and v_pool.is_contiguous()):
         reference.reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)

@@ -1,4 +1,5 @@
-"""Row-wise kernels of a Llama layer, float32, C++ on CPU and CUDA on a GPU (where the CUDA module was built): fused residual-add + RMSNorm, rotary embedding
+"""Row-wise kernels of a Llama layer, float32, C++ on CPU and CUDA on a GPU (where the CUDA module was built;
+Triton on a GPU without it, or with STRATA_KERNELS=triton): fused residual-add + RMSNorm, rotary embedding
 applied in place to the query and key heads of a fused QKV projection, and SiLU-and-mul over a fused
 gate/up projection. The torch reference runs for
 other dtypes and devices, or when STRATA_KERNELS=reference."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module
+from kernels._loader import available, cpu_module, cuda_module, triton_module
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
@@ -25,6 +26,13 @@ def _cuda(*tensors: torch.Tensor):
     return mod
 
 
+def _triton(*tensors: torch.Tensor):
+    """kernels.triton when every tensor is float32 on a GPU and the CUDA module does not take them, else None."""
+    if cuda_module() is not None or not all(t.dtype == torch.float32 and t.is_cuda for t in tensors):
+        return None
+    return triton_module()
+
+
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
@@ -36,6 +44,9 @@ def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: to
     if delta is not None and delta.shape != residual.shape:
         raise ValueError(f"delta must match residual {tuple(residual.shape)}, got {tuple(delta.shape)}")
     tensors = (residual, weight) if delta is None else (residual, weight, delta)
+    tri = _triton(*tensors)
+    if tri is not None and residual.is_contiguous():
+        return tri.add_rms_norm_(residual, None if delta is None else delta.contiguous(), weight.contiguous(), eps)
     gpu = _cuda(*tensors)
     if (gpu is None and not _fast(*tensors)) or not residual.is_contiguous():
         return reference.add_rms_norm_(residual, delta, weight, eps)
@@ -60,6 +71,9 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     t = x.shape[0]
     if cos.shape != (t, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be [{t}, {head_dim // 2}]")
+    tri = _triton(x, cos, sin)
+    if tri is not None:
+        return tri.rotary_(x, heads, head_dim, cos, sin)
     gpu = _cuda(x, cos, sin)
     if gpu is None and not _fast(x, cos, sin):
         return reference.rotary_(x, heads, head_dim, cos, sin)
@@ -76,6 +90,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] (gate, then up) → silu(gate) * up [T, I]."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
+    tri = _triton(gate_up)
+    if tri is not None:
+        return tri.silu_and_mul(gate_up)
     gpu = _cuda(gate_up)
     if gpu is None and not _fast(gate_up):
         return reference.silu_and_mul(gate_up)

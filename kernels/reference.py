@@ -47,19 +47,20 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     head h uses KV head h // (H // KVH). Returns [T, H, D] in q's dtype."""
     t, h, d = q.shape
     kvh = k_pool.shape[0]
-    out = torch.zeros(t, h, d, dtype=torch.float32)
+    out = torch.zeros(t, h, d, dtype=torch.float32, device=q.device)
     row = 0
     for s in range(block_table.shape[0]):
         ctx = int(context_lens[s])
         n = 1 if query_lens is None else int(query_lens[s])
         if n == 0:
             continue
-        pos = torch.arange(ctx)
-        slots = block_table[s, pos // block_size] * block_size + pos % block_size
+        pos = torch.arange(ctx, device=block_table.device)
+        slots = (block_table[s, pos // block_size] * block_size + pos % block_size).to(k_pool.device)
+        pos = pos.to(q.device)
         k, v = k_pool[:, slots].float(), v_pool[:, slots].float()               # [KVH, L, D]
         qs = q[row:row + n].float().view(n, kvh, h // kvh, d).permute(1, 0, 2, 3)  # [KVH, n, G, D]
         scores = torch.einsum("knqd,kld->knql", qs, k) * scale
-        visible = pos[None, :] <= (ctx - n + torch.arange(n))[:, None]           # [n, L]
+        visible = pos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]           # [n, L]
         scores = scores.masked_fill(~visible[None, :, None, :], float("-inf"))
         out[row:row + n] = torch.einsum("knql,kld->nkqd", torch.softmax(scores, dim=-1), v).reshape(n, h, d)
         row += n

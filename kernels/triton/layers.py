@@ -107,12 +107,19 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
                     block_size: int) -> torch.Tensor:
     """Decodes, prefill chunks and verification rows in one launch (semantics: kernels.reference.paged_attention)."""
+    plan = PagedAttention(block_table.cpu(), context_lens.cpu(), block_size,
+                          None if query_lens is None else query_lens.cpu())
+    table, row_seq, row_len = plan.device_tables(q.device)
+    return paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, block_size)
+
+
+def paged_attention_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                         row_seq: torch.Tensor, row_len: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """paged_attention with the per-row sequence and length already on q's device (PagedAttention.device_tables)."""
     t, h, d = q.shape
     kvh, num_slots, _ = k_pool.shape
-    row_seq, row_len = (x.to(q.device) for x in PagedAttention(block_table.cpu(), context_lens.cpu(), block_size,
-                                                                 None if query_lens is None else query_lens.cpu()).rows())
     out = torch.empty_like(q)
-    _paged_attention[(t, h)](q.contiguous(), k_pool, v_pool, block_table.contiguous(), row_seq, row_len, out, h,
+    _paged_attention[(t, h)](q.contiguous(), k_pool, v_pool, block_table, row_seq, row_len, out, h,
                              h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size)
     return out
 

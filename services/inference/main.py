@@ -42,7 +42,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=env("STRATA_DTYPE", "auto"),
-                   help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32")
+                   help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32 (float32 on a GPU)")
+    p.add_argument("--device", default=env("STRATA_DEVICE", "auto"),
+                   help="cpu, cuda, cuda:N, or auto = the GPU where torch sees one and the weights are dense "
+                        "(--quantization runs on CPU), else cpu")
     p.add_argument("--quantization", choices=["none", "int8", "gguf"], default=env("STRATA_QUANTIZATION", "none"),
                    help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); gguf = decode multiplies "
                         "the file's own Q4_1/Q8_0 blocks (the fastest single stream on CPU), prefill float32")
@@ -75,7 +78,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype,
+        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype, device=a.device,
         quantization=None if a.quantization == "none" else a.quantization, max_model_len=a.max_model_len,
         block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_gb,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,

@@ -1,5 +1,6 @@
-"""The Triton kernels against the references, on CPU tensors under TRITON_INTERPRET=1 (small shapes; on a
-GPU machine they are the GPU path)."""
+"""The Triton kernels against the references, on CPU tensors under TRITON_INTERPRET=1 (small shapes). On a
+GPU machine, `TRITON_INTERPRET=0 pytest tests/kernels/test_triton.py` runs the same tests compiled, on the GPU
+(they are the GPU path where the CUDA module is not built, or with STRATA_KERNELS=triton)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")        # before the kernels are defined
 triton_kernels = pytest.importorskip("kernels.triton", reason="triton is installed by make install (test extra)")
+COMPILED = os.environ["TRITON_INTERPRET"] != "1"
+DEVICE = "cuda" if COMPILED else "cpu"
+if COMPILED and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 compiles the kernels for a GPU, and there is none", allow_module_level=True)
+
+
+def on(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEVICE) for t in tensors]
 
 from kernels import reference  # noqa: E402
 from tests.kernels.test_paged_attention import case, mixed_case  # noqa: E402
@@ -21,7 +30,7 @@ from tests.kernels.test_paged_attention import case, mixed_case  # noqa: E402
 def test_triton_paged_attention_decode(block_size, head_dim, heads, kv_heads):
     q, k, v, table, lens = case(3, heads, kv_heads, head_dim, block_size, torch.float32, seed=head_dim,
                                 lens=[1, block_size + 1, 2 * block_size])
-    out = triton_kernels.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size)
+    out = triton_kernels.paged_attention_decode(*on(q, k, v), table, lens, head_dim ** -0.5, block_size).cpu()
     torch.testing.assert_close(out, reference.paged_attention_decode(q, k, v, table, lens, head_dim ** -0.5, block_size),
                                atol=1e-4, rtol=1e-4)
 
@@ -32,7 +41,7 @@ def test_triton_paged_attention_mixed_step(heads, kv_heads):
     keep = [0, 2, 3, 5, 7]                      # decode, first chunk, chunk over context, empty, 37-row chunk
     rows = torch.cat([torch.arange(int(qlens[:i].sum()), int(qlens[:i + 1].sum())) for i in keep])
     q, table, lens, qlens = q[rows], table[keep], lens[keep], qlens[keep]
-    out = triton_kernels.paged_attention(q, k, v, table, lens, qlens, 0.125, 16)
+    out = triton_kernels.paged_attention(*on(q, k, v), table, lens, qlens, 0.125, 16).cpu()
     torch.testing.assert_close(out, reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16), atol=1e-4, rtol=1e-4)
 
 
@@ -40,13 +49,17 @@ def test_triton_row_kernels():
     g = torch.Generator().manual_seed(0)
     res, delta, weight = torch.randn(3, 576, generator=g), torch.randn(3, 576, generator=g), torch.rand(576, generator=g)
     res_ref = res.clone()
-    out = triton_kernels.add_rms_norm_(res, delta, weight, 1e-5)
+    res_dev, delta_dev, weight_dev = on(res, delta, weight)
+    out = triton_kernels.add_rms_norm_(res_dev, delta_dev, weight_dev, 1e-5).cpu()
     torch.testing.assert_close(out, reference.add_rms_norm_(res_ref, delta, weight, 1e-5), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(res, res_ref)
+    torch.testing.assert_close(res_dev.cpu(), res_ref)
     qkv = torch.randn(2, 960 + 3, generator=g)[:, :960]
     angles = torch.rand(2, 32, generator=g)
     expect = reference.rotary_(qkv.clone(), 12, 64, angles.cos(), angles.sin())
-    torch.testing.assert_close(triton_kernels.rotary_(qkv, 12, 64, angles.cos(), angles.sin()), expect,
-                               atol=1e-6, rtol=1e-6)
+    qkv_dev = torch.randn(2, 960 + 3, device=DEVICE)[:, :960]
+    qkv_dev.copy_(qkv)
+    rotated = triton_kernels.rotary_(qkv_dev, 12, 64, *on(angles.cos(), angles.sin())).cpu()
+    torch.testing.assert_close(rotated, expect, atol=1e-6, rtol=1e-6)
     gate_up = torch.randn(2, 600, generator=g)
-    torch.testing.assert_close(triton_kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(triton_kernels.silu_and_mul(*on(gate_up)).cpu(), reference.silu_and_mul(gate_up),
+                               atol=1e-6, rtol=1e-5)

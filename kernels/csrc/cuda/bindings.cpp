@@ -44,13 +44,26 @@ PYBIND11_MODULE(_cuda, m) {
           [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, uintptr_t block_table, uintptr_t row_seq,
              uintptr_t row_len, int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t num_slots,
              int64_t block_size, int64_t max_blocks, int64_t max_context, float scale, uintptr_t out,
-             uintptr_t stream) {
+             uintptr_t workspace, int64_t workspace_floats, uintptr_t stream) {
               check(strata::cuda::paged_attention(
                         ptr<const float>(q), ptr<const float>(k_pool), ptr<const float>(v_pool),
                         ptr<const int64_t>(block_table), ptr<const int64_t>(row_seq), ptr<const int64_t>(row_len),
-                        rows, num_heads,
-                        num_kv_heads, head_dim, num_slots, block_size, max_blocks, max_context, scale, ptr<float>(out),
-                        stream_of(stream)),
+                        rows, num_heads, num_kv_heads, head_dim, num_slots, block_size, max_blocks, max_context, scale,
+                        ptr<float>(out), ptr<float>(workspace), workspace_floats, stream_of(stream)),
                     "paged_attention");
           });
+    m.def("paged_attention_workspace_floats", &strata::cuda::paged_attention_workspace_floats,
+          "floats of workspace paged_attention needs for these sizes (0: none)");
+    m.def("paged_attention_partition", &strata::cuda::paged_attention_partition,
+          "positions per block of the split-K kernel for these sizes");
+    m.def("paged_attention_fast", &strata::cuda::paged_attention_fast,
+          "whether these sizes run the split-K kernel (given 16-byte aligned tensors)");
+    m.def("reshape_and_cache", [](uintptr_t k, uintptr_t v, int64_t k_stride, int64_t v_stride, uintptr_t slot_mapping,
+                                  int64_t rows, int64_t kv_heads, int64_t head_dim, int64_t num_slots,
+                                  int64_t elem_bytes, uintptr_t k_pool, uintptr_t v_pool, uintptr_t stream) {
+        check(strata::cuda::reshape_and_cache(ptr<const void>(k), ptr<const void>(v), k_stride, v_stride,
+                                              ptr<const int64_t>(slot_mapping), rows, kv_heads, head_dim, num_slots,
+                                              elem_bytes, ptr<void>(k_pool), ptr<void>(v_pool), stream_of(stream)),
+              "reshape_and_cache");
+    });
 }

@@ -30,13 +30,37 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: str) -> str:
-    """"auto" -> bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else float32:
-    without that hardware bf16 matmuls are emulated and run slower than float32."""
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """"auto" -> on CPU, bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else float32:
+    without that hardware bf16 matmuls are emulated and run slower than float32. On a GPU float32: the CUDA
+    and Triton attention kernels read float32 KV pools."""
     if dtype != "auto":
         return dtype
+    if device != "cpu":
+        return "float32"
     native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return "bfloat16" if native_bf16 else "float32"
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """"cuda" and "cuda:0" are one device (an index left out means the first)."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def resolve_device(device: str, quantization: str | None) -> str:
+    """"auto" -> "cuda" where torch sees a GPU and the weights are dense (the quantized kernels are CPU
+    kernels), else "cpu". "cpu", "cuda" and "cuda:N" are taken as given (a missing GPU is an error)."""
+    if device == "auto":
+        return "cuda" if quantization is None and torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+        if quantization:
+            raise ValueError(f"quantization {quantization!r} runs on CPU only; use device cpu or dense weights")
+    return device
 
 
 class InvalidRequestError(InvalidArgumentError):
@@ -51,6 +75,7 @@ class EngineConfig:
     model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
     model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
     dtype: str = "auto"                  # "float32" (reference), "bfloat16", or "auto" (see resolve_dtype)
+    device: str = "auto"                 # "cpu", "cuda", "cuda:N", or "auto" (see resolve_device)
     quantization: str | None = None      # None (dense), "int8" (W8A8 + SmoothQuant) or "gguf" (the file's
                                          # Q4_1/Q8_0 blocks for decode); both with float32 activations
     max_model_len: int | None = None     # None = the model's context length
@@ -75,6 +100,9 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in (*DTYPES, "auto"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                               and self.device[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"quantization must be None, {' or '.join(map(repr, QUANTIZATIONS))}, got {self.quantization!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -103,18 +131,22 @@ class LLMEngine:
                  tokenizer: Tokenizer | None = None, draft_model: LlamaModel | None = None) -> None:
         """`model`/`tokenizer`/`draft_model` reuse already-loaded ones (tests, several engines in one process)."""
         config.validate()
-        # the quantized paths keep float32 activations
-        config = replace(config, dtype="float32" if config.quantization else resolve_dtype(config.dtype))
+        # the quantized paths keep float32 activations; an already-loaded model decides "auto"'s device
+        device = str(model.device) if model is not None and config.device == "auto" else \
+            resolve_device(config.device, config.quantization)
+        config = replace(config, device=device,
+                         dtype="float32" if config.quantization else resolve_dtype(config.dtype, device))
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
         if model is None or tokenizer is None:
             gguf = GGUFFile(Path(config.model_path) if config.model_path else default_model_path())
             tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
-            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype], config.quantization)
-        if model.dtype != DTYPES[config.dtype] or model.quantization != config.quantization:
-            raise ValueError(f"model was loaded as {model.dtype}/{model.quantization}, "
-                             f"config asks for {config.dtype}/{config.quantization}")
+            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype], config.quantization, config.device)
+        if model.dtype != DTYPES[config.dtype] or model.quantization != config.quantization or \
+                not same_device(model.device, torch.device(config.device)):
+            raise ValueError(f"model was loaded as {model.dtype}/{model.quantization} on {model.device}, "
+                             f"config asks for {config.dtype}/{config.quantization} on {config.device}")
         self.tokenizer = tokenizer
         self.model = model
         hp = self.model.hp

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import available as kernels_available
+from kernels._loader import cuda_module, triton_module
 from kernels.attention import KV_DTYPES, PagedAttention
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -41,9 +42,10 @@ class ModelRunner:
         hp = model.hp
         self.model = model
         self.block_size = block_size
+        self.device = model.device
         num_slots = num_kv_blocks * block_size
-        self.kv_caches = [(new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype),
-                           new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype))
+        self.kv_caches = [(new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device),
+                           new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device))
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
         self.stack = model.layer_stack(self.kv_caches, block_size)     # int8 layers in one C++ call, or None
@@ -62,13 +64,21 @@ class ModelRunner:
             gen = self._generators[req.request_id] = make_generator(req.params.seed)
         return gen
 
+    def _paged_kernel(self) -> bool:
+        """Whether paged rows go through a paged-attention kernel: the C++ one on CPU (float32 or bfloat16
+        pools), the CUDA or Triton one on a GPU (float32 pools)."""
+        dtype = self.kv_caches[0][0].dtype
+        if self.device.type == "cpu":
+            return kernels_available() and dtype in KV_DTYPES
+        return dtype == torch.float32 and (cuda_module() is not None or triton_module() is not None)
+
     # inputs
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, torch.Tensor,
                                                               AttentionMetadata]:
         """Lays a step out as paged rows first (decodes, and with the kernels every chunk of at most
         PAGED_MAX_ROWS rows: short prefill chunks, speculative verification runs), then the longer prefill
         chunks; returns the chunks in that order with the step's inputs."""
-        use_kernel = kernels_available() and self.kv_caches[0][0].dtype in KV_DTYPES
+        use_kernel = self._paged_kernel()
         limit = PAGED_MAX_ROWS if use_kernel else 1
         paged = [c for c in chunks if c.num_tokens <= limit]
         prefills = [c for c in chunks if c.num_tokens > limit]
@@ -122,6 +132,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         ordered, input_ids, positions, meta = self._prepare(out.chunks)
+        if self.device.type != "cpu":
+            input_ids, positions = input_ids.to(self.device), positions.to(self.device)
+            meta = meta.to(self.device)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.stack)
         # sample: the last row of every chunk that reaches the end of its tokens, and every row of a
         # chunk with proposals (row i: the target's choice after the first i proposals)
@@ -140,7 +153,8 @@ class ModelRunner:
                 sampling.append(self._sampling_row(c.request, c.spec_token_ids[:i]))
         if not rows:
             return ModelRunnerOutput({})
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])
+        # sampling runs on CPU: a step's logits are a few rows of 49,152 floats
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
         meta_s = build_sampling_metadata(sampling, logits.shape[-1])
         if all(not c.spec_token_ids for c, _ in groups):
             res = sample(logits, meta_s)

@@ -42,9 +42,17 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     paged_plan: Any = None                   # kernels.PagedAttention: paged rows read the pool in place
 
+    def to(self, device: torch.device) -> "AttentionMetadata":
+        """The same metadata with its tensors on `device` (the plan keeps its own per-device copies)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        spans = [PrefillSpan(p.start, p.end, move(p.block_ids), move(p.mask)) for p in self.prefills]
+        return AttentionMetadata(move(self.slot_mapping), self.block_size, self.num_paged_rows,
+                                 move(self.paged_block_table), move(self.decode_mask), spans, self.paged_plan)
 
-def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(num_kv_heads, num_slots, head_dim, dtype=dtype)
+
+def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.zeros(num_kv_heads, num_slots, head_dim, dtype=dtype, device=device)
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -9,11 +9,20 @@ import torch.nn.functional as F
 
 from kernels import GGUFMatrix, LayerStack, StackLayerWeights, add_rms_norm_, rotary_, silu_and_mul
 from kernels import available as kernels_available
+from kernels._loader import cuda_module, triton_module
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
 from services.inference.models.linear import DenseLinear, GGUFLinear, Int8Linear, Int8WeightLinear, Linear
 
 QUANTIZATIONS = ("int8", "gguf")
+
+
+def row_kernels_on(device: torch.device) -> bool:
+    """Whether the row kernels (residual-add + RMSNorm, rotary, SiLU-and-mul) run compiled on `device`: the
+    C++ module on CPU, the CUDA module or Triton on a GPU."""
+    if device.type == "cpu":
+        return kernels_available()
+    return device.type == "cuda" and (cuda_module() is not None or triton_module() is not None)
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -59,6 +68,7 @@ class LlamaModel:
                  final_norm: torch.Tensor, lm_head: Linear, dtype: torch.dtype) -> None:
         """With tied embeddings lm_head holds a transposed copy of the embedding table."""
         self.hp, self.layers, self.dtype = hp, layers, dtype
+        self.device = embed.device
         self.quantization: str | None = None
         self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
         self.q_size = hp.num_heads * hp.head_dim
@@ -68,14 +78,18 @@ class LlamaModel:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
-                  quantization: str | None = None) -> "LlamaModel":
+                  quantization: str | None = None, device: str | torch.device = "cpu") -> "LlamaModel":
         """quantization=None keeps dense weights; "int8" = W8A8 with SmoothQuant; "gguf" = the file's own
         Q4_1 / Q8_0 blocks for decode (kernels.GGUFMatrix) with float32 copies for prefill. Both run
-        float32 activations."""
+        float32 activations, on CPU only. `device` "cuda" (or "cuda:N") puts the dense weights on that GPU."""
         if quantization not in (None, *QUANTIZATIONS):
             raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
         if quantization and dtype != torch.float32:
             raise ValueError(f"{quantization} quantization runs with float32 activations (dtype float32)")
+        device = torch.device(device)
+        if quantization and device.type != "cpu":
+            raise ValueError(f"{quantization} quantization runs on CPU only (its kernels are CPU kernels); "
+                             f"device {device} serves dense weights")
         hp = gguf.hparams
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
@@ -100,7 +114,24 @@ class LlamaModel:
             model.quantize_int8(gguf)
         elif quantization == "gguf":
             model.use_gguf_blocks(gguf)
+        elif device.type != "cpu":
+            model.to(device)
         return model
+
+    def to(self, device: torch.device) -> "LlamaModel":
+        """Moves the dense weights and the rotary tables to `device` (in place; returns self)."""
+        if self.quantization:
+            raise ValueError("quantized models run on CPU only")
+        move = lambda t: t.to(device)  # noqa: E731
+        for layer in self.layers:
+            layer.attn_norm, layer.ffn_norm = move(layer.attn_norm), move(layer.ffn_norm)
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, DenseLinear(move(getattr(layer, name).weight)))
+        self.embed, self.final_norm = move(self.embed), move(self.final_norm)
+        self.lm_head = DenseLinear(move(self.lm_head.weight))
+        self.cos, self.sin = move(self.cos), move(self.sin)
+        self.device = self.embed.device
+        return self
 
     def use_gguf_blocks(self, gguf: GGUFFile) -> None:
         """Every projection (and the LM head) multiplies the file's own blocks for decode-sized inputs:
@@ -178,7 +209,7 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         if stack is not None and meta.paged_plan is not None and not meta.prefills and h.shape[0] <= stack.MAX_ROWS:
             return stack(h, cos, sin, meta.slot_mapping, meta.paged_plan)
-        if self.dtype == torch.float32 and h.device.type == "cpu" and kernels_available():
+        if self.dtype == torch.float32 and row_kernels_on(h.device):
             return self._forward_fused(h, cos, sin, kv_caches, meta)
         t = h.shape[0]
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
@@ -199,7 +230,7 @@ class LlamaModel:
 
     def _forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """forward() with the C++ row kernels (float32 on CPU): each residual add is fused into the next
+        """forward() with the compiled row kernels (float32; C++ on CPU, CUDA or Triton on a GPU): each residual add is fused into the next
         RMSNorm, Q and K are rotated in place inside the QKV projection's output (its first heads), and
         SiLU-and-mul reads the gate/up projection's output in one pass."""
         hp = self.hp
