@@ -15,7 +15,8 @@ UNAVAILABLE). Every call ends with an answer or a status; a call still open 10 s
 counted as hung (and cancelled).
 
 Phases:
-- soak: --clients callers for --soak-s; each service's RSS every 2 s (growth after warm-up reported).
+- soak: --clients callers for --soak-s; each service's RSS every 2 s (growth after warm-up reported, and
+  judged flat or not for soaks of 5 minutes or more).
 - backpressure: open loop, --rate-s at each offered rate: goodput (answers per second), latency of
   answers, how many were refused and how fast.
 - faults, under --fault-clients callers: an inference replica killed (SIGKILL) and restarted, Redis killed
@@ -532,6 +533,10 @@ def checks(result: dict) -> dict:
             out[f"{phase}: the gateway's own refusals within 1 s (p99)"] = layers["gateway"].get("p99", 0) < 1000
             out[f"{phase}: refusals for full queues faster than answers (p99 < answers' p50)"] = (
                 layers["replicas"].get("p99", 0) < 1e3 * p["latency_s"].get("p50", float("inf")))
+    soak = result.get("soak")
+    if soak and soak["seconds"] >= 300:     # a short soak is mostly warm-up: the test's 30-s run does not judge it
+        out["soak: every service's memory flat after warm-up (RSS growth under 2% or 16 MiB)"] = all(
+            g["growth_mib"] < max(16.0, 0.02 * g["after_warmup_mib"]) for g in soak["rss_growth"].values())
     if "backpressure" in result:
         rows = result["backpressure"]["rates"]
         out["backpressure: no call hung"] = all(r["hung"] == 0 for r in rows)
@@ -603,6 +608,10 @@ def plot(result: dict, path: Path) -> None:
             a2.plot(np.arange(len(counts)) * tl["bin_s"], np.array(counts) / tl["bin_s"], label=code)
         a2.set(xlabel="s", ylabel="calls ended per s", title="soak: outcomes over time")
         a2.legend(fontsize=7)
+    soak = result.get("soak")
+    if soak and soak["seconds"] >= 300:     # a short soak is mostly warm-up: the test's 30-s run does not judge it
+        out["soak: every service's memory flat after warm-up (RSS growth under 2% or 16 MiB)"] = all(
+            g["growth_mib"] < max(16.0, 0.02 * g["after_warmup_mib"]) for g in soak["rss_growth"].values())
     if "backpressure" in result:
         rows = result["backpressure"]["rates"]
         x = [r["offered_rps"] for r in rows]
