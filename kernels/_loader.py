@@ -3,6 +3,7 @@ kernels are used or the torch reference is forced."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import ModuleType
 
@@ -79,6 +80,16 @@ def triton_module() -> ModuleType | None:
     except ImportError:
         return None
     return triton_kernels
+
+
+def device_of(t) -> "contextlib.AbstractContextManager":
+    """A context that makes t's CUDA device the current one, for launches (kernels run on the current
+    device): a no-op when it already is, so the common single-GPU case costs one query."""
+    import torch
+    index = t.device.index
+    if index is None or index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
 
 
 def cuda_built() -> bool:

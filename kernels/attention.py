@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module, triton_module
+from kernels._loader import available, cpu_module, cuda_module, device_of, triton_module
 
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -93,9 +93,11 @@ class PagedAttention:
             if gpu is not None:
                 return self._cuda(gpu, q, k_pool, v_pool, scale)
             tri = triton_module()
-            if tri is not None and _pow2(d) and _pow2(self.block_size):
+            if tri is not None and triton_takes(d, self.block_size):
                 table, row_seq, row_len = self.device_tables(q.device)
-                return tri.paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, self.block_size)
+                with device_of(q):
+                    return tri.paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale,
+                                                    self.block_size)
         if devices != {"cpu"} or not available():
             return reference.paged_attention(q, k_pool, v_pool, self.block_table, self.context_lens, self.query_lens,
                                              scale, self.block_size)
@@ -118,16 +120,18 @@ class PagedAttention:
         out = torch.empty_like(q)
         floats = gpu.paged_attention_workspace_floats(t, h, kvh, d, self.max_context)
         workspace = torch.empty(floats, dtype=torch.float32, device=q.device) if floats else None
-        gpu.paged_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(), row_seq.data_ptr(),
-                            row_len.data_ptr(), t, h, kvh, d, num_slots, self.block_size, table.shape[1],
-                            self.max_context, float(scale), out.data_ptr(),
-                            workspace.data_ptr() if workspace is not None else 0, floats,
-                            torch.cuda.current_stream(q.device).cuda_stream)
+        with device_of(q):
+            gpu.paged_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(),
+                                row_seq.data_ptr(), row_len.data_ptr(), t, h, kvh, d, num_slots, self.block_size,
+                                table.shape[1], self.max_context, float(scale), out.data_ptr(),
+                                workspace.data_ptr() if workspace is not None else 0, floats,
+                                torch.cuda.current_stream(q.device).cuda_stream)
         return out
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+def triton_takes(head_dim: int, block_size: int) -> bool:
+    """The Triton kernel's shapes: power-of-two head dims and block sizes (its tiles)."""
+    return all(n > 0 and n & (n - 1) == 0 for n in (head_dim, block_size))
 
 
 class PagedDecode(PagedAttention):
@@ -164,11 +168,12 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_
     gpu = cuda_module()
     if (same and rows_ok and gpu is not None and len(devices) == 1 and k.is_cuda and k_pool.is_contiguous()
             and v_pool.is_contiguous()):
-        # no bounds check here: it would synchronize the stream; the engine's slots come from its block table
+        # slots outside the pool are skipped by the kernel (checking them here would synchronize the stream)
         slots = slot_mapping.contiguous()
-        gpu.reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
-                              k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
-                              v_pool.data_ptr(), torch.cuda.current_stream(k.device).cuda_stream)
+        with device_of(k):
+            gpu.reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
+                                  k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
+                                  v_pool.data_ptr(), torch.cuda.current_stream(k.device).cuda_stream)
         return
     devices = {t.device.type for t in (k, v, k_pool, v_pool, slot_mapping)}
     if not (same and rows_ok and devices == {"cpu"} and available() and k_pool.is_contiguous() and v_pool.is_contiguous()):

@@ -5,6 +5,8 @@
 #   bash kernels/gpu_check.sh kernels   build both modules, every kernel test (the gpu-marked ones on the
 #                                       GPU), the Triton tests compiled for the GPU, kernel benchmarks
 #   bash kernels/gpu_check.sh all       the same, then the engine on the GPU: its tests and decode rates
+#   bash kernels/gpu_check.sh tests     only the gpu-marked tests (kernels, Triton compiled, and the engine's
+#                                       when STRATA_MODEL_PATH is set): a quick re-check after a change
 #
 # Logs and bench/results-style JSON/PNG go to $OUT (default /tmp/strata-gpu). Exit status: 0 when every step
 # passed.
@@ -45,9 +47,17 @@ build() {
 }
 step build build || { echo "build failed"; exit 1; }
 
-step kernel_tests $PY -m pytest -p no:cacheprovider -q -rs tests/kernels
+if [ "$MODE" = tests ]; then
+    step kernel_tests $PY -m pytest -p no:cacheprovider -q -rs -m gpu tests/kernels
+else
+    step kernel_tests $PY -m pytest -p no:cacheprovider -q -rs tests/kernels
+fi
 step triton_gpu_tests env TRITON_INTERPRET=0 $PY -m pytest -p no:cacheprovider -q -rs tests/kernels/test_triton.py
-if [ "$MODE" = all ]; then
+if [ "$MODE" = tests ]; then
+    if [ -n "${STRATA_MODEL_PATH:-}" ]; then
+        step engine_tests $PY -m pytest -p no:cacheprovider -q -rs tests/integration/test_engine_gpu.py
+    fi
+elif [ "$MODE" = all ]; then
     step engine_tests $PY -m pytest -p no:cacheprovider -q -rs tests/integration/test_engine_gpu.py
     step bench $PY -m kernels.bench_gpu --out "$OUT/kernels_gpu.json"
 else

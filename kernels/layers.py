@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module, triton_module
+from kernels._loader import available, cpu_module, cuda_module, device_of, triton_module
 
 
 def _fast(*tensors: torch.Tensor) -> bool:
@@ -46,7 +46,8 @@ def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: to
     tensors = (residual, weight) if delta is None else (residual, weight, delta)
     tri = _triton(*tensors)
     if tri is not None and residual.is_contiguous():
-        return tri.add_rms_norm_(residual, None if delta is None else delta.contiguous(), weight.contiguous(), eps)
+        with device_of(residual):
+            return tri.add_rms_norm_(residual, None if delta is None else delta.contiguous(), weight.contiguous(), eps)
     gpu = _cuda(*tensors)
     if (gpu is None and not _fast(*tensors)) or not residual.is_contiguous():
         return reference.add_rms_norm_(residual, delta, weight, eps)
@@ -56,7 +57,8 @@ def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: to
     args = (residual.data_ptr(), delta.data_ptr() if delta is not None else 0, weight.data_ptr(), residual.shape[0],
             residual.shape[1], float(eps), out.data_ptr())
     if gpu is not None:
-        gpu.add_rms_norm(*args, _stream(residual))
+        with device_of(residual):
+            gpu.add_rms_norm(*args, _stream(residual))
     else:
         cpu_module().add_rms_norm(*args)
     return out
@@ -73,14 +75,16 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
         raise ValueError(f"cos and sin must be [{t}, {head_dim // 2}]")
     tri = _triton(x, cos, sin)
     if tri is not None:
-        return tri.rotary_(x, heads, head_dim, cos, sin)
+        with device_of(x):
+            return tri.rotary_(x, heads, head_dim, cos, sin)
     gpu = _cuda(x, cos, sin)
     if gpu is None and not _fast(x, cos, sin):
         return reference.rotary_(x, heads, head_dim, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()
     args = (x.data_ptr(), t, x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
     if gpu is not None:
-        gpu.rotary_inplace(*args, _stream(x))
+        with device_of(x):
+            gpu.rotary_inplace(*args, _stream(x))
     else:
         cpu_module().rotary_inplace(*args)
     return x
@@ -92,7 +96,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
     tri = _triton(gate_up)
     if tri is not None:
-        return tri.silu_and_mul(gate_up)
+        with device_of(gate_up):
+            return tri.silu_and_mul(gate_up)
     gpu = _cuda(gate_up)
     if gpu is None and not _fast(gate_up):
         return reference.silu_and_mul(gate_up)
@@ -100,7 +105,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     t, inner = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(t, inner, dtype=torch.float32, device=gate_up.device)
     if gpu is not None:
-        gpu.silu_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr(), _stream(gate_up))
+        with device_of(gate_up):
+            gpu.silu_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr(), _stream(gate_up))
     else:
         cpu_module().silu_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr())
     return out

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -120,7 +121,9 @@ class InferenceService:
 
         self.config = config
         self.llm = engine or LLMEngine(config.engine)
-        self.engine = AsyncEngine(self.llm, config.max_queued_requests)
+        # a device fault kills the engine: stop the service (SIGTERM: graceful), its supervisor restarts it
+        self.engine = AsyncEngine(self.llm, config.max_queued_requests,
+                                  on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
         self.metrics, tracer = InferenceMetrics(), telemetry.tracer("inference")
         self.metrics.collect_with(self._collect)
         servicer = InferenceServicer(self.engine, config.replica_id or "inference-0", tracer, self.metrics)

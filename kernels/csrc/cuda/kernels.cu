@@ -3,6 +3,7 @@
 // launch's cudaError_t as an int (0 = success); kernels/*.py validate, allocate and dispatch.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 
@@ -303,7 +304,8 @@ __global__ void paged_attention_reduce_kernel(const int64_t* __restrict__ row_le
 }
 
 // reshape-and-cache: row t's K and V heads ([KVH, D] each, rows `k_stride` / `v_stride` elements apart) to
-// slot slot_mapping[t] of the pools [KVH, num_slots, D]; one thread per element
+// slot slot_mapping[t] of the pools [KVH, num_slots, D]; one thread per element; a slot outside the pool is
+// skipped
 template <typename T>
 __global__ void reshape_and_cache_kernel(const T* __restrict__ k, const T* __restrict__ v, int64_t k_stride,
                                          int64_t v_stride, const int64_t* __restrict__ slot_mapping, int64_t rows,
@@ -314,6 +316,7 @@ __global__ void reshape_and_cache_kernel(const T* __restrict__ k, const T* __res
     if (idx >= rows * per_row) return;
     const int64_t t = idx / per_row, i = idx % per_row, h = i / head_dim, d = i % head_dim;
     const int64_t slot = slot_mapping[t];
+    if (slot < 0 || slot >= num_slots) return;        // never written outside the pool (the CPU path raises)
     k_pool[(h * num_slots + slot) * head_dim + d] = k[t * k_stride + i];
     v_pool[(h * num_slots + slot) * head_dim + d] = v[t * v_stride + i];
 }
@@ -350,14 +353,18 @@ namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// the current device's SM count, asked once per device
 int num_sms() {
-    static int sms = [] {
-        int device = 0, n = 0;
-        if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-            return 108;
-        return n;
-    }();
-    return sms;
+    constexpr int kDevices = 64;
+    static std::atomic<int> sms[kDevices] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kDevices) return 108;
+    int n = sms[device].load(std::memory_order_relaxed);
+    if (n == 0) {
+        if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 108;
+        sms[device].store(n, std::memory_order_relaxed);
+    }
+    return n;
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
 
 from services.common.errors import ResourceExhaustedError, UnavailableError
-from services.inference.engine.engine import LLMEngine
+from services.inference.engine.engine import EngineDeadError, LLMEngine
 from services.inference.engine.outputs import EngineStats, RequestOutput
 from services.inference.sampling import SamplingParams
 
@@ -40,9 +40,12 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
+                 on_fatal: Callable[[], None] | None = None) -> None:
+        """on_fatal: called once (on the engine thread) when the engine dies of a device fault."""
         self.engine = engine
         self.max_queued_requests = max_queued_requests   # None = unbounded waiting queue
+        self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._delivery: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._stats = engine.stats()
@@ -111,6 +114,14 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
+            except EngineDeadError as exc:         # every request failed: their callers get UNAVAILABLE
+                for deliver in self._delivery.values():
+                    deliver(exc)
+                self._delivery.clear()
+                self._stats = engine.stats()
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                continue
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine step crashed")
                 outputs = []

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, UnavailableError
 from services.inference.engine.detokenize import TextState
 from services.inference.engine.model_runner import ModelRunner, ModelRunnerOutput
 from services.inference.engine.outputs import EngineStats, RequestOutput, TokenLogprob
@@ -68,6 +68,24 @@ class InvalidRequestError(InvalidArgumentError):
 
 
 MAX_SPECULATIVE_TOKENS = 16
+
+
+class EngineDeadError(UnavailableError):
+    """The engine stopped after a device fault: a CUDA error such as an illegal memory access leaves the
+    context unusable, so every request was failed and new ones are refused (UNAVAILABLE); the replica must
+    be restarted (the inference service stops itself, its supervisor starts it again)."""
+
+
+_DEVICE_FAULTS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure",
+                  "CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether exc is a sticky GPU error (after which nothing on that device can run), not a bad request."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _DEVICE_FAULTS)
 
 
 @dataclass(slots=True, frozen=True)
@@ -164,6 +182,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self._text: dict[str, TextState] = {}
         self._sent_tokens: dict[str, int] = {}
+        self.fatal_error: str | None = None         # set by a device fault: the engine no longer runs
         self._num_preemptions = 0
         self._prefix_hit_tokens = 0
         self._prompt_tokens = 0
@@ -175,7 +194,14 @@ class LLMEngine:
             if draft_model is None:
                 path = Path(config.draft_model_path) if config.draft_model_path else \
                     Path(config.model_path) if config.model_path else default_model_path()
-                draft_model = LlamaModel.from_gguf(GGUFFile(path), torch.float32, config.draft_quantization)
+                # a dense draft sits with the target; a quantized one runs on the CPU (its kernels are CPU kernels)
+                draft_device = config.device if config.draft_quantization is None else "cpu"
+                draft_model = LlamaModel.from_gguf(GGUFFile(path), torch.float32, config.draft_quantization,
+                                                   draft_device)
+            if draft_model.device.type != self.model.device.type:
+                log.warning("the draft model runs on %s and the target on %s: each proposal crosses devices "
+                            "(with a GPU target, --draft-quantization none keeps the draft on the GPU)",
+                            draft_model.device, self.model.device)
             self.proposer = DraftProposer(draft_model, num_blocks, config.block_size, hp.vocab_size)
         self._spec_drafts = 0                      # verification runs that carried proposals
         self._spec_draft_tokens = 0
@@ -228,6 +254,8 @@ class LLMEngine:
                     request_id: str | None = None, priority: int = 0, model: str = "",
                     num_speculative_tokens: int | None = None) -> str:
         """num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
+        if self.fatal_error is not None:
+            raise EngineDeadError(f"engine stopped after a device fault ({self.fatal_error}): restart the replica")
         max_tokens = self.check_request(prompt_token_ids, params, model)
         self.check_speculative(num_speculative_tokens)
         request_id = request_id or uuid.uuid4().hex
@@ -265,6 +293,8 @@ class LLMEngine:
         try:
             result = self.runner.execute(sched)
         except Exception as exc:  # a failed step fails the requests in it, never the process
+            if is_device_fault(exc):
+                self._die(exc)
             log.exception("model step failed")
             return self._fail(sched, f"internal error in model step: {type(exc).__name__}")
         self.scheduler.update_after_step(sched, result.num_accepted)
@@ -381,6 +411,17 @@ class LLMEngine:
         out.finish_reason = req.status.value
         out.error = error
         return out
+
+    def _die(self, exc: BaseException) -> None:
+        """After a device fault: fail and free every request, refuse new ones, raise EngineDeadError."""
+        self.fatal_error = f"{type(exc).__name__} on {self.config.device}"
+        log.critical("device fault in a model step: the engine stops, every request fails; restart the replica",
+                     exc_info=exc, extra={"device": self.config.device})
+        for request_id in list(self.scheduler.requests):
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
+            self._text.pop(request_id, None)
+            self._sent_tokens.pop(request_id, None)
+        raise EngineDeadError(f"engine stopped after a device fault ({self.fatal_error}): restart the replica") from exc
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         # blocks were registered in the prefix cache when scheduled; their K/V may now be garbage

@@ -8,7 +8,7 @@ import torch
 
 from kernels import available as kernels_available
 from kernels._loader import cuda_module, triton_module
-from kernels.attention import KV_DTYPES, PagedAttention
+from kernels.attention import KV_DTYPES, PagedAttention, triton_takes
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
@@ -70,7 +70,10 @@ class ModelRunner:
         dtype = self.kv_caches[0][0].dtype
         if self.device.type == "cpu":
             return kernels_available() and dtype in KV_DTYPES
-        return dtype == torch.float32 and (cuda_module() is not None or triton_module() is not None)
+        if dtype != torch.float32:
+            return False
+        hp = self.model.hp
+        return cuda_module() is not None or (triton_module() is not None and triton_takes(hp.head_dim, self.block_size))
 
     # inputs
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, torch.Tensor,
