@@ -36,15 +36,20 @@ def prompts(engine):
     return [engine.tokenizer.encode(t) for t in texts]
 
 
-@pytest.fixture(scope="module")
-def hf_greedy(hf_model, prompts):
+def hf_greedy_tokens(hf_model, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list[list[int]]:
+    """HF transformers' greedy continuation of each prompt (the reference; tests/integration/test_engine_gpu.py too)."""
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=NUM_TOKENS, do_sample=False,
+            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=num_tokens, do_sample=False,
                                     eos_token_id=None, pad_token_id=2, attention_mask=torch.ones(1, len(ids)))
             outs.append(gen[0, len(ids):].tolist())
     return outs
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model, prompts):
+    return hf_greedy_tokens(hf_model, prompts)
 
 
 def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_greedy):

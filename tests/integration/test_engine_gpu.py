@@ -9,7 +9,7 @@ import torch
 
 from services.inference.sampling import SamplingParams
 from tests.conftest import assert_all_blocks_free
-from tests.integration.test_engine_fidelity import CHATS, NUM_TOKENS, RAW
+from tests.integration.test_engine_fidelity import CHATS, NUM_TOKENS, RAW, hf_greedy_tokens
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -40,13 +40,7 @@ def prompts(make_gpu_engine):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_model, prompts):
-    outs = []
-    with torch.no_grad():
-        for ids in prompts:
-            gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=NUM_TOKENS, do_sample=False,
-                                    eos_token_id=None, pad_token_id=2, attention_mask=torch.ones(1, len(ids)))
-            outs.append(gen[0, len(ids):].tolist())
-    return outs
+    return hf_greedy_tokens(hf_model, prompts)
 
 
 def test_the_model_and_kv_cache_live_on_the_gpu(make_gpu_engine):
