@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.serving import machine_info
-from services.gateway.guardrails_eval import INJECTION_CORPUS, METHODS, PII_CORPUS, injection_rates, load_corpus, measure
+from services.gateway.guardrails_eval import INJECTION_CORPUS, METHODS, PII_CORPUS, injection_rates, measure
 
 _ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [round(0.40 + 0.05 * i, 2) for i in range(7)]     # 0.40 .. 0.70
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     res = asyncio.run(measure(embedder.embed, a.threshold))
     seconds = time.perf_counter() - t0
-    attacks = load_corpus(INJECTION_CORPUS)
+    attacks = res["injection_cases"]
     sweep = []
     for t in SWEEP:
         r = injection_rates(attacks, res["scores"], t)

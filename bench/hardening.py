@@ -1,6 +1,6 @@
 """Hardening report: the whole suite under load, overload and faults, on loopback.
 
-    python -m bench.hardening [--clients 200] [--soak-s 180] [--rates 2,4,8,16,32,64] [--rate-s 20]
+    python -m bench.hardening [--clients 200] [--soak-s 360] [--rates 2,4,8,16,32,64] [--rate-s 20]
                               [--fault-clients 40] [--phases soak,backpressure,faults]
 
 The suite runs as `strata up` starts it (services/up.py's plan on free ports): redis-server, two inference
@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.gateway.usage import utc_day
 from services.up import Suite
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -93,7 +94,7 @@ class Cluster:
         self.suite.run_dir.mkdir(parents=True, exist_ok=True)
         for c in self.suite.children:
             self.suite.start(c)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + self.suite.a.startup_timeout
         for c in self.suite.children:
             await self.suite.wait_ready(c, deadline)
 
@@ -279,10 +280,6 @@ async def usage(gateway: str, admin_token: str, key_id: str, days: list[str]) ->
                                      metadata=(("authorization", f"Bearer {admin_token}"),), timeout=10)
             total.update(requests=r.requests, completion_tokens=r.completion_tokens, cache_hits=r.cache_hits)
     return dict(total)
-
-
-def utc_day() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def summarize(outcomes: list[Outcome]) -> dict:

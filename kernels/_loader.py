@@ -4,6 +4,7 @@ kernels are used or the torch reference is forced."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from types import ModuleType
 
@@ -72,6 +73,12 @@ def triton_module() -> ModuleType | None:
     where Triton is installed and a GPU is visible; None otherwise (and under STRATA_KERNELS=reference)."""
     if _kernels_env() == "reference" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
+    return _triton_on_gpu()
+
+
+@functools.cache
+def _triton_on_gpu() -> ModuleType | None:
+    """kernels.triton where Triton imports and torch sees a GPU (asked once: every kernel call consults it)."""
     try:
         import torch
         if not torch.cuda.is_available():

@@ -56,12 +56,25 @@ class PagedAttention:
         self.max_block = int(block_table.max()) if block_table.numel() else -1
         self.min_block = int(block_table.min()) if block_table.numel() else 0
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._workspaces: dict[tuple, tuple[int, torch.Tensor | None]] = {}
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query row: its sequence and how many positions it attends ([T] int64 each)."""
         seq = torch.repeat_interleave(torch.arange(len(self.query_lens)), self.query_lens)
         offset = torch.arange(self.num_rows) - self.query_start[seq]
         return seq, self.context_lens[seq] - self.query_lens[seq] + offset + 1
+
+    def _workspace(self, gpu, device: torch.device, heads: int, kv_heads: int,
+                   head_dim: int) -> tuple[int, torch.Tensor | None]:
+        """The split-K kernel's partial sums for this plan's rows, sized and allocated once per plan: the layers
+        of a step run one after another on one stream, so they share it."""
+        key = (device, heads, kv_heads, head_dim)
+        found = self._workspaces.get(key)
+        if found is None:
+            floats = gpu.paged_attention_workspace_floats(self.num_rows, heads, kv_heads, head_dim, self.max_context)
+            found = self._workspaces[key] = (
+                floats, torch.empty(floats, dtype=torch.float32, device=device) if floats else None)
+        return found
 
     def device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block_table, row_seq, row_len) on `device`, copied once per plan (every layer reuses them)."""
@@ -118,8 +131,7 @@ class PagedAttention:
         table, row_seq, row_len = self.device_tables(q.device)
         q, k_pool, v_pool = q.contiguous(), k_pool.contiguous(), v_pool.contiguous()
         out = torch.empty_like(q)
-        floats = gpu.paged_attention_workspace_floats(t, h, kvh, d, self.max_context)
-        workspace = torch.empty(floats, dtype=torch.float32, device=q.device) if floats else None
+        floats, workspace = self._workspace(gpu, q.device, h, kvh, d)
         with device_of(q):
             gpu.paged_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), table.data_ptr(),
                                 row_seq.data_ptr(), row_len.data_ptr(), t, h, kvh, d, num_slots, self.block_size,
@@ -132,6 +144,16 @@ class PagedAttention:
 def triton_takes(head_dim: int, block_size: int) -> bool:
     """The Triton kernel's shapes: power-of-two head dims and block sizes (its tiles)."""
     return all(n > 0 and n & (n - 1) == 0 for n in (head_dim, block_size))
+
+
+def paged_kernel_for(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
+    """Whether PagedAttention runs a kernel (not the torch reference) for pools of `dtype` on `device`: the C++
+    one on CPU (float32 or bfloat16), the CUDA one, or Triton where its tiles fit, on a GPU (float32)."""
+    if device.type == "cpu":
+        return available() and dtype in KV_DTYPES
+    if device.type != "cuda" or dtype != torch.float32:
+        return False
+    return cuda_module() is not None or (triton_module() is not None and triton_takes(head_dim, block_size))
 
 
 class PagedDecode(PagedAttention):
@@ -162,26 +184,22 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_
         raise ValueError(f"k/v must be [T, KVH, D] matching pools [KVH, slots, D]; got {tuple(k.shape)}, {tuple(k_pool.shape)}")
     if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (k.shape[0],):
         raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}]")
-    same = k.dtype == v.dtype == k_pool.dtype == v_pool.dtype and k.dtype in KV_DTYPES
-    rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
     devices = {t.device for t in (k, v, k_pool, v_pool, slot_mapping)}
-    gpu = cuda_module()
-    if (same and rows_ok and gpu is not None and len(devices) == 1 and k.is_cuda and k_pool.is_contiguous()
-            and v_pool.is_contiguous()):
-        # slots outside the pool are skipped by the kernel (checking them here would synchronize the stream)
-        slots = slot_mapping.contiguous()
-        with device_of(k):
-            gpu.reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
-                                  k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
-                                  v_pool.data_ptr(), torch.cuda.current_stream(k.device).cuda_stream)
-        return
-    devices = {t.device.type for t in (k, v, k_pool, v_pool, slot_mapping)}
-    if not (same and rows_ok and devices == {"cpu"} and available() and k_pool.is_contiguous() and v_pool.is_contiguous()):
+    gpu = cuda_module() if k.is_cuda else None
+    compiled = gpu is not None if k.is_cuda else (k.device.type == "cpu" and available())
+    if not (compiled and len(devices) == 1 and k.dtype == v.dtype == k_pool.dtype == v_pool.dtype
+            and k.dtype in KV_DTYPES and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+            and k_pool.is_contiguous() and v_pool.is_contiguous()):
         reference.reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)
+        return
+    slots = slot_mapping.contiguous()
+    args = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0], k.shape[1], k.shape[2],
+            k_pool.shape[1], k.element_size(), k_pool.data_ptr(), v_pool.data_ptr())
+    if gpu is not None:
+        # slots outside the pool are skipped by the kernel (checking them here would synchronize the stream)
+        with device_of(k):
+            gpu.reshape_and_cache(*args, torch.cuda.current_stream(k.device).cuda_stream)
         return
     if k.shape[0] and (int(slot_mapping.min()) < 0 or int(slot_mapping.max()) >= k_pool.shape[1]):
         raise ValueError("a slot is outside the pool")
-    slots = slot_mapping.contiguous()
-    cpu_module().reshape_and_cache(k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0],
-                                   k.shape[1], k.shape[2], k_pool.shape[1], k.element_size(), k_pool.data_ptr(),
-                                   v_pool.data_ptr())
+    cpu_module().reshape_and_cache(*args)

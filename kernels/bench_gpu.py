@@ -99,9 +99,13 @@ class PagedCase:
         self.plans = [PagedAttention(t, lens, block_size, qlens) for t in self.tables]
         self.q = [torch.randn(batch * rows_per_seq, heads, head_dim, device="cuda", generator=g)
                   for _ in range(self.copies)]
-        self.lens, self.qlens, self.scale = lens, qlens, head_dim ** -0.5
+        self.scale = head_dim ** -0.5
         for plan in self.plans:
             plan.device_tables(self.q[0].device)
+        # the torch path's masks: context positions (decodes), causal over the context (several rows each)
+        pos = torch.arange(nb * block_size)
+        self.mask = (pos[None, :] < lens[:, None]).cuda()
+        self.causal = (pos[None, :] <= (context - rows_per_seq + torch.arange(rows_per_seq))[:, None]).cuda()
 
     def run_all(self, one) -> None:
         for i in range(self.copies):
@@ -122,25 +126,11 @@ class PagedCase:
         table = self.plans[i].device_tables(self.q[i].device)[0]
         k, v = gather_blocks(self.k, table, self.block_size), gather_blocks(self.v, table, self.block_size)
         if self.rows_per_seq == 1:
-            mask = self._mask()
-            return decode_attention(self.q[i], k, v, mask, self.scale)
+            return decode_attention(self.q[i], k, v, self.mask, self.scale)
         n, b = self.rows_per_seq, self.batch
         q = self.q[i].view(b, n, self.heads, self.head_dim).transpose(1, 2)            # [B, H, n, D]
         return torch.nn.functional.scaled_dot_product_attention(
-            q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=self._causal(), scale=self.scale, enable_gqa=True)
-
-    def _mask(self) -> torch.Tensor:
-        if not hasattr(self, "_m"):
-            nb = self.tables[0].shape[1]
-            self._m = (torch.arange(nb * self.block_size)[None, :] < self.lens[:, None]).cuda()
-        return self._m
-
-    def _causal(self) -> torch.Tensor:
-        if not hasattr(self, "_c"):
-            nb, n = self.tables[0].shape[1], self.rows_per_seq
-            pos = torch.arange(nb * self.block_size)
-            self._c = (pos[None, :] <= (self.context - n + torch.arange(n))[:, None]).cuda()
-        return self._c
+            q, k.transpose(0, 1), v.transpose(0, 1), attn_mask=self.causal, scale=self.scale, enable_gqa=True)
 
     def check(self) -> float:
         """max |CUDA - torch path| on copy 0 (a sanity check next to the timings)."""

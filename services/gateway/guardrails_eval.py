@@ -91,21 +91,21 @@ def pii_rates(cases: Sequence[dict]) -> dict:
     }
 
 
-async def similarity_scores(texts: Sequence[str], embed_many: Callable[[list[str]], np.ndarray],
-                            phrasings: list[str] | None = None) -> list[float]:
+async def similarity_scores(texts: Sequence[str], embed_many: Callable[[list[str]], np.ndarray]) -> list[float]:
     """Each text's score as the gateway's `InjectionSimilarity.score` computes it (texts embedded in one batch)."""
     vectors = dict(zip(texts, embed_many(list(texts))))
 
     async def embed_one(text: str) -> np.ndarray:
         return vectors[text]
 
-    sim = InjectionSimilarity(embed_many, embed_one, threshold=1.0, phrasings=phrasings)
+    sim = InjectionSimilarity(embed_many, embed_one, threshold=1.0)
     return [await sim.score(t) for t in texts]
 
 
 def injection_rates(cases: Sequence[dict], scores: Sequence[float] | None = None, threshold: float | None = None) -> dict:
     """Cases: {"text", "label": "attack" | "benign", "category"}. Without scores, only the rules are measured."""
-    flags: dict[str, list[bool]] = {"rules": [screen_injection(c["text"]).flagged for c in cases]}
+    screened = [screen_injection(c["text"]) for c in cases]
+    flags: dict[str, list[bool]] = {"rules": [s.flagged for s in screened]}
     if scores is not None:
         flags["similarity"] = [s >= threshold for s in scores]
         flags["rules+similarity"] = [a or b for a, b in zip(flags["rules"], flags["similarity"])]
@@ -124,13 +124,14 @@ def injection_rates(cases: Sequence[dict], scores: Sequence[float] | None = None
                              for label in ("attack", "benign")},
         }
     final = flags.get("rules+similarity", flags["rules"])
-    out["missed_attacks"] = [_explain(c, scores, i) for i, c in enumerate(cases) if c["label"] == "attack" and not final[i]]
-    out["flagged_benign"] = [_explain(c, scores, i) for i, c in enumerate(cases) if c["label"] == "benign" and final[i]]
+    explain = lambda i: _explain(cases[i], screened[i].rules, scores, i)  # noqa: E731
+    out["missed_attacks"] = [explain(i) for i, c in enumerate(cases) if c["label"] == "attack" and not final[i]]
+    out["flagged_benign"] = [explain(i) for i, c in enumerate(cases) if c["label"] == "benign" and final[i]]
     return out
 
 
-def _explain(case: dict, scores: Sequence[float] | None, i: int) -> dict:
-    out = {"category": case["category"], "text": case["text"], "rules": list(screen_injection(case["text"]).rules)}
+def _explain(case: dict, rules: Sequence[str], scores: Sequence[float] | None, i: int) -> dict:
+    out = {"category": case["category"], "text": case["text"], "rules": list(rules)}
     if scores is not None:
         out["similarity"] = round(float(scores[i]), 3)
     return out
@@ -142,4 +143,5 @@ async def measure(embed_many: Callable[[list[str]], np.ndarray] | None, threshol
     scores = None
     if embed_many is not None:
         scores = await similarity_scores([c["text"] for c in attacks], embed_many)
-    return {"pii": pii_rates(pii), "injection": injection_rates(attacks, scores, threshold), "scores": scores}
+    return {"pii": pii_rates(pii), "injection": injection_rates(attacks, scores, threshold), "scores": scores,
+            "injection_cases": attacks}

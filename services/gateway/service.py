@@ -25,6 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.common import telemetry
+from services.common.aio import cancel_and_wait
 from services.common.errors import (InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError,
                                     StrataError, UnauthenticatedError, UnavailableError)
 from services.common.metrics import GatewayMetrics
@@ -42,6 +43,7 @@ PII_MODES = ("off", "redact", "block")
 INJECTION_MODES = ("allow", "flag", "block")
 _SOURCES = {common_pb2.Source.KIND_MODEL: "model", common_pb2.Source.KIND_CACHE_EXACT: "cache_exact",
             common_pb2.Source.KIND_CACHE_SEMANTIC: "cache_semantic"}
+RECONCILE_ATTEMPTS = 6        # a failed limit reconcile is retried after 1, 2, 4, ... 32 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,8 +422,8 @@ class Gateway:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    async def _reconcile_later(self, r: Reservation, tokens: int, attempts: int = 6) -> None:
-        for i in range(attempts):                  # 1, 2, 4, ... 32 s: past a Redis restart (reconcile is idempotent)
+    async def _reconcile_later(self, r: Reservation, tokens: int) -> None:
+        for i in range(RECONCILE_ATTEMPTS):        # 1, 2, 4, ... 32 s: past a Redis restart (reconcile is idempotent)
             await asyncio.sleep(2 ** i)
             try:
                 await self.limiter.reconcile(r, tokens)
@@ -431,9 +433,7 @@ class Gateway:
         log.warning("limits could not be reconciled; the reservation's lease expires on its own")
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await cancel_and_wait(self._background)
 
     async def _replay(self, hit: cache_pb2.LookupResponse, request_id: str, model: str,
                       flags: list[str]) -> AsyncIterator[gateway_pb2.GatewayChunk]:

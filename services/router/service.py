@@ -296,12 +296,12 @@ class Router:
                     call.cancel()                 # the caller went away or we are done: free the replica's KV blocks
                     span.set_attribute("strata.result", result)
                     self.metrics.attempts.labels(b.replica or b.address, result).inc()
+        served = {b.model for b in self.backends.values()}      # None: a replica whose model is not known yet
         if tried and full == len(tried):
             reason = "full"
-        elif (not tried and req.model and self.backends
-              and all(b.model is not None and b.model != req.model for b in self.backends.values())):
+        elif not tried and req.model and served and None not in served and req.model not in served:
             reason = "unserved"
-            last_error = f"no replica serves model {req.model!r} (served: {', '.join(sorted({b.model for b in self.backends.values() if b.model}))})"
+            last_error = f"no replica serves model {req.model!r} (served: {', '.join(sorted(m for m in served if m))})"
         else:
             reason = "down"
         raise _ModelUnavailable(f"{last_error} (tried {len(tried)} of {len(self.backends)} replicas)", reason)

@@ -60,20 +60,25 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
     assert_all_blocks_free(engine)
 
 
-def test_first_step_logits_within_1e3_of_hf(model_fp32, hf_model, prompts):
+def assert_first_step_logits_close(model, hf_model, prompts: list[list[int]]) -> None:
+    """One prefill step of each prompt through `model` (on its device) gives HF's logits within 1e-3."""
     from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 
-    hp = model_fp32.hp
+    hp, device = model.hp, model.device
     for ids in prompts:
         n = len(ids)
-        kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32),
-               new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32)) for _ in range(hp.num_layers)]
-        slots = torch.arange(n)
+        kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device),
+               new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device)) for _ in range(hp.num_layers)]
+        slots = torch.arange(n, device=device)
         meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
         with torch.inference_mode():
-            ours = model_fp32.compute_logits(model_fp32.forward(torch.tensor(ids), slots, kv, meta))
+            ours = model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta))
             ref = hf_model(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+        torch.testing.assert_close(ours.cpu(), ref, atol=1e-3, rtol=0)
+
+
+def test_first_step_logits_within_1e3_of_hf(model_fp32, hf_model, prompts):
+    assert_first_step_logits_close(model_fp32, hf_model, prompts)
 
 
 def test_text_output_decodes_the_generated_tokens(engine, prompts):

@@ -9,7 +9,7 @@ import torch
 
 from services.inference.sampling import SamplingParams
 from tests.conftest import assert_all_blocks_free
-from tests.integration.test_engine_fidelity import CHATS, NUM_TOKENS, RAW, hf_greedy_tokens
+from tests.integration.test_engine_fidelity import CHATS, NUM_TOKENS, RAW, assert_first_step_logits_close, hf_greedy_tokens
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -69,19 +69,7 @@ def test_greedy_tokens_on_the_gpu_equal_hf_transformers(make_gpu_engine, prompts
 
 
 def test_first_step_logits_on_the_gpu_within_1e3_of_hf(model_cuda, hf_model, prompts):
-    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
-
-    hp = model_cuda.hp
-    for ids in prompts:
-        n = len(ids)
-        kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, "cuda"),
-               new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, "cuda")) for _ in range(hp.num_layers)]
-        slots = torch.arange(n, device="cuda")
-        meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
-        with torch.inference_mode():
-            ours = model_cuda.compute_logits(model_cuda.forward(torch.tensor(ids, device="cuda"), slots, kv, meta))
-            ref = hf_model(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(ours.cpu(), ref, atol=1e-3, rtol=0)
+    assert_first_step_logits_close(model_cuda, hf_model, prompts)
 
 
 def test_prefix_caching_and_a_long_prompt_in_chunks_match_the_cpu_engine(make_gpu_engine, make_engine, prompts):

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from services.gateway.guardrails_eval import INJECTION_CORPUS, load_corpus, measure
+from services.gateway.guardrails_eval import measure
 from services.gateway.service import GatewayConfig
 
 THRESHOLD = GatewayConfig().injection_similarity     # 0.55 when measured
@@ -34,5 +34,5 @@ def test_similarity_screen_adds_attacks_the_rules_miss_at_the_gateways_threshold
 def test_no_attack_is_a_paraphrase_of_a_known_phrasing(measured):
     """The score is the cosine to the nearest phrasing the screen knows: a corpus attack scoring near 1
     would be a copy of one, and the recall above would flatter the screen."""
-    attacks = [s for case, s in zip(load_corpus(INJECTION_CORPUS), measured["scores"]) if case["label"] == "attack"]
+    attacks = [s for case, s in zip(measured["injection_cases"], measured["scores"]) if case["label"] == "attack"]
     assert max(attacks) < 0.9, max(attacks)          # measured 0.751

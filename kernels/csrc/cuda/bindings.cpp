@@ -54,8 +54,6 @@ PYBIND11_MODULE(_cuda, m) {
           });
     m.def("paged_attention_workspace_floats", &strata::cuda::paged_attention_workspace_floats,
           "floats of workspace paged_attention needs for these sizes (0: none)");
-    m.def("paged_attention_partition", &strata::cuda::paged_attention_partition,
-          "positions per block of the split-K kernel for these sizes");
     m.def("paged_attention_fast", &strata::cuda::paged_attention_fast,
           "whether these sizes run the split-K kernel (given 16-byte aligned tensors)");
     m.def("reshape_and_cache", [](uintptr_t k, uintptr_t v, int64_t k_stride, int64_t v_stride, uintptr_t slot_mapping,

@@ -142,13 +142,36 @@ __device__ __forceinline__ float dot8(const float (&q)[8], const float4& a, cons
     return q[0] * a.x + q[1] * a.y + q[2] * a.z + q[3] * a.w + q[4] * b.x + q[5] * b.y + q[6] * b.z + q[7] * b.w;
 }
 
+// the split kernel's arguments (passed by value: one struct instead of 19 parameters at each launch)
+struct SplitParams {
+    const float* q;
+    const float* k_pool;
+    const float* v_pool;
+    const int64_t* block_table;
+    const int64_t* row_seq;
+    const int64_t* row_len;
+    int num_heads, num_kv_heads, group;
+    int64_t num_slots;
+    int block_size;
+    int64_t max_blocks;
+    int partition, max_partitions;
+    float scale;
+    float* out;
+    float* part_acc;                                  // [rows, H, max_partitions, D] (rows spanning partitions)
+    float* part_max;                                  // [rows, H, max_partitions]
+    float* part_sum;                                  // [rows, H, max_partitions]
+};
+
 template <int D, int G>
-__global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(
-        const float* __restrict__ q, const float* __restrict__ k_pool, const float* __restrict__ v_pool,
-        const int64_t* __restrict__ block_table, const int64_t* __restrict__ row_seq,
-        const int64_t* __restrict__ row_len, int num_heads, int num_kv_heads, int group, int64_t num_slots,
-        int block_size, int64_t max_blocks, int partition, int max_partitions, float scale, float* __restrict__ out,
-        float* __restrict__ part_acc, float* __restrict__ part_max, float* __restrict__ part_sum) {
+__global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(const SplitParams p) {
+    const float* __restrict__ q = p.q;
+    const float* __restrict__ k_pool = p.k_pool;
+    const float* __restrict__ v_pool = p.v_pool;
+    const int64_t* __restrict__ block_table = p.block_table;
+    const int num_heads = p.num_heads, num_kv_heads = p.num_kv_heads, group = p.group, block_size = p.block_size;
+    const int partition = p.partition;
+    const int64_t num_slots = p.num_slots;
+    const float scale = p.scale;
     constexpr int kKeyLanes = D / 8;                  // lanes per K row
     constexpr int kKeysPerWarp = 32 / kKeyLanes;
     constexpr int kDimLanes = D / 4;                  // lanes per V row in the V pass
@@ -158,12 +181,12 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(
     __shared__ float head_max[G], head_sum[G];
 
     const int t = blockIdx.x / num_kv_heads, kvh = blockIdx.x % num_kv_heads, part = blockIdx.y;
-    const int len = static_cast<int>(row_len[t]);
+    const int len = static_cast<int>(p.row_len[t]);
     const int start = part * partition;
     if (start >= len && part > 0) return;             // this row's context has fewer partitions
     const int end = min(start + partition, len), n = end - start;
     const int num_parts = len > 0 ? (len + partition - 1) / partition : 1;
-    const int64_t* table = block_table + row_seq[t] * max_blocks;
+    const int64_t* table = block_table + p.row_seq[t] * p.max_blocks;
     const float* kbase = k_pool + kvh * num_slots * D;
     const float* vbase = v_pool + kvh * num_slots * D;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -268,13 +291,13 @@ __global__ void __launch_bounds__(kAttnThreads) paged_attention_split_kernel(
         for (int j = 0; j < kPosLanes; ++j) sum += partial[j][g][d];
         const int64_t head_row = static_cast<int64_t>(t) * num_heads + kvh * group + g;
         if (num_parts == 1) {
-            out[head_row * D + d] = head_sum[g] > 0.f ? sum / head_sum[g] : 0.f;
+            p.out[head_row * D + d] = head_sum[g] > 0.f ? sum / head_sum[g] : 0.f;
         } else {
-            const int64_t at = head_row * max_partitions + part;
-            part_acc[at * D + d] = sum;
+            const int64_t at = head_row * p.max_partitions + part;
+            p.part_acc[at * D + d] = sum;
             if (d == 0) {
-                part_max[at] = head_max[g];
-                part_sum[at] = head_sum[g];
+                p.part_max[at] = head_max[g];
+                p.part_sum[at] = head_sum[g];
             }
         }
     }
@@ -392,32 +415,13 @@ int64_t paged_attention_workspace_floats(int64_t rows, int64_t num_heads, int64_
 
 namespace {
 
-template <int D, int G>
-void launch_split(dim3 grid, cudaStream_t stream, const float* q, const float* k_pool, const float* v_pool,
-                  const int64_t* block_table, const int64_t* row_seq, const int64_t* row_len, int num_heads,
-                  int num_kv_heads, int64_t num_slots, int block_size, int64_t max_blocks, int partition,
-                  int max_partitions, float scale, float* out, float* part_acc, float* part_max, float* part_sum) {
-    paged_attention_split_kernel<D, G><<<grid, kAttnThreads, 0, stream>>>(
-        q, k_pool, v_pool, block_table, row_seq, row_len, num_heads, num_kv_heads, num_heads / num_kv_heads,
-        num_slots, block_size, max_blocks, partition, max_partitions, scale, out, part_acc, part_max, part_sum);
-}
-
 template <int D>
-void launch_split_d(int group, dim3 grid, cudaStream_t stream, const float* q, const float* k_pool,
-                    const float* v_pool, const int64_t* block_table, const int64_t* row_seq, const int64_t* row_len,
-                    int num_heads, int num_kv_heads, int64_t num_slots, int block_size, int64_t max_blocks,
-                    int partition, int max_partitions, float scale, float* out, float* part_acc, float* part_max,
-                    float* part_sum) {
-    // G is the register tile: the group size rounded up to 1, 2, 4 or 8
-#define STRATA_SPLIT(G)                                                                                           \
-    launch_split<D, G>(grid, stream, q, k_pool, v_pool, block_table, row_seq, row_len, num_heads, num_kv_heads,   \
-                       num_slots, block_size, max_blocks, partition, max_partitions, scale, out, part_acc, part_max, \
-                       part_sum)
-    if (group == 1) STRATA_SPLIT(1);
-    else if (group == 2) STRATA_SPLIT(2);
-    else if (group <= 4) STRATA_SPLIT(4);
-    else STRATA_SPLIT(8);
-#undef STRATA_SPLIT
+void launch_split(const SplitParams& p, dim3 grid, cudaStream_t stream) {
+    // the register tile G: the group size rounded up to 1, 2, 4 or 8
+    if (p.group == 1) paged_attention_split_kernel<D, 1><<<grid, kAttnThreads, 0, stream>>>(p);
+    else if (p.group == 2) paged_attention_split_kernel<D, 2><<<grid, kAttnThreads, 0, stream>>>(p);
+    else if (p.group <= 4) paged_attention_split_kernel<D, 4><<<grid, kAttnThreads, 0, stream>>>(p);
+    else paged_attention_split_kernel<D, 8><<<grid, kAttnThreads, 0, stream>>>(p);
 }
 
 }  // namespace
@@ -436,26 +440,20 @@ int paged_attention(const float* q, const float* k_pool, const float* v_pool, co
         const int64_t partition = paged_attention_partition(rows, num_kv_heads, max_context);
         const int64_t parts = max_context > 0 ? (max_context + partition - 1) / partition : 1;
         if (parts > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
-        float* part_acc = workspace;
         float* part_max = need ? workspace + rows * num_heads * parts * head_dim : nullptr;
-        float* part_sum = need ? part_max + rows * num_heads * parts : nullptr;
+        const SplitParams p{q, k_pool, v_pool, block_table, row_seq, row_len, static_cast<int>(num_heads),
+                            static_cast<int>(num_kv_heads), static_cast<int>(num_heads / num_kv_heads), num_slots,
+                            static_cast<int>(block_size), max_blocks, static_cast<int>(partition),
+                            static_cast<int>(parts), scale, out, workspace, part_max,
+                            need ? part_max + rows * num_heads * parts : nullptr};
         const dim3 grid(static_cast<unsigned>(rows * num_kv_heads), static_cast<unsigned>(parts));
-        const int group = static_cast<int>(num_heads / num_kv_heads);
-        if (head_dim == 64)
-            launch_split_d<64>(group, grid, stream, q, k_pool, v_pool, block_table, row_seq, row_len,
-                               static_cast<int>(num_heads), static_cast<int>(num_kv_heads), num_slots,
-                               static_cast<int>(block_size), max_blocks, static_cast<int>(partition),
-                               static_cast<int>(parts), scale, out, part_acc, part_max, part_sum);
-        else
-            launch_split_d<128>(group, grid, stream, q, k_pool, v_pool, block_table, row_seq, row_len,
-                                static_cast<int>(num_heads), static_cast<int>(num_kv_heads), num_slots,
-                                static_cast<int>(block_size), max_blocks, static_cast<int>(partition),
-                                static_cast<int>(parts), scale, out, part_acc, part_max, part_sum);
+        if (head_dim == 64) launch_split<64>(p, grid, stream);
+        else launch_split<128>(p, grid, stream);
         int e = launched();
         if (e != 0 || parts == 1) return e;
         paged_attention_reduce_kernel<<<static_cast<unsigned>(rows * num_heads), 64, 0, stream>>>(
             row_len, static_cast<int>(num_heads), static_cast<int>(head_dim), static_cast<int>(partition),
-            static_cast<int>(parts), part_acc, part_max, part_sum, out);
+            static_cast<int>(parts), p.part_acc, p.part_max, p.part_sum, out);
         return launched();
     }
     const size_t shared_bytes = static_cast<size_t>(max_context > 0 ? max_context : 1) * sizeof(float);

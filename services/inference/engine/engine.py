@@ -182,7 +182,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, config.block_size)
         self._text: dict[str, TextState] = {}
         self._sent_tokens: dict[str, int] = {}
-        self.fatal_error: str | None = None         # set by a device fault: the engine no longer runs
+        self.fatal_error: str | None = None         # set by a device fault (the message): the engine no longer runs
         self._num_preemptions = 0
         self._prefix_hit_tokens = 0
         self._prompt_tokens = 0
@@ -255,7 +255,7 @@ class LLMEngine:
                     num_speculative_tokens: int | None = None) -> str:
         """num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
         if self.fatal_error is not None:
-            raise EngineDeadError(f"engine stopped after a device fault ({self.fatal_error}): restart the replica")
+            raise EngineDeadError(self.fatal_error)
         max_tokens = self.check_request(prompt_token_ids, params, model)
         self.check_speculative(num_speculative_tokens)
         request_id = request_id or uuid.uuid4().hex
@@ -414,14 +414,15 @@ class LLMEngine:
 
     def _die(self, exc: BaseException) -> None:
         """After a device fault: fail and free every request, refuse new ones, raise EngineDeadError."""
-        self.fatal_error = f"{type(exc).__name__} on {self.config.device}"
+        self.fatal_error = (f"engine stopped after a device fault ({type(exc).__name__} on {self.config.device}): "
+                            "restart the replica")
         log.critical("device fault in a model step: the engine stops, every request fails; restart the replica",
                      exc_info=exc, extra={"device": self.config.device})
         for request_id in list(self.scheduler.requests):
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             self._text.pop(request_id, None)
             self._sent_tokens.pop(request_id, None)
-        raise EngineDeadError(f"engine stopped after a device fault ({self.fatal_error}): restart the replica") from exc
+        raise EngineDeadError(self.fatal_error) from exc
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
         # blocks were registered in the prefix cache when scheduled; their K/V may now be garbage

@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import available as kernels_available
-from kernels._loader import cuda_module, triton_module
-from kernels.attention import KV_DTYPES, PagedAttention, triton_takes
+from kernels.attention import PagedAttention, paged_kernel_for
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
@@ -65,15 +63,8 @@ class ModelRunner:
         return gen
 
     def _paged_kernel(self) -> bool:
-        """Whether paged rows go through a paged-attention kernel: the C++ one on CPU (float32 or bfloat16
-        pools), the CUDA or Triton one on a GPU (float32 pools)."""
-        dtype = self.kv_caches[0][0].dtype
-        if self.device.type == "cpu":
-            return kernels_available() and dtype in KV_DTYPES
-        if dtype != torch.float32:
-            return False
-        hp = self.model.hp
-        return cuda_module() is not None or (triton_module() is not None and triton_takes(hp.head_dim, self.block_size))
+        """Whether paged rows go through a paged-attention kernel (kernels.attention.paged_kernel_for)."""
+        return paged_kernel_for(self.device, self.kv_caches[0][0].dtype, self.model.hp.head_dim, self.block_size)
 
     # inputs
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, torch.Tensor,

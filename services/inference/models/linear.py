@@ -62,8 +62,8 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def bucketed_rows(x2: torch.Tensor, product) -> torch.Tensor:
-    """product(x2) for a 2-D x2, run on x2's rows zero-padded to row_bucket(rows) and cut back.
+def bucketed_rows(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 @ weight for a 2-D x2, run on x2's rows zero-padded to row_bucket(rows) and cut back.
 
     oneDNN (bf16 and int8 products on CPU) keeps state for every shape it multiplies, about 0.6 MiB each
     here, partly outside its primitive cache's capacity: with the step's token count as M, a serving replica
@@ -71,10 +71,10 @@ def bucketed_rows(x2: torch.Tensor, product) -> torch.Tensor:
     rows = x2.shape[0]
     bucket = row_bucket(rows)
     if bucket == rows:
-        return product(x2)
+        return x2 @ weight
     padded = x2.new_zeros(bucket, x2.shape[1])
     padded[:rows] = x2
-    return product(padded)[:rows]
+    return (padded @ weight)[:rows]
 
 
 class DenseLinear:
@@ -91,7 +91,7 @@ class DenseLinear:
         if self.weight.dtype == torch.float32 or x.device.type != "cpu":
             return x @ self.weight
         shape = x.shape
-        y = bucketed_rows(x.reshape(-1, shape[-1]), lambda rows: rows @ self.weight)
+        y = bucketed_rows(x.reshape(-1, shape[-1]), self.weight)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @property

@@ -9,20 +9,12 @@ import torch.nn.functional as F
 
 from kernels import GGUFMatrix, LayerStack, StackLayerWeights, add_rms_norm_, rotary_, silu_and_mul
 from kernels import available as kernels_available
-from kernels._loader import cuda_module, triton_module
+from kernels.layers import row_kernels_on
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.gguf_file import GGUFFile, LlamaHParams
 from services.inference.models.linear import DenseLinear, GGUFLinear, Int8Linear, Int8WeightLinear, Linear
 
 QUANTIZATIONS = ("int8", "gguf")
-
-
-def row_kernels_on(device: torch.device) -> bool:
-    """Whether the row kernels (residual-add + RMSNorm, rotary, SiLU-and-mul) run compiled on `device`: the
-    C++ module on CPU, the CUDA module or Triton on a GPU."""
-    if device.type == "cpu":
-        return kernels_available()
-    return device.type == "cuda" and (cuda_module() is not None or triton_module() is not None)
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
