@@ -59,7 +59,8 @@ class Child:
     port: int
     metrics_port: int = -1
     proc: subprocess.Popen | None = None
-    log: TextIO | None = None
+    log: TextIO | None = None          # opened by the first start; a restart appends to it
+    pump: threading.Thread | None = None
     tail: list[str] = field(default_factory=list)
 
 
@@ -183,21 +184,30 @@ class Suite:
             print(line, flush=True)
 
     def start(self, c: Child) -> None:
-        c.log = open(self.run_dir / f"{c.name}.log", "w")
+        """Start the child, or restart it once it has exited: the restart's lines follow the previous
+        process's last ones in the same log file."""
+        if c.proc is not None and c.proc.poll() is None:
+            raise RuntimeError(f"{c.name} is still running")
+        if c.pump is not None:
+            c.pump.join()                      # the exited process's last lines are in the log
+        if c.log is None:
+            c.log = open(self.run_dir / f"{c.name}.log", "w")
         # its own session: a terminal's Ctrl-C reaches `up` only, which stops the services in order
         c.proc = subprocess.Popen(_follow_parent(c.args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
-        threading.Thread(target=self._pump, args=(c,), name=f"log-{c.name}", daemon=True).start()
+        c.pump = threading.Thread(target=self._pump, args=(c,), name=f"log-{c.name}", daemon=True)
+        c.pump.start()
 
     def _pump(self, c: Child) -> None:
         assert c.proc is not None and c.proc.stdout is not None and c.log is not None
         width = max(len(x.name) for x in self.children)
-        for line in c.proc.stdout:
-            c.log.write(line)
-            c.log.flush()
-            c.tail = (c.tail + [line.rstrip()])[-30:]
-            if not self.a.quiet and c.kind != "redis":
-                self.say(f"{c.name:<{width}} | {line.rstrip()}")
+        with c.proc.stdout:
+            for line in c.proc.stdout:
+                c.log.write(line)
+                c.log.flush()
+                c.tail = (c.tail + [line.rstrip()])[-30:]
+                if not self.a.quiet and c.kind != "redis":
+                    self.say(f"{c.name:<{width}} | {line.rstrip()}")
 
     async def wait_ready(self, c: Child, deadline: float) -> None:
         if c.kind == "redis":

@@ -34,7 +34,10 @@ class Backend:
     def __init__(self, address: str, config: BackendConfig) -> None:
         self.address = address
         self.config = config
-        self.channel = config.tls.channel(address)
+        # a replica that comes back is dialed within reconnect_s, not after gRPC's backoff (which grows to 2 min)
+        backoff_ms = max(1, round(config.reconnect_s * 1000))
+        self.channel = config.tls.channel(address, [("grpc.initial_reconnect_backoff_ms", backoff_ms),
+                                                    ("grpc.max_reconnect_backoff_ms", backoff_ms)])
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.circuit = CircuitBreaker(config.failure_threshold, config.failure_window_s, config.open_cooldown_s)
@@ -78,6 +81,8 @@ class Backend:
     def _set_healthy(self, ok: bool) -> None:
         if ok != self.healthy:
             log.info("replica %s", "healthy" if ok else "unhealthy", extra={"backend": self.address})
+            if ok:                            # back: an open circuit probes with the next request
+                self.circuit.health_restored()
         self.healthy = ok
 
     async def _poll_load(self) -> None:

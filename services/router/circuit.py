@@ -1,6 +1,7 @@
 """Circuit breaker per replica: closed → open after `failure_threshold` failures within `window_s`;
-open → half-open after `cooldown_s`; half-open lets one probe through: success closes, failure reopens.
-No grpc, no asyncio: the router calls allow/success/failure around each attempt."""
+open → half-open after `cooldown_s`, or at once when the replica's health check passes again;
+half-open lets one probe through: success closes, failure reopens. No grpc, no asyncio: the router
+calls allow/success/failure around each attempt, the replica's health watch calls health_restored."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ class CircuitBreaker:
         self.failure_threshold, self.window_s, self.cooldown_s = failure_threshold, window_s, cooldown_s
         self._clock = clock
         self._failures: deque[float] = deque()
-        self._opened_at: float | None = None
+        self._half_open_at: float | None = None    # None: closed
         self._probing = False
         self.opened = 0          # times the circuit opened (for ListBackends and metrics)
 
     @property
     def state(self) -> str:
-        if self._opened_at is None:
+        if self._half_open_at is None:
             return CLOSED
-        return HALF_OPEN if self._clock() >= self._opened_at + self.cooldown_s else OPEN
+        return HALF_OPEN if self._clock() >= self._half_open_at else OPEN
 
     def allow(self) -> bool:
         """Whether a request may go to this replica now; in half-open, only one probe at a time."""
@@ -41,7 +42,7 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         self._failures.clear()
-        self._opened_at = None
+        self._half_open_at = None
         self._probing = False
 
     def record_failure(self) -> None:
@@ -52,15 +53,21 @@ class CircuitBreaker:
         self._failures.append(now)
         while self._failures and self._failures[0] < now - self.window_s:
             self._failures.popleft()
-        if self._opened_at is None and len(self._failures) >= self.failure_threshold:
+        if self._half_open_at is None and len(self._failures) >= self.failure_threshold:
             self._open(now)
 
     def release(self) -> None:
         """An attempt ended without a verdict on the replica (the caller went away): free the probe slot."""
         self._probing = False
 
+    def health_restored(self) -> None:
+        """The replica's health check passed after failing: an open circuit turns half-open now, without
+        waiting out the cool-down (the next request is the probe)."""
+        if self.state == OPEN:
+            self._half_open_at = self._clock()
+
     def _open(self, now: float) -> None:
-        self._opened_at = now
+        self._half_open_at = now + self.cooldown_s
         self._probing = False
         self._failures.clear()
         self.opened += 1

@@ -124,3 +124,43 @@ def test_strata_up_fails_fast_with_the_log_tail_when_a_service_cannot_start(tmp_
     text = "\n".join(up.lines)
     assert "inference-0 exited with" in text and "float64" in text
     assert ">> READY" not in text
+
+
+def test_a_restarted_service_appends_to_its_log_and_the_supervisor_keeps_one_file_open_per_service(tmp_path):
+    """`up`'s own start and log pump around a cheap child (a shell printing its pid) instead of a service."""
+    import argparse
+
+    from services.up import Suite, add_args
+
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    suite = Suite(parser.parse_args(["--free-ports", "--quiet", "--redis-url", "redis://127.0.0.1:1/0",
+                                     "--run-dir", str(tmp_path / "run")]))
+    suite.run_dir.mkdir(parents=True)
+    router = next(c for c in suite.children if c.kind == "router")
+    router.args = ["sh", "-c", "echo started $$; exec sleep 60"]
+    log = suite.run_dir / "router.log"
+
+    def open_logs() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(log.resolve()))
+
+    def wait_for_lines(n: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while len(lines := log.read_text().splitlines()) < n:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.02)
+        return lines
+
+    try:
+        suite.start(router)
+        first = router.proc.pid
+        assert wait_for_lines(1) == [f"started {first}"]
+        router.proc.kill()
+        router.proc.wait()
+        suite.start(router)
+        assert wait_for_lines(2) == [f"started {first}", f"started {router.proc.pid}"]
+        assert open_logs() == 1
+    finally:
+        suite.stop()
+    assert open_logs() == 0

@@ -52,6 +52,29 @@ def test_a_failed_probe_reopens_for_another_cooldown():
     assert cb.allow()
 
 
+def test_a_passing_health_check_half_opens_an_open_circuit_without_waiting_for_the_cooldown():
+    clock = Clock()
+    cb = CircuitBreaker(failure_threshold=1, window_s=10, cooldown_s=30, clock=clock)
+    cb.health_restored()                         # a closed circuit stays closed
+    assert cb.state == CLOSED
+    cb.record_failure()
+    clock.t = 2
+    assert cb.state == OPEN
+    cb.health_restored()
+    assert cb.state == HALF_OPEN
+    assert cb.allow() and not cb.allow()         # the next request is the one probe
+    cb.health_restored()                         # while the probe is out: still that one
+    assert not cb.allow()
+    cb.record_failure()                          # the probe failed: a full cool-down again
+    assert cb.state == OPEN and cb.opened == 2
+    clock.t = 31.9
+    assert cb.state == OPEN
+    cb.health_restored()
+    assert cb.allow()
+    cb.record_success()
+    assert cb.state == CLOSED and cb.allow()
+
+
 def test_circuit_rejects_nonsense_settings():
     with pytest.raises(ValueError):
         CircuitBreaker(failure_threshold=0)
