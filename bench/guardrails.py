@@ -7,7 +7,7 @@ data that it changes anyway. Injection: the share of attacks flagged (per catego
 prompts flagged, for the rules, the MiniLM similarity screen at the gateway's default threshold, and
 both; plus a sweep of the threshold. The corpora are written by us (synthetic values; attacks kept
 apart from the similarity screen's phrasings): read the rates as a regression baseline, not as a
-claim about traffic in the wild. JSON + PNG in bench/results/. Code: services/gateway/guardrails_eval.py.
+claim about traffic in the wild. JSON + PNG in bench/results/. Code: tools/guardrails_eval.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.serving import machine_info
-from services.gateway.guardrails_eval import INJECTION_CORPUS, METHODS, PII_CORPUS, injection_rates, measure
+from tools.guardrails_eval import INJECTION_CORPUS, METHODS, PII_CORPUS, injection_rates, measure
 
 _ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [round(0.40 + 0.05 * i, 2) for i in range(7)]     # 0.40 .. 0.70
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=_ROOT / "bench" / "results" / "guardrails.json")
     a = p.parse_args(argv)
 
-    from services.cache.embedder import MiniLMEmbedder
+    from services.embedding.embedder import MiniLMEmbedder
 
     embedder = MiniLMEmbedder()
     t0 = time.perf_counter()

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.retry_after import retry_after_s
 from services.gateway.usage import utc_day
 from services.up import Suite
 
@@ -237,8 +238,7 @@ class Load:
         except grpc.aio.AioRpcError as exc:
             out.code = exc.code().name
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                ra = dict(exc.trailing_metadata() or ()).get("retry-after")
-                out.retry_after_s = float(ra) if ra else None
+                out.retry_after_s = retry_after_s(exc)
                 out.refused_by = "gateway" if "gateway is at capacity" in (exc.details() or "") else "replicas"
         out.t1 = now()
         self.outcomes.append(out)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         from services.router import main as router_main
         router_main.run(args)
     elif args.command == "cache" and args.cache_command == "eval":
-        from services.cache import eval as cache_eval
+        from tools import cache_eval
         cache_eval.run(args)
     elif args.command == "up":
         from services import up

@@ -32,7 +32,7 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
 
 def chat(a: argparse.Namespace) -> None:
     """Stream the answer to stdout; where it came from and its usage to stderr."""
-    from services.client import StrataClient, StrataError
+    from services.client import StrataClient, StrataClientError
 
     key = _setting("STRATA_API_KEY", a.api_key)
     if not key:
@@ -47,7 +47,7 @@ def chat(a: argparse.Namespace) -> None:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 last = chunk
-    except StrataError as exc:
+    except StrataClientError as exc:
         sys.stdout.write("\n")
         raise SystemExit(f"strata chat: {exc.code.name}: {exc.details}") from None
     sys.stdout.write("\n")

@@ -156,5 +156,5 @@ def redis_url(redis_server):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from services.cache.embedder import MiniLMEmbedder
+    from services.embedding.embedder import MiniLMEmbedder
     return MiniLMEmbedder()

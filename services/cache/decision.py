@@ -4,7 +4,7 @@ A bare cosine threshold is the baseline. It fails on pairs that share most words
 things ("... in India?" / "... in China?", "A to B" / "B to A", "how to" / "why"). The decision
 here is a small logistic model over pair features (cosine, its margin over the next candidate, word
 and content-word overlap, words present on one side only, numbers, negations, question word, word
-order) trained on labelled pairs by `services/cache/train_decision.py`; its weights ship as
+order) trained on labelled pairs by `tools/train_cache_decision.py`; its weights ship as
 `hit_model.json` next to this file. No torch, no grpc: numpy only.
 """
 
@@ -105,7 +105,7 @@ class HitModel:
     def load(cls, path: Path | str = MODEL_PATH) -> "HitModel":
         d = json.loads(Path(path).read_text())
         if tuple(d["features"]) != FEATURE_NAMES:
-            raise ValueError(f"{path} was trained on other features: retrain with services/cache/train_decision.py")
+            raise ValueError(f"{path} was trained on other features: retrain with tools/train_cache_decision.py")
         return cls(np.array(d["mean"]), np.array(d["std"]), np.array(d["weights"]), float(d["bias"]),
                    float(d["threshold"]), float(d["min_cosine"]), d.get("meta", {}))
 

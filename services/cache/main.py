@@ -68,9 +68,9 @@ class CacheService:
     def __init__(self, config: CacheConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
                  replica_id: str = "", embed_threads: int | None = None, metrics_port: int = -1,
                  tls: TlsConfig = PLAINTEXT) -> None:
-        from services.cache.embedder import MiniLMEmbedder
         from services.cache.servicer import SemanticCacheServicer
         from services.common.pb import cache_pb2_grpc
+        from services.embedding.embedder import MiniLMEmbedder
 
         self.embedder = embedder or MiniLMEmbedder(num_threads=embed_threads)
         self.cache = SemanticCacheService(config, self.embedder, replica_id=replica_id)

@@ -18,13 +18,13 @@ from typing import Any, Sequence
 import numpy as np
 from redis.exceptions import RedisError
 
-from services.cache.batcher import MicroBatcher
 from services.cache.decision import HitDecider
 from services.cache.index import NamespaceIndex
 from services.cache.keys import CacheKey, make_key, validate_entry_id, validate_namespace
 from services.cache.store import Entry, RedisStore
 from services.common.aio import cancel_and_wait
 from services.common.errors import InvalidArgumentError, UnavailableError
+from services.embedding.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)

@@ -7,23 +7,23 @@
             print(chunk.text, end="")
 
 AsyncStrataClient has the same surface for asyncio. Results are frozen dataclasses (Result, Chunk, Usage,
-Source); failures raise StrataError subclasses; UNAVAILABLE is retried per RetryPolicy (a stream only
+Source); failures raise StrataClientError subclasses; UNAVAILABLE is retried per RetryPolicy (a stream only
 until its first chunk)."""
 
 from services.client.async_client import AsyncStrataClient
 from services.client.errors import (
     AuthError,
-    DeadlineExceededError,
-    InvalidArgumentError,
+    CallTimeoutError,
+    InvalidRequestError,
     RateLimitedError,
-    StrataError,
-    UnavailableError,
+    ServiceUnavailableError,
+    StrataClientError,
 )
 from services.client.request import CachePolicy, Message, Prompt, Sampling
 from services.client.results import Chunk, Result, Source, Usage
 from services.client.retry import RetryPolicy
 from services.client.sync_client import StrataClient
 
-__all__ = ["AsyncStrataClient", "AuthError", "CachePolicy", "Chunk", "DeadlineExceededError", "InvalidArgumentError",
-           "Message", "Prompt", "RateLimitedError", "Result", "RetryPolicy", "Sampling", "Source", "StrataClient",
-           "StrataError", "UnavailableError", "Usage"]
+__all__ = ["AsyncStrataClient", "AuthError", "CachePolicy", "CallTimeoutError", "Chunk", "InvalidRequestError",
+           "Message", "Prompt", "RateLimitedError", "Result", "RetryPolicy", "Sampling", "ServiceUnavailableError",
+           "Source", "StrataClient", "StrataClientError", "Usage"]

@@ -1,11 +1,15 @@
-"""What a failed call raises: one exception per status a caller handles differently, all StrataError."""
+"""What a failed call raises: one exception per status a caller handles differently, all StrataClientError.
+
+Named apart from the services' own errors (services/common/errors.py), which are what a server raises."""
 
 from __future__ import annotations
 
 import grpc
 
+from services.common.retry_after import retry_after_s
 
-class StrataError(Exception):
+
+class StrataClientError(Exception):
     """A call that ended with a non-OK status: `code` is the gRPC status, `details` the server's message."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -14,16 +18,17 @@ class StrataError(Exception):
         self.details = details
 
 
-class AuthError(StrataError):
+class AuthError(StrataClientError):
     """UNAUTHENTICATED (missing, unknown or revoked key) or PERMISSION_DENIED (a model the key may not use,
     a blocked prompt)."""
 
 
-class InvalidArgumentError(StrataError):
-    """The request itself is wrong (unknown model, max_tokens out of range, a bad role...); do not retry."""
+class InvalidRequestError(StrataClientError):
+    """INVALID_ARGUMENT: the request itself is wrong (unknown model, max_tokens out of range, a bad
+    role...); do not retry."""
 
 
-class RateLimitedError(StrataError):
+class RateLimitedError(StrataClientError):
     """RESOURCE_EXHAUSTED: a per-key limit or budget. `retry_after_s` is the server's `retry-after`
     (None when it sent none, e.g. a spent budget)."""
 
@@ -32,38 +37,26 @@ class RateLimitedError(StrataError):
         self.retry_after_s = retry_after_s
 
 
-class UnavailableError(StrataError):
+class ServiceUnavailableError(StrataClientError):
     """UNAVAILABLE after the client's retries, or mid-stream (never retried once a chunk was yielded)."""
 
 
-class DeadlineExceededError(StrataError):
-    """The call's deadline (`timeout`) passed."""
+class CallTimeoutError(StrataClientError):
+    """DEADLINE_EXCEEDED: the call's deadline (`timeout`) passed."""
 
 
-_BY_CODE: dict[grpc.StatusCode, type[StrataError]] = {
+_BY_CODE: dict[grpc.StatusCode, type[StrataClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.PERMISSION_DENIED: AuthError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.UNAVAILABLE: UnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: CallTimeoutError,
 }
 
 
-def retry_after_s(exc: grpc.RpcError) -> float | None:
-    """The `retry-after` trailing metadata of a failed call, in seconds (None if absent or malformed)."""
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == "retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
-
-
-def from_rpc_error(exc: grpc.RpcError) -> StrataError:
+def from_rpc_error(exc: grpc.RpcError) -> StrataClientError:
     """The typed error for a failed sync or asyncio call."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RateLimitedError(code, details, retry_after_s(exc))
-    return _BY_CODE.get(code, StrataError)(code, details)
+    return _BY_CODE.get(code, StrataClientError)(code, details)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.client.errors import DeadlineExceededError, RateLimitedError, StrataError
+from services.client.errors import CallTimeoutError, RateLimitedError, StrataClientError
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,18 +40,18 @@ class Attempts:
         self.num_calls = 0
 
     def next_timeout(self) -> float | None:
-        """Seconds the next call may take (None: no deadline), counting the call; DeadlineExceededError
+        """Seconds the next call may take (None: no deadline), counting the call; CallTimeoutError
         when none are left."""
         self.num_calls += 1
         if self.deadline is None:
             return None
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        f"deadline exceeded after {self.num_calls - 1} call(s)")
+            raise CallTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"deadline exceeded after {self.num_calls - 1} call(s)")
         return remaining
 
-    def retry_delay(self, error: StrataError) -> float | None:
+    def retry_delay(self, error: StrataClientError) -> float | None:
         """Seconds to wait before calling again after `error`, or None: give up and raise it (not a
         retried status, no attempts left, or the wait would outlast the deadline)."""
         if error.code not in self.policy.retry_on or self.num_calls >= self.policy.max_attempts:

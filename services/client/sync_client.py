@@ -51,7 +51,7 @@ class StrataClient(ClientBase):
         tuples). `model` None = the client's; `cache` "use" (the server's default), "bypass" or "refresh";
         `priority` lower runs sooner; `allow_sampled_cache` also caches answers with temperature > 0;
         `timeout` None = the client's; `sampling` as SamplingParams (max_tokens=32, temperature=0.0...).
-        UNAVAILABLE is retried per the client's RetryPolicy; other failures raise a StrataError subclass."""
+        UNAVAILABLE is retried per the client's RetryPolicy; other failures raise a StrataClientError subclass."""
         req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
         while True:
             try:
@@ -69,7 +69,7 @@ class StrataClient(ClientBase):
                priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None,
                **sampling: Unpack[Sampling]) -> Iterator[Chunk]:
         """The answer as it is generated, with generate's arguments. Retried only until the first chunk
-        was yielded: after that an UNAVAILABLE raises UnavailableError rather than start the answer again.
+        was yielded: after that an UNAVAILABLE raises ServiceUnavailableError rather than start the answer again.
         Leaving the loop early cancels the call."""
         req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
         return self._stream(req, attempts)

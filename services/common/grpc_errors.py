@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, StrataError
+from services.common.retry_after import retry_after_metadata
 from services.common.telemetry import finish_server_span, server_span
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the RPC with the status for exc (internal errors get a generic message)."""
     if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),))
+        context.set_trailing_metadata(retry_after_metadata(exc.retry_after_s))
     if isinstance(exc, StrataError):
         await context.abort(status_code(exc), bounded_details(str(exc)))
     log.error("internal error", exc_info=exc)

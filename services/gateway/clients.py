@@ -13,10 +13,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from services.client.errors import retry_after_s
 from services.common import telemetry
 from services.common.errors import DeadlineExceededError, ResourceExhaustedError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
+from services.common.retry_after import retry_after_s
 from services.common.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,13 @@
   [PHONE]        international (+country) or separated national numbers of 9-15 digits (NANP with or
                  without a leading 1, numbers with a trunk 0 such as 07700 900123, 01 42 68 53 00, 030/1234567)
 Checksums keep ordinary numbers (order ids, amounts, years) intact. Addresses written as name[at]host[dot]com
-count as emails; `git@host:repo` remotes do not. Rates on labelled corpora: `guardrails_eval.py`.
+count as emails; `git@host:repo` remotes do not. Rates on labelled corpora: `tools/guardrails_eval.py`.
 
 `screen_injection(text)` matches known prompt-injection phrasings with rules and returns the rules
 that fired; the rules also read the text with obfuscation undone (NFKC, zero-width characters, Cyrillic
 look-alikes, l e t t e r-by-letter spacing, dis-connected words, leetspeak). `InjectionSimilarity` is
 the other half: the cosine of a prompt's MiniLM embedding to the nearest of `data/injection_phrasings.txt`
-(threshold chosen by `calibrate_injection.py`).
+(threshold chosen by `tools/calibrate_injection.py`).
 No grpc, no Redis.
 """
 

@@ -107,8 +107,8 @@ class GatewayService:
         self.batcher, similarity = None, None
         g = config.gateway
         if g.injection_mode != "allow" and g.injection_similarity > 0:
-            from services.cache.batcher import MicroBatcher
-            from services.cache.embedder import MiniLMEmbedder
+            from services.embedding.batcher import MicroBatcher
+            from services.embedding.embedder import MiniLMEmbedder
             from services.gateway.guardrails import InjectionSimilarity
 
             embedder = embedder or MiniLMEmbedder(num_threads=1)

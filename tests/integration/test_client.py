@@ -13,15 +13,15 @@ import pytest
 from services.client import (
     AsyncStrataClient,
     AuthError,
+    CallTimeoutError,
     Chunk,
-    DeadlineExceededError,
-    InvalidArgumentError,
+    InvalidRequestError,
     RateLimitedError,
     Result,
     RetryPolicy,
+    ServiceUnavailableError,
     StrataClient,
-    StrataError,
-    UnavailableError,
+    StrataClientError,
 )
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
@@ -51,7 +51,7 @@ async def generate(flavor: str, target: str, key: str, prompt, client: dict | No
 
 
 async def stream(flavor: str, target: str, key: str, prompt, client: dict | None = None,
-                 **kw) -> tuple[list[Chunk], StrataError | None]:
+                 **kw) -> tuple[list[Chunk], StrataClientError | None]:
     """The chunks a `stream` yielded, and the error that ended it (None: it finished)."""
     chunks: list[Chunk] = []
     if flavor == "async":
@@ -59,16 +59,16 @@ async def stream(flavor: str, target: str, key: str, prompt, client: dict | None
             try:
                 async for chunk in c.stream(prompt, **kw):
                     chunks.append(chunk)
-            except StrataError as exc:
+            except StrataClientError as exc:
                 return chunks, exc
         return chunks, None
 
-    def run() -> tuple[list[Chunk], StrataError | None]:
+    def run() -> tuple[list[Chunk], StrataClientError | None]:
         with StrataClient(target, key, **(client or {})) as c:
             try:
                 for chunk in c.stream(prompt, **kw):
                     chunks.append(chunk)
-            except StrataError as exc:
+            except StrataClientError as exc:
                 return chunks, exc
         return chunks, None
     return await asyncio.to_thread(run)
@@ -151,11 +151,11 @@ async def test_an_expired_deadline_raises_deadline_exceeded(stack, flavor):
     target, admin = await stack.gateway()
     key = await new_key(admin)
     long_answer = {"max_tokens": 400, "temperature": 0.0, "ignore_eos": True, "cache": "bypass"}
-    with pytest.raises(DeadlineExceededError) as err:
+    with pytest.raises(CallTimeoutError) as err:
         await generate(flavor, target, key, "Tell me a long story.", timeout=0.2, **long_answer)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     chunks, error = await stream(flavor, target, key, "Tell me a long story.", client={"timeout": 0.5}, **long_answer)
-    assert isinstance(error, DeadlineExceededError) and len(chunks) < 400
+    assert isinstance(error, CallTimeoutError) and len(chunks) < 400
 
 
 @FLAVORS
@@ -172,7 +172,7 @@ async def test_request_errors_are_typed_and_the_key_never_shows(stack, flavor):
         await generate(flavor, target, key, "Hi", model="SmolLM2-large", max_tokens=2)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "may not use model" in err.value.details
     _, error = await stream(flavor, target, key, "Hi", model="gpt-9", max_tokens=2)
-    assert isinstance(error, InvalidArgumentError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(error, InvalidRequestError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @FLAVORS
@@ -270,12 +270,12 @@ async def test_unavailable_is_retried_until_the_answer(flaky, flavor):
 @FLAVORS
 async def test_retries_stop_at_max_attempts(flaky, flavor):
     target, gw = await flaky(fail_first=10)
-    with pytest.raises(UnavailableError) as err:
+    with pytest.raises(ServiceUnavailableError) as err:
         await generate(flavor, target, "sk-test", "Hi", client={"retry": FAST_RETRY})
     assert gw.calls == 3 and "failing call 3" in err.value.details
     target, gw = await flaky(fail_first=10)
     _, error = await stream(flavor, target, "sk-test", "Hi", client={"retry": RetryPolicy(max_attempts=1)})
-    assert isinstance(error, UnavailableError) and gw.calls == 1
+    assert isinstance(error, ServiceUnavailableError) and gw.calls == 1
 
 
 @FLAVORS
@@ -292,7 +292,7 @@ async def test_a_stream_failing_after_a_chunk_raises_and_never_restarts_the_answ
     target, gw = await flaky(fail_after_chunks=1)
     chunks, error = await stream(flavor, target, "sk-test", "Hi", client={"retry": FAST_RETRY})
     assert [c.text for c in chunks] == ["hel"] and gw.calls == 1
-    assert isinstance(error, UnavailableError) and "mid-answer" in error.details
+    assert isinstance(error, ServiceUnavailableError) and "mid-answer" in error.details
 
 
 @FLAVORS
@@ -310,7 +310,7 @@ async def test_one_deadline_covers_every_attempt(flaky, flavor):
     target, gw = await flaky(fail_first=1000)
     patient = RetryPolicy(max_attempts=1000, backoff_base_s=0.02, backoff_max_s=0.05)
     start = time.monotonic()
-    with pytest.raises((UnavailableError, DeadlineExceededError)):
+    with pytest.raises((ServiceUnavailableError, CallTimeoutError)):
         await generate(flavor, target, "sk-test", "Hi", client={"retry": patient}, timeout=0.5)
     assert time.monotonic() - start < 2.0 and 3 <= gw.calls < 1000
 

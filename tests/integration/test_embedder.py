@@ -9,7 +9,7 @@ import torch
 
 def test_embeddings_match_hf_transformers(embedder):
     transformers = pytest.importorskip("transformers")
-    from services.cache.embedder import default_model_dir
+    from services.embedding.embedder import default_model_dir
 
     texts = ["How do I learn Python?", "What is the best way to learn python programming quickly?",
              "Ünïcödé and emoji 🙂 survive", "a", "word " * 400]          # the last is truncated to 256 tokens

@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from services.gateway.guardrails_eval import measure
+from tools.guardrails_eval import measure
 from services.gateway.service import GatewayConfig
 
 THRESHOLD = GatewayConfig().injection_similarity     # 0.55 when measured

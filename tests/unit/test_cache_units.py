@@ -134,7 +134,7 @@ async def test_batcher_runs_batches_on_several_workers_and_answers_each_caller()
     import threading
     import time
 
-    from services.cache.batcher import MicroBatcher
+    from services.embedding.batcher import MicroBatcher
 
     threads, sizes = set(), []
 
@@ -154,7 +154,7 @@ async def test_batcher_runs_batches_on_several_workers_and_answers_each_caller()
 
 
 async def test_batcher_hands_an_embedding_failure_to_every_caller_of_the_batch():
-    from services.cache.batcher import MicroBatcher
+    from services.embedding.batcher import MicroBatcher
 
     def embed(texts):
         raise RuntimeError("model failed")

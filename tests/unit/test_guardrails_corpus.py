@@ -15,11 +15,10 @@ from collections import Counter
 
 import pytest
 
-from services.gateway.calibrate_injection import HELD_OUT
 from services.gateway.guardrails import (iban_ok, load_phrasings, luhn_ok, normalise_for_screen, redact,
                                          screen_injection)
-from services.gateway.guardrails_eval import (INJECTION_CORPUS, PII_CORPUS, injection_rates, load_corpus,
-                                              pii_rates)
+from tools.calibrate_injection import HELD_OUT
+from tools.guardrails_eval import INJECTION_CORPUS, PII_CORPUS, injection_rates, load_corpus, pii_rates
 
 PII = load_corpus(PII_CORPUS)
 INJECTION = load_corpus(INJECTION_CORPUS)

@@ -1,11 +1,12 @@
-"""How the injection screen's similarity threshold was chosen (python -m services.gateway.calibrate_injection).
+"""How the injection screen's similarity threshold was chosen (python -m tools.calibrate_injection).
 
-Attack phrasings written separately from `data/injection_phrasings.txt` (held out) against benign
-prompts (3,000 real user questions from the QQP dev pairs plus a few that share words with attacks):
-per threshold, the share of attacks caught and of benign prompts flagged. The shipped default is the
-lowest threshold that flags no benign prompt with a margin. Measured here: 0.55 catches 11 of 15 held-out
-attacks and flags 0 of 3,009 benign prompts (the closest benign prompt scores 0.48). The held-out set is
-small and written by us: treat the recall figure as indicative; the rules screen runs as well.
+Attack phrasings written separately from `services/gateway/data/injection_phrasings.txt` (held out)
+against benign prompts (3,000 real user questions from the QQP dev pairs plus a few that share words
+with attacks): per threshold, the share of attacks caught and of benign prompts flagged. The shipped
+default is the lowest threshold that flags no benign prompt with a margin. Measured here: 0.55 catches
+11 of 15 held-out attacks and flags 0 of 3,009 benign prompts (the closest benign prompt scores 0.48).
+The held-out set is small and written by us: treat the recall figure as indicative; the rules screen
+runs as well.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ BENIGN_EXTRA = [
 
 
 def main() -> None:
-    from services.cache.embedder import MiniLMEmbedder
+    from services.embedding.embedder import MiniLMEmbedder
 
-    pairs = Path(__file__).resolve().parents[3] / "shared" / "data" / "qqp_pairs_dev.jsonl"
+    pairs = Path(__file__).resolve().parents[2] / "shared" / "data" / "qqp_pairs_dev.jsonl"
     benign = [json.loads(line)["text_a"] for line in pairs.open()][:3000] if pairs.is_file() else []
     benign += BENIGN_EXTRA
     e = MiniLMEmbedder()

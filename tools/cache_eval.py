@@ -7,7 +7,7 @@ up through the cache's own pieces: the same normalization, the exact layer, Mini
 exact top-k search and the service's hit decision (`HitDecider`). Reported per threshold, for the
 calibrated decision and for plain cosine side by side: hits, precision and recall as the issue
 defines them (a hit is correct when it returned the pair's own text_a and the pair is a duplicate),
-and precision under the label closure (see `pairs.Judge`). The service's default operating point
+and precision under the label closure (see `cache_pairs.Judge`). The service's default operating point
 is marked. When the file is the one the decision was trained on, the held-out half (odd lines) is
 reported too: the training half's numbers are optimistic.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from services.cache.decision import HitDecider
-from services.cache.pairs import Judge, Pairs, lookup_decisions, oracle_decisions, retrieve, sweep
+from tools.cache_pairs import Judge, Pairs, lookup_decisions, oracle_decisions, retrieve, sweep
 
 PROB_GRID = np.round(np.arange(0.3, 0.96, 0.05), 3)
 COS_GRID = np.round(np.arange(0.80, 1.0, 0.02), 3)
@@ -69,7 +69,7 @@ def print_report(report: dict) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
-    from services.cache.embedder import MiniLMEmbedder
+    from services.embedding.embedder import MiniLMEmbedder
 
     path = Path(a.pairs)
     if not path.is_file():

@@ -1,11 +1,11 @@
 """Trains the semantic hit decision (`hit_model.json`) on labelled question pairs.
 
-    python -m services.cache.train_decision --pairs ../shared/data/qqp_pairs_dev.jsonl
+    python -m tools.train_cache_decision --pairs ../shared/data/qqp_pairs_dev.jsonl
 
 The pairs are split in two by position (even lines train, odd lines are held out). Every text_a of
 the file is a cached entry (all compete, as in `strata cache eval`); each training text_b's top-k
 candidates by cosine become examples, labelled 1 when the labels say the candidate is the same
-question (`pairs.Judge.closure`). A logistic model is fitted on standardized features (Newton's method with
+question (`cache_pairs.Judge.closure`). A logistic model is fitted on standardized features (Newton's method with
 a small L2 penalty); the default threshold is the lowest probability whose precision on the
 training half reaches --train-precision (label-closure precision). Precision and recall on the held-out half, and plain
 cosine's on the same half, are written into the model's metadata.
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from services.cache.decision import FEATURE_NAMES, MODEL_PATH, HitDecider, HitModel, pair_features
-from services.cache.pairs import Judge, Pairs, Retrieval, lookup_decisions, lowest_threshold_with_precision, retrieve, sweep
+from tools.cache_pairs import (Judge, Pairs, Retrieval, lookup_decisions, lowest_threshold_with_precision, retrieve,
+                               sweep)
 
 TOP_K = 5
 MIN_COSINE = 0.6
@@ -81,7 +82,7 @@ def cached(embed, path: Path | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.cache.train_decision", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.train_cache_decision", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=Path, required=True)
     p.add_argument("--out", type=Path, default=MODEL_PATH)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embeddings-cache", type=Path, default=None, help="reuse embeddings saved here (npz)")
     a = p.parse_args(argv)
 
-    from services.cache.embedder import MiniLMEmbedder
+    from services.embedding.embedder import MiniLMEmbedder
 
     pairs = Pairs.load(a.pairs)
     embedder = MiniLMEmbedder()

@@ -25,7 +25,7 @@ import numpy as np
 
 from services.gateway.guardrails import InjectionSimilarity, redact, screen_injection
 
-CORPORA = Path(__file__).resolve().parents[2] / "tests" / "data"
+CORPORA = Path(__file__).resolve().parents[1] / "tests" / "data"
 PII_CORPUS = CORPORA / "pii_corpus.jsonl"
 INJECTION_CORPUS = CORPORA / "injection_corpus.jsonl"
 METHODS = ("rules", "similarity", "rules+similarity")
