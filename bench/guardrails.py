@@ -76,7 +76,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from services.gateway.service import GatewayConfig
+    from services.gateway.config import GatewayConfig
 
     p = argparse.ArgumentParser(prog="python -m bench.guardrails", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

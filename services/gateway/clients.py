@@ -1,6 +1,7 @@
-"""The gateway's downstream calls (router, semantic cache) over gRPC, translated into domain terms so
-the gateway's logic never sees grpc: router failures become domain errors with the router's status, a
-cache that fails is a miss (lookups) or a skipped store, never an error for the caller.
+"""The gateway's downstream adapter: the router and the semantic cache over gRPC, in the pipeline's terms
+(services.gateway.backends): the cache's and router's protobufs are translated to and from the gateway's
+types here, router failures become domain errors with the router's status, and a cache that fails is a
+miss (lookups) or a skipped store, never an error for the caller.
 
 Cache lookups travel over one long-lived LookupStream (see `LookupPipe`) instead of a unary call each."""
 
@@ -14,10 +15,15 @@ from typing import AsyncIterator
 import grpc
 
 from services.common import telemetry
-from services.common.errors import DeadlineExceededError, ResourceExhaustedError, UpstreamError
+from services.common.errors import DeadlineExceededError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
 from services.common.retry_after import retry_after_s
 from services.common.tls import PLAINTEXT, TlsConfig
+from services.gateway.backends import Answer, CacheHit, CacheQuery, ModelChunk, ModelRequest
+from services.gateway.errors import CapacityError
+from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, sampling_to_pb, set_input,
+                                        source_from_pb, usage_from_pb, usage_to_pb)
+from services.gateway.types import Finish, SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +107,42 @@ class LookupPipe:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class CapacityError(ResourceExhaustedError):
-    """The suite is at capacity (not a per-key limit): `limit` names it in the gateway's metrics."""
-
-    limit = "capacity"
-
-
 def _time_out(answer: asyncio.Future) -> None:
     if not answer.done():
         answer.set_exception(asyncio.TimeoutError())
 
 
+def query_to_pb(q: CacheQuery) -> cache_pb2.CacheQuery:
+    out = cache_pb2.CacheQuery(namespace=q.namespace, model=q.model, sampling=sampling_to_pb(q.sampling))
+    set_input(out, q.prompt, q.messages)
+    return out
+
+
+def model_request_to_pb(r: ModelRequest) -> inference_pb2.GenerateRequest:
+    out = inference_pb2.GenerateRequest(request_id=r.request_id, model=r.model, sampling=sampling_to_pb(r.sampling),
+                                        priority=r.priority)
+    set_input(out, r.prompt, r.messages)
+    return out
+
+
+def hit_from_pb(out: cache_pb2.LookupResponse) -> CacheHit:
+    a = out.answer
+    kind = SourceKind.CACHE_EXACT if out.layer == cache_pb2.CACHE_LAYER_EXACT else SourceKind.CACHE_SEMANTIC
+    return CacheHit(kind, out.entry_id, a.text, tuple(a.token_ids), finish_reason_from_pb(a.finish_reason))
+
+
+def model_chunk_from_pb(c: inference_pb2.GenerateChunk) -> ModelChunk:
+    finish = None
+    if c.finish_reason:                   # the last chunk
+        finish = Finish(finish_reason_from_pb(c.finish_reason), usage_from_pb(c.usage), source_from_pb(c.source))
+    return ModelChunk(c.text, tuple(c.token_ids), len(c.prompt_token_ids),
+                      [lp.logprob for lp in c.logprobs] if c.logprobs else (), finish)
+
+
 class Downstream:
+    """services.gateway.backends.Backends over gRPC. `lookup` is the raw cache lookup (protobuf in and out,
+    a failure is None) that `find` translates around."""
+
     def __init__(self, router_address: str, cache_address: str = "", cache_timeout_s: float = 0.5,
                  tls: TlsConfig = PLAINTEXT) -> None:
         self._router_ch = tls.channel(router_address)
@@ -142,21 +172,30 @@ class Downstream:
             log.warning("cache lookup stream ended: bypassing the cache")
         return None
 
-    async def store(self, req: cache_pb2.StoreRequest) -> bool:
+    async def find(self, query: CacheQuery, allow_sampled: bool) -> CacheHit | None:
+        if self._lookups is None:
+            return None
+        out = await self.lookup(cache_pb2.LookupRequest(
+            query=query_to_pb(query), policy=cache_pb2.LookupPolicy(allow_sampled=allow_sampled)))
+        return hit_from_pb(out) if out is not None and out.hit else None
+
+    async def store(self, query: CacheQuery, answer: Answer, allow_sampled: bool) -> bool:
         if self.cache is None:
             return False
+        req = cache_pb2.StoreRequest(query=query_to_pb(query), allow_sampled=allow_sampled, answer=cache_pb2.CachedAnswer(
+            text=answer.text, token_ids=answer.token_ids, usage=usage_to_pb(answer.usage),
+            finish_reason=finish_reason_to_pb(answer.finish_reason)))
         try:
             return (await self.cache.Store(req, timeout=self.cache_timeout_s * 4, metadata=telemetry.outgoing())).stored
         except grpc.aio.AioRpcError as exc:
             log.warning("cache store failed", extra={"code": exc.code().name})
             return False
 
-    async def generate(self, req: inference_pb2.GenerateRequest,
-                       timeout_s: float | None) -> AsyncIterator[inference_pb2.GenerateChunk]:
-        call = self.router.Generate(req, timeout=timeout_s, metadata=telemetry.outgoing())
+    async def generate(self, request: ModelRequest, timeout_s: float | None) -> AsyncIterator[ModelChunk]:
+        call = self.router.Generate(model_request_to_pb(request), timeout=timeout_s, metadata=telemetry.outgoing())
         try:
             async for chunk in call:
-                yield chunk
+                yield model_chunk_from_pb(chunk)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise DeadlineExceededError("deadline exceeded while generating") from None

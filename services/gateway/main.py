@@ -15,10 +15,12 @@ from services.common.metrics import GatewayMetrics, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
+from services.gateway.admin import GatewayAdmin
 from services.gateway.clients import Downstream
+from services.gateway.config import INJECTION_MODES, PII_MODES, GatewayConfig, ModelPrice
 from services.gateway.keys import KeyStore
 from services.gateway.limits import RateLimiter
-from services.gateway.service import INJECTION_MODES, PII_MODES, Gateway, GatewayConfig, ModelPrice
+from services.gateway.service import Gateway
 from services.gateway.usage import UsageStore
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,10 @@ class GatewayService:
             self.batcher = MicroBatcher(embedder.embed, max_batch=32, max_wait_ms=1.0)
             similarity = InjectionSimilarity(embedder.embed, self.batcher.embed, g.injection_similarity)
         self.metrics, tracer = GatewayMetrics(), telemetry.tracer("gateway")
-        self.gateway = Gateway(g, KeyStore(self.redis, config.key_pepper), RateLimiter(self.redis),
-                               UsageStore(self.redis), self.down, similarity, tracer, self.metrics)
-        servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.gateway, config.admin_token)
+        keys, self.usage = KeyStore(self.redis, config.key_pepper), UsageStore(self.redis)
+        self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics)
+        self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator)
+        servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.admin, config.admin_token, tracer)
         self.metrics.collect_with(lambda: [gauge("strata:gateway_in_flight", "Requests this gateway is carrying now",
                                                  self.gateway.in_flight)])
 
@@ -136,7 +139,7 @@ class GatewayService:
         self._stopped = True
         await self.server.stop(grace)
         await self.gateway.close()
-        await self.gateway.usage.close()
+        await self.usage.close()
         if self.batcher is not None:
             await self.batcher.close()
         await self.down.close()

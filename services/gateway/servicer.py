@@ -1,16 +1,27 @@
-"""gRPC face of the gateway: credentials from metadata, protobuf in and out."""
+"""gRPC face of the gateway: credentials from metadata, GatewayRequest translated into the gateway's
+Request, its Chunks and Result back into GatewayChunk / GatewayResponse; the admin RPCs likewise."""
 
 from __future__ import annotations
 
 import hmac
+from typing import Any, AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from services.common.errors import UnauthenticatedError
 from services.common.grpc_errors import map_errors
-from services.common.pb import gateway_pb2, gateway_pb2_grpc
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.admin import GatewayAdmin
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
+from services.gateway.translate import (finish_reason_to_pb, messages_from_pb, sampling_from_pb, source_to_pb,
+                                        usage_to_pb)
+from services.gateway.types import CachePolicy, Chunk, Finish, Request, Result
+
+# an unknown value (proto3 enums are open) skips the lookup and stores the answer, as REFRESH does
+_POLICY = {common_pb2.CACHE_POLICY_UNSPECIFIED: CachePolicy.USE, common_pb2.CACHE_POLICY_USE: CachePolicy.USE,
+           common_pb2.CACHE_POLICY_BYPASS: CachePolicy.BYPASS}
 
 
 def bearer(context: grpc.aio.ServicerContext) -> str:
@@ -27,6 +38,32 @@ def client_address(context: grpc.aio.ServicerContext) -> str:
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
+def request_from_pb(r: gateway_pb2.GatewayRequest) -> Request:
+    return Request(r.model, r.prompt, messages_from_pb(r.messages) if r.HasField("messages") else None,
+                   sampling_from_pb(r.sampling), _POLICY.get(r.cache_policy, CachePolicy.REFRESH), r.priority,
+                   r.allow_sampled_cache)
+
+
+def _finish_fields(f: Finish) -> dict[str, Any]:
+    out: dict[str, Any] = {"finish_reason": finish_reason_to_pb(f.reason), "usage": usage_to_pb(f.usage),
+                           "source": source_to_pb(f.source), "flags": f.flags}
+    if f.mean_logprob is not None:
+        out["mean_logprob"] = f.mean_logprob
+    return out
+
+
+def chunk_to_pb(c: Chunk) -> gateway_pb2.GatewayChunk:
+    if c.finish is None:
+        return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids)
+    return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids,
+                                    **_finish_fields(c.finish))
+
+
+def result_to_pb(r: Result) -> gateway_pb2.GatewayResponse:
+    return gateway_pb2.GatewayResponse(request_id=r.request_id, text=r.text, token_ids=r.token_ids,
+                                       **_finish_fields(r.finish))
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     SERVICE = "strata.v1.Gateway"
 
@@ -35,22 +72,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.tracer = gateway.tracer
 
     @map_errors
-    async def Generate(self, request, context: grpc.aio.ServicerContext):
-        return await self.gateway.generate(request, bearer(context), context.time_remaining(), client_address(context))
+    async def Generate(self, request: gateway_pb2.GatewayRequest,
+                       context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayResponse:
+        return result_to_pb(await self.gateway.generate(request_from_pb(request), bearer(context),
+                                                        client_address(context), context.time_remaining()))
 
     @map_errors
-    async def GenerateStream(self, request, context: grpc.aio.ServicerContext):
-        async for chunk in self.gateway.stream(request, bearer(context), context.time_remaining(),
-                                               client_address(context)):
-            yield chunk
+    async def GenerateStream(self, request: gateway_pb2.GatewayRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GatewayChunk]:
+        async for chunk in self.gateway.stream(request_from_pb(request), bearer(context), client_address(context),
+                                               context.time_remaining()):
+            yield chunk_to_pb(chunk)
 
 
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     SERVICE = "strata.v1.GatewayAdmin"
 
-    def __init__(self, gateway: Gateway, admin_token: str) -> None:
-        self.gateway = gateway
-        self.tracer = gateway.tracer
+    def __init__(self, admin: GatewayAdmin, admin_token: str, tracer: trace.Tracer) -> None:
+        self.admin = admin
+        self.tracer = tracer
         self._admin = admin_token.encode()
 
     def _check(self, context: grpc.aio.ServicerContext) -> None:
@@ -62,7 +102,7 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     async def CreateKey(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
         lim = request.limits
-        key, record = await self.gateway.create_key(
+        key, record = await self.admin.create_key(
             request.tenant, list(request.models),
             Limits(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests),
             request.budget_usd, request.tier)
@@ -71,13 +111,13 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     @map_errors
     async def RevokeKey(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
-        await self.gateway.revoke_key(request.key_id)
+        await self.admin.revoke_key(request.key_id)
         return gateway_pb2.RevokeKeyResponse()
 
     @map_errors
     async def GetUsage(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
-        day, u, total = await self.gateway.get_usage(request.key_id, request.day)
+        day, u, total = await self.admin.get_usage(request.key_id, request.day)
         return gateway_pb2.GetUsageResponse(key_id=request.key_id, day=day, requests=u.requests,
                                             prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                             spend_usd=u.spend_usd, cache_hits=u.cache_hits, total_spend_usd=total)
@@ -88,4 +128,4 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
         return gateway_pb2.ListModelsResponse(models=[
             gateway_pb2.ModelPrice(name=n, usd_per_1k_prompt_tokens=p.usd_per_1k_prompt_tokens,
                                    usd_per_1k_completion_tokens=p.usd_per_1k_completion_tokens)
-            for n, p in self.gateway.config.models.items()])
+            for n, p in self.admin.config.models.items()])

@@ -18,7 +18,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+
+from services.gateway.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class UsageStore:
         await asyncio.sleep(delay)
         try:
             await self.flush()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             log.warning("usage could not be written (store unreachable); kept for the next flush")
             if self._unsent or self._pending:      # retry with backoff, up to every 5 s
                 self._task = asyncio.create_task(self._flush_later(min(5.0, delay * 2)))
@@ -128,7 +129,7 @@ class UsageStore:
             self._task.cancel()
         try:
             await self.flush()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             log.warning("usage lost at shutdown (store unreachable)")
 
     async def day(self, key_id: str, day: str) -> DayUsage:

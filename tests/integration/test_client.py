@@ -25,7 +25,7 @@ from services.client import (
 )
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
-from services.gateway.service import GatewayConfig, ModelPrice
+from services.gateway.config import GatewayConfig, ModelPrice
 from tests.integration.downstream import running_downstream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from services.common.grpc_errors import MAX_DETAILS_CHARS
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc, inference_pb2
 from services.gateway.main import GatewayService, GatewayServiceConfig
-from services.gateway.service import GatewayConfig
+from services.gateway.config import GatewayConfig
 from tests.conftest import assert_all_blocks_free
 from tests.integration.downstream import running_downstream
 

@@ -13,7 +13,7 @@ import redis
 
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
-from services.gateway.service import GatewayConfig
+from services.gateway.config import GatewayConfig
 from services.inference.engine.engine import EngineConfig
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig
@@ -93,7 +93,7 @@ async def test_keys_are_required_checked_and_revocable(stack):
 
 
 async def test_a_model_the_key_may_not_use_is_permission_denied(stack):
-    from services.gateway.service import ModelPrice
+    from services.gateway.config import ModelPrice
 
     _, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses,
                                        models={MODEL: ModelPrice(), "SmolLM2-large": ModelPrice()})
@@ -236,7 +236,7 @@ async def test_redis_down_keeps_known_keys_serving_and_never_hangs(stack, redis_
 async def two_tiers(redis_url, make_engine, embedder):
     """Two precision modes of the model as two 'models' (the issue's stand-in until a second model
     exists): smol-fast (bfloat16) and smol-exact (float32), each on its own replica, one router."""
-    from services.gateway.service import ModelPrice
+    from services.gateway.config import ModelPrice
 
     stops = []
     addresses = []

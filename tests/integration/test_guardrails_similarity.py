@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
+from services.gateway.config import GatewayConfig
 from tools.guardrails_eval import measure
-from services.gateway.service import GatewayConfig
 
 THRESHOLD = GatewayConfig().injection_similarity     # 0.55 when measured
 

@@ -16,7 +16,7 @@ import pytest
 from services.common import telemetry
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
-from services.gateway.service import GatewayConfig
+from services.gateway.config import GatewayConfig
 from tests.integration.downstream import running_downstream
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -23,7 +23,7 @@ from services.cache.service import CacheConfig
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.tls import TlsConfig, TlsConfigError
 from services.gateway.main import GatewayService, GatewayServiceConfig, add_serve_args, config_from_args
-from services.gateway.service import GatewayConfig
+from services.gateway.config import GatewayConfig
 from services.inference.engine.engine import EngineConfig
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig

@@ -1,0 +1,63 @@
+"""The gateway's configuration: served models and their prices, request bounds, guardrail modes,
+limits behaviour, `auto` rules and cascades."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from services.gateway.selection import AutoRule, Cascade
+
+PII_MODES = ("off", "redact", "block")
+INJECTION_MODES = ("allow", "flag", "block")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    usd_per_1k_prompt_tokens: float = 0.0
+    usd_per_1k_completion_tokens: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.usd_per_1k_prompt_tokens + completion_tokens * self.usd_per_1k_completion_tokens) / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    models: Mapping[str, ModelPrice] = field(default_factory=lambda: {"SmolLM2-135M-Instruct": ModelPrice(0.01, 0.02)})
+    max_prompt_chars: int = 32_000
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    pii_mode: str = "redact"              # off | redact | block
+    redact_responses: bool = False        # also redact answers (a stream then arrives as one chunk)
+    injection_mode: str = "flag"          # allow | flag | block
+    injection_similarity: float = 0.55    # embedding cosine to a known attack that counts (0 = rules only)
+    limits_fail_open: bool = True         # Redis unreachable: serve without limits (True) or refuse (False)
+    key_fallback_s: float = 300.0         # Redis unreachable: keys verified this recently are still accepted
+    key_cache_s: float = 0.5              # a verified key is trusted this long without asking Redis (so a
+                                          # revocation reaches every replica within it)
+    auth_failures_per_minute: int = 30    # failed API key attempts a client address may make (0 = no limit)
+    max_in_flight: int = 1024             # requests this replica carries at once; more are refused at once with
+                                          # RESOURCE_EXHAUSTED + retry-after (0 = no cap)
+    replay_chunk_words: int = 4           # a cached answer is streamed in chunks of this many words
+    auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
+    auto_default: str = ""                # ... else this one ("" = the first configured model)
+    cascades: Mapping[str, Cascade] = field(default_factory=dict)   # unary Generate only
+
+    def __post_init__(self) -> None:
+        if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
+            raise ValueError(f"pii_mode must be one of {PII_MODES}, injection_mode one of {INJECTION_MODES}")
+        if not self.models:
+            raise ValueError("configure at least one model")
+        if self.auth_failures_per_minute < 0:
+            raise ValueError("auth_failures_per_minute must be >= 0 (0 = no limit)")
+        if self.max_in_flight < 0:
+            raise ValueError("max_in_flight must be >= 0 (0 = no cap)")
+        named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades)
+        unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
+        if unknown:
+            raise ValueError(f"auto rules and cascades name unconfigured models: {', '.join(unknown)}")
+
+    @property
+    def first_model(self) -> str:
+        """The model a request that names none gets (and `auto`'s default unless auto_default says)."""
+        return next(iter(self.models))

@@ -1,0 +1,86 @@
+"""The route stage: the admitted request to the router, its stream back as the gateway's chunks (or, when
+answers are redacted too, as one chunk at the end), and a tally of what it produced for settlement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Collection
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from services.common import telemetry
+from services.common.errors import UnavailableError
+from services.gateway.backends import Answer, Backends, ModelRequest
+from services.gateway.guardrails import redact
+from services.gateway.stages.admit import Admission
+from services.gateway.types import Chunk, Finish
+
+
+@dataclass(slots=True)
+class Generation:
+    """The model's answer as it streams in: what settlement charges and the cache keeps."""
+
+    prompt_tokens: int = 0                # consumed so far: charged when the stream is cut short
+    completion_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0
+    logprob_count: int = 0
+    finish: Finish | None = None          # the router's last chunk: reason, usage, source
+
+    @property
+    def final(self) -> Finish:
+        if self.finish is None:
+            raise UnavailableError("the answer ended without its final chunk")
+        return self.finish
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return self.logprob_sum / self.logprob_count if self.logprob_count else None
+
+    def answer(self) -> Answer:
+        final = self.final
+        return Answer("".join(self.text), self.token_ids, final.usage, final.reason)
+
+
+class Route:
+    def __init__(self, backends: Backends, tracer: trace.Tracer, cascades: Collection[str],
+                 redact_responses: bool) -> None:
+        self.backends, self.tracer = backends, tracer
+        self.cascades = cascades                  # models whose answers a cascade may re-ask
+        self.redact_responses = redact_responses
+
+    async def stream(self, a: Admission, gen: Generation, timeout_s: float | None) -> AsyncIterator[Chunk]:
+        """The answer's chunks; `gen` tallies them. Ends with the final chunk or raises."""
+        sampling = a.request.sampling
+        logprobs = sampling.logprobs
+        if a.model in self.cascades and logprobs is None:
+            logprobs = 0                          # the chosen tokens' log-probabilities, for the cascade
+        request = ModelRequest(a.request_id, a.model, a.request.prompt, a.request.messages,
+                               replace(sampling, max_tokens=a.max_tokens, logprobs=logprobs), a.request.priority)
+        route = telemetry.child_span(self.tracer, "router.generate", kind=SpanKind.CLIENT,
+                                     attributes={"strata.model": a.model, "strata.request_id": a.request_id})
+        with route as span:
+            async for c in self.backends.generate(request, timeout_s):
+                gen.prompt_tokens = gen.prompt_tokens or c.prompt_tokens
+                gen.completion_tokens += len(c.token_ids)
+                gen.text.append(c.text)
+                gen.token_ids.extend(c.token_ids)
+                if c.logprobs:
+                    gen.logprob_sum += sum(c.logprobs)
+                    gen.logprob_count += len(c.logprobs)
+                finish = c.finish
+                if finish is not None:
+                    gen.finish = finish
+                    gen.prompt_tokens = finish.usage.prompt_tokens
+                    finish = replace(finish, flags=a.flags, mean_logprob=gen.mean_logprob)
+                if not self.redact_responses:
+                    yield Chunk(a.request_id, c.text, c.token_ids, finish)
+            if gen.finish is not None:
+                span.set_attribute("strata.replica", gen.finish.source.replica)
+        final = gen.final                         # raises when the router's last chunk never came
+        if self.redact_responses:
+            red = redact("".join(gen.text))
+            flags = a.flags + tuple(f"pii_out:{k}" for k in red.found)
+            yield Chunk(a.request_id, red.text, gen.token_ids, replace(final, flags=flags, mean_logprob=gen.mean_logprob))
