@@ -79,9 +79,9 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.gateway
-	$(BIN)/python -m kernels.bench
+	$(BIN)/python -m bench.kernels
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-		$(BIN)/python -m kernels.bench_gpu; else echo ">> no CUDA GPU visible: kernels.bench_gpu skipped"; fi
+		$(BIN)/python -m bench.kernels_gpu; else echo ">> no CUDA GPU visible: bench.kernels_gpu skipped"; fi
 	$(BIN)/python -m bench.spec_decode
 	$(BIN)/python -m bench.guardrails
 	$(BIN)/python -m bench.hardening

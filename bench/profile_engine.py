@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from services.inference.engine import model_runner as runner_module
-from services.inference.engine.engine import EngineConfig, LLMEngine
+from services.inference.config import engine_config
+from services.inference.engine.engine import LLMEngine
+from services.inference.engine.factory import build_engine
 from services.inference.models.linear import DenseLinear
 from services.inference.sampling import SamplingParams
 
@@ -163,9 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/profile.json"))
     a = p.parse_args(argv)
-    engine = LLMEngine(EngineConfig(dtype=a.dtype, enable_prefix_caching=False,
-                                    quantization=None if a.quantization == "none" else a.quantization))
-    label = f"{engine.config.dtype}" + (f", {a.quantization}" if a.quantization != "none" else "")
+    engine = build_engine(engine_config(dtype=a.dtype, enable_prefix_caching=False,
+                                        quantization=None if a.quantization == "none" else a.quantization))
+    label = f"{engine.config.model.dtype}" + (f", {a.quantization}" if a.quantization != "none" else "")
     results = []
     for n in a.streams:
         r = profile_streams(engine, n, a.steps, a.prompt_len, a.seed + n)
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in sorted(d.items(), key=lambda kv: -kv[1]):
                 print(f"    {v:8.2f} ms  {100 * v / total:5.1f}%  {k}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"dtype": engine.config.dtype, "quantization": a.quantization, "torch_threads": torch.get_num_threads(),
+    a.out.write_text(json.dumps({"dtype": engine.config.model.dtype, "quantization": a.quantization, "torch_threads": torch.get_num_threads(),
                                  "results": results}, indent=2) + "\n")
     print(f"\nwrote {a.out}")
 

@@ -60,12 +60,13 @@ TARGETS = {"grounded": 2.0, "chat": 0.95, "streams_32": 0.95}
 
 
 def _engines(quantization: str | None, k: int):
-    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
 
-    plain = LLMEngine(EngineConfig(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0))
-    spec = LLMEngine(EngineConfig(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0,
-                                  speculative="ngram", num_speculative_tokens=k), model=plain.model,
-                     tokenizer=plain.tokenizer)
+    plain = build_engine(engine_config(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0))
+    spec = build_engine(engine_config(dtype="float32", quantization=quantization, kv_cache_memory_gb=1.0,
+                                      speculative="ngram", num_speculative_tokens=k), model=plain.model,
+                        tokenizer=plain.tokenizer)
     return plain, spec
 
 
@@ -234,16 +235,16 @@ def main(argv: list[str] | None = None) -> None:
               f"identical {row['identical_output']}", flush=True)
     draft_rows = []
     if a.draft_tasks:
-        from services.inference.engine.engine import EngineConfig, LLMEngine
+        from services.inference.config import engine_config
+        from services.inference.engine.factory import build_engine
         from services.inference.models.gguf_file import GGUFFile, default_model_path
-        from services.inference.models.llama import LlamaModel
+        from services.inference.models.registry import load_model
 
-        target = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=1.0), tokenizer=plain.tokenizer)
-        gguf_model = plain.model if quant == "gguf" else LlamaModel.from_gguf(GGUFFile(default_model_path()),
-                                                                              quantization="gguf")
-        drafted = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=1.0, speculative="draft",
-                                         num_speculative_tokens=a.num_speculative_tokens),
-                            model=target.model, tokenizer=plain.tokenizer, draft_model=gguf_model)
+        target = build_engine(engine_config(dtype="float32", kv_cache_memory_gb=1.0), tokenizer=plain.tokenizer)
+        gguf_model = plain.model if quant == "gguf" else load_model(GGUFFile(default_model_path()), quantization="gguf")
+        drafted = build_engine(engine_config(dtype="float32", kv_cache_memory_gb=1.0, speculative="draft",
+                                             num_speculative_tokens=a.num_speculative_tokens),
+                               model=target.model, tokenizer=plain.tokenizer, draft_model=gguf_model)
         for task in a.draft_tasks:
             kind, text = TASKS[task]
             prompt = render(text)
@@ -276,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                                       "met": streams["speedup"] >= TARGETS["streams_32"]}}
     result = {"config": {"quantization": a.quantization, "num_speculative_tokens": a.num_speculative_tokens,
                          "max_tokens": a.max_tokens, "repeats": a.repeats,
-                         "spec_max_batch": spec.config.spec_max_batch, "ngram": [spec.config.ngram_min, spec.config.ngram_max]},
+                         "spec_max_batch": spec.config.spec.spec_max_batch,
+                         "ngram": [spec.config.spec.ngram_min, spec.config.spec.ngram_max]},
               "machine": machine_info(), "single_stream": rows, "verification_cost": cost,
               "streams_32": streams, "draft_model": draft_rows,
               "targets": targets}

@@ -7,16 +7,16 @@ kernel on a GPU without it (or with STRATA_KERNELS=triton), the torch reference 
 STRATA_KERNELS=reference.
 
 A model calls it once per layer with the same block tables: `PagedAttention` checks the tables and
-lengths once per step, and each layer's call checks only its own tensors."""
+lengths once per step, and each layer's call checks only its own tensors. Calls take `backend`
+(kernels.backend) as the model chose it once; without one they choose from their own tensors."""
 
 from __future__ import annotations
 
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module, device_of, triton_module
-
-KV_DTYPES = (torch.float32, torch.bfloat16)
+from kernels._loader import cpu_module, cuda_module, device_of, triton_module
+from kernels.backend import CPP, CUDA, KV_DTYPES, REFERENCE, TRITON, attention_backend, cache_backend
 
 
 class PagedAttention:
@@ -60,9 +60,7 @@ class PagedAttention:
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query row: its sequence and how many positions it attends ([T] int64 each)."""
-        seq = torch.repeat_interleave(torch.arange(len(self.query_lens)), self.query_lens)
-        offset = torch.arange(self.num_rows) - self.query_start[seq]
-        return seq, self.context_lens[seq] - self.query_lens[seq] + offset + 1
+        return reference.paged_rows(self.context_lens, self.query_lens)
 
     def _workspace(self, gpu, device: torch.device, heads: int, kv_heads: int,
                    head_dim: int) -> tuple[int, torch.Tensor | None]:
@@ -85,7 +83,8 @@ class PagedAttention:
                                                      for x in (self.block_table, row_seq, row_len))
         return tables
 
-    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float,
+                 backend: str | None = None) -> torch.Tensor:
         """q [T, H, D]; k_pool / v_pool [KVH, num_slots, D], float32 or bfloat16 (the same) → [T, H, D] in
         q's dtype."""
         if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
@@ -100,20 +99,21 @@ class PagedAttention:
             raise TypeError(f"k_pool and v_pool must both be one of {KV_DTYPES}, got {k_pool.dtype} and {v_pool.dtype}")
         if num_slots % self.block_size or self.min_block < 0 or self.max_block >= num_slots // self.block_size:
             raise ValueError("the pool does not hold the block table's blocks (or num_slots is not whole blocks)")
-        devices = {x.device.type for x in (q, k_pool, v_pool)}     # the plan's tables move to q's device
-        gpu = cuda_module()
-        if devices == {"cuda"} and k_pool.dtype == torch.float32 and q.dtype == torch.float32:
-            if gpu is not None:
-                return self._cuda(gpu, q, k_pool, v_pool, scale)
-            tri = triton_module()
-            if tri is not None and triton_takes(d, self.block_size):
-                table, row_seq, row_len = self.device_tables(q.device)
-                with device_of(q):
-                    return tri.paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale,
-                                                    self.block_size)
-        if devices != {"cpu"} or not available():
+        if backend is None:                                     # the plan's tables move to q's device
+            one_device = len({x.device.type for x in (q, k_pool, v_pool)}) == 1
+            backend = attention_backend(q.device, k_pool.dtype, q.dtype, d, self.block_size) if one_device else REFERENCE
+        if backend == CUDA:
+            return self._cuda(cuda_module(), q, k_pool, v_pool, scale)
+        if backend == TRITON:
+            table, row_seq, row_len = self.device_tables(q.device)
+            with device_of(q):
+                return triton_module().paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale,
+                                                            self.block_size)
+        if backend == REFERENCE:
             return reference.paged_attention(q, k_pool, v_pool, self.block_table, self.context_lens, self.query_lens,
                                              scale, self.block_size)
+        if backend != CPP:
+            raise ValueError(f"unknown kernel backend {backend!r}")
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
             raise ValueError("k_pool and v_pool must be contiguous")
         qf = q.float().contiguous()
@@ -141,21 +141,6 @@ class PagedAttention:
         return out
 
 
-def triton_takes(head_dim: int, block_size: int) -> bool:
-    """The Triton kernel's shapes: power-of-two head dims and block sizes (its tiles)."""
-    return all(n > 0 and n & (n - 1) == 0 for n in (head_dim, block_size))
-
-
-def paged_kernel_for(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> bool:
-    """Whether PagedAttention runs a kernel (not the torch reference) for pools of `dtype` on `device`: the C++
-    one on CPU (float32 or bfloat16), the CUDA one, or Triton where its tiles fit, on a GPU (float32)."""
-    if device.type == "cpu":
-        return available() and dtype in KV_DTYPES
-    if device.type != "cuda" or dtype != torch.float32:
-        return False
-    return cuda_module() is not None or (triton_module() is not None and triton_takes(head_dim, block_size))
-
-
 class PagedDecode(PagedAttention):
     """The decode plan: one query row per sequence, attending its whole context."""
 
@@ -177,29 +162,31 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, backend: str | None = None) -> None:
     """Write this step's K and V ([T, KVH, D] each; rows may be strided views of a fused QKV output,
     heads contiguous within a row) into the pools [KVH, num_slots, D] at slot_mapping [T] (int64)."""
     if k.dim() != 3 or k.shape != v.shape or k_pool.shape != v_pool.shape or k.shape[1:] != (k_pool.shape[0], k_pool.shape[2]):
         raise ValueError(f"k/v must be [T, KVH, D] matching pools [KVH, slots, D]; got {tuple(k.shape)}, {tuple(k_pool.shape)}")
     if slot_mapping.dtype != torch.int64 or tuple(slot_mapping.shape) != (k.shape[0],):
         raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}]")
-    devices = {t.device for t in (k, v, k_pool, v_pool, slot_mapping)}
-    gpu = cuda_module() if k.is_cuda else None
-    compiled = gpu is not None if k.is_cuda else (k.device.type == "cpu" and available())
-    if not (compiled and len(devices) == 1 and k.dtype == v.dtype == k_pool.dtype == v_pool.dtype
-            and k.dtype in KV_DTYPES and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
-            and k_pool.is_contiguous() and v_pool.is_contiguous()):
+    if backend is None:
+        one_device = len({t.device for t in (k, v, k_pool, v_pool, slot_mapping)}) == 1
+        backend = cache_backend(k.device, k_pool.dtype) if one_device else REFERENCE
+    if backend == REFERENCE or not (k.dtype == v.dtype == k_pool.dtype == v_pool.dtype
+                                    and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v))
+                                    and k_pool.is_contiguous() and v_pool.is_contiguous()):
         reference.reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)
         return
     slots = slot_mapping.contiguous()
     args = (k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), slots.data_ptr(), k.shape[0], k.shape[1], k.shape[2],
             k_pool.shape[1], k.element_size(), k_pool.data_ptr(), v_pool.data_ptr())
-    if gpu is not None:
+    if backend == CUDA:
         # slots outside the pool are skipped by the kernel (checking them here would synchronize the stream)
         with device_of(k):
-            gpu.reshape_and_cache(*args, torch.cuda.current_stream(k.device).cuda_stream)
+            cuda_module().reshape_and_cache(*args, torch.cuda.current_stream(k.device).cuda_stream)
         return
+    if backend != CPP:
+        raise ValueError(f"reshape_and_cache has no {backend!r} kernel")
     if k.shape[0] and (int(slot_mapping.min()) < 0 or int(slot_mapping.max()) >= k_pool.shape[1]):
         raise ValueError("a slot is outside the pool")
     cpu_module().reshape_and_cache(*args)

@@ -59,9 +59,9 @@ if [ "$MODE" = tests ]; then
     fi
 elif [ "$MODE" = all ]; then
     step engine_tests $PY -m pytest -p no:cacheprovider -q -rs tests/integration/test_engine_gpu.py
-    step bench $PY -m kernels.bench_gpu --out "$OUT/kernels_gpu.json"
+    step bench $PY -m bench.kernels_gpu --out "$OUT/kernels_gpu.json"
 else
-    step bench $PY -m kernels.bench_gpu --no-engine --out "$OUT/kernels_gpu.json"
+    step bench $PY -m bench.kernels_gpu --no-engine --out "$OUT/kernels_gpu.json"
 fi
 echo "gpu_check $MODE: $([ $status -eq 0 ] && echo passed || echo FAILED)"
 exit $status

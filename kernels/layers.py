@@ -1,65 +1,60 @@
 """Row-wise kernels of a Llama layer, float32, C++ on CPU and CUDA on a GPU (where the CUDA module was built;
 Triton on a GPU without it, or with STRATA_KERNELS=triton): fused residual-add + RMSNorm, rotary embedding
 applied in place to the query and key heads of a fused QKV projection, and SiLU-and-mul over a fused
-gate/up projection. The torch reference runs for
-other dtypes and devices, or when STRATA_KERNELS=reference."""
+gate/up projection. The torch reference runs for other dtypes and devices, or when STRATA_KERNELS=reference.
+
+Each takes `backend` (kernels.backend: "cpp", "cuda", "triton", "reference"), as a model chose it once for
+its tensors; without one the call chooses from its own tensors' device and dtype."""
 
 from __future__ import annotations
 
 import torch
 
 from kernels import reference
-from kernels._loader import available, cpu_module, cuda_module, device_of, triton_module
+from kernels._loader import cpu_module, cuda_module, device_of, triton_module
+from kernels.backend import CPP, CUDA, REFERENCE, TRITON, rows_backend
 
 
-def _backend(*tensors: torch.Tensor) -> tuple[str, object] | None:
-    """Where float32 tensors run: ("cpu", the C++ module), ("cuda", the CUDA module) or ("triton",
-    kernels.triton) on one GPU; None for the torch reference (other dtypes, kernels not built or forced off)."""
+def _choose(*tensors: torch.Tensor) -> str:
+    """The implementation for these tensors (no backend given): the reference unless all are float32 on one
+    device."""
     if not all(t.dtype == torch.float32 for t in tensors):
-        return None
-    if all(t.device.type == "cpu" for t in tensors):
-        return ("cpu", cpu_module()) if available() else None
-    if not all(t.is_cuda for t in tensors):
-        return None
-    if len({t.device for t in tensors}) != 1:
+        return REFERENCE
+    devices = {t.device for t in tensors}
+    if not all(t.is_cuda for t in tensors) and not all(t.device.type == "cpu" for t in tensors):
+        return REFERENCE
+    if len(devices) != 1:
         raise ValueError("all tensors must be on the same CUDA device")
-    gpu = cuda_module()
-    if gpu is not None:
-        return "cuda", gpu
-    tri = triton_module()
-    return ("triton", tri) if tri is not None else None
+    return rows_backend(tensors[0].device)
+
+
+def _module(kind: str):
+    return {CPP: cpu_module, CUDA: cuda_module, TRITON: triton_module}[kind]()
 
 
 def _launch(kind: str, fn, args: tuple, t: torch.Tensor) -> None:
     """fn(*args) from the C++ module, or from the CUDA module on t's device and current stream."""
-    if kind == "cuda":
+    if kind == CUDA:
         with device_of(t):
             fn(*args, torch.cuda.current_stream(t.device).cuda_stream)
     else:
         fn(*args)
 
 
-def row_kernels_on(device: torch.device) -> bool:
-    """Whether the row kernels run compiled on `device`: the C++ module on CPU, the CUDA module or Triton on
-    a GPU."""
-    if device.type == "cpu":
-        return available()
-    return device.type == "cuda" and (cuda_module() is not None or triton_module() is not None)
-
-
-def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                  backend: str | None = None) -> torch.Tensor:
     """residual [T, H] += delta (in place; None = no add), then RMSNorm(residual) * weight → new [T, H]."""
     if residual.dim() != 2 or weight.shape != (residual.shape[1],):
         raise ValueError(f"residual must be [T, H] and weight [H], got {tuple(residual.shape)} and {tuple(weight.shape)}")
     if delta is not None and delta.shape != residual.shape:
         raise ValueError(f"delta must match residual {tuple(residual.shape)}, got {tuple(delta.shape)}")
-    backend = _backend(residual, weight, *(() if delta is None else (delta,)))
-    if backend is None or not residual.is_contiguous():
+    kind = backend or _choose(residual, weight, *(() if delta is None else (delta,)))
+    if kind == REFERENCE or not residual.is_contiguous():
         return reference.add_rms_norm_(residual, delta, weight, eps)
-    kind, mod = backend
+    mod = _module(kind)
     delta = delta.contiguous() if delta is not None else None
     weight = weight.contiguous()
-    if kind == "triton":
+    if kind == TRITON:
         with device_of(residual):
             return mod.add_rms_norm_(residual, delta, weight, eps)
     out = torch.empty_like(residual)
@@ -69,7 +64,8 @@ def add_rms_norm_(residual: torch.Tensor, delta: torch.Tensor | None, weight: to
     return out
 
 
-def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            backend: str | None = None) -> torch.Tensor:
     """Rotate-half rotary embedding, in place, on the first `heads` heads of each row of x [T, W ≥ heads *
     head_dim] (rows may be strided: a fused QKV output rotates its Q and K heads in one call); cos/sin
     [T, head_dim / 2]. Returns x."""
@@ -78,11 +74,11 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     t = x.shape[0]
     if cos.shape != (t, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(f"cos and sin must be [{t}, {head_dim // 2}]")
-    backend = _backend(x, cos, sin)
-    if backend is None:
+    kind = backend or _choose(x, cos, sin)
+    if kind == REFERENCE:
         return reference.rotary_(x, heads, head_dim, cos, sin)
-    kind, mod = backend
-    if kind == "triton":
+    mod = _module(kind)
+    if kind == TRITON:
         with device_of(x):
             return mod.rotary_(x, heads, head_dim, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -90,15 +86,15 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     return x
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """gate_up [T, 2I] (gate, then up) → silu(gate) * up [T, I]."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
-    backend = _backend(gate_up)
-    if backend is None:
+    kind = backend or _choose(gate_up)
+    if kind == REFERENCE:
         return reference.silu_and_mul(gate_up)
-    kind, mod = backend
-    if kind == "triton":
+    mod = _module(kind)
+    if kind == TRITON:
         with device_of(gate_up):
             return mod.silu_and_mul(gate_up)
     gate_up = gate_up.contiguous()

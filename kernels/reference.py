@@ -1,5 +1,6 @@
 """Pure-torch references for every kernel: the tests compare against these, and STRATA_KERNELS=reference
-runs them instead of the compiled kernels."""
+runs them instead of the compiled kernels. Imports nothing of kernels, so every kernel module may use it
+(paged_rows: the per-row tables the paged-attention kernels read)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,17 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         out[row:row + n] = torch.einsum("knql,kld->nkqd", torch.softmax(scores, dim=-1), v).reshape(n, h, d)
         row += n
     return out.to(q.dtype)
+
+
+def paged_rows(context_lens: torch.Tensor, query_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """paged_attention's query rows as tables: per row, its sequence and how many positions it attends (its
+    own position + 1), [T] int64 each (query_lens None: one row per sequence)."""
+    if query_lens is None:
+        query_lens = torch.ones_like(context_lens)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
+    first_row = torch.cumsum(query_lens, 0) - query_lens
+    offset = torch.arange(len(seq)) - first_row[seq]
+    return seq, context_lens[seq] - query_lens[seq] + offset + 1
 
 
 def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,

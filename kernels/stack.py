@@ -13,6 +13,7 @@ import torch
 
 from kernels._loader import available, cpu_module
 from kernels.attention import PagedAttention
+from kernels.backend import MAX_DECODE_ROWS
 from kernels.gguf import GGUFMatrix
 from kernels.quantized import Int8Matrix
 
@@ -40,8 +41,6 @@ def _projection(mod, m: Matrix):
 
 
 class LayerStack:
-    MAX_ROWS = 16             # the GEMV kernels' regime (services.inference.models.linear.KERNEL_MAX_ROWS)
-
     def __init__(self, layers: list[StackLayerWeights], *, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  inter: int, block_size: int, eps: float, scale: float) -> None:
         if not available():
@@ -80,8 +79,8 @@ class LayerStack:
         final norm); cos/sin [T, head_dim / 2]; slot_mapping [T] int64: where each row's K/V goes; plan:
         the step's attention layout over the same rows. Returns h."""
         t = h.shape[0] if h.dim() == 2 else -1
-        if t < 1 or t > self.MAX_ROWS or h.shape[1] != self.hidden or h.dtype != torch.float32 or not h.is_contiguous():
-            raise ValueError(f"h must be contiguous float32 [T <= {self.MAX_ROWS}, {self.hidden}], got {tuple(h.shape)}")
+        if t < 1 or t > MAX_DECODE_ROWS or h.shape[1] != self.hidden or h.dtype != torch.float32 or not h.is_contiguous():
+            raise ValueError(f"h must be contiguous float32 [T <= {MAX_DECODE_ROWS}, {self.hidden}], got {tuple(h.shape)}")
         half = self.head_dim // 2
         if any(x.dtype != torch.float32 or tuple(x.shape) != (t, half) or not x.is_contiguous() for x in (cos, sin)):
             raise ValueError(f"cos and sin must be contiguous float32 [{t}, {half}]")

@@ -8,7 +8,8 @@ import argparse
 def build_parser() -> argparse.ArgumentParser:
     from services.cache.main import add_serve_args as add_cache_serve_args
     from services.gateway.main import add_serve_args as add_gateway_serve_args
-    from services.inference.main import add_engine_args, add_serve_args
+    from services.inference.config import add_engine_args
+    from services.inference.main import add_serve_args
     from services.router.main import add_serve_args as add_router_serve_args
 
     parser = argparse.ArgumentParser(prog="strata", description="Strata LLM serving suite")

@@ -50,22 +50,23 @@ def model_bf16(gguf_file):
 @pytest.fixture(scope="session")
 def model_int8(gguf_file):
     """W8A8 (SmoothQuant) projections, weight-only int8 LM head: `--quantization int8`."""
-    from services.inference.models.llama import LlamaModel
-    return LlamaModel.from_gguf(gguf_file, quantization="int8")
+    from services.inference.models.registry import load_model
+    return load_model(gguf_file, quantization="int8")
 
 
 @pytest.fixture(scope="session")
 def model_gguf(gguf_file):
     """The file's own Q4_1 / Q8_0 blocks for decode-sized steps: `--quantization gguf`."""
-    from services.inference.models.llama import LlamaModel
-    return LlamaModel.from_gguf(gguf_file, quantization="gguf")
+    from services.inference.models.registry import load_model
+    return load_model(gguf_file, quantization="gguf")
 
 
 @pytest.fixture(scope="session")
 def make_engine(model_fp32, model_bf16, tokenizer, request):
     """Build an engine over the already-loaded weights: make_engine(dtype="float32", **config)
     (quantization="int8" / "gguf" use the session's quantized models)."""
-    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
 
     def make(dtype: str = "float32", **overrides):
         overrides.setdefault("kv_cache_memory_gb", 0.25)
@@ -73,7 +74,7 @@ def make_engine(model_fp32, model_bf16, tokenizer, request):
             model = request.getfixturevalue(f"model_{overrides['quantization']}")
         else:
             model = model_fp32 if dtype == "float32" else model_bf16
-        return LLMEngine(EngineConfig(dtype=dtype, **overrides), model=model, tokenizer=tokenizer)
+        return build_engine(engine_config(dtype=dtype, **overrides), model=model, tokenizer=tokenizer)
     return make
 
 

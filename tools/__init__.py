@@ -5,6 +5,8 @@
     cache_pairs.py           labelled question pairs and the retrieval protocol both of the above share
     guardrails_eval.py       the guardrails' rates on labelled corpora (tests, `python -m bench.guardrails`)
     calibrate_injection.py   `python -m tools.calibrate_injection`: how the injection similarity threshold was chosen
+    perplexity.py            a model's perplexity on a text, one pass or in decode-sized steps (the precision
+                             modes' quality checks)
 
 Tools import the services' pieces; no service imports a tool (only the `strata` CLI, services/cli.py,
 dispatches `cache eval` here).

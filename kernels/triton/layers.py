@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import PagedAttention
+from kernels import reference
+
+# Triton decides when a kernel is defined whether it runs interpreted (on CPU tensors, the tests' way)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -50,8 +55,11 @@ def _silu_and_mul(gu_ptr, out_ptr, inner, BLOCK: tl.constexpr):
 
 @triton.jit
 def _paged_attention(q_ptr, k_ptr, v_ptr, table_ptr, row_seq_ptr, row_len_ptr, out_ptr, num_heads, group, num_slots,
-                     max_blocks, scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    # one program per (query row, head); the row attends the first row_len positions of its sequence
+                     max_blocks, scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, LOOP_BLOCKS: tl.constexpr):
+    # one program per (query row, head); the row attends the first row_len positions of its sequence.
+    # LOOP_BLOCKS 0 (compiled): the loop runs over the row's own blocks. Interpreted, a runtime scalar is a
+    # 1-element array that range() cannot take with every numpy and Triton, so the loop runs over LOOP_BLOCKS
+    # (the most blocks any row of the launch reads), the blocks past the row masked out (they add nothing).
     row, head = tl.program_id(0), tl.program_id(1)
     seq = tl.load(row_seq_ptr + row)
     kvh = head // group
@@ -62,7 +70,7 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, table_ptr, row_seq_ptr, row_len_ptr, o
     m = tl.full((), float("-inf"), tl.float32)
     total = tl.zeros((), tl.float32)
     acc = tl.zeros((HEAD_DIM,), tl.float32)
-    for blk in range(0, tl.cdiv(length, BLOCK_SIZE)):
+    for blk in range(0, LOOP_BLOCKS if LOOP_BLOCKS else tl.cdiv(length, BLOCK_SIZE)):
         block_id = tl.load(table_ptr + seq * max_blocks + blk)
         p = blk * BLOCK_SIZE + pos
         valid = p < length
@@ -107,9 +115,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
                     block_size: int) -> torch.Tensor:
     """Decodes, prefill chunks and verification rows in one launch (semantics: kernels.reference.paged_attention)."""
-    plan = PagedAttention(block_table.cpu(), context_lens.cpu(), block_size,
-                          None if query_lens is None else query_lens.cpu())
-    table, row_seq, row_len = plan.device_tables(q.device)
+    row_seq, row_len = reference.paged_rows(context_lens.cpu(), None if query_lens is None else query_lens.cpu())
+    table, row_seq, row_len = (x.to(q.device) for x in (block_table.contiguous(), row_seq, row_len))
     return paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, block_size)
 
 
@@ -119,8 +126,10 @@ def paged_attention_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     t, h, d = q.shape
     kvh, num_slots, _ = k_pool.shape
     out = torch.empty_like(q)
+    loop_blocks = triton.cdiv(int(row_len.max()), block_size) if INTERPRETED and t else 0
     _paged_attention[(t, h)](q.contiguous(), k_pool, v_pool, block_table, row_seq, row_len, out, h,
-                             h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size)
+                             h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size,
+                             LOOP_BLOCKS=loop_blocks)
     return out
 
 

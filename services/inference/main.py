@@ -17,8 +17,10 @@ from services.common.metrics import InferenceMetrics, counter, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
+from services.inference.config import EngineConfig, add_engine_args, engine_config_from_args
 from services.inference.engine.async_engine import AsyncEngine
-from services.inference.engine.engine import EngineConfig, LLMEngine
+from services.inference.engine.engine import LLMEngine
+from services.inference.engine.factory import build_engine
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "strata.v1.Inference"
@@ -36,59 +38,6 @@ class InferenceServiceConfig:
     grace_s: float = 5.0
     metrics_port: int = -1                  # Prometheus /metrics side port (0 = free, -1 = none)
     tls: TlsConfig = PLAINTEXT              # the gRPC port's TLS (mutual with a client CA)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags shared by `serve inference` and `generate` (env: STRATA_<FLAG>)."""
-    p.add_argument("--model-path", default=env("STRATA_MODEL_PATH"), help="GGUF file (default: packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--model-name", default=env("STRATA_MODEL_NAME", "SmolLM2-135M-Instruct"))
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=env("STRATA_DTYPE", "auto"),
-                   help="auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32 (float32 on a GPU)")
-    p.add_argument("--device", default=env("STRATA_DEVICE", "auto"),
-                   help="cpu, cuda, cuda:N, or auto = the GPU where torch sees one and the weights are dense "
-                        "(--quantization runs on CPU), else cpu")
-    p.add_argument("--quantization", choices=["none", "int8", "gguf"], default=env("STRATA_QUANTIZATION", "none"),
-                   help="int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); gguf = decode multiplies "
-                        "the file's own Q4_1/Q8_0 blocks (the fastest single stream on CPU), prefill float32")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="default: from --kv-cache-gb")
-    p.add_argument("--kv-cache-gb", type=float, default=float(env("STRATA_KV_CACHE_GB", "1.0")))
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--speculative", choices=["none", "ngram", "draft"], default=env("STRATA_SPECULATIVE", "none"),
-                   help="speculative decoding, proposals verified in one forward (greedy output unchanged): ngram = "
-                        "prompt lookup in the request's own tokens; draft = a draft model's greedy tokens")
-    p.add_argument("--draft-model-path", default=env("STRATA_DRAFT_MODEL_PATH"),
-                   help="--speculative draft: a GGUF sharing the tokenizer (default: the served model's own file)")
-    p.add_argument("--draft-quantization", choices=["none", "int8", "gguf"], default="gguf",
-                   help="--speculative draft: the draft's precision (gguf: the file's Q4_1/Q8_0 blocks)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4,
-                   help="k, the most proposals per step (requests may lower it or turn it off)")
-    p.add_argument("--spec-row-cost", type=float, default=0.25,
-                   help="one extra verified row's cost relative to a 1-row decode step: with it and each request's "
-                        "acceptance rate the engine picks k per step, or none when proposals do not pay "
-                        "(measure it with python -m bench.spec_decode)")
-    p.add_argument("--ngram-min", type=int, default=2, help="shortest suffix the ngram proposer matches")
-    p.add_argument("--ngram-max", type=int, default=4, help="longest suffix the ngram proposer matches")
-    p.add_argument("--spec-max-batch", type=int, default=4,
-                   help="no proposals while more requests than this are decoding (verification stops paying)")
-
-
-def engine_config_from_args(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model_path=a.model_path, model_name=a.model_name, dtype=a.dtype, device=a.device,
-        quantization=None if a.quantization == "none" else a.quantization, max_model_len=a.max_model_len,
-        block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory_gb=a.kv_cache_gb,
-        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        enable_prefix_caching=not a.no_prefix_caching, num_threads=a.threads,
-        speculative=None if a.speculative == "none" else a.speculative, num_speculative_tokens=a.num_speculative_tokens,
-        draft_model_path=a.draft_model_path,
-        draft_quantization=None if a.draft_quantization == "none" else a.draft_quantization,
-        ngram_min=a.ngram_min, ngram_max=a.ngram_max, spec_max_batch=a.spec_max_batch,
-        spec_row_cost=a.spec_row_cost)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +69,7 @@ class InferenceService:
         from services.inference.servicer import InferenceServicer
 
         self.config = config
-        self.llm = engine or LLMEngine(config.engine)
+        self.llm = engine or build_engine(config.engine)
         # a device fault kills the engine: stop the service (SIGTERM: graceful), its supervisor restarts it
         self.engine = AsyncEngine(self.llm, config.max_queued_requests,
                                   on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -151,6 +100,8 @@ class InferenceService:
         yield gauge("strata:spec_decode_acceptance_rate", "Accepted / proposed tokens since start", s.spec_acceptance_rate)
         yield gauge("strata:spec_decode_mean_tokens_per_step", "Tokens a request gets per verification step (1 = none)",
                     s.spec_mean_tokens_per_step)
+        yield counter("strata:model_steps", "Model steps by compute path (layer_stack, row_kernels, torch)",
+                      {(path,): n for path, n in s.steps_by_path}, ("path",))
 
     async def start(self) -> int:
         self.engine.start()
@@ -180,7 +131,7 @@ async def serve(config: InferenceServiceConfig) -> None:
     service = InferenceService(config)
     port = await service.start()
     log.info("inference service ready", extra={"address": f"{config.host}:{port}",
-                                                "replica": config.replica_id, "dtype": config.engine.dtype})
+                                                "replica": config.replica_id, "dtype": config.engine.model.dtype})
     try:
         await service.server.serve_until_signal(config.grace_s)
     finally:

@@ -8,7 +8,9 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from services.inference.config import engine_config_from_args
 from services.inference.engine.engine import LLMEngine
+from services.inference.engine.factory import build_engine
 from services.inference.sampling import SamplingParams
 
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -42,11 +44,9 @@ def read_prompts(engine: LLMEngine, path: Path, base: SamplingParams) -> list[tu
 
 
 def run(args: argparse.Namespace) -> None:
-    from services.inference.main import engine_config_from_args
-
     base = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                           ignore_eos=args.ignore_eos)
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = build_engine(engine_config_from_args(args))
     try:
         items = read_prompts(engine, Path(args.prompts), base)
         for i, (ids, params) in enumerate(items):

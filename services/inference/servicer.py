@@ -163,7 +163,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         prompt_ids = await self._prompt_token_ids(request)
         params = sampling_from_proto(request.sampling)
         request_id = request.request_id or uuid.uuid4().hex
-        model = self.llm.config.model_name
+        model = self.llm.config.model.model_name
         trace.get_current_span().set_attributes({"strata.request_id": request_id, "strata.replica": self.replica_id,
                                                  "strata.prompt_tokens": len(prompt_ids)})
         timing = _Timing(arrival)
@@ -183,11 +183,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                            context: grpc.aio.ServicerContext) -> inference_pb2.ModelInfo:
         hp, cfg = self.llm.hparams, self.llm.config
         return inference_pb2.ModelInfo(
-            model=cfg.model_name, architecture="llama", max_model_len=self.llm.max_model_len,
-            vocab_size=hp.vocab_size, dtype=cfg.dtype, block_size=cfg.block_size,
+            model=cfg.model.model_name, architecture=self.llm.model.architecture, max_model_len=self.llm.max_model_len,
+            vocab_size=hp.vocab_size, dtype=cfg.model.dtype, block_size=cfg.cache.block_size,
             num_kv_blocks=self.llm.num_kv_blocks, eos_token_id=self.llm.tokenizer.eos_token_id,
             replica=self.replica_id, num_layers=hp.num_layers, hidden_size=hp.hidden_size,
-            quantization=cfg.quantization or "")
+            quantization=cfg.model.quantization or "")
 
     @map_errors
     async def GetLoad(self, request: inference_pb2.GetLoadRequest,
@@ -197,4 +197,4 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             num_running=s.num_running, num_waiting=s.num_waiting, pending_tokens=s.num_pending_tokens,
             kv_cache_usage=s.kv_cache_usage, num_free_blocks=s.num_free_blocks,
             num_total_blocks=s.num_total_blocks, replica=self.replica_id,
-            max_num_seqs=self.llm.config.max_num_seqs)
+            max_num_seqs=self.llm.config.scheduler.max_num_seqs)

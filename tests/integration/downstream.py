@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from services.cache.main import CacheService
 from services.cache.service import CacheConfig
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig
 from services.router.main import RouterService
@@ -30,7 +30,7 @@ class Downstream:
 async def running_downstream(redis_url: str, engine, embedder, replica_id: str = "r-1",
                              metrics_port: int = -1) -> AsyncIterator[Downstream]:
     """Started, with the router seeing its replica healthy; stopped on exit (metrics_port 0: side ports)."""
-    replica = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0, replica_id=replica_id,
+    replica = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=0, replica_id=replica_id,
                                                       grace_s=0.0, metrics_port=metrics_port), engine=engine)
     rport = await replica.start()
     router = RouterService(RouterConfig(backends=[f"127.0.0.1:{rport}"], backend=BackendConfig(load_interval_s=0.1)),

@@ -63,6 +63,7 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
 def assert_first_step_logits_close(model, hf_model, prompts: list[list[int]]) -> None:
     """One prefill step of each prompt through `model` (on its device) gives HF's logits within 1e-3."""
     from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
+    from services.inference.models.compute import choose_compute
 
     hp, device = model.hp, model.device
     for ids in prompts:
@@ -72,7 +73,8 @@ def assert_first_step_logits_close(model, hf_model, prompts: list[list[int]]) ->
         slots = torch.arange(n, device=device)
         meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
         with torch.inference_mode():
-            ours = model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta))
+            ours = model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta,
+                                                      choose_compute(model, kv, 1)))
             ref = hf_model(torch.tensor([ids])).logits[0]
         torch.testing.assert_close(ours.cpu(), ref, atol=1e-3, rtol=0)
 

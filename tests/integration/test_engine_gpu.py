@@ -23,12 +23,13 @@ def model_cuda(gguf_file):
 
 @pytest.fixture(scope="module")
 def make_gpu_engine(model_cuda, tokenizer):
-    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
 
     def make(**overrides):
         overrides.setdefault("kv_cache_memory_gb", 0.25)
-        return LLMEngine(EngineConfig(dtype="float32", device="cuda", **overrides), model=model_cuda,
-                         tokenizer=tokenizer)
+        return build_engine(engine_config(dtype="float32", device="cuda", **overrides), model=model_cuda,
+                            tokenizer=tokenizer)
     return make
 
 
@@ -45,9 +46,9 @@ def hf_greedy(hf_model, prompts):
 
 def test_the_model_and_kv_cache_live_on_the_gpu(make_gpu_engine):
     engine = make_gpu_engine()
-    assert engine.model.device.type == "cuda" and engine.config.device == "cuda"
+    assert engine.model.device.type == "cuda" and engine.config.device.device == "cuda"
     assert all(k.is_cuda and v.is_cuda for k, v in engine.runner.kv_caches)
-    assert engine.runner._paged_kernel()
+    assert engine.runner.compute.paged_attention
 
 
 @pytest.mark.parametrize("kernels_env", ["cuda", "triton"])

@@ -14,7 +14,7 @@ import redis
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.main import GatewayService, GatewayServiceConfig
 from services.gateway.config import GatewayConfig
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig
 from services.router.main import RouterService
@@ -241,7 +241,7 @@ async def two_tiers(redis_url, make_engine, embedder):
     stops = []
     addresses = []
     for name, dtype in (("smol-fast", "bfloat16"), ("smol-exact", "float32")):
-        svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype=dtype), port=0, replica_id=name,
+        svc = InferenceService(InferenceServiceConfig(engine=engine_config(dtype=dtype), port=0, replica_id=name,
                                                       grace_s=0.0), engine=make_engine(dtype, model_name=name))
         addresses.append(f"127.0.0.1:{await svc.start()}")
         stops.append(svc.stop)

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest.fixture(scope="module")
 async def service(make_engine):
     engine = make_engine("float32", max_model_len=512)
-    svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0,
+    svc = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=0,
                                                   replica_id="test-replica"), engine=engine)
     port = await svc.start()
     yield svc, port

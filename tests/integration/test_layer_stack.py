@@ -4,12 +4,15 @@ same hidden states, pools written the same."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import kernels
 from kernels import PagedAttention
 from services.inference.models.attention import AttentionMetadata
+from services.inference.models.compute import choose_compute
 from services.inference.sampling import SamplingParams
 from tests.conftest import assert_all_blocks_free
 from tests.integration.test_engine_batching import chat_prompts
@@ -23,8 +26,8 @@ QUANTIZATIONS = ["int8", "gguf"]
 @pytest.fixture(scope="module", params=QUANTIZATIONS)
 def engines(make_engine, request):
     fused, layered = make_engine(quantization=request.param), make_engine(quantization=request.param)
-    layered.runner.stack = None                          # the per-layer Python forward
-    assert fused.runner.stack is not None
+    layered.runner.compute = replace(layered.runner.compute, layer_stack=None)   # the per-layer Python forward
+    assert fused.runner.compute.layer_stack is not None
     return fused, layered
 
 
@@ -59,9 +62,8 @@ def test_multi_row_steps_give_the_same_hidden_states_and_pools(quantization, req
             y.copy_(x.normal_(generator=g))
     meta = lambda: AttentionMetadata(slot_mapping=slots, block_size=bs, num_paged_rows=8, paged_block_table=table,   # noqa: E731
                                      decode_mask=None, prefills=[], paged_plan=PagedAttention(table, ctx, bs, qlens))
-    stack = model.layer_stack(a, bs)
-    fused = model.forward(ids, positions, a, meta(), stack)
-    layered = model.forward(ids, positions, b, meta())
+    fused = model.forward(ids, positions, a, meta(), choose_compute(model, a, bs))
+    layered = model.forward(ids, positions, b, meta(), replace(choose_compute(model, b, bs), layer_stack=None))
     torch.testing.assert_close(fused, layered, atol=1e-5, rtol=1e-5)
     for (ka, va), (kb, vb) in zip(a, b):
         torch.testing.assert_close(ka, kb, atol=1e-6, rtol=1e-6)

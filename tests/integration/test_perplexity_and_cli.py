@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.models.perplexity import perplexity, token_logprobs
+from tools.perplexity import perplexity, token_logprobs
 
 HELD_TEXT = (Path(__file__).parent.parent / "data" / "heldout.txt").read_text()
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc, router_pb2, router_pb2_grpc
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig
 from services.router.main import RouterService
@@ -38,7 +38,7 @@ class Suite:
         self.channels: list[grpc.aio.Channel] = []
 
     async def replica(self, name: str, port: int = 0, model: str = "SmolLM2-135M-Instruct", **cfg) -> str:
-        svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=port, replica_id=name,
+        svc = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=port, replica_id=name,
                                                       grace_s=0.0, **cfg),
                                engine=self.make_engine("float32", model_name=model))
         port = await svc.start()

@@ -149,21 +149,19 @@ def test_no_proposals_while_the_batch_is_larger_than_spec_max_batch(engines):
 def test_a_step_with_proposals_stays_within_the_decode_kernels_rows(engines, monkeypatch):
     """Four requests proposing k = 4 would verify 20 rows, past the 16 the layer kernels take (the float32
     path beyond is several times slower): the longest runs are shortened to fit."""
-    from dataclasses import replace
-
-    from services.inference.models.linear import KERNEL_MAX_ROWS
+    from kernels import MAX_DECODE_ROWS
 
     plain, spec = engines
     ps = prompts(plain, GROUNDED * 2)
     rows = []
     execute = spec.runner.execute
     monkeypatch.setattr(spec.runner, "execute", lambda sched: rows.append(sched.num_batched_tokens) or execute(sched))
-    monkeypatch.setattr(spec, "config", replace(spec.config, spec_row_cost=0.0))     # always the longest k
+    monkeypatch.setattr(spec, "config", spec.config.with_settings(spec_row_cost=0.0))   # always the longest k
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     assert tokens(spec.generate(ps, params)) == tokens(plain.generate(ps, params))
     decode_steps = rows[1:]                                           # after the prompts' prefill
-    assert max(decode_steps) == KERNEL_MAX_ROWS                       # proposals were made, up to the limit
-    assert all(r <= KERNEL_MAX_ROWS for r in decode_steps)
+    assert max(decode_steps) == MAX_DECODE_ROWS                       # proposals were made, up to the limit
+    assert all(r <= MAX_DECODE_ROWS for r in decode_steps)
 
 
 def test_seeded_sampling_with_speculation_runs_and_reproduces(engines):
@@ -179,9 +177,8 @@ def tiny_llama(vocab_size: int, seed: int):
     """A randomly initialised 2-layer Llama with the target's vocabulary: a draft that is almost always wrong."""
     import torch
 
-    from services.inference.models.gguf_file import LlamaHParams
     from services.inference.models.linear import DenseLinear
-    from services.inference.models.llama import LlamaLayer, LlamaModel
+    from services.inference.models.llama import LlamaHParams, LlamaLayer, LlamaModel
 
     g = torch.Generator().manual_seed(seed)
     hidden, heads, kv_heads, head_dim, inter = 64, 4, 2, 16, 128
@@ -204,13 +201,14 @@ def assert_draft_blocks_free(engine) -> None:
 @pytest.mark.parametrize("draft", ["random", "gguf"])
 def test_draft_model_proposals_keep_greedy_output_and_give_back_their_blocks(engines, make_engine, model_fp32,
                                                                               tokenizer, request, draft):
-    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
 
     plain, _ = engines
     model = tiny_llama(model_fp32.hp.vocab_size, seed=5) if draft == "random" else request.getfixturevalue("model_gguf")
     # spec_row_cost 0: always propose k = 4 (the policy would soon switch the random draft off)
-    eng = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=0.25, speculative="draft", num_speculative_tokens=4,
-                                 spec_row_cost=0.0), model=model_fp32, tokenizer=tokenizer, draft_model=model)
+    eng = build_engine(engine_config(dtype="float32", kv_cache_memory_gb=0.25, speculative="draft", num_speculative_tokens=4,
+                                     spec_row_cost=0.0), model=model_fp32, tokenizer=tokenizer, draft_model=model)
     ps = prompts(plain, GROUNDED + OPEN[:1])
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     assert tokens(eng.generate(ps, params)) == tokens(plain.generate(ps, params))

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 from tests.integration.test_spec_decode import GROUNDED
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest.fixture(scope="module")
 async def replica(make_engine):
     engine = make_engine("float32", speculative="ngram", num_speculative_tokens=4)
-    svc = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32", speculative="ngram"), port=0,
+    svc = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32", speculative="ngram"), port=0,
                                                   replica_id="spec", metrics_port=0), engine=engine)
     port = await svc.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

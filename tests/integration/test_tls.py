@@ -24,7 +24,7 @@ from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.tls import TlsConfig, TlsConfigError
 from services.gateway.main import GatewayService, GatewayServiceConfig, add_serve_args, config_from_args
 from services.gateway.config import GatewayConfig
-from services.inference.engine.engine import EngineConfig
+from services.inference.config import engine_config
 from services.inference.main import InferenceService, InferenceServiceConfig
 from services.router.backends import BackendConfig
 from services.router.main import RouterService
@@ -97,7 +97,7 @@ async def health(channel: grpc.aio.Channel, timeout: float = 3.0) -> int:
 @SESSION_LOOP
 async def test_a_request_crosses_all_four_services_over_mutual_tls(certs, redis_url, make_engine, embedder):
     mtls = service_tls(certs)
-    replica = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0, replica_id="tls-1",
+    replica = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=0, replica_id="tls-1",
                                                       grace_s=0.0, tls=mtls), engine=make_engine("float32"))
     rport = await replica.start()
     router = RouterService(RouterConfig(backends=[f"localhost:{rport}"], backend=BackendConfig(load_interval_s=0.1, tls=mtls)))
@@ -139,7 +139,7 @@ async def test_a_request_crosses_all_four_services_over_mutual_tls(certs, redis_
 @SESSION_LOOP
 @pytest.mark.parametrize("who", ["no certificate", "a certificate from another CA", "plaintext"])
 async def test_mutual_tls_admits_only_clients_with_a_certificate_from_its_ca(certs, make_engine, who):
-    replica = InferenceService(InferenceServiceConfig(engine=EngineConfig(dtype="float32"), port=0, replica_id="tls-2",
+    replica = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=0, replica_id="tls-2",
                                                       grace_s=0.0, tls=service_tls(certs)), engine=make_engine("float32"))
     port = await replica.start()
     ca = Path(certs["ca"]).read_bytes()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.inference.engine.engine import EngineConfig, LLMEngine, resolve_device, resolve_dtype, same_device
+from services.inference.config import engine_config
+from services.inference.engine.factory import build_engine, resolve_device, resolve_dtype, same_device
 
 
 @pytest.mark.parametrize("gpu,quantization,expected", [(False, None, "cpu"), (True, None, "cuda"),
@@ -36,7 +37,7 @@ def test_quantized_weights_on_a_gpu_are_refused(monkeypatch):
 @pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "CPU", ""])
 def test_unknown_device_names_fail_validation(device):
     with pytest.raises(ValueError, match="device must be"):
-        EngineConfig(device=device).validate()
+        engine_config(device=device)
 
 
 def test_dtype_auto_is_float32_on_a_gpu():
@@ -48,15 +49,15 @@ def test_dtype_auto_is_float32_on_a_gpu():
 
 
 def test_an_engine_over_a_cpu_model_keeps_auto_on_the_cpu_and_refuses_cuda(model_fp32, tokenizer, monkeypatch):
-    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_memory_gb=0.01), model=model_fp32, tokenizer=tokenizer)
-    assert engine.config.device == "cpu" and engine.runner.kv_caches[0][0].device.type == "cpu"
+    engine = build_engine(engine_config(dtype="float32", kv_cache_memory_gb=0.01), model=model_fp32, tokenizer=tokenizer)
+    assert engine.config.device.device == "cpu" and engine.runner.kv_caches[0][0].device.type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="on cpu, config asks for .* on cuda"):
-        LLMEngine(EngineConfig(dtype="float32", device="cuda", kv_cache_memory_gb=0.01), model=model_fp32,
-                  tokenizer=tokenizer)
+        build_engine(engine_config(dtype="float32", device="cuda", kv_cache_memory_gb=0.01), model=model_fp32,
+                     tokenizer=tokenizer)
 
 
 def test_loading_quantized_weights_onto_a_gpu_is_refused_before_loading(gguf_file):
-    from services.inference.models.llama import LlamaModel
+    from services.inference.models.registry import load_model
     with pytest.raises(ValueError, match="CPU only"):
-        LlamaModel.from_gguf(gguf_file, quantization="gguf", device="cuda")
+        load_model(gguf_file, quantization="gguf", device="cuda")

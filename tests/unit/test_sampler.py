@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
-from services.inference.sampling import (
+from services.inference.sampling import SamplingParams
+from services.inference.sampling.sampler import (
     SamplingMetadata,
-    SamplingParams,
     SamplingRow,
+    apply_penalties,
+    apply_top_k_top_p,
+    argmax_rows,
     build_sampling_metadata,
     make_generator,
     sample,
 )
-from services.inference.sampling.sampler import apply_penalties, apply_top_k_top_p, argmax_rows
 
 VOCAB = 32
 

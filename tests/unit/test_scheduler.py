@@ -7,8 +7,10 @@ import itertools
 
 import pytest
 
+from services.inference.config import SchedulerConfig
+from services.inference.engine.kv_cache_manager import KVCacheManager
 from services.inference.engine.request import Request, RequestStatus
-from services.inference.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from services.inference.engine.scheduler import Scheduler, SchedulerOutput
 from services.inference.sampling import SamplingParams
 
 SAMPLED_TOKEN = 7
@@ -18,7 +20,8 @@ _prompt_bases = itertools.count(10_000, 10_000)   # distinct prompts share no pr
 def make_scheduler(**overrides: int | bool) -> Scheduler:
     config = dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_kv_blocks=64)
     config.update(overrides)
-    return Scheduler(SchedulerConfig(**config))
+    kv = KVCacheManager(config.pop("num_kv_blocks"), config.pop("block_size"), config.pop("enable_prefix_caching", True))
+    return Scheduler(SchedulerConfig(**config), kv)
 
 
 def make_request(request_id: str, num_prompt_tokens: int = 4, *, max_tokens: int = 100, priority: int = 0,

@@ -6,21 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.inference.spec_decode import NgramProposer, greedy_verify, rejection_sample
+from services.inference.spec_decode import NgramProposer
+from services.inference.spec_decode.rejection import greedy_verify, rejection_sample
 from services.inference.spec_decode.policy import AcceptanceEstimate, choose_k, expected_tokens
 
 
 def test_ngram_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
     p = NgramProposer(min_n=2, max_n=4)
-    assert p.propose([1, 2, 3, 4, 5, 6, 1, 2, 3], 3) == [4, 5, 6]
-    assert p.propose([7, 8, 1, 2, 9, 9, 1, 2], 2) == [9, 9]
+    assert p.lookup([1, 2, 3, 4, 5, 6, 1, 2, 3], 3) == [4, 5, 6]
+    assert p.lookup([7, 8, 1, 2, 9, 9, 1, 2], 2) == [9, 9]
     # the longest matching suffix wins over a more recent shorter one
-    assert p.propose([5, 1, 2, 3, 4, 0, 2, 3, 6, 1, 2, 3], 1) == [4]
+    assert p.lookup([5, 1, 2, 3, 4, 0, 2, 3, 6, 1, 2, 3], 1) == [4]
     # the latest occurrence of the chosen suffix
-    assert p.propose([1, 2, 7, 1, 2, 8, 1, 2], 1) == [8]
-    assert p.propose([1, 2, 3, 4], 3) == []                       # nothing recurs
-    assert p.propose([4, 5, 4, 5], 10) == [4, 5]                   # runs to the end of the tokens
-    assert p.propose([1, 2, 1, 2], 0) == []
+    assert p.lookup([1, 2, 7, 1, 2, 8, 1, 2], 1) == [8]
+    assert p.lookup([1, 2, 3, 4], 3) == []                       # nothing recurs
+    assert p.lookup([4, 5, 4, 5], 10) == [4, 5]                   # runs to the end of the tokens
+    assert p.lookup([1, 2, 1, 2], 0) == []
     with pytest.raises(ValueError):
         NgramProposer(3, 2)
 

@@ -1,73 +1,33 @@
-"""LLMEngine: one model, its KV cache and scheduler. `step()` reads schedule -> run -> postprocess."""
+"""LLMEngine: runs steps over one model, its KV cache and scheduler; `step()` reads schedule -> run ->
+postprocess. engine/factory.py's build_engine loads, sizes and wires it."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from kernels import MAX_DECODE_ROWS
 from services.common.errors import InvalidArgumentError, UnavailableError
+from services.inference.config import MAX_SPECULATIVE_TOKENS, EngineConfig
 from services.inference.engine.detokenize import TextState
 from services.inference.engine.model_runner import ModelRunner, ModelRunnerOutput
 from services.inference.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from services.inference.engine.request import Request, RequestStatus
-from services.inference.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from services.inference.models.gguf_file import DEFAULT_MODEL_NAME, GGUFFile, default_model_path
-from services.inference.models.linear import KERNEL_MAX_ROWS
-from services.inference.models.llama import QUANTIZATIONS, LlamaModel
+from services.inference.engine.scheduler import Scheduler, SchedulerOutput
+from services.inference.models.compute import StepPath
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
-from services.inference.spec_decode import NgramProposer
-from services.inference.spec_decode.draft import DraftProposer
+from services.inference.spec_decode import Proposer, SpecDecodeStats
 from services.inference.spec_decode.policy import choose_k
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """"auto" -> on CPU, bfloat16 where the CPU multiplies bf16 natively (AMX or AVX512-BF16), else float32:
-    without that hardware bf16 matmuls are emulated and run slower than float32. On a GPU float32: the CUDA
-    and Triton attention kernels read float32 KV pools."""
-    if dtype != "auto":
-        return dtype
-    if device != "cpu":
-        return "float32"
-    native_bf16 = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return "bfloat16" if native_bf16 else "float32"
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """"cuda" and "cuda:0" are one device (an index left out means the first)."""
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def resolve_device(device: str, quantization: str | None) -> str:
-    """"auto" -> "cuda" where torch sees a GPU and the weights are dense (the quantized kernels are CPU
-    kernels), else "cpu". "cpu", "cuda" and "cuda:N" are taken as given (a missing GPU is an error)."""
-    if device == "auto":
-        return "cuda" if quantization is None and torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
-        if quantization:
-            raise ValueError(f"quantization {quantization!r} runs on CPU only; use device cpu or dense weights")
-    return device
-
 
 class InvalidRequestError(InvalidArgumentError):
     """The request cannot be served as asked (maps to INVALID_ARGUMENT)."""
-
-
-MAX_SPECULATIVE_TOKENS = 16
 
 
 class EngineDeadError(UnavailableError):
@@ -88,98 +48,18 @@ def is_device_fault(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _DEVICE_FAULTS)
 
 
-@dataclass(slots=True, frozen=True)
-class EngineConfig:
-    model_path: str | None = None        # GGUF file; None = the packaged SmolLM2-135M-Instruct
-    model_name: str = DEFAULT_MODEL_NAME # the name clients ask for
-    dtype: str = "auto"                  # "float32" (reference), "bfloat16", or "auto" (see resolve_dtype)
-    device: str = "auto"                 # "cpu", "cuda", "cuda:N", or "auto" (see resolve_device)
-    quantization: str | None = None      # None (dense), "int8" (W8A8 + SmoothQuant) or "gguf" (the file's
-                                         # Q4_1/Q8_0 blocks for decode); both with float32 activations
-    max_model_len: int | None = None     # None = the model's context length
-    block_size: int = 16
-    num_kv_blocks: int | None = None     # None = from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None       # torch intra-op threads; None = leave torch's default
-    # speculative decoding (issue 7): "ngram" = prompt lookup; requests may lower k or turn it off
-    speculative: str | None = None       # None (off), "ngram" (prompt lookup) or "draft" (a draft model)
-    draft_model_path: str | None = None  # "draft": GGUF sharing the tokenizer; None = the target's own file
-    draft_quantization: str | None = "gguf"   # "draft": the draft's precision (gguf: the file's blocks)
-    num_speculative_tokens: int = 4      # k: the most proposals verified per step (chosen per request up to this)
-    spec_row_cost: float = 0.25          # one extra verified row's cost relative to a 1-row decode step
-                                         # (spec_decode/policy.py; measured by bench.spec_decode)
-    ngram_min: int = 2                   # shortest suffix matched against the request's own tokens
-    ngram_max: int = 4                   # longest
-    spec_max_batch: int = 4              # no proposals while more requests than this are decoding
-
-    def validate(self) -> None:
-        if self.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
-                                                               and self.device[5:].isdigit()):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"quantization must be None, {' or '.join(map(repr, QUANTIZATIONS))}, got {self.quantization!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("num_kv_blocks must be >= 1")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError("kv_cache_memory_gb must be > 0")
-        if self.speculative not in (None, "ngram", "draft"):
-            raise ValueError(f"speculative must be None, 'ngram' or 'draft', got {self.speculative!r}")
-        if self.draft_quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"draft_quantization must be None or one of {QUANTIZATIONS}")
-        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
-        if not 1 <= self.ngram_min <= self.ngram_max:
-            raise ValueError("need 1 <= ngram_min <= ngram_max")
-        if self.spec_max_batch < 0:
-            raise ValueError("spec_max_batch must be >= 0")
-        if not 0 <= self.spec_row_cost <= 10:
-            raise ValueError(f"spec_row_cost must be in [0, 10], got {self.spec_row_cost}")
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: LlamaModel | None = None,
-                 tokenizer: Tokenizer | None = None, draft_model: LlamaModel | None = None) -> None:
-        """`model`/`tokenizer`/`draft_model` reuse already-loaded ones (tests, several engines in one process)."""
-        config.validate()
-        # the quantized paths keep float32 activations; an already-loaded model decides "auto"'s device
-        device = str(model.device) if model is not None and config.device == "auto" else \
-            resolve_device(config.device, config.quantization)
-        config = replace(config, device=device,
-                         dtype="float32" if config.quantization else resolve_dtype(config.dtype, device))
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, scheduler: Scheduler, runner: ModelRunner,
+                 proposer: Proposer | None, max_model_len: int) -> None:
+        """config: resolved ("auto" decided); the parts as build_engine wires them."""
         self.config = config
-        if model is None or tokenizer is None:
-            gguf = GGUFFile(Path(config.model_path) if config.model_path else default_model_path())
-            tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
-            model = model or LlamaModel.from_gguf(gguf, DTYPES[config.dtype], config.quantization, config.device)
-        if model.dtype != DTYPES[config.dtype] or model.quantization != config.quantization or \
-                not same_device(model.device, torch.device(config.device)):
-            raise ValueError(f"model was loaded as {model.dtype}/{model.quantization} on {model.device}, "
-                             f"config asks for {config.dtype}/{config.quantization} on {config.device}")
         self.tokenizer = tokenizer
-        self.model = model
-        hp = self.model.hp
-        self.hparams = hp
-        self.max_model_len = min(config.max_model_len or hp.max_position_embeddings, hp.max_position_embeddings)
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            bytes_per_block = 2 * hp.num_layers * config.block_size * hp.num_kv_heads * hp.head_dim * \
-                DTYPES[config.dtype].itemsize
-            num_blocks = max(1, int(config.kv_cache_memory_gb * 2**30) // bytes_per_block)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, block_size=config.block_size, num_kv_blocks=num_blocks,
-            enable_prefix_caching=config.enable_prefix_caching))
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size)
+        self.scheduler = scheduler
+        self.runner = runner
+        self.proposer = proposer
+        self.model = runner.model
+        self.hparams = self.model.hp
+        self.max_model_len = max_model_len
         self._text: dict[str, TextState] = {}
         self._sent_tokens: dict[str, int] = {}
         self.fatal_error: str | None = None         # set by a device fault (the message): the engine no longer runs
@@ -187,29 +67,8 @@ class LLMEngine:
         self._prefix_hit_tokens = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
-        self.proposer: NgramProposer | DraftProposer | None = None
-        if config.speculative == "ngram":
-            self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
-        elif config.speculative == "draft":
-            if draft_model is None:
-                path = Path(config.draft_model_path) if config.draft_model_path else \
-                    Path(config.model_path) if config.model_path else default_model_path()
-                # a dense draft sits with the target; a quantized one runs on the CPU (its kernels are CPU kernels)
-                draft_device = config.device if config.draft_quantization is None else "cpu"
-                draft_model = LlamaModel.from_gguf(GGUFFile(path), torch.float32, config.draft_quantization,
-                                                   draft_device)
-            if draft_model.device.type != self.model.device.type:
-                log.warning("the draft model runs on %s and the target on %s: each proposal crosses devices "
-                            "(with a GPU target, --draft-quantization none keeps the draft on the GPU)",
-                            draft_model.device, self.model.device)
-            self.proposer = DraftProposer(draft_model, num_blocks, config.block_size, hp.vocab_size)
-        self._spec_drafts = 0                      # verification runs that carried proposals
-        self._spec_draft_tokens = 0
-        self._spec_accepted_tokens = 0
-        self._spec_emitted_tokens = 0              # tokens those runs produced (accepted + 1 each)
-        self._spec_accepted_by_position = [0] * MAX_SPECULATIVE_TOKENS
-        log.info("engine ready", extra={"model": config.model_name, "dtype": config.dtype,
-                                         "num_kv_blocks": num_blocks, "max_model_len": self.max_model_len})
+        self._steps_by_path = {path: 0 for path in StepPath}
+        self.spec_stats = SpecDecodeStats()
 
     # requests
     @property
@@ -222,8 +81,9 @@ class LLMEngine:
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                       model: str = "") -> int:
         """Validate a request; returns max_tokens resolved. Raises InvalidRequestError."""
-        if model and model != self.config.model_name:
-            raise InvalidRequestError(f"unknown model {model!r}; this replica serves {self.config.model_name!r}")
+        served = self.config.model.model_name
+        if model and model != served:
+            raise InvalidRequestError(f"unknown model {model!r}; this replica serves {served!r}")
         try:
             params.validate(self.hparams.vocab_size)
         except ValueError as exc:
@@ -233,7 +93,7 @@ class LLMEngine:
             raise InvalidRequestError("prompt is empty")
         if any(not 0 <= t < self.hparams.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.hparams.vocab_size})")
-        capacity = self.num_kv_blocks * self.config.block_size
+        capacity = self.num_kv_blocks * self.config.cache.block_size
         limit = min(self.max_model_len, capacity)
         where = "context window" if limit == self.max_model_len else "KV cache of this replica"
         if n >= limit:
@@ -285,7 +145,7 @@ class LLMEngine:
             self._propose()
         sched = self.scheduler.schedule()
         self._num_preemptions += len(sched.preempted)
-        if isinstance(self.proposer, DraftProposer):
+        if self.proposer is not None:
             for req in sched.preempted:          # recomputed from scratch later, the draft's copy too
                 self.proposer.release(req.request_id)
         if sched.is_empty:
@@ -297,6 +157,7 @@ class LLMEngine:
                 self._die(exc)
             log.exception("model step failed")
             return self._fail(sched, f"internal error in model step: {type(exc).__name__}")
+        self._steps_by_path[result.path] += 1
         self.scheduler.update_after_step(sched, result.num_accepted)
         self._count_speculation(sched, result)
         return self._postprocess(sched, result)
@@ -307,30 +168,29 @@ class LLMEngine:
         decode (verification then costs more than it saves); per request, the k up to its limit that
         yields the most tokens per unit of step time given how often its proposals have been accepted
         (spec_decode/policy.py), never reaching past max_tokens or the context window, nor the step past
-        the decode kernels' KERNEL_MAX_ROWS rows."""
+        the decode kernels' MAX_DECODE_ROWS rows."""
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
-        enabled = len(decoding) <= self.config.spec_max_batch
+        spec = self.config.spec
+        enabled = len(decoding) <= spec.spec_max_batch
         ks = []
         for req in decoding:
             req.acceptance.decay()
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
             limit = min(self._spec_limit(req), room)
-            ks.append(choose_k(req.acceptance.alpha, limit, self.config.spec_row_cost) if enabled and limit > 0 else 0)
-        # the step stays in the decode kernels' regime: past KERNEL_MAX_ROWS rows it would run the float32
+            ks.append(choose_k(req.acceptance.alpha, limit, spec.spec_row_cost) if enabled and limit > 0 else 0)
+        # the step stays in the decode kernels' regime: past MAX_DECODE_ROWS rows it would run the float32
         # path, far slower than the proposals save; the longest runs give way first
-        budget = KERNEL_MAX_ROWS - len(decoding)
+        budget = MAX_DECODE_ROWS - len(decoding)
         while sum(ks) > max(0, budget):
             ks[ks.index(max(ks))] -= 1
-        if isinstance(self.proposer, DraftProposer):
-            proposals = self.proposer.propose(decoding, ks)
-        else:
-            proposals = [self.proposer.propose(r.all_token_ids, k) if k > 0 else [] for r, k in zip(decoding, ks)]
-        for req, spec in zip(decoding, proposals):
-            req.spec_token_ids = spec
+        proposals = self.proposer.propose(decoding, ks)
+        for req, proposed in zip(decoding, proposals):
+            req.spec_token_ids = proposed
 
     def _spec_limit(self, req: Request) -> int:
         """The request's k: its own setting, else the engine's."""
-        return self.config.num_speculative_tokens if req.num_speculative_tokens is None else req.num_speculative_tokens
+        k = req.num_speculative_tokens
+        return self.config.spec.num_speculative_tokens if k is None else k
 
     def _count_speculation(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> None:
         for chunk in sched.chunks:
@@ -338,12 +198,7 @@ class LLMEngine:
             if not k:
                 continue
             req, accepted = chunk.request, result.num_accepted.get(chunk.request.request_id, 0)
-            self._spec_drafts += 1
-            self._spec_draft_tokens += k
-            self._spec_accepted_tokens += accepted
-            self._spec_emitted_tokens += accepted + 1
-            for i in range(accepted):
-                self._spec_accepted_by_position[i] += 1
+            self.spec_stats.observe(k, accepted)
             req.acceptance.observe(k, accepted)
 
     def _postprocess(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
@@ -405,7 +260,7 @@ class LLMEngine:
         out = self._output(req, text, logprobs)
         del self._sent_tokens[req.request_id]
         self.runner.release(req.request_id)
-        if isinstance(self.proposer, DraftProposer):
+        if self.proposer is not None:
             self.proposer.release(req.request_id)
         out.finished = True
         out.finish_reason = req.status.value
@@ -414,10 +269,11 @@ class LLMEngine:
 
     def _die(self, exc: BaseException) -> None:
         """After a device fault: fail and free every request, refuse new ones, raise EngineDeadError."""
-        self.fatal_error = (f"engine stopped after a device fault ({type(exc).__name__} on {self.config.device}): "
+        device = self.config.device.device
+        self.fatal_error = (f"engine stopped after a device fault ({type(exc).__name__} on {device}): "
                             "restart the replica")
         log.critical("device fault in a model step: the engine stops, every request fails; restart the replica",
-                     exc_info=exc, extra={"device": self.config.device})
+                     exc_info=exc, extra={"device": device})
         for request_id in list(self.scheduler.requests):
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             self._text.pop(request_id, None)
@@ -436,16 +292,17 @@ class LLMEngine:
 
     # introspection
     def stats(self) -> EngineStats:
-        s = self.scheduler
+        s, sp = self.scheduler, self.spec_stats
         return EngineStats(
             num_running=len(s.running), num_waiting=len(s.waiting), num_pending_tokens=s.num_pending_tokens(),
             num_free_blocks=s.kv.num_free_blocks, num_total_blocks=s.kv.num_blocks,
             kv_cache_usage=s.kv.usage, num_preemptions_total=self._num_preemptions,
             prefix_cache_hit_tokens_total=self._prefix_hit_tokens, prompt_tokens_total=self._prompt_tokens,
-            generation_tokens_total=self._generation_tokens, spec_drafts_total=self._spec_drafts,
-            spec_draft_tokens_total=self._spec_draft_tokens, spec_accepted_tokens_total=self._spec_accepted_tokens,
-            spec_emitted_tokens_total=self._spec_emitted_tokens,
-            spec_accepted_by_position=tuple(self._spec_accepted_by_position[:max(1, self.config.num_speculative_tokens)]))
+            generation_tokens_total=self._generation_tokens, spec_drafts_total=sp.drafts,
+            spec_draft_tokens_total=sp.draft_tokens, spec_accepted_tokens_total=sp.accepted_tokens,
+            spec_emitted_tokens_total=sp.emitted_tokens,
+            spec_accepted_by_position=tuple(sp.accepted_by_position[:max(1, self.config.spec.num_speculative_tokens)]),
+            steps_by_path=tuple((path.value, n) for path, n in self._steps_by_path.items()))
 
     # offline use
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],

@@ -1,25 +1,24 @@
-"""The only engine code that touches tensors: builds a step's inputs, runs the model, samples."""
+"""The only engine code that touches tensors: builds a step's inputs, runs the model, samples. It binds the
+model to its KV pools once, and with them chooses the model's compute path (models/compute.py)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from kernels.attention import PagedAttention, paged_kernel_for
+from kernels import PagedAttention
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
-from services.inference.models.llama import LlamaModel
-from services.inference.sampling import SamplingRow, build_sampling_metadata, make_generator, sample, target_distribution
-from services.inference.sampling.sampler import random_sample
-from services.inference.spec_decode import greedy_verify, rejection_sample
+from services.inference.models.compute import StepPath, choose_compute
+from services.inference.models.registry import CausalLM
+from services.inference.sampling.sampler import (SamplerOutput, SamplingRow, build_sampling_metadata, compute_logprobs,
+                                                 make_generator, random_sample, sample, target_distribution)
+from services.inference.spec_decode.rejection import greedy_verify, rejection_sample
 
-
-# Chunks of up to this many rows go through the paged-attention kernel with the decodes (speculative
-# verification runs, short prefill chunks); longer prefill chunks use torch's SDPA, whose GEMMs are faster
-# there on CPU (kernels.bench / the issue-6 notes).
-PAGED_MAX_ROWS = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -33,10 +32,11 @@ class SampledToken:
 class ModelRunnerOutput:
     sampled: dict[str, list[SampledToken]]   # request_id -> this step's tokens (several after accepted proposals)
     num_accepted: dict[str, int] = field(default_factory=dict)   # request_id -> proposals accepted
+    path: StepPath | None = None             # the implementation the step ran (models/compute.py)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, model: CausalLM, num_kv_blocks: int, block_size: int) -> None:
         hp = model.hp
         self.model = model
         self.block_size = block_size
@@ -46,7 +46,8 @@ class ModelRunner:
                            new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device))
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
-        self.stack = model.layer_stack(self.kv_caches, block_size)     # int8 layers in one C++ call, or None
+        self.compute = choose_compute(model, self.kv_caches, block_size)
+        log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
 
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
@@ -62,18 +63,15 @@ class ModelRunner:
             gen = self._generators[req.request_id] = make_generator(req.params.seed)
         return gen
 
-    def _paged_kernel(self) -> bool:
-        """Whether paged rows go through a paged-attention kernel (kernels.attention.paged_kernel_for)."""
-        return paged_kernel_for(self.device, self.kv_caches[0][0].dtype, self.model.hp.head_dim, self.block_size)
-
     # inputs
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor, torch.Tensor,
                                                               AttentionMetadata]:
-        """Lays a step out as paged rows first (decodes, and with the kernels every chunk of at most
-        PAGED_MAX_ROWS rows: short prefill chunks, speculative verification runs), then the longer prefill
-        chunks; returns the chunks in that order with the step's inputs."""
-        use_kernel = self._paged_kernel()
-        limit = PAGED_MAX_ROWS if use_kernel else 1
+        """Lays a step out as paged rows first (decodes, and with the paged-attention kernel every chunk of
+        at most kernels.MAX_DECODE_ROWS rows: short prefill chunks, speculative verification runs), then the
+        longer prefill chunks, whose attention runs torch's SDPA (faster there on CPU: bench.kernels); returns
+        the chunks in that order with the step's inputs."""
+        use_kernel = self.compute.paged_attention
+        limit = self.compute.paged_max_rows
         paged = [c for c in chunks if c.num_tokens <= limit]
         prefills = [c for c in chunks if c.num_tokens > limit]
         ordered = paged + prefills
@@ -129,7 +127,8 @@ class ModelRunner:
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
             meta = meta.to(self.device)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.stack)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.compute)
+        path = self.compute.step_path(len(input_ids), not meta.prefills)
         # sample: the last row of every chunk that reaches the end of its tokens, and every row of a
         # chunk with proposals (row i: the target's choice after the first i proposals)
         rows: list[int] = []
@@ -146,32 +145,41 @@ class ModelRunner:
                 rows.append(end - 1 - k + i)
                 sampling.append(self._sampling_row(c.request, c.spec_token_ids[:i]))
         if not rows:
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, path=path)
         # sampling runs on CPU: a step's logits are a few rows of 49,152 floats
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
         meta_s = build_sampling_metadata(sampling, logits.shape[-1])
         if all(not c.spec_token_ids for c, _ in groups):
-            res = sample(logits, meta_s)
+            res: SamplerOutput | None = sample(logits, meta_s)
             tokens = {c.request.request_id: [t] for (c, _), t in zip(groups, res.token_ids.tolist())}
             accepted: dict[str, int] = {}
         else:
+            res = None
             tokens, accepted = self._verify(groups, logits, meta_s)
         sampled = {}
         for c, first in groups:
             req, emitted = c.request, tokens[c.request.request_id]
-            n = req.params.logprobs
             out_tokens = [SampledToken(t) for t in emitted]
+            n = req.params.logprobs
             if n is not None:
-                at = torch.arange(first, first + len(emitted))
-                logp = logits[at].float().log_softmax(dim=-1)
-                chosen = logp.gather(1, torch.tensor(emitted)[:, None]).squeeze(1).tolist()
-                top_lp, top_ids = logp.topk(n, dim=-1) if n > 0 else (None, None)
-                for i, tok in enumerate(out_tokens):
-                    tok.logprob = chosen[i]
-                    if n > 0:
-                        tok.top = list(zip(top_ids[i].tolist(), top_lp[i].tolist()))
+                self._attach_logprobs(out_tokens, n, res, logits, first)
             sampled[req.request_id] = out_tokens
-        return ModelRunnerOutput(sampled, accepted)
+        return ModelRunnerOutput(sampled, accepted, path)
+
+    @staticmethod
+    def _attach_logprobs(out_tokens: list[SampledToken], n: int, res: SamplerOutput | None, logits: torch.Tensor,
+                         first: int) -> None:
+        """Each emitted token's log-probability and the top n of its row: the sampler's, computed with the
+        sample (one row per chunk), or by the sampler's compute_logprobs over the rows of a verified run."""
+        rows = slice(first, first + len(out_tokens))
+        if res is not None:
+            chosen, top_ids, top_lp = res.logprobs[rows], res.top_token_ids[rows, :n], res.top_logprobs[rows, :n]
+        else:
+            chosen, top_ids, top_lp = compute_logprobs(logits[rows].float(),
+                                                       torch.tensor([t.token_id for t in out_tokens]), n)
+        for tok, lp, ids, lps in zip(out_tokens, chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
+            tok.logprob = lp
+            tok.top = list(zip(ids, lps))
 
     def _verify(self, groups: list[tuple[ScheduledChunk, int]], logits: torch.Tensor,
                 meta) -> tuple[dict[str, list[int]], dict[str, int]]:

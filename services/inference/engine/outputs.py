@@ -44,6 +44,7 @@ class EngineStats:
     spec_accepted_tokens_total: int = 0          # proposals accepted
     spec_emitted_tokens_total: int = 0           # tokens those runs produced (accepted + 1 each)
     spec_accepted_by_position: tuple[int, ...] = ()   # runs whose proposal i (0-based) was accepted
+    steps_by_path: tuple[tuple[str, int], ...] = ()    # (compute path, model steps it ran) since start
 
     @property
     def spec_acceptance_rate(self) -> float:

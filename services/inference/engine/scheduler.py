@@ -12,18 +12,9 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
+from services.inference.config import SchedulerConfig
 from services.inference.engine.kv_cache_manager import KVCacheManager
 from services.inference.engine.request import Request, RequestStatus
-
-
-@dataclass(slots=True, frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64               # requests running at once
-    max_num_batched_tokens: int = 2048   # tokens computed per step (decodes + prefill chunks)
-    max_model_len: int = 8192            # prompt + output tokens of one request
-    block_size: int = 16                 # tokens per KV block
-    num_kv_blocks: int = 2048            # blocks in the pool
-    enable_prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -47,9 +38,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        """config: the batch limits; kv: the block tables over the KV pool the model runner holds."""
         self.config = config
-        self.kv = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = kv
         self.waiting: list[Request] = []    # sorted by (priority, arrival_seq)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -111,7 +103,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
-            num_hit = len(computed) * self.config.block_size
+            num_hit = len(computed) * self.kv.block_size
             num_new = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)
             if not self.kv.allocate_slots(req, num_new, computed):
                 break

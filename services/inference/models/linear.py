@@ -9,16 +9,15 @@ import time
 
 import torch
 
+from kernels import MAX_DECODE_ROWS, GGUFMatrix, Int8Matrix
 from kernels import available as kernels_available
-from kernels import GGUFMatrix, Int8Matrix
 
 log = logging.getLogger(__name__)
-KERNEL_MAX_ROWS = 16      # up to this many rows (a decode step's batch) the int8 GEMV kernel runs
 
 
 def decode_sized(x2: torch.Tensor) -> bool:
-    """Rows few enough for the compiled GEMV kernels, on CPU, with the kernels built and not forced off."""
-    return x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and kernels_available()
+    """Rows few enough for the compiled GEMV kernels (a decode step's batch)."""
+    return x2.shape[0] <= MAX_DECODE_ROWS
 
 
 @functools.cache
@@ -99,33 +98,40 @@ class DenseLinear:
         return self.weight.shape[0]
 
 
+def quantize_per_channel(weight_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights stored [in, out] -> (int8 codes [out, in] in [-127, 127], float32 scale per output channel [out])."""
+    w = weight_t.float()
+    scale = w.abs().amax(dim=0).clamp_min(1e-8) / 127.0
+    return torch.round(w / scale).clamp_(-127, 127).to(torch.int8).t().contiguous(), scale
+
+
 class Int8Linear:
     """W8A8: int8 weights with one scale per output channel, activations quantized per token at
     run time, int8 x int8 -> int32 products (VNNI/AMX through oneDNN), rescaled to float32.
 
     y[m, n] ~= sum_k x[m, k] w[k, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] q_w[k, n].
 
-    A decode step (up to KERNEL_MAX_ROWS rows) runs the C++ int8 GEMV (kernels.Int8Matrix.linear, as kernels.int8_linear: AVX2,
+    A decode step (up to kernels.MAX_DECODE_ROWS rows) runs the C++ int8 GEMV (kernels.Int8Matrix.linear, as kernels.int8_linear: AVX2,
     exact integer sums, fast on every x86-64). Larger batches go through oneDNN; where int8 products are
     not accelerated there (`int8_matmul_is_fast()` is False) the same integer values are multiplied as float32 (exact up to float32 rounding of sums above 2^24): the model's
-    numbers do not depend on the CPU, only its speed does."""
+    numbers do not depend on the CPU, only its speed does. Whether the GEMV runs (the kernels built and not
+    forced off) is decided when the layer is made (`gemv`)."""
 
-    __slots__ = ("qweight", "scale", "emulated_weight", "kernel")
+    __slots__ = ("qweight", "scale", "emulated_weight", "kernel", "gemv")
 
     def __init__(self, weight_t: torch.Tensor, emulate: bool | None = None) -> None:
-        w = weight_t.float()                                          # [in, out]
-        self.scale = w.abs().amax(dim=0).clamp_min(1e-8) / 127.0      # [out]
         # stored [out, in]; passed to _int_mm as a transposed view, its fastest layout here
-        self.qweight = torch.round(w / self.scale).clamp_(-127, 127).to(torch.int8).t().contiguous()
+        self.qweight, self.scale = quantize_per_channel(weight_t)
         if emulate is None:
             emulate = not int8_matmul_is_fast()
         self.emulated_weight = self.qweight.t().float().contiguous() if emulate else None   # [in, out]
         self.kernel = Int8Matrix(self.qweight, self.scale)
+        self.gemv = kernels_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if decode_sized(x2):
+        if self.gemv and decode_sized(x2):
             # decode: the C++ int8 GEMV (quantizes the rows the same way; integer sums exact)
             return self.kernel.linear(x2).reshape(*shape[:-1], -1).to(x.dtype)
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(127.0)   # [M, 1]
@@ -145,21 +151,20 @@ class Int8WeightLinear:
     """Weight-only int8 (one scale per output channel), float32 activations: for the LM head, whose
     logits lose more to quantized activations than the other projections do, while its 49152 x 576
     weights are the largest single read of a decode step (113 MB in float32, 28 MB here). Up to
-    KERNEL_MAX_ROWS rows run the C++ kernel (kernels.Int8Matrix.weight_only); more rows (prefill, perplexity)
-    multiply a dequantized copy made for the call."""
+    kernels.MAX_DECODE_ROWS rows run the C++ kernel (kernels.Int8Matrix.weight_only); more rows (prefill,
+    perplexity) multiply a dequantized copy made for the call."""
 
-    __slots__ = ("qweight", "scale", "kernel")
+    __slots__ = ("qweight", "scale", "kernel", "gemv")
 
     def __init__(self, weight_t: torch.Tensor) -> None:
-        w = weight_t.float()                                          # [in, out]
-        self.scale = w.abs().amax(dim=0).clamp_min(1e-8) / 127.0      # [out]
-        self.qweight = torch.round(w / self.scale).clamp_(-127, 127).to(torch.int8).t().contiguous()   # [out, in]
+        self.qweight, self.scale = quantize_per_channel(weight_t)
         self.kernel = Int8Matrix(self.qweight, self.scale)
+        self.gemv = kernels_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if decode_sized(x2):
+        if self.gemv and decode_sized(x2):
             y = self.kernel.weight_only(x2)
         else:
             y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
@@ -171,21 +176,22 @@ class Int8WeightLinear:
 
 
 class GGUFLinear:
-    """The GGUF file's blocks for decode-sized inputs (up to KERNEL_MAX_ROWS rows: kernels.GGUFMatrix,
+    """The GGUF file's blocks for decode-sized inputs (up to kernels.MAX_DECODE_ROWS rows: kernels.GGUFMatrix,
     activations quantized per 32-value block as llama.cpp does), the same weights dequantized to float32
     for larger ones (prefill), whose matmuls are compute-bound and faster in float32 on CPU."""
 
-    __slots__ = ("kernel", "dense")
+    __slots__ = ("kernel", "dense", "gemv")
 
     def __init__(self, kernel: GGUFMatrix, dense_weight_t: torch.Tensor) -> None:
         if tuple(dense_weight_t.shape) != (kernel.k, kernel.n):
             raise ValueError(f"dense weights must be [{kernel.k}, {kernel.n}], got {tuple(dense_weight_t.shape)}")
         self.kernel, self.dense = kernel, DenseLinear(dense_weight_t.float())
+        self.gemv = kernels_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if decode_sized(x2):
+        if self.gemv and decode_sized(x2):
             return self.kernel(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
         return self.dense(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
 

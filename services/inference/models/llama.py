@@ -1,46 +1,61 @@
 """A Llama-family decoder written for Strata: RMSNorm, RoPE, grouped-query attention over the
-paged KV cache, SwiGLU MLP, tied embeddings. Weights come dequantized from a GGUF file."""
+paged KV cache, SwiGLU MLP, tied embeddings. Dense weights dequantized from a GGUF file; the quantization
+passes (models/quantize.py) replace its projections afterwards."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from kernels import GGUFMatrix, LayerStack, StackLayerWeights, add_rms_norm_, rotary_, silu_and_mul
+from kernels import KernelBackends, LayerStack, StackLayerWeights, add_rms_norm_, rotary_, silu_and_mul
 from kernels import available as kernels_available
-from kernels.layers import row_kernels_on
 from services.inference.models.attention import AttentionMetadata, paged_attention
-from services.inference.models.gguf_file import GGUFFile, LlamaHParams
-from services.inference.models.linear import DenseLinear, GGUFLinear, Int8Linear, Int8WeightLinear, Linear
+from services.inference.models.compute import ComputePath, StepPath
+from services.inference.models.gguf_file import GGUFFile
+from services.inference.models.linear import DenseLinear, Linear
+from services.inference.models.ops import apply_rope, rms_norm, rope_cache, unpermute_qk
 
-QUANTIZATIONS = ("int8", "gguf")
-
-
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's row permutation of Q/K projections (back to HF's rotate-half layout)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+PROJECTIONS = ("qkv", "o", "gate_up", "down")      # a layer's projections, in the order they run
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+@dataclass(slots=True, frozen=True)
+class LlamaHParams:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
 
-
-def rope_cache(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-    return freqs.cos(), freqs.sin()                                # [P, D/2] each
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] with cos/sin [T, D/2], rotate-half (NeoX) layout."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> "LlamaHParams":
+        """Every value from the file's `<architecture>.*` metadata."""
+        g = lambda k, d=None: gguf.field(f"{gguf.architecture}.{k}", d)  # noqa: E731
+        hidden = int(g("embedding_length"))
+        heads = int(g("attention.head_count"))
+        vocab = g("vocab_size")
+        if vocab is None:
+            vocab = len(gguf.field("tokenizer.ggml.tokens"))
+        return cls(
+            num_layers=int(g("block_count")),
+            hidden_size=hidden,
+            intermediate_size=int(g("feed_forward_length")),
+            num_heads=heads,
+            num_kv_heads=int(g("attention.head_count_kv", heads)),
+            head_dim=int(g("rope.dimension_count", hidden // heads)),
+            rope_theta=float(g("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+            vocab_size=int(vocab),
+            max_position_embeddings=int(g("context_length", 2048)),
+            tie_word_embeddings=not gguf.has_tensor("output.weight"),
+        )
 
 
 class LlamaLayer:
@@ -56,12 +71,15 @@ class LlamaLayer:
 class LlamaModel:
     """Inference-only model; `forward` runs one engine step over flattened tokens."""
 
+    PROJECTIONS = PROJECTIONS
+
     def __init__(self, hp: LlamaHParams, layers: list[LlamaLayer], embed: torch.Tensor,
                  final_norm: torch.Tensor, lm_head: Linear, dtype: torch.dtype) -> None:
         """With tied embeddings lm_head holds a transposed copy of the embedding table."""
         self.hp, self.layers, self.dtype = hp, layers, dtype
         self.device = embed.device
-        self.quantization: str | None = None
+        self.quantization: str | None = None      # set by the pass that quantized it (models/quantize.py)
+        self.architecture = "llama"               # the GGUF's general.architecture (from_gguf sets it)
         self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
         self.q_size = hp.num_heads * hp.head_dim
         self.kv_size = hp.num_kv_heads * hp.head_dim
@@ -70,45 +88,49 @@ class LlamaModel:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
-                  quantization: str | None = None, device: str | torch.device = "cpu") -> "LlamaModel":
-        """quantization=None keeps dense weights; "int8" = W8A8 with SmoothQuant; "gguf" = the file's own
-        Q4_1 / Q8_0 blocks for decode (kernels.GGUFMatrix) with float32 copies for prefill. Both run
-        float32 activations, on CPU only. `device` "cuda" (or "cuda:N") puts the dense weights on that GPU."""
-        if quantization not in (None, *QUANTIZATIONS):
-            raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
-        if quantization and dtype != torch.float32:
-            raise ValueError(f"{quantization} quantization runs with float32 activations (dtype float32)")
-        device = torch.device(device)
-        if quantization and device.type != "cpu":
-            raise ValueError(f"{quantization} quantization runs on CPU only (its kernels are CPU kernels); "
-                             f"device {device} serves dense weights")
-        hp = gguf.hparams
+                  device: str | torch.device = "cpu") -> "LlamaModel":
+        """Dense weights in `dtype` on `device` (loaded on CPU, then moved). Quantized projections come from
+        a pass over the loaded model (models/quantize.py; models/registry.load_model runs it)."""
+        hp = LlamaHParams.from_gguf(gguf)
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
         dense = lambda t: DenseLinear(t.t().to(dtype))  # noqa: E731 - [out, in] -> [in, out]
         layers = []
         for i in range(hp.num_layers):
+            src = cls.projection_sources(hp, i)
+            parts = lambda name: torch.cat([w(t) if h is None else unpermute_qk(w(t), h) for t, h in src[name]])  # noqa: E731
             p = f"blk.{i}."
-            q = unpermute_qk(w(p + "attn_q.weight"), hp.num_heads)
-            k = unpermute_qk(w(p + "attn_k.weight"), hp.num_kv_heads)
             layers.append(LlamaLayer(
                 attn_norm=cast(w(p + "attn_norm.weight")),
-                qkv=dense(torch.cat([q, k, w(p + "attn_v.weight")])),
-                o=dense(w(p + "attn_output.weight")),
+                qkv=dense(parts("qkv")),
+                o=dense(parts("o")),
                 ffn_norm=cast(w(p + "ffn_norm.weight")),
-                gate_up=dense(torch.cat([w(p + "ffn_gate.weight"), w(p + "ffn_up.weight")])),
-                down=dense(w(p + "ffn_down.weight")),
+                gate_up=dense(parts("gate_up")),
+                down=dense(parts("down")),
             ))
         embed = cast(w("token_embd.weight"))
-        lm_head = dense(embed if hp.tie_word_embeddings else w("output.weight"))
+        lm_head = dense(embed if hp.tie_word_embeddings else w(cls.lm_head_source(hp)))
         model = cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
-        if quantization == "int8":
-            model.quantize_int8(gguf)
-        elif quantization == "gguf":
-            model.use_gguf_blocks(gguf)
-        elif device.type != "cpu":
-            model.to(device)
+        model.architecture = gguf.architecture
+        if torch.device(device).type != "cpu":
+            model.to(torch.device(device))
         return model
+
+    @staticmethod
+    def projection_sources(hp: LlamaHParams, layer: int) -> dict[str, list[tuple[str, int | None]]]:
+        """Per projection of layer `layer`, the GGUF tensors whose rows it stacks, in order, each with the
+        head count to undo llama.cpp's Q/K row permutation with (None: rows as stored)."""
+        p = f"blk.{layer}."
+        return {"qkv": [(p + "attn_q.weight", hp.num_heads), (p + "attn_k.weight", hp.num_kv_heads),
+                        (p + "attn_v.weight", None)],
+                "o": [(p + "attn_output.weight", None)],
+                "gate_up": [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)],
+                "down": [(p + "ffn_down.weight", None)]}
+
+    @staticmethod
+    def lm_head_source(hp: LlamaHParams) -> str:
+        """The GGUF tensor of the LM head: the embedding table when tied."""
+        return "token_embd.weight" if hp.tie_word_embeddings else "output.weight"
 
     def to(self, device: torch.device) -> "LlamaModel":
         """Moves the dense weights and the rotary tables to `device` (in place; returns self)."""
@@ -117,7 +139,7 @@ class LlamaModel:
         move = lambda t: t.to(device)  # noqa: E731
         for layer in self.layers:
             layer.attn_norm, layer.ffn_norm = move(layer.attn_norm), move(layer.ffn_norm)
-            for name in ("qkv", "o", "gate_up", "down"):
+            for name in PROJECTIONS:
                 setattr(layer, name, DenseLinear(move(getattr(layer, name).weight)))
         self.embed, self.final_norm = move(self.embed), move(self.final_norm)
         self.lm_head = DenseLinear(move(self.lm_head.weight))
@@ -125,64 +147,14 @@ class LlamaModel:
         self.device = self.embed.device
         return self
 
-    def use_gguf_blocks(self, gguf: GGUFFile) -> None:
-        """Every projection (and the LM head) multiplies the file's own blocks for decode-sized inputs:
-        rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
-        gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each."""
-        hp = self.hp
-
-        def blocks(name: str) -> tuple[torch.Tensor, str, int]:
-            t = gguf.raw_tensor(name)
-            kind = gguf.tensor_type(name)
-            if kind not in ("Q4_1", "Q8_0"):
-                raise ValueError(f"quantization 'gguf' needs Q4_1 or Q8_0 tensors; {name} is {kind}")
-            return torch.from_numpy(np.array(t.data, copy=True)), kind, int(t.shape[0])
-
-        def fused(*parts: tuple[torch.Tensor, str, int]) -> GGUFMatrix:
-            kinds = {p[1] for p in parts}
-            if len(kinds) != 1:
-                raise ValueError(f"fused projections need one block type, got {sorted(kinds)}")
-            return GGUFMatrix(torch.cat([p[0] for p in parts]), kinds.pop(), parts[0][2])
-
-        for i, layer in enumerate(self.layers):
-            p = f"blk.{i}."
-            q, k = blocks(p + "attn_q.weight"), blocks(p + "attn_k.weight")
-            q = (unpermute_qk(q[0], hp.num_heads), *q[1:])           # whole rows move: blocks stay intact
-            k = (unpermute_qk(k[0], hp.num_kv_heads), *k[1:])
-            mats = {"qkv": fused(q, k, blocks(p + "attn_v.weight")), "o": fused(blocks(p + "attn_output.weight")),
-                    "gate_up": fused(blocks(p + "ffn_gate.weight"), blocks(p + "ffn_up.weight")),
-                    "down": fused(blocks(p + "ffn_down.weight"))}
-            for name, mat in mats.items():
-                setattr(layer, name, GGUFLinear(mat, getattr(layer, name).weight))
-        head = blocks("token_embd.weight" if hp.tie_word_embeddings else "output.weight")
-        self.lm_head = GGUFLinear(fused(head), self.lm_head.weight)
-        self.quantization = "gguf"
-
-    def quantize_int8(self, gguf: GGUFFile) -> None:
-        """Smooth (calibrated on fixed prompts) then quantize every block projection to W8A8, and the LM
-        head to weight-only int8 (its activations stay float32: W8A8 there cost more quality than it
-        saved time, weight-only keeps the logits close and reads a quarter of the bytes)."""
-        from services.inference.models import smoothquant
-        from services.inference.models.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_gguf(gguf)
-        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
-                   for p in smoothquant.CALIBRATION_PROMPTS]
-        smoothquant.smooth(self, smoothquant.activation_maxima(self, prompts))
-        for layer in self.layers:
-            for name in ("qkv", "o", "gate_up", "down"):
-                setattr(layer, name, Int8Linear(getattr(layer, name).weight))
-        self.lm_head = Int8WeightLinear(self.lm_head.weight)
-        self.quantization = "int8"
-
     def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
         """The quantized layers bound to these KV pools for kernels.LayerStack (one C++ call per step of
         up to 16 paged rows), or None where it does not apply (dense weights, kernels off, non-float32 pools)."""
-        if self.quantization not in QUANTIZATIONS or not kernels_available() or kv_caches[0][0].dtype != torch.float32:
+        if self.quantization is None or not kernels_available() or kv_caches[0][0].dtype != torch.float32:
             return None
         hp = self.hp
         weights = [StackLayerWeights(layer.attn_norm.contiguous(), layer.ffn_norm.contiguous(),
-                                     *(p.kernel for p in (layer.qkv, layer.o, layer.gate_up, layer.down)), k_pool, v_pool)
+                                     *(getattr(layer, name).kernel for name in PROJECTIONS), k_pool, v_pool)
                    for layer, (k_pool, v_pool) in zip(self.layers, kv_caches)]
         return LayerStack(weights, hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads,
                               head_dim=hp.head_dim, inter=hp.intermediate_size, block_size=block_size,
@@ -190,19 +162,19 @@ class LlamaModel:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                stack: LayerStack | None = None) -> torch.Tensor:
-        """input_ids/positions [T] -> final hidden states [T, hidden] (before the final norm). With
-        `stack` (this model's layer_stack over kv_caches), steps of only paged rows, few enough, run the
-        layers in one C++ call."""
+                compute: ComputePath) -> torch.Tensor:
+        """input_ids/positions [T] -> final hidden states [T, hidden] (before the final norm), along the path
+        `compute` (models/compute.py: chosen once for this model over kv_caches) gives a step like this one."""
         hp = self.hp
         cos, sin = self.cos[positions], self.sin[positions]
         if self.dtype != torch.float32:
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
         h = F.embedding(input_ids, self.embed)
-        if stack is not None and meta.paged_plan is not None and not meta.prefills and h.shape[0] <= stack.MAX_ROWS:
-            return stack(h, cos, sin, meta.slot_mapping, meta.paged_plan)
-        if self.dtype == torch.float32 and row_kernels_on(h.device):
-            return self._forward_fused(h, cos, sin, kv_caches, meta)
+        path = compute.step_path(h.shape[0], not meta.prefills)
+        if path is StepPath.LAYER_STACK:
+            return compute.layer_stack(h, cos, sin, meta.slot_mapping, meta.paged_plan)
+        if path is StepPath.ROW_KERNELS:
+            return self._forward_fused(h, cos, sin, kv_caches, meta, compute.kernels)
         t = h.shape[0]
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
             # attention
@@ -212,7 +184,7 @@ class LlamaModel:
             q = apply_rope(q.view(t, hp.num_heads, hp.head_dim), cos, sin)
             k = apply_rope(k.view(t, hp.num_kv_heads, hp.head_dim), cos, sin)
             v = v.view(t, hp.num_kv_heads, hp.head_dim)
-            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
+            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale, compute.kernels)
             h = h + layer.o(a.reshape(t, self.q_size))
             # mlp
             x = rms_norm(h, layer.ffn_norm, hp.rms_norm_eps)
@@ -221,23 +193,25 @@ class LlamaModel:
         return h
 
     def _forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """forward() with the compiled row kernels (float32; C++ on CPU, CUDA or Triton on a GPU): each residual add is fused into the next
-        RMSNorm, Q and K are rotated in place inside the QKV projection's output (its first heads), and
-        SiLU-and-mul reads the gate/up projection's output in one pass."""
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                       kernels: KernelBackends) -> torch.Tensor:
+        """forward() with the compiled row kernels (float32; C++ on CPU, CUDA or Triton on a GPU, as
+        `kernels.rows` says): each residual add is fused into the next RMSNorm, Q and K are rotated in place
+        inside the QKV projection's output (its first heads), and SiLU-and-mul reads the gate/up projection's
+        output in one pass."""
         hp = self.hp
-        t, eps = h.shape[0], hp.rms_norm_eps
+        t, eps, rows = h.shape[0], hp.rms_norm_eps, kernels.rows
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         pending = None                            # the MLP output not yet added to h
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
-            x = add_rms_norm_(h, pending, layer.attn_norm, eps)
-            qkv = rotary_(layer.qkv(x), hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin)
+            x = add_rms_norm_(h, pending, layer.attn_norm, eps, rows)
+            qkv = rotary_(layer.qkv(x), hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin, rows)
             q = qkv[:, :q_end].view(t, hp.num_heads, hp.head_dim)
             k = qkv[:, q_end:k_end].view(t, hp.num_kv_heads, hp.head_dim)
             v = qkv[:, k_end:].view(t, hp.num_kv_heads, hp.head_dim)
-            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale)
-            x = add_rms_norm_(h, layer.o(a.reshape(t, self.q_size)), layer.ffn_norm, eps)
-            pending = layer.down(silu_and_mul(layer.gate_up(x)))
+            a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale, kernels)
+            x = add_rms_norm_(h, layer.o(a.reshape(t, self.q_size)), layer.ffn_norm, eps, rows)
+            pending = layer.down(silu_and_mul(layer.gate_up(x), rows))
         return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

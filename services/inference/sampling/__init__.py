@@ -1,23 +1,6 @@
-"""Sampling: per-request parameters and the batched sampler."""
+"""Sampling: per-request parameters (params.py, plain Python) and the batched sampler (sampler.py, torch:
+imported from there, so that what only needs the parameters, such as the scheduler, never loads torch)."""
 
 from services.inference.sampling.params import SamplingParams
-from services.inference.sampling.sampler import (
-    SamplerOutput,
-    SamplingMetadata,
-    SamplingRow,
-    build_sampling_metadata,
-    make_generator,
-    sample,
-    target_distribution,
-)
 
-__all__ = [
-    "SamplerOutput",
-    "SamplingMetadata",
-    "SamplingParams",
-    "SamplingRow",
-    "build_sampling_metadata",
-    "make_generator",
-    "sample",
-    "target_distribution",
-]
+__all__ = ["SamplingParams"]

@@ -10,17 +10,27 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from services.inference.spec_decode.proposer import ProposalRequest
+
 # Only the last this-many tokens are searched (bounded cost per step; long inputs keep their recent part).
 MAX_LOOKBACK = 4096
 
 
 class NgramProposer:
+    """A Proposer (spec_decode/proposer.py) that keeps nothing between steps."""
+
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= ngram min ({min_n}) <= ngram max ({max_n})")
         self.min_n, self.max_n = min_n, max_n
 
-    def propose(self, token_ids: Sequence[int], k: int) -> list[int]:
+    def propose(self, requests: Sequence[ProposalRequest], ks: Sequence[int]) -> list[list[int]]:
+        return [self.lookup(r.all_token_ids, k) for r, k in zip(requests, ks)]
+
+    def release(self, request_id: str) -> None:
+        pass
+
+    def lookup(self, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to k tokens continuing token_ids, [] when no suffix of min_n..max_n tokens recurs."""
         if k < 1 or len(token_ids) <= self.min_n:
             return []

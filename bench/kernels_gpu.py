@@ -3,7 +3,7 @@ GQA-shared K/V reads), the Triton kernel and the engine's torch path, measured i
 K/V read and % of the card's measured copy bandwidth; then the engine on the GPU (decode tokens/s at 1, 8
 and 32 streams with the CUDA kernels, the Triton kernels and the torch path).
 
-    python -m kernels.bench_gpu [--out bench/results/kernels_gpu.json] [--no-engine]
+    python -m bench.kernels_gpu [--out bench/results/kernels_gpu.json] [--no-engine]
 
 Timing: CUDA events around CUDA-graph replays of the calls (launch gaps and Python overhead out of the
 kernel figures; eager timing where capture fails, marked), the median of 7 replays. Each case cycles
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.kernels import decode_rate
 from kernels import PagedAttention, PagedDecode
 from kernels._loader import cuda_built
 
@@ -172,17 +173,11 @@ def _paged_row(copy_gbs: float, triton_ok: bool, name: str, heads: int, kv_heads
 
 
 def engine_rates(streams: tuple[int, ...] = (1, 8, 32)) -> list[dict]:
-    from kernels.bench import _engine_rate
-    from services.inference.engine.engine import EngineConfig, LLMEngine
-    from services.inference.models.gguf_file import GGUFFile, default_model_path
-    from services.inference.models.llama import LlamaModel
-    from services.inference.models.tokenizer import Tokenizer
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
 
-    gguf = GGUFFile(default_model_path())
-    model = LlamaModel.from_gguf(gguf, torch.float32, device="cuda")
-    eng = LLMEngine(EngineConfig(dtype="float32", device="cuda", max_num_seqs=64),
-                    model=model, tokenizer=Tokenizer.from_gguf(gguf))
-    _engine_rate(eng, 2)                                   # warm-up
+    eng = build_engine(engine_config(dtype="float32", device="cuda", max_num_seqs=64))
+    decode_rate(eng, 2)                                    # warm-up
     rows = []
     for path in ("cuda", "triton", "reference"):
         if path == "cuda" and not cuda_built():
@@ -190,10 +185,10 @@ def engine_rates(streams: tuple[int, ...] = (1, 8, 32)) -> list[dict]:
         if path != "cuda":
             os.environ["STRATA_KERNELS"] = path
         try:
-            _engine_rate(eng, 2)                           # warm-up (Triton compiles)
+            decode_rate(eng, 2)                            # warm-up (Triton compiles)
             row = {"path": path}
             for n in streams:
-                row[f"decode_tokens_per_s_{n}"] = sorted(_engine_rate(eng, n) for _ in range(3))[1]
+                row[f"decode_tokens_per_s_{n}"] = sorted(decode_rate(eng, n) for _ in range(3))[1]
         finally:
             os.environ.pop("STRATA_KERNELS", None)
         rows.append(row)
@@ -241,7 +236,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench_gpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.kernels_gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench/results/kernels_gpu.json"))
     p.add_argument("--no-engine", action="store_true", help="skip the engine on the GPU")

@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: median time, bytes moved, GB/s and % of this machine's copy bandwidth, next to
 the torch path measured in the same run.
 
-    python -m kernels.bench [--repeats 30] [--out bench/results/kernels.json]
+    python -m bench.kernels [--repeats 30] [--out bench/results/kernels.json]
 
 Paged attention uses SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, float32 K/V,
 16-token blocks scattered over the pool): decode steps, and a mixed step of speculative verification
@@ -175,7 +175,7 @@ def llamacpp_decode_rates(streams: tuple[int, ...], out_len: int = OUT_LEN) -> d
         runner.close()
 
 
-def _engine_rate(eng, n: int, out_len: int = OUT_LEN) -> float:
+def decode_rate(eng, n: int, out_len: int = OUT_LEN) -> float:
     """Decode tokens/s of n streams of 128-token prompts (prefill not timed)."""
     from services.inference.sampling import SamplingParams
 
@@ -199,18 +199,19 @@ def paired_single_stream(rounds: int = 7, out_len: int = OUT_LEN) -> dict | None
     except ImportError:
         return None
     from bench.llamacpp import LlamaCppRunner
-    from services.inference.engine.engine import EngineConfig, LLMEngine
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
     from services.inference.models.gguf_file import default_model_path
 
-    eng = LLMEngine(EngineConfig(dtype="float32", quantization="gguf"))
+    eng = build_engine(engine_config(dtype="float32", quantization="gguf"))
     runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(), PROMPT_LEN + out_len + 1)
     prompt = [list(range(100, 100 + PROMPT_LEN))]
     try:
-        _engine_rate(eng, 1, out_len)
+        decode_rate(eng, 1, out_len)
         runner.run_batch(prompt, 4, 1)
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(_engine_rate(eng, 1, out_len))
+            ours.append(decode_rate(eng, 1, out_len))
             t = runner.run_batch(prompt, out_len + 1, 1)[0].arrivals_s
             theirs.append(out_len / (t[-1] - t[0]))
     finally:
@@ -229,19 +230,19 @@ def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = OUT_L
     runs each."""
     import os
 
-    from services.inference.engine.engine import EngineConfig, LLMEngine
-    rate = _engine_rate
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
     rows = []
     for quant in (None, "int8", "gguf"):
-        eng = LLMEngine(EngineConfig(dtype="float32", quantization=quant))
-        rate(eng, 1)                                     # warm-up
+        eng = build_engine(engine_config(dtype="float32", quantization=quant))
+        decode_rate(eng, 1)                              # warm-up
         for mode in ("kernels", "reference"):
             if mode == "reference":
                 os.environ["STRATA_KERNELS"] = "reference"
             try:
                 row = {"quantization": quant or "none", "path": mode}
                 for n in streams:
-                    row[f"decode_tokens_per_s_{n}"] = sorted(rate(eng, n) for _ in range(3))[1]
+                    row[f"decode_tokens_per_s_{n}"] = sorted(decode_rate(eng, n) for _ in range(3))[1]
             finally:
                 os.environ.pop("STRATA_KERNELS", None)
             rows.append(row)
@@ -288,7 +289,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: all cores)")

@@ -11,18 +11,23 @@ shadow keeps the K/V of the verified tokens only; rejected positions are overwri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services.inference.engine.kv_cache_manager import KVCacheManager
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
-from services.inference.models.llama import LlamaModel
+from services.inference.models.registry import CausalLM
 from services.inference.sampling import SamplingParams
+from services.inference.spec_decode import ProposalRequest
 
 _GREEDY = SamplingParams(temperature=0.0)
 
 
 class DraftProposer:
-    def __init__(self, model: LlamaModel, num_kv_blocks: int, block_size: int, vocab_size: int) -> None:
+    """A Proposer (spec_decode/proposer.py) that runs a draft model over shadow copies of the requests."""
+
+    def __init__(self, model: CausalLM, num_kv_blocks: int, block_size: int, vocab_size: int) -> None:
         if model.hp.vocab_size != vocab_size:
             raise ValueError(f"the draft's vocabulary ({model.hp.vocab_size}) differs from the target's ({vocab_size})")
         self.model = model
@@ -34,14 +39,14 @@ class DraftProposer:
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks
 
-    def _shadow(self, req: Request) -> Request:
+    def _shadow(self, req: ProposalRequest) -> Request:
         shadow = self._shadows.get(req.request_id)
         if shadow is None:
             shadow = self._shadows[req.request_id] = Request(req.request_id, list(req.all_token_ids), _GREEDY,
                                                             max_tokens=1 << 30)
         else:                       # mirror the target's tokens; keep K/V only where they still agree
             common = 0
-            limit = min(shadow.num_computed_tokens, req.num_tokens)
+            limit = min(shadow.num_computed_tokens, len(req.all_token_ids))
             while common < limit and shadow.all_token_ids[common] == req.all_token_ids[common]:
                 common += 1
             shadow.all_token_ids = list(req.all_token_ids)
@@ -56,7 +61,7 @@ class DraftProposer:
             self.kv.free(shadow)
             self.runner.release(request_id)
 
-    def propose(self, requests: list[Request], ks: list[int]) -> list[list[int]]:
+    def propose(self, requests: Sequence[ProposalRequest], ks: Sequence[int]) -> list[list[int]]:
         """Up to ks[i] greedy draft tokens for requests[i] (fewer, or none, when the draft's KV pool is full)."""
         proposals: list[list[int]] = [[] for _ in requests]
         live = [(i, self._shadow(r), k) for i, (r, k) in enumerate(zip(requests, ks)) if k > 0]

@@ -1,0 +1,65 @@
+"""The model registry: a GGUF file's `general.architecture` picks the model class. A new architecture is one
+file implementing `CausalLM` plus one line in MODELS; an unknown one is refused at load, naming the
+supported ones."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from kernels import LayerStack
+from services.inference.models.attention import AttentionMetadata
+from services.inference.models.compute import ComputePath
+from services.inference.models.gguf_file import GGUFFile
+from services.inference.models.llama import LlamaModel
+from services.inference.models.quantize import check_quantization, quantize
+
+
+class CausalLM(Protocol):
+    """What the engine, the quantization passes and the kernels' layer stack use of a model."""
+    hp: Any                                   # hyper-parameters: num_layers, num_kv_heads, head_dim, vocab_size, ...
+    dtype: torch.dtype
+    device: torch.device
+    quantization: str | None                  # set by the quantization pass that ran, if any
+    architecture: str                         # the GGUF's general.architecture
+    PROJECTIONS: tuple[str, ...]              # a layer's projection attributes
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> "CausalLM": ...
+    @staticmethod
+    def projection_sources(hp: Any, layer: int) -> dict[str, list[tuple[str, int | None]]]: ...
+    @staticmethod
+    def lm_head_source(hp: Any) -> str: ...
+    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                    block_size: int) -> LayerStack | None: ...
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                compute: ComputePath) -> torch.Tensor: ...
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+MODELS: dict[str, type[CausalLM]] = {
+    "llama": LlamaModel,
+}
+
+
+def model_class(architecture: str) -> type[CausalLM]:
+    """The class serving `architecture` (a GGUF's general.architecture)."""
+    cls = MODELS.get(architecture)
+    if cls is None:
+        raise ValueError(f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(sorted(MODELS))}")
+    return cls
+
+
+def load_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantization: str | None = None,
+               device: str | torch.device = "cpu") -> CausalLM:
+    """The file's model: its architecture's class with dense weights in `dtype` on `device`, then the
+    `quantization` pass (None: dense). What cannot run as asked is refused before anything loads."""
+    device = torch.device(device)
+    check_quantization(quantization, dtype, device)
+    model = model_class(gguf.architecture).from_gguf(gguf, dtype, device)
+    if quantization is not None:
+        quantize(model, quantization, gguf)
+    return model
