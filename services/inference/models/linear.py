@@ -105,19 +105,38 @@ def quantize_per_channel(weight_t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.round(w / scale).clamp_(-127, 127).to(torch.int8).t().contiguous(), scale
 
 
-class Int8Linear:
+class QuantizedLinear:
+    """A quantized projection's call, float32 inside: a decode-sized batch (up to kernels.MAX_DECODE_ROWS rows)
+    runs the compiled GEMV `_gemv` where the kernels are built and on (decided when the layer is made:
+    `gemv`), larger ones `_matmul`; the output comes back in the input's dtype."""
+
+    __slots__ = ("kernel", "gemv")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        y = self._gemv(x2) if self.gemv and decode_sized(x2) else self._matmul(x2)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
     """W8A8: int8 weights with one scale per output channel, activations quantized per token at
     run time, int8 x int8 -> int32 products (VNNI/AMX through oneDNN), rescaled to float32.
 
     y[m, n] ~= sum_k x[m, k] w[k, n] = s_x[m] * s_w[n] * sum_k q_x[m, k] q_w[k, n].
 
-    A decode step (up to kernels.MAX_DECODE_ROWS rows) runs the C++ int8 GEMV (kernels.Int8Matrix.linear, as kernels.int8_linear: AVX2,
-    exact integer sums, fast on every x86-64). Larger batches go through oneDNN; where int8 products are
-    not accelerated there (`int8_matmul_is_fast()` is False) the same integer values are multiplied as float32 (exact up to float32 rounding of sums above 2^24): the model's
-    numbers do not depend on the CPU, only its speed does. Whether the GEMV runs (the kernels built and not
-    forced off) is decided when the layer is made (`gemv`)."""
+    A decode step runs the C++ int8 GEMV (kernels.Int8Matrix.linear, as kernels.int8_linear: AVX2, exact
+    integer sums, fast on every x86-64; it quantizes the rows the same way). Larger batches go through
+    oneDNN; where int8 products are not accelerated there (`int8_matmul_is_fast()` is False) the same integer
+    values are multiplied as float32 (exact up to float32 rounding of sums above 2^24): the model's numbers
+    do not depend on the CPU, only its speed does."""
 
-    __slots__ = ("qweight", "scale", "emulated_weight", "kernel", "gemv")
+    __slots__ = ("qweight", "scale", "emulated_weight")
 
     def __init__(self, weight_t: torch.Tensor, emulate: bool | None = None) -> None:
         # stored [out, in]; passed to _int_mm as a transposed view, its fastest layout here
@@ -125,75 +144,64 @@ class Int8Linear:
         if emulate is None:
             emulate = not int8_matmul_is_fast()
         self.emulated_weight = self.qweight.t().float().contiguous() if emulate else None   # [in, out]
-        self.kernel = Int8Matrix(self.qweight, self.scale)
-        self.gemv = kernels_available()
+        self.kernel, self.gemv = Int8Matrix(self.qweight, self.scale), kernels_available()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.gemv and decode_sized(x2):
-            # decode: the C++ int8 GEMV (quantizes the rows the same way; integer sums exact)
-            return self.kernel.linear(x2).reshape(*shape[:-1], -1).to(x.dtype)
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernel.linear(x2)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         x_scale = x2.abs().amax(dim=1, keepdim=True).clamp_min_(1e-8).div_(127.0)   # [M, 1]
         if self.emulated_weight is not None:
-            y = torch.round(x2 / x_scale).matmul(self.emulated_weight).mul_(x_scale).mul_(self.scale)
-        else:
-            xq = torch.round(x2 / x_scale).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float().mul_(x_scale).mul_(self.scale)
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
+            return torch.round(x2 / x_scale).matmul(self.emulated_weight).mul_(x_scale).mul_(self.scale)
+        xq = torch.round(x2 / x_scale).to(torch.int8)
+        return torch._int_mm(xq, self.qweight.t()).float().mul_(x_scale).mul_(self.scale)
 
     @property
     def in_features(self) -> int:
         return self.qweight.shape[1]
 
 
-class Int8WeightLinear:
+class Int8WeightLinear(QuantizedLinear):
     """Weight-only int8 (one scale per output channel), float32 activations: for the LM head, whose
     logits lose more to quantized activations than the other projections do, while its 49152 x 576
-    weights are the largest single read of a decode step (113 MB in float32, 28 MB here). Up to
-    kernels.MAX_DECODE_ROWS rows run the C++ kernel (kernels.Int8Matrix.weight_only); more rows (prefill,
-    perplexity) multiply a dequantized copy made for the call."""
+    weights are the largest single read of a decode step (113 MB in float32, 28 MB here). A decode step
+    runs the C++ kernel (kernels.Int8Matrix.weight_only); more rows (prefill, perplexity) multiply a
+    dequantized copy made for the call."""
 
-    __slots__ = ("qweight", "scale", "kernel", "gemv")
+    __slots__ = ("qweight", "scale")
 
     def __init__(self, weight_t: torch.Tensor) -> None:
         self.qweight, self.scale = quantize_per_channel(weight_t)
-        self.kernel = Int8Matrix(self.qweight, self.scale)
-        self.gemv = kernels_available()
+        self.kernel, self.gemv = Int8Matrix(self.qweight, self.scale), kernels_available()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.gemv and decode_sized(x2):
-            y = self.kernel.weight_only(x2)
-        else:
-            y = x2 @ (self.qweight.float() * self.scale[:, None]).t()
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernel.weight_only(x2)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 @ (self.qweight.float() * self.scale[:, None]).t()
 
     @property
     def in_features(self) -> int:
         return self.qweight.shape[1]
 
 
-class GGUFLinear:
-    """The GGUF file's blocks for decode-sized inputs (up to kernels.MAX_DECODE_ROWS rows: kernels.GGUFMatrix,
-    activations quantized per 32-value block as llama.cpp does), the same weights dequantized to float32
-    for larger ones (prefill), whose matmuls are compute-bound and faster in float32 on CPU."""
+class GGUFLinear(QuantizedLinear):
+    """The GGUF file's blocks for decode-sized inputs (kernels.GGUFMatrix, activations quantized per 32-value
+    block as llama.cpp does), the same weights dequantized to float32 for larger ones (prefill), whose
+    matmuls are compute-bound and faster in float32 on CPU."""
 
-    __slots__ = ("kernel", "dense", "gemv")
+    __slots__ = ("dense",)
 
     def __init__(self, kernel: GGUFMatrix, dense_weight_t: torch.Tensor) -> None:
         if tuple(dense_weight_t.shape) != (kernel.k, kernel.n):
             raise ValueError(f"dense weights must be [{kernel.k}, {kernel.n}], got {tuple(dense_weight_t.shape)}")
-        self.kernel, self.dense = kernel, DenseLinear(dense_weight_t.float())
-        self.gemv = kernels_available()
+        self.kernel, self.dense, self.gemv = kernel, DenseLinear(dense_weight_t.float()), kernels_available()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.gemv and decode_sized(x2):
-            return self.kernel(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
-        return self.dense(x2).reshape(*shape[:-1], self.kernel.n).to(x.dtype)
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x2)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.dense(x2)
 
     @property
     def in_features(self) -> int:
