@@ -44,8 +44,7 @@ class ModelConfig:
         None, "int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); gguf = decode multiplies the "
               "file's own Q4_1/Q8_0 blocks (the fastest single stream on CPU), prefill float32",
         choices=QUANTIZATIONS)
-    max_model_len: int | None = option(None, "prompt + output tokens of one request (default: the model's "
-                                             "context length)")
+    max_model_len: int | None = option(None, "prompt + output tokens of one request (default: the model's)")
 
     def __post_init__(self) -> None:
         _check_choice(self, "dtype", "quantization")
@@ -234,6 +233,11 @@ def _metavar(f: dataclasses.Field) -> str:
     if not choices:
         return flag_name(f)[2:].replace("-", "_").upper()
     return "{" + ",".join((*choices, _NONE) if f.name in _OPTIONAL else choices) + "}"
+
+
+def env_variables() -> list[str]:
+    """Every STRATA_* variable the engine's settings read, in declaration order."""
+    return [env_name(f) for _, f, _ in _FIELDS]
 
 
 def env_setting(name: str) -> Any:

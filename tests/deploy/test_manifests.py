@@ -140,10 +140,13 @@ def compose_env(svc: dict) -> dict[str, str]:
 
 @functools.cache
 def names_read_by_services() -> tuple[frozenset[str], tuple[re.Pattern, ...]]:
-    """Upper-case names in services/ code, and the names it builds at run time as patterns
+    """Upper-case names in services/ code, the engine's variables (generated from its settings by
+    services/inference/config.py), and the names it builds at run time as patterns
     (f"STRATA_{service}_METRICS_PORT" reads STRATA_GATEWAY_METRICS_PORT and its siblings)."""
+    from services.inference.config import env_variables
+
     text = "\n".join(p.read_text() for p in (ROOT / "services").rglob("*.py") if "stubs" not in p.parts)
-    names = frozenset(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", text))
+    names = frozenset(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", text)) | frozenset(env_variables())
     templates = re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]*(?:\{[a-z_][a-z0-9_]*\}[A-Z0-9_]*)+", text)
     patterns = tuple(re.compile("[A-Z0-9]+".join(map(re.escape, re.split(r"\{[a-z0-9_]+\}", t))))
                      for t in templates)
