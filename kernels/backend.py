@@ -18,7 +18,6 @@ import torch
 from kernels._loader import available, cuda_module, triton_module
 
 CPP, CUDA, TRITON, REFERENCE = "cpp", "cuda", "triton", "reference"
-BACKENDS = (CPP, CUDA, TRITON, REFERENCE)
 KV_DTYPES = (torch.float32, torch.bfloat16)
 # The most rows a decode kernel takes: the quantized GEMVs (kernels.Int8Matrix, kernels.GGUFMatrix), the layer
 # stack (kernels.LayerStack), and the chunks a model sends through paged attention with the decodes.

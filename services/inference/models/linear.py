@@ -112,6 +112,9 @@ class QuantizedLinear:
 
     __slots__ = ("kernel", "gemv")
 
+    def __init__(self, kernel: Int8Matrix | GGUFMatrix) -> None:
+        self.kernel, self.gemv = kernel, kernels_available()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()
         y = self._gemv(x2) if self.gemv and decode_sized(x2) else self._matmul(x2)
@@ -144,7 +147,7 @@ class Int8Linear(QuantizedLinear):
         if emulate is None:
             emulate = not int8_matmul_is_fast()
         self.emulated_weight = self.qweight.t().float().contiguous() if emulate else None   # [in, out]
-        self.kernel, self.gemv = Int8Matrix(self.qweight, self.scale), kernels_available()
+        super().__init__(Int8Matrix(self.qweight, self.scale))
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x2)
@@ -172,7 +175,7 @@ class Int8WeightLinear(QuantizedLinear):
 
     def __init__(self, weight_t: torch.Tensor) -> None:
         self.qweight, self.scale = quantize_per_channel(weight_t)
-        self.kernel, self.gemv = Int8Matrix(self.qweight, self.scale), kernels_available()
+        super().__init__(Int8Matrix(self.qweight, self.scale))
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernel.weight_only(x2)
@@ -195,7 +198,8 @@ class GGUFLinear(QuantizedLinear):
     def __init__(self, kernel: GGUFMatrix, dense_weight_t: torch.Tensor) -> None:
         if tuple(dense_weight_t.shape) != (kernel.k, kernel.n):
             raise ValueError(f"dense weights must be [{kernel.k}, {kernel.n}], got {tuple(dense_weight_t.shape)}")
-        self.kernel, self.dense, self.gemv = kernel, DenseLinear(dense_weight_t.float()), kernels_available()
+        super().__init__(kernel)
+        self.dense = DenseLinear(dense_weight_t.float())
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernel(x2)
