@@ -80,6 +80,16 @@ def _dist_ms(values_s: list[float]) -> dict[str, float]:
     return out
 
 
+def steady_decode_rate(reqs: tuple[RequestTiming, ...]) -> float:
+    """Tokens/s while every stream decodes: from the last first token to the first last token. What the
+    service costs is read here, since TPOT also carries the other requests' prefills, and those fall
+    differently when requests reach a server one by one than when they are all added before a step."""
+    start, end = max(r.arrivals_s[0] for r in reqs), min(r.arrivals_s[-1] for r in reqs)
+    if end <= start:
+        return float("nan")
+    return sum(1 for r in reqs for t in r.arrivals_s if start < t <= end) / (end - start)
+
+
 def summarize(phase: PhaseResult) -> dict:
     """Metrics of one run: percentiles in ms, throughputs in tokens/s."""
     reqs = phase.requests
@@ -93,6 +103,7 @@ def summarize(phase: PhaseResult) -> dict:
         "output_tokens_per_s": num_out / phase.wall_s,
         # streams in flight / mean time per output token: the decode rate with prefill left out
         "decode_tokens_per_s": phase.concurrency / mean_tpot if tpots else float("nan"),
+        "steady_decode_tokens_per_s": steady_decode_rate(reqs),
         "ttft_ms": _dist_ms([r.ttft_s for r in reqs]),
         "tpot_ms": _dist_ms(tpots),
         "itl_ms": _dist_ms([x for r in reqs for x in r.itls_s]),

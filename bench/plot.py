@@ -17,6 +17,7 @@ _MORE_STRATA_COLORS = ("tab:purple", "tab:cyan", "tab:red", "tab:brown")
 
 def _color(name: str, systems: dict) -> str | None:
     """Fixed colours for the default Strata and the peers; further Strata configurations take the next free one."""
+    name = name.removeprefix("in-process ")      # the engine in process: its service's colour, dashed
     if name in _COLORS:
         return _COLORS[name]
     others = [n for n in systems if n.startswith("strata") and n not in _COLORS]
@@ -49,7 +50,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, key, sub, title, logy in panels:
         series = {name: _series(system, key, sub) for name, system in systems.items()}
         for name, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", label=systems[name]["label"], color=_color(name, systems))
+            ax.plot(xs, ys, marker="o", label=systems[name]["label"], color=_color(name, systems),
+                    linestyle="--" if name.startswith("in-process ") else "-")
         # value labels right of each point, stacked in value order so close values stay readable
         for x in cfg["concurrency"]:
             points = sorted(((ys[xs.index(x)], name) for name, (xs, ys) in series.items() if x in xs), reverse=True)

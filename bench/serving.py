@@ -3,6 +3,10 @@
     python -m bench.serving [--concurrency 1 8 32] [--peers llama.cpp hf] [--repeats 3]
                             [--strata-args='--quantization int8' ...]
 
+Each Strata configuration is measured twice: through its gRPC service (a client in this process, the
+server in its own), and in process as `strata generate` runs the engine (bench/inprocess.py, a process
+of its own), so the JSON says what the service costs in the same run ("service": gRPC / in process).
+
 Per system and concurrency c: closed loop of --num-prompts requests (default c: one wave), c in
 flight, every prompt exactly --prompt-len random token ids (seeded, the same for every system, never
 repeated, so no prefix-cache hits), greedy, EOS ignored, --output-len tokens each. Prefill: the
@@ -34,6 +38,8 @@ TARGETS = (  # (name, peer, metric, concurrency, threshold): the least ratio of 
     ("prefill_vs_hf", "hf", "prefill", None, 3.0),
     ("single_stream_vs_llama.cpp", "llama.cpp", "output_tokens_per_s", 1, 1.0),
 )
+SERVICE_TARGET = 0.9    # steady decode through gRPC / in process, at every concurrency (issue 21)
+IN_PROCESS = "in-process "
 
 
 class PromptSource:
@@ -98,6 +104,20 @@ def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
         return measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
 
 
+def bench_in_process(a: argparse.Namespace, strata_args: str) -> dict:
+    from bench.inprocess import InProcessEngine
+
+    extra = strata_args.split()
+    with InProcessEngine(a.dtype, extra) as engine:
+        label = f"Strata in process ({' '.join([engine.dtype, *extra])})"
+        def prefill(prompts: list[list[int]]) -> dict:
+            phase = engine.run_phase(prompts, 1, a.prefill_batch)
+            tokens = sum(len(p) for p in prompts)
+            return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
+
+        return measure(label, engine.run_phase, prefill, a)
+
+
 def bench_llamacpp(a: argparse.Namespace, gguf_path: Path) -> dict:
     from bench.llamacpp import LlamaCppRunner
 
@@ -143,6 +163,27 @@ def ratios(systems: dict) -> dict:
             r["prefill"] = strata["prefill"]["prompt_tokens_per_s"] / p["prefill"]["prompt_tokens_per_s"]
             out[f"{name}/{peer}"] = r
     return out
+
+
+def service_cost(systems: dict) -> dict:
+    """Per Strata configuration and concurrency: its gRPC figures over its in-process ones (1 = free)."""
+    out: dict = {}
+    for name, inproc in systems.items():
+        if not name.startswith(IN_PROCESS) or name[len(IN_PROCESS):] not in systems:
+            continue
+        grpc = systems[name[len(IN_PROCESS):]]
+        out[name[len(IN_PROCESS):]] = {
+            c: {k: grpc["concurrency"][c][k] / inproc["concurrency"][c][k]
+                for k in ("output_tokens_per_s", "decode_tokens_per_s", "steady_decode_tokens_per_s")}
+            for c in grpc["concurrency"] if c in inproc["concurrency"]}
+    return out
+
+
+def service_targets(cost: dict) -> dict:
+    return {f"service_vs_in_process_{c}_streams{'' if name == 'strata' else f' [{name}]'}":
+            {"target": SERVICE_TARGET, "ratio": round(r["steady_decode_tokens_per_s"], 3),
+             "met": r["steady_decode_tokens_per_s"] >= SERVICE_TARGET}
+            for name, per_c in cost.items() for c, r in per_c.items()}
 
 
 def targets(rs: dict, strata_names: list[str]) -> dict:
@@ -222,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"default: {' and '.join(repr(x) for x in DEFAULT_STRATA_CONFIGS)} (int8 only where "
                         "the CPU multiplies int8 fast)")
     p.add_argument("--no-strata", action="store_true", help="peers only (debugging the peers)")
+    p.add_argument("--no-in-process", action="store_true",
+                   help="skip the in-process measurement of each Strata configuration (the service's yardstick)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="peers' threads")
     p.add_argument("--seed", type=int, default=0)
@@ -248,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, args in zip(strata_names, a.strata_args):
         print(f"{name}: starting the inference service", flush=True)
         systems[name] = bench_strata(a, args)
+        if not a.no_in_process:
+            print(f"{name}: the engine in process, as `strata generate` runs it", flush=True)
+            systems[IN_PROCESS + name] = bench_in_process(a, args)
     for peer in a.peers:
         why = peer_missing(peer)
         if why:
@@ -257,9 +303,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{peer}: loading {gguf_path.name}", flush=True)
         systems[peer] = bench_llamacpp(a, gguf_path) if peer == "llama.cpp" else bench_hf(a, gguf_path)
     rs = ratios(systems)
+    cost = service_cost(systems)
     config = {k: v for k, v in vars(a).items() if k not in ("out", "no_strata")}
     result = {"config": {**config, "model": gguf_path.name}, "machine": machine_info(), "systems": systems,
-              "skipped": skipped, "ratios": rs, "targets": targets(rs, strata_names)}
+              "skipped": skipped, "ratios": rs, "service": cost,
+              "targets": {**targets(rs, strata_names), **service_targets(cost)}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     from bench.plot import plot

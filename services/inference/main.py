@@ -69,10 +69,11 @@ class InferenceService:
         from services.inference.servicer import InferenceServicer
 
         self.config = config
-        self.llm = engine or build_engine(config.engine)
-        # a device fault kills the engine: stop the service (SIGTERM: graceful), its supervisor restarts it
-        self.engine = AsyncEngine(self.llm, config.max_queued_requests,
+        # built on the engine thread (async_engine.py says why); a device fault kills the engine: stop the
+        # service (SIGTERM: graceful), its supervisor restarts it
+        self.engine = AsyncEngine(engine or (lambda: build_engine(config.engine)), config.max_queued_requests,
                                   on_fatal=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self.llm = self.engine.engine
         self.metrics, tracer = InferenceMetrics(), telemetry.tracer("inference")
         self.metrics.collect_with(self._collect)
         servicer = InferenceServicer(self.engine, config.replica_id or "inference-0", tracer, self.metrics)

@@ -4,6 +4,13 @@ The engine is touched only by its thread. Callers post commands (add, abort) to 
 thread drains it before every step and delivers outputs to per-request asyncio queues. When a
 caller stops listening (cancellation, deadline, disconnect) its request is aborted and its KV
 blocks are freed at the start of the next step.
+
+The engine is also *built* on its thread when AsyncEngine is given a factory (the service does so). With
+libgomp every thread that opens an OpenMP region gets a thread pool of its own, and once the process
+holds more pool threads than CPUs, every pool stops spinning at its barriers and sleeps on a futex
+instead (GOMP's throttled spin). Loading runs parallel torch ops; had it run on the main thread, its
+idle pool would throttle the engine's ~150 parallel regions a step: on 2 cores one stream decoded 20-30%
+slower than in process (measured 2026-12-01; docs/architecture.md, "Threads").
 """
 
 from __future__ import annotations
@@ -24,14 +31,42 @@ from services.inference.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+Item = RequestOutput | BaseException
+
+
+@dataclass(slots=True, frozen=True)
+class _Listener:
+    """Where a request's outputs go: an asyncio queue, filled on its loop's thread."""
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Item]
+
+
 @dataclass(slots=True)
 class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
-    deliver: Callable[[RequestOutput | BaseException], None]
+    listener: _Listener
     num_speculative_tokens: int | None = None
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Item], Item]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _deliver(items: list[tuple[_Listener, Item]]) -> None:
+    """Hands items to their loops: one wake-up per loop for a whole step's outputs, not one per request
+    (a thread wake-up costs 70-200 us of CPU on the 2-core VMs measured, taken from the engine's cores)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Item], Item]]] = {}
+    for listener, item in items:
+        by_loop.setdefault(listener.loop, []).append((listener.queue, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:        # the caller's loop is closed: nobody is listening
+            pass
 
 
 @dataclass(slots=True)
@@ -40,26 +75,42 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], max_queued_requests: int | None = None,
                  on_fatal: Callable[[], None] | None = None) -> None:
-        """on_fatal: called once (on the engine thread) when the engine dies of a device fault."""
-        self.engine = engine
+        """engine: the engine, or a factory that builds it; a factory runs on the engine thread (the
+        module's docstring says why), and its exception is raised here.
+        on_fatal: called once (on the engine thread) when the engine dies of a device fault."""
         self.max_queued_requests = max_queued_requests   # None = unbounded waiting queue
         self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._delivery: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
-        self._stats = engine.stats()
+        self._listeners: dict[str, _Listener] = {}
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
+        self._go = threading.Event()                     # set by start(): the thread begins stepping
         self._num_in_flight = 0
+        build = None if isinstance(engine, LLMEngine) else engine
+        self._thread = threading.Thread(target=self._main, args=(build,), name="strata-engine", daemon=True)
+        if build is None:
+            self.engine = engine
+        else:
+            self._built = threading.Event()
+            self._build_error: BaseException | None = None
+            self._thread.start()
+            self._built.wait()
+            if self._build_error is not None:
+                raise self._build_error
+        self._stats = self.engine.stats()
 
     def start(self) -> None:
-        self._thread.start()
+        if not self._thread.is_alive():
+            self._thread.start()
+        self._go.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()
         self._commands.put(None)
-        self._thread.join(timeout)
+        self._go.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def stats(self) -> EngineStats:
@@ -79,14 +130,10 @@ class AsyncEngine:
             raise ResourceExhaustedError(
                 f"replica is at capacity ({self._num_in_flight} requests in flight)", retry_after_s=1.0)
         request_id = request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-        def deliver(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
+        outputs: asyncio.Queue[Item] = asyncio.Queue()
+        listener = _Listener(asyncio.get_running_loop(), outputs)
         self._num_in_flight += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, deliver, num_speculative_tokens))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, listener, num_speculative_tokens))
         finished = False
         try:
             while True:
@@ -104,6 +151,18 @@ class AsyncEngine:
                 self._commands.put(_Abort(request_id))
 
     # engine thread
+    def _main(self, build: Callable[[], LLMEngine] | None) -> None:
+        if build is not None:
+            try:
+                self.engine = build()
+            except BaseException as exc:  # noqa: BLE001 - raised by __init__ on the caller's thread
+                self._build_error = exc
+                return
+            finally:
+                self._built.set()
+        self._go.wait()
+        self._run()
+
     def _run(self) -> None:
         engine = self.engine
         while not self._stopped.is_set():
@@ -115,9 +174,8 @@ class AsyncEngine:
             try:
                 outputs = engine.step()
             except EngineDeadError as exc:         # every request failed: their callers get UNAVAILABLE
-                for deliver in self._delivery.values():
-                    deliver(exc)
-                self._delivery.clear()
+                _deliver([(listener, exc) for listener in self._listeners.values()])
+                self._listeners.clear()
                 self._stats = engine.stats()
                 if self.on_fatal is not None:
                     self.on_fatal()
@@ -125,18 +183,19 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("engine step crashed")
                 outputs = []
+            ready = []
             for out in outputs:
-                deliver = self._delivery.get(out.request_id)
-                if out.finished:
-                    self._delivery.pop(out.request_id, None)
-                if deliver is not None:
-                    deliver(out)
+                listener = self._listeners.pop(out.request_id, None) if out.finished else \
+                    self._listeners.get(out.request_id)
+                if listener is not None:
+                    ready.append((listener, out))
+            _deliver(ready)
             self._stats = engine.stats()
         # shutting down: fail what is left
-        for request_id, deliver in list(self._delivery.items()):
+        for request_id in self._listeners:
             engine.abort_request(request_id)
-            deliver(UnavailableError("engine shut down"))
-        self._delivery.clear()
+        _deliver([(listener, UnavailableError("engine shut down")) for listener in self._listeners.values()])
+        self._listeners.clear()
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; with block=True wait for the first. False when told to stop."""
@@ -152,10 +211,10 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(cmd.prompt_token_ids, cmd.params, request_id=cmd.request_id,
                                             priority=cmd.priority, num_speculative_tokens=cmd.num_speculative_tokens)
-                    self._delivery[cmd.request_id] = cmd.deliver
+                    self._listeners[cmd.request_id] = cmd.listener
                 except Exception as exc:  # noqa: BLE001 - reported to the caller
-                    cmd.deliver(exc)
+                    _deliver([(cmd.listener, exc)])
             else:
-                self._delivery.pop(cmd.request_id, None)
+                self._listeners.pop(cmd.request_id, None)
                 self.engine.abort_request(cmd.request_id)
             self._stats = self.engine.stats()

@@ -1,0 +1,59 @@
+"""The async engine owns one thread: given a factory it builds the engine there (with libgomp every thread
+that opens an OpenMP region keeps a pool, and a second idle pool throttles the engine's barriers), steps it
+there, raises the factory's error to its caller, and hands a step's outputs to each event loop at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from services.inference.engine.async_engine import AsyncEngine
+from services.inference.sampling import SamplingParams
+from tests.conftest import assert_all_blocks_free
+
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_factory_builds_the_engine_on_the_thread_that_steps_it(make_engine, monkeypatch):
+    threads: dict[str, int] = {}
+
+    def build():
+        threads["build"] = threading.get_ident()
+        engine = make_engine("float32")
+        step = engine.step
+
+        def recording_step():
+            threads["step"] = threading.get_ident()
+            return step()
+        monkeypatch.setattr(engine, "step", recording_step)
+        return engine
+
+    async_engine = AsyncEngine(build)
+    async_engine.start()
+    try:
+        async def run(prompt):
+            return [out async for out in async_engine.generate(prompt, PARAMS)]
+        outs = await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+    finally:
+        async_engine.shutdown()
+    assert threads["build"] == threads["step"] != threading.get_ident()
+    for out in outs:
+        assert sum(len(o.new_token_ids) for o in out) == 6 and out[-1].finish_reason == "length"
+    assert_all_blocks_free(async_engine.engine)
+
+
+def test_the_factorys_error_reaches_the_caller():
+    def build():
+        raise FileNotFoundError("no such model file: nowhere.gguf")
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        AsyncEngine(build)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_shutdown_before_start_returns(make_engine):
+    async_engine = AsyncEngine(lambda: make_engine("float32"))
+    async_engine.shutdown(timeout=5)
+    assert not async_engine._thread.is_alive()
