@@ -1,6 +1,6 @@
 """Serving benchmark: Strata over gRPC against llama.cpp and HF transformers, in one run.
 
-    python -m bench.serving [--concurrency 1 8 32] [--peers llama.cpp hf] [--repeats 3]
+    python -m bench.serving [--concurrency 1 8 32 64] [--peers llama.cpp hf] [--repeats 3]
                             [--strata-args='--quantization int8' ...]
 
 Each Strata configuration is measured twice: through its gRPC service (a client in this process, the
@@ -32,7 +32,8 @@ from bench.metrics import PhaseResult, median_of_runs, summarize
 VOCAB_SIZE = 49152
 FIRST_ORDINARY_TOKEN = 3      # 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>
 PEERS = ("llama.cpp", "hf")
-DEFAULT_STRATA_CONFIGS = ("", "--quantization int8")   # the reference float32 path and the fast int8 one
+DEFAULT_STRATA_CONFIGS = ("", "--quantization none")  # the defaults (the file's blocks on CPU), and dense weights
+MEMORY_HEADROOM_MB = 200   # a quantized replica's RSS target: the file + its KV pool + this (issue 21)
 TARGETS = (  # (name, peer, metric, concurrency, threshold): the least ratio of Strata's figure to the peer's
     ("decode_32_streams_vs_llama.cpp", "llama.cpp", "decode_tokens_per_s", 32, 4.0),
     ("prefill_vs_hf", "hf", "prefill", None, 3.0),
@@ -101,7 +102,24 @@ def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
             tokens = sum(len(p) for p in prompts)
             return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
 
-        return measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
+        result = measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
+        result["memory"] = replica_memory(server, model_info(server))
+        return result
+
+
+def replica_memory(server, info) -> dict:
+    """The replica's RSS after the run beside what it must hold: the model file and the KV pool."""
+    from services.inference.models.gguf_file import GGUFFile, default_model_path
+    from services.inference.models.llama import LlamaHParams
+
+    path = default_model_path()
+    hp = LlamaHParams.from_gguf(GGUFFile(path))
+    dtype_bytes = {"float32": 4, "bfloat16": 2}[info.dtype]
+    kv = 2 * hp.num_layers * info.num_kv_blocks * info.block_size * hp.num_kv_heads * hp.head_dim * dtype_bytes
+    out = {**server.memory_mb(), "model_file_mb": path.stat().st_size / 2**20, "kv_pool_mb": kv / 2**20,
+           "quantization": info.quantization or "none"}
+    out["target_mb"] = out["model_file_mb"] + out["kv_pool_mb"] + MEMORY_HEADROOM_MB
+    return out
 
 
 def bench_in_process(a: argparse.Namespace, strata_args: str) -> dict:
@@ -238,6 +256,10 @@ def print_table(result: dict) -> None:
                   f"{m['ttft_ms']['p50']:>10.0f}/{m['ttft_ms']['p99']:<7.0f}{m['tpot_ms']['p50']:>13.1f}"
                   f"{m['itl_ms']['p50']:>10.1f}/{m['itl_ms']['p99']:<6.1f}")
         print(f"{s['label']:<26}{'prefill':>15}{s['prefill']['prompt_tokens_per_s']:>10.1f} prompt tok/s")
+        if "memory" in s:
+            m = s["memory"]
+            print(f"{s['label']:<26} RSS {m['rss_mb']:.0f} MiB (peak {m['peak_rss_mb']:.0f}); file {m['model_file_mb']:.0f} "
+                  f"+ KV pool {m['kv_pool_mb']:.0f} + {MEMORY_HEADROOM_MB} = {m['target_mb']:.0f} MiB")
     for name, t in result["targets"].items():
         if t["met"] is None:
             print(f"target {name}: >= {t['target']}x: n/a (a system was not measured)")
@@ -248,7 +270,7 @@ def print_table(result: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=0, help="requests per run; 0 = the concurrency (one wave)")
@@ -260,8 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strata-args", action="append", metavar="FLAGS",
                    help="extra `strata serve inference` flags of one Strata configuration, as one string "
                         "(write --strata-args='--quantization int8'); repeat it to measure several; "
-                        f"default: {' and '.join(repr(x) for x in DEFAULT_STRATA_CONFIGS)} (int8 only where "
-                        "the CPU multiplies int8 fast)")
+                        f"default: {' and '.join(repr(x) for x in DEFAULT_STRATA_CONFIGS)}")
     p.add_argument("--no-strata", action="store_true", help="peers only (debugging the peers)")
     p.add_argument("--no-in-process", action="store_true",
                    help="skip the in-process measurement of each Strata configuration (the service's yardstick)")
@@ -271,10 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     a = p.parse_args(argv)
     if not a.strata_args:
-        from services.inference.models.linear import int8_matmul_is_fast
-
-        # int8 is measured only where it can be faster: without VNNI/AMX it runs emulated at float32 speed
-        a.strata_args = [c for c in DEFAULT_STRATA_CONFIGS if "int8" not in c or int8_matmul_is_fast()]
+        a.strata_args = list(DEFAULT_STRATA_CONFIGS)
     if a.repeats < 1 or a.prompt_len < 1 or a.output_len < 2 or min(a.concurrency) < 1:
         p.error("--repeats, --prompt-len, --concurrency must be >= 1 and --output-len >= 2")
     return a

@@ -66,6 +66,11 @@ class StrataServer:
                 await asyncio.sleep(0.5)
         raise TimeoutError(f"strata server not serving after {self.start_timeout_s:.0f}s:\n{self.log_tail()}")
 
+    def memory_mb(self) -> dict[str, float]:
+        """The server's resident memory now and at its peak (VmRSS, VmHWM), in MiB."""
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        return {"rss_mb": int(status["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024}
+
     def log_tail(self, num_chars: int = 3000) -> str:
         self.log.flush()
         return Path(self.log.name).read_text()[-num_chars:]

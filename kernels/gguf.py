@@ -93,6 +93,16 @@ class GGUFMatrix:
         """The weights as float32 [N, K], exactly as ggml dequantizes them."""
         return reference.gguf_dequantize(self.blocks(), self.block_type, self.k)
 
+    def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (int64 [T]) of the weights as float32 [T, K], as ggml dequantizes them: an embedding
+        lookup straight from a quantized table."""
+        nb = self.k // BLOCK
+        fields = [self.d[ids, :nb, None].contiguous().view(torch.uint8)]
+        if self.m is not None:
+            fields.append(self.m[ids, :nb, None].contiguous().view(torch.uint8))
+        blocks = torch.cat([*fields, _untranspose_groups(self.qs[ids], nb)], dim=-1).reshape(len(ids), -1)
+        return reference.gguf_dequantize(blocks, self.block_type, self.k)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:
             raise ValueError(f"x must be float32 [M, {self.k}], got {x.dtype} {tuple(x.shape)}")

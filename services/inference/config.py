@@ -21,7 +21,7 @@ from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-QUANTIZATIONS = ("int8", "gguf")
+QUANTIZATIONS = ("int8", "gguf")      # the quantization passes (models/quantize.py)
 SPECULATIVE_METHODS = ("ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 16            # the most proposals one verification run may carry
 _NONE = "none"                         # how flags and variables say None for a choice
@@ -41,9 +41,11 @@ class ModelConfig:
     dtype: str = option("auto", "auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32 "
                                 "(float32 on a GPU); quantized models run float32", choices=DTYPE_CHOICES)
     quantization: str | None = option(
-        None, "int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); gguf = decode multiplies the "
-              "file's own Q4_1/Q8_0 blocks (the fastest single stream on CPU), prefill float32",
-        choices=QUANTIZATIONS)
+        "auto", "auto = gguf on CPU when the kernels multiply every projection's block type, else dense "
+                "(float files, other block types, GPUs; an explicit --dtype bfloat16 also means dense); "
+                "gguf = every product multiplies the file's own Q4_1/Q8_0 blocks, float32 activations; "
+                "int8 = W8A8 with SmoothQuant (int8 matmuls, float32 activations); none = dense",
+        choices=("auto", *QUANTIZATIONS))
     max_model_len: int | None = option(None, "prompt + output tokens of one request (default: the model's)")
 
     def __post_init__(self) -> None:

@@ -33,15 +33,15 @@ def test_int8_w8a8_perplexity_is_within_2_percent_of_float32(model_int8, model_f
 
 
 def test_gguf_blocks_perplexity_is_within_2_percent_of_float32(model_gguf, model_fp32, tokenizer):
-    """In 16-token steps every product runs the Q4_1 / Q8_0 kernels (activations quantized per 32-value
-    block); the one-pass perplexity of the same model is float32's exactly (prefill multiplies the same
-    weights dequantized)."""
+    """Every product runs the Q4_1 / Q8_0 kernels (activations quantized per 32-value block) whatever the
+    step's size: one pass over the text and 16-token steps agree within 1% (the fused layer stack and the
+    torch path round differently, and int8 activations pass such differences on), both within 2% of float32."""
     ids = tokenizer.encode(HELD_TEXT)
     ppl32 = perplexity(model_fp32, ids)
-    assert perplexity(model_gguf, ids) == pytest.approx(ppl32, rel=1e-5)
-    chunked32, chunked = perplexity(model_fp32, ids, chunk=16), perplexity(model_gguf, ids, chunk=16)
-    assert chunked32 == pytest.approx(ppl32, rel=1e-3)          # chunking itself changes nothing
-    assert abs(chunked - ppl32) / ppl32 < 0.02, (ppl32, chunked)
+    one_pass, chunked = perplexity(model_gguf, ids), perplexity(model_gguf, ids, chunk=16)
+    assert perplexity(model_fp32, ids, chunk=16) == pytest.approx(ppl32, rel=1e-3)   # chunking itself changes nothing
+    assert chunked == pytest.approx(one_pass, rel=1e-2)
+    assert abs(one_pass - ppl32) / ppl32 < 0.02, (ppl32, one_pass)
 
 
 def test_smoothing_alone_leaves_the_float_model_unchanged(gguf_file, model_fp32, tokenizer):

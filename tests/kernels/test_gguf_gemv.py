@@ -32,7 +32,7 @@ def random_blocks(n: int, k: int, block_type: str, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])             # row groups of 4, remainders
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16, 37, 128])    # row groups of 8, remainders, prefill chunks
 @pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96), (33, 256), (40, 288)])
 # channel tails; groups of 8 blocks: shorter than one, whole, and short last groups
 def test_matches_the_reference_arithmetic(block_type, m, n, k):
@@ -47,12 +47,12 @@ def test_matches_the_reference_arithmetic(block_type, m, n, k):
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("k", [576, 96])                            # whole pairs of blocks, and an odd count
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, k):
-    """Bit for bit: a decode row alone equals the same row among up to 16 (a batch, or the k + 1 rows of a
-    speculative verification), so greedy speculation reproduces plain decoding's tokens exactly."""
+    """Bit for bit: a decode row alone equals the same row among others (a batch, a prefill chunk, or the
+    k + 1 rows of a speculative verification), so greedy speculation reproduces plain decoding's tokens."""
     blocks = random_blocks(300, k, block_type, seed=11)
-    x = torch.randn(16, k, generator=torch.Generator().manual_seed(12))
-    alone = torch.cat([gguf_gemv(x[i:i + 1], blocks, block_type) for i in range(16)])
-    for m in (2, 3, 5, 8, 9, 16):
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(12))
+    alone = torch.cat([gguf_gemv(x[i:i + 1], blocks, block_type) for i in range(40)])
+    for m in (2, 3, 5, 8, 9, 16, 40):
         assert torch.equal(gguf_gemv(x[:m], blocks, block_type), alone[:m]), m
 
 

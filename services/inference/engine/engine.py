@@ -178,8 +178,8 @@ class LLMEngine:
             room = min(req.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens) - 1
             limit = min(self._spec_limit(req), room)
             ks.append(choose_k(req.acceptance.alpha, limit, spec.spec_row_cost) if enabled and limit > 0 else 0)
-        # the step stays in the decode kernels' regime: past MAX_DECODE_ROWS rows it would run the float32
-        # path, far slower than the proposals save; the longest runs give way first
+        # the step stays in the decode kernels' regime: past MAX_DECODE_ROWS rows it would leave the layer
+        # stack for the per-layer torch path, far slower than the proposals save; the longest runs give way first
         budget = MAX_DECODE_ROWS - len(decoding)
         while sum(ks) > max(0, budget):
             ks[ks.index(max(ks))] -= 1

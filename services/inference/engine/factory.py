@@ -17,7 +17,7 @@ from services.inference.engine.kv_cache_manager import KVCacheManager
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.scheduler import Scheduler
 from services.inference.models.gguf_file import GGUFFile, default_model_path
-from services.inference.models.registry import CausalLM, load_model
+from services.inference.models.registry import CausalLM, load_model, resolve_quantization
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.spec_decode import NgramProposer, Proposer
 
@@ -59,13 +59,26 @@ def resolve_device(device: str, quantization: str | None) -> str:
     return device
 
 
-def resolve(config: EngineConfig, model: CausalLM | None = None) -> EngineConfig:
-    """The config with "auto" device and dtype decided: an already-loaded model decides "auto"'s device, and
-    the quantized paths keep float32 activations."""
+def resolve(config: EngineConfig, model: CausalLM | None = None, gguf: GGUFFile | None = None) -> EngineConfig:
+    """The config with "auto" device, quantization and dtype decided. An already-loaded model decides "auto"'s
+    device and quantization; else "auto" quantization asks the file (`gguf`) what its blocks allow on the
+    device (models/registry.resolve_quantization), and an explicit --dtype bfloat16 means dense. The
+    quantized paths keep float32 activations."""
     m, d = config.model, config.device
-    device = str(model.device) if model is not None and d.device == "auto" else resolve_device(d.device, m.quantization)
-    dtype = "float32" if m.quantization else resolve_dtype(m.dtype, device)
-    return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype),
+    quantization = m.quantization
+    if quantization == "auto" and (m.dtype == "bfloat16" or (model is None and gguf is None)):
+        quantization = None
+    elif quantization == "auto" and model is not None:
+        quantization = model.quantization
+    pending = quantization == "auto"
+    if model is not None and d.device == "auto":
+        device = str(model.device)
+    else:
+        device = resolve_device(d.device, None if pending else quantization)
+    if pending:
+        quantization = resolve_quantization(quantization, gguf, device)
+    dtype = "float32" if quantization else resolve_dtype(m.dtype, device)
+    return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype, quantization=quantization),
                                device=dataclasses.replace(d, device=device))
 
 
@@ -103,12 +116,15 @@ def build_engine(config: EngineConfig, *, model: CausalLM | None = None, tokeniz
                  draft_model: CausalLM | None = None) -> LLMEngine:
     """An engine ready to step. `model`, `tokenizer` and `draft_model` reuse already-loaded ones (tests, several
     engines in one process); a model that does not match the config is refused."""
-    config = resolve(config, model)
+    gguf = None
+    if model is None or tokenizer is None:
+        path = config.model.model_path
+        gguf = GGUFFile(Path(path) if path else default_model_path())
+    config = resolve(config, model, gguf)
     if config.device.num_threads:
         torch.set_num_threads(config.device.num_threads)
     m = config.model
-    if model is None or tokenizer is None:
-        gguf = GGUFFile(Path(m.model_path) if m.model_path else default_model_path())
+    if gguf is not None:
         tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
         model = model or load_model(gguf, DTYPES[m.dtype], m.quantization, config.device.device)
     if model.dtype != DTYPES[m.dtype] or model.quantization != m.quantization or \
@@ -122,6 +138,7 @@ def build_engine(config: EngineConfig, *, model: CausalLM | None = None, tokeniz
     scheduler = Scheduler(config.scheduler, KVCacheManager(blocks, c.block_size, c.enable_prefix_caching))
     runner = ModelRunner(model, blocks, c.block_size)
     proposer = build_proposer(config, model, blocks, draft_model)
-    log.info("engine ready", extra={"model": m.model_name, "dtype": m.dtype, "num_kv_blocks": blocks,
+    log.info("engine ready", extra={"model": m.model_name, "dtype": m.dtype, "quantization": m.quantization or "none",
+                                    "num_kv_blocks": blocks,
                                     "max_model_len": max_model_len})
     return LLMEngine(config, tokenizer, scheduler, runner, proposer, max_model_len)

@@ -14,7 +14,7 @@ from kernels import available as kernels_available
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.compute import ComputePath, StepPath
 from services.inference.models.gguf_file import GGUFFile
-from services.inference.models.linear import DenseLinear, Linear
+from services.inference.models.linear import DenseLinear, GGUFEmbedding, Linear
 from services.inference.models.ops import apply_rope, rms_norm, rope_cache, unpermute_qk
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")      # a layer's projections, in the order they run
@@ -78,6 +78,7 @@ class LlamaModel:
         """With tied embeddings lm_head holds a transposed copy of the embedding table."""
         self.hp, self.layers, self.dtype = hp, layers, dtype
         self.device = embed.device
+        # embed: the float table [vocab, hidden], or after the gguf pass its blocks (linear.GGUFEmbedding)
         self.quantization: str | None = None      # set by the pass that quantized it (models/quantize.py)
         self.architecture = "llama"               # the GGUF's general.architecture (from_gguf sets it)
         self.embed, self.final_norm, self.lm_head = embed, final_norm, lm_head
@@ -115,6 +116,10 @@ class LlamaModel:
         if torch.device(device).type != "cpu":
             model.to(torch.device(device))
         return model
+
+    @staticmethod
+    def hparams_from_gguf(gguf: GGUFFile) -> LlamaHParams:
+        return LlamaHParams.from_gguf(gguf)
 
     @staticmethod
     def projection_sources(hp: LlamaHParams, layer: int) -> dict[str, list[tuple[str, int | None]]]:
@@ -169,7 +174,7 @@ class LlamaModel:
         cos, sin = self.cos[positions], self.sin[positions]
         if self.dtype != torch.float32:
             cos, sin = cos.to(self.dtype), sin.to(self.dtype)
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed(input_ids) if isinstance(self.embed, GGUFEmbedding) else F.embedding(input_ids, self.embed)
         path = compute.step_path(h.shape[0], not meta.prefills)
         if path is StepPath.LAYER_STACK:
             return compute.layer_stack(h, cos, sin, meta.slot_mapping, meta.paged_plan)

@@ -5,9 +5,12 @@ The model never quantizes itself.
 - "int8": W8A8 with SmoothQuant (calibrated on fixed prompts) for the block projections, weight-only int8
   for the LM head (its activations stay float32: W8A8 there cost more quality than it saved time;
   weight-only keeps the logits close and reads a quarter of the bytes).
-- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 blocks for decode-sized
-  inputs: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
-  gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each.
+- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 blocks, at every row
+  count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
+  gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each. The token
+  embedding is read from its blocks too; no float32 copy of a quantized weight is kept.
+- "auto" (the default) is decided before loading by `auto_quantization`: "gguf" on CPU where the file's
+  projections are all blocks the kernels multiply, else dense.
 
 Both run float32 activations, on CPU only (their kernels are CPU kernels)."""
 
@@ -22,11 +25,29 @@ from kernels import GGUFMatrix
 from services.inference.config import QUANTIZATIONS
 from services.inference.models import smoothquant
 from services.inference.models.gguf_file import GGUFFile
-from services.inference.models.linear import GGUFLinear, Int8Linear, Int8WeightLinear
+from services.inference.models.linear import GGUFEmbedding, GGUFLinear, Int8Linear, Int8WeightLinear
 from services.inference.models.ops import unpermute_qk
 from services.inference.models.tokenizer import Tokenizer
 
 GGUF_BLOCK_TYPES = ("Q4_1", "Q8_0")          # the block types kernels.GGUFMatrix multiplies
+
+
+def projection_tensors(model_class: Any, gguf: GGUFFile) -> list[str]:
+    """Every GGUF tensor a quantization pass gives blocks to: the layers' projections and the LM head."""
+    hp = model_class.hparams_from_gguf(gguf)
+    names = [name for i in range(hp.num_layers) for sources in model_class.projection_sources(hp, i).values()
+             for name, _ in sources]
+    return names + [model_class.lm_head_source(hp)]
+
+
+def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | None:
+    """What --quantization auto means for this file on this device: "gguf" on CPU when every projection
+    tensor is a block type the kernels multiply (the file's own blocks are the fastest CPU path at every
+    batch size, and the smallest), else None (dense: float files, other block types, GPUs)."""
+    if device != "cpu":
+        return None
+    kinds = {gguf.tensor_type(name) for name in projection_tensors(model_class, gguf)}
+    return "gguf" if kinds <= set(GGUF_BLOCK_TYPES) else None
 
 
 def check_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> None:
@@ -62,8 +83,8 @@ def int8_pass(model: Any, gguf: GGUFFile) -> None:
 
 
 def gguf_pass(model: Any, gguf: GGUFFile) -> None:
-    """Every projection and the LM head multiply the file's own blocks for decode-sized inputs (the dense
-    weights stay for larger ones)."""
+    """Every projection and the LM head multiply the file's own blocks; the embedding reads its blocks (the
+    LM head's, when tied). The dense weights are dropped."""
 
     def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, str, int]:
         t = gguf.raw_tensor(name)
@@ -84,8 +105,11 @@ def gguf_pass(model: Any, gguf: GGUFFile) -> None:
 
     for i, layer in enumerate(model.layers):
         for name, sources in model.projection_sources(model.hp, i).items():
-            setattr(layer, name, GGUFLinear(fused(sources), getattr(layer, name).weight))
-    model.lm_head = GGUFLinear(fused([(model.lm_head_source(model.hp), None)]), model.lm_head.weight)
+            setattr(layer, name, GGUFLinear(fused(sources)))
+    model.lm_head = GGUFLinear(fused([(model.lm_head_source(model.hp), None)]))
+    if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
+        table = model.lm_head.kernel if model.hp.tie_word_embeddings else fused([("token_embd.weight", None)])
+        model.embed = GGUFEmbedding(table)
 
 
 PASSES: dict[str, Callable[[Any, GGUFFile], None]] = {"int8": int8_pass, "gguf": gguf_pass}

@@ -13,7 +13,7 @@ from services.inference.models.attention import AttentionMetadata
 from services.inference.models.compute import ComputePath
 from services.inference.models.gguf_file import GGUFFile
 from services.inference.models.llama import LlamaModel
-from services.inference.models.quantize import check_quantization, quantize
+from services.inference.models.quantize import auto_quantization, check_quantization, quantize
 
 
 class CausalLM(Protocol):
@@ -28,6 +28,8 @@ class CausalLM(Protocol):
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> "CausalLM": ...
+    @staticmethod
+    def hparams_from_gguf(gguf: GGUFFile) -> Any: ...
     @staticmethod
     def projection_sources(hp: Any, layer: int) -> dict[str, list[tuple[str, int | None]]]: ...
     @staticmethod
@@ -51,6 +53,13 @@ def model_class(architecture: str) -> type[CausalLM]:
     if cls is None:
         raise ValueError(f"unsupported GGUF architecture {architecture!r}; supported: {', '.join(sorted(MODELS))}")
     return cls
+
+
+def resolve_quantization(quantization: str | None, gguf: GGUFFile, device: str) -> str | None:
+    """"auto" decided for this file on this device (models/quantize.auto_quantization); others as given."""
+    if quantization != "auto":
+        return quantization
+    return auto_quantization(model_class(gguf.architecture), gguf, device)
 
 
 def load_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantization: str | None = None,
