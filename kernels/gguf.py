@@ -49,7 +49,7 @@ class GGUFMatrix:
     per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets `m`) [N, nbp]
     with nbp = K/32 rounded up to 8, zero-padded: the same bytes. Call with float32 x [M, K] on CPU."""
 
-    __slots__ = ("qs", "d", "m", "block_type", "n", "k")
+    __slots__ = ("qs", "d", "m", "block_type", "n", "k", "_file_order")
 
     def __init__(self, blocks: torch.Tensor, block_type: str, k: int) -> None:
         if block_type not in BLOCK_BYTES:
@@ -72,6 +72,7 @@ class GGUFMatrix:
         self.m = halves(2) if block_type == "Q4_1" else None
         self.qs = _transpose_groups(raw[..., 4:] if block_type == "Q4_1" else raw[..., 2:])
         self.block_type, self.n, self.k = block_type, n, k
+        self._file_order: torch.Tensor | None = None      # dequantize_rows' gather index, made on first use
 
     @property
     def type_code(self) -> int:
@@ -95,13 +96,23 @@ class GGUFMatrix:
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (int64 [T]) of the weights as float32 [T, K], as ggml dequantizes them: an embedding
-        lookup straight from a quantized table."""
+        lookup straight from a quantized table, a few small ops a step (one gather puts the codes back in
+        the file's order)."""
         nb = self.k // BLOCK
-        fields = [self.d[ids, :nb, None].contiguous().view(torch.uint8)]
+        if self._file_order is None:                        # codes position in a regrouped row, in file order
+            row_bytes = self.qs.shape[1]
+            regrouped = _transpose_groups(torch.arange(row_bytes, dtype=torch.int32).view(1, nb, row_bytes // nb))
+            self._file_order = torch.argsort(regrouped[0])
+        codes = self.qs[ids][:, self._file_order].view(len(ids), nb, -1)
+        if self.block_type == "Q4_1":
+            q = torch.cat([codes & 15, codes >> 4], dim=-1).float()
+        else:
+            q = codes.view(torch.int8).float()
+        d = self.d[ids, :nb].view(torch.float16).float()
+        w = q * d[..., None]
         if self.m is not None:
-            fields.append(self.m[ids, :nb, None].contiguous().view(torch.uint8))
-        blocks = torch.cat([*fields, _untranspose_groups(self.qs[ids], nb)], dim=-1).reshape(len(ids), -1)
-        return reference.gguf_dequantize(blocks, self.block_type, self.k)
+            w += self.m[ids, :nb].view(torch.float16).float()[..., None]
+        return w.view(len(ids), self.k)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k:

@@ -151,3 +151,12 @@ def test_the_level_can_be_capped_from_the_environment():
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STRATA_CPU_ISA": "fast"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "STRATA_CPU_ISA must be one of" in bad.stderr
+
+
+@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("k", [576, 96, 320])                     # whole groups, a short packed one, a masked one
+def test_rows_dequantize_as_the_whole_matrix_does(block_type, k):
+    """An embedding lookup from the blocks (GGUFMatrix.dequantize_rows) gives exactly ggml's rows."""
+    matrix = GGUFMatrix(random_blocks(50, k, block_type, seed=k), block_type, k)
+    ids = torch.tensor([0, 49, 7, 7, 23])
+    assert torch.equal(matrix.dequantize_rows(ids), matrix.dequantize()[ids])
