@@ -58,6 +58,36 @@ class PagedAttention:
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._workspaces: dict[tuple, tuple[int, torch.Tensor | None]] = {}
 
+    @classmethod
+    def from_lists(cls, block_tables: list[list[int]], context_lens: list[int], block_size: int,
+                   query_lens: list[int]) -> "PagedAttention":
+        """The same plan from the engine's Python lists (tables padded here with block 0), checked in Python:
+        a decode step builds its plan from three tensors instead of a dozen small tensor ops."""
+        s = len(block_tables)
+        if not (len(context_lens) == len(query_lens) == s) or block_size < 1:
+            raise ValueError("one context and query length per block table, and block_size >= 1")
+        width = max((len(t) for t in block_tables), default=0)
+        if any(not 0 <= c <= width * block_size for c in context_lens):
+            raise ValueError("context lengths must be in [0, max_blocks * block_size]")
+        if any(not 0 <= q <= c for q, c in zip(query_lens, context_lens)):
+            raise ValueError("query lengths must be in [0, context length]: a sequence's rows are its last positions")
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        plan = cls.__new__(cls)
+        plan.block_table = torch.tensor(padded, dtype=torch.int64).reshape(s, width)
+        plan.context_lens = torch.tensor(context_lens, dtype=torch.int64)
+        plan.query_lens = torch.tensor(query_lens, dtype=torch.int64)
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        plan.query_start = torch.tensor(starts, dtype=torch.int64)
+        plan.num_rows = starts[-1]
+        plan.block_size = block_size
+        plan.max_context = max(context_lens, default=0)
+        flat = [b for row in padded for b in row]
+        plan.max_block, plan.min_block = (max(flat), min(flat)) if flat else (-1, 0)
+        plan._on_device, plan._workspaces = {}, {}
+        return plan
+
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per query row: its sequence and how many positions it attends ([T] int64 each)."""
         return reference.paged_rows(self.context_lens, self.query_lens)

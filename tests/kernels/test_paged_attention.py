@@ -182,3 +182,19 @@ def test_reshape_and_cache_writes_strided_qkv_rows_into_their_slots(dtype):
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3])
     with pytest.raises(ValueError, match="outside the pool"):
         kernels.reshape_and_cache(k, v, pools[0], pools[1], slot_mapping + slots)
+
+
+def test_a_plan_from_lists_equals_the_plan_from_tensors():
+    """The engine builds its step's plan from Python lists (PagedAttention.from_lists): the same tables,
+    lengths, row starts and block range as the tensor constructor, and the same refusals."""
+    tables, ctx, qlens = [[4, 9, 2], [7], [3, 5]], [40, 3, 17], [1, 3, 5]
+    padded = torch.tensor([t + [0] * (3 - len(t)) for t in tables])
+    a = PagedAttention.from_lists(tables, ctx, 16, qlens)
+    b = PagedAttention(padded, torch.tensor(ctx), 16, torch.tensor(qlens))
+    for name in ("block_table", "context_lens", "query_lens", "query_start"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.num_rows, a.max_context, a.max_block, a.min_block) == (b.num_rows, b.max_context, b.max_block, b.min_block)
+    with pytest.raises(ValueError, match="context lengths"):
+        PagedAttention.from_lists([[1]], [17], 16, [1])
+    with pytest.raises(ValueError, match="query lengths"):
+        PagedAttention.from_lists([[1]], [2], 16, [3])

@@ -88,18 +88,19 @@ class ModelRunner:
         bs = self.block_size
         # paged rows: each sequence's new rows over its padded block table
         table = mask = plan = None
-        if paged:
-            ctx = torch.tensor([c.start + c.num_tokens for c in paged], dtype=torch.int64)
-            nb = max(len(c.request.block_ids) for c in paged)
-            table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
-                                  for c in paged], dtype=torch.int64)
-            new_pos = positions[:num_paged_rows]
-            row_seq = torch.repeat_interleave(torch.arange(len(paged)), torch.tensor([c.num_tokens for c in paged]))
-            slot_parts.append(table[row_seq, new_pos // bs] * bs + new_pos % bs)
+        if paged:                       # built from Python lists: a decode step's few rows cost less so
+            ctx_lens = [c.start + c.num_tokens for c in paged]
+            slot_parts.append(torch.tensor([c.request.block_ids[p // bs] * bs + p % bs for c in paged
+                                            for p in range(c.start, c.start + c.num_tokens)], dtype=torch.int64))
             if use_kernel:              # checked once, used by every layer
-                plan = PagedAttention(table, ctx, bs, torch.tensor([c.num_tokens for c in paged], dtype=torch.int64))
+                plan = PagedAttention.from_lists([c.request.block_ids for c in paged], ctx_lens, bs,
+                                                 [c.num_tokens for c in paged])
+                table = plan.block_table
             else:                       # decodes only: the torch path's context mask
-                mask = torch.arange(nb * bs)[None, :] < ctx[:, None]
+                nb = max(len(c.request.block_ids) for c in paged)
+                table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
+                                      for c in paged], dtype=torch.int64)
+                mask = torch.arange(nb * bs)[None, :] < torch.tensor(ctx_lens, dtype=torch.int64)[:, None]
         # longer prefill chunks: one span each, attending to its cached context plus itself
         spans = []
         row = num_paged_rows
