@@ -56,7 +56,8 @@ def _child(conn, dtype: str, extra_args: list[str]) -> None:
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     engine = build_engine(engine_config_from_args(parser.parse_args(["--dtype", dtype, *extra_args])))
-    conn.send(("ready", engine.config.model.dtype))
+    m = engine.config.model
+    conn.send(("ready", f"{m.quantization} blocks" if m.quantization else f"dense {m.dtype}"))
     while (job := conn.recv()) is not None:
         try:
             conn.send(("ok", _closed_loop(engine, *job)))
@@ -69,14 +70,14 @@ class InProcessEngine:
 
     def __init__(self, dtype: str, extra_args: list[str] | None = None) -> None:
         self.args = (dtype, list(extra_args or []))
-        self.dtype = dtype
+        self.description = ""      # what the engine runs, as resolved ("gguf blocks", "dense float32")
 
     def __enter__(self) -> "InProcessEngine":
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child, args=(child, *self.args), daemon=True)
         self._proc.start()
-        _, self.dtype = self._recv()
+        _, self.description = self._recv()
         return self
 
     def _recv(self):

@@ -96,7 +96,7 @@ def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
 
     extra = strata_args.split()
     with StrataServer(a.dtype, extra) as server:
-        label = f"Strata gRPC ({' '.join([model_info(server).dtype, *extra])})"   # "auto" resolved by the server
+        label = f"Strata gRPC ({describe(model_info(server))})"   # "auto" resolved by the server
         def prefill(prompts: list[list[int]]) -> dict:
             phase = run_phase(server, prompts, 1, a.prefill_batch)
             tokens = sum(len(p) for p in prompts)
@@ -105,6 +105,11 @@ def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
         result = measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
         result["memory"] = replica_memory(server, model_info(server))
         return result
+
+
+def describe(info) -> str:
+    """What a replica runs, as resolved: "gguf blocks" or the dense dtype."""
+    return f"{info.quantization} blocks" if info.quantization else f"dense {info.dtype}"
 
 
 def replica_memory(server, info) -> dict:
@@ -127,7 +132,7 @@ def bench_in_process(a: argparse.Namespace, strata_args: str) -> dict:
 
     extra = strata_args.split()
     with InProcessEngine(a.dtype, extra) as engine:
-        label = f"Strata in process ({' '.join([engine.dtype, *extra])})"
+        label = f"Strata in process ({engine.description})"
         def prefill(prompts: list[list[int]]) -> dict:
             phase = engine.run_phase(prompts, 1, a.prefill_batch)
             tokens = sum(len(p) for p in prompts)

@@ -4,6 +4,7 @@ its quantization pass), the KV pool's size, the scheduler, the model runner and 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from pathlib import Path
@@ -92,6 +93,16 @@ def num_kv_blocks(config: EngineConfig, model: CausalLM) -> int:
     return max(1, int(c.kv_cache_memory_gb * 2**30) // bytes_per_block)
 
 
+def release_freed_memory() -> None:
+    """Gives the C heap's free pages back to the OS (glibc's malloc_trim). A quantized model is loaded dense
+    and then replaced by its blocks; glibc keeps the freed float32 weights' pages in the heap (its mmap
+    threshold had grown past them), and a gguf replica of SmolLM2 stayed 240 MB larger without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        pass
+
+
 def build_proposer(config: EngineConfig, model: CausalLM, num_blocks: int,
                    draft_model: CausalLM | None = None) -> Proposer | None:
     """The proposer --speculative names (None: off); a draft model is loaded unless one is given."""
@@ -126,7 +137,9 @@ def build_engine(config: EngineConfig, *, model: CausalLM | None = None, tokeniz
     m = config.model
     if gguf is not None:
         tokenizer = tokenizer or Tokenizer.from_gguf(gguf)
-        model = model or load_model(gguf, DTYPES[m.dtype], m.quantization, config.device.device)
+        if model is None:
+            model = load_model(gguf, DTYPES[m.dtype], m.quantization, config.device.device)
+            release_freed_memory()
     if model.dtype != DTYPES[m.dtype] or model.quantization != m.quantization or \
             not same_device(model.device, torch.device(config.device.device)):
         raise ValueError(f"model was loaded as {model.dtype}/{model.quantization} on {model.device}, "
