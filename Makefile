@@ -23,7 +23,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AVX512_VNNI=$(call cpu_has,avx512_vnni) -DGGML_AVX_VNNI=OFF \
 	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DLLAVA_BUILD=OFF
 
-.PHONY: install protos system-deps up serve test bench clean
+.PHONY: install protos system-deps up serve test bench bench-smoke clean
 
 install: system-deps $(STAMP) $(STUBS)
 
@@ -74,6 +74,10 @@ $(BENCH_STAMP): $(STAMP)
 	@# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and could hand back a build with other flags
 	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" FORCE_CMAKE=1 $(BIN)/pip install -q --no-cache-dir -e '.[bench]'
 	@touch $(BENCH_STAMP)
+
+# every benchmark in its seconds-long smoke mode (make test runs these too)
+bench-smoke: install
+	$(BIN)/python -m pytest -q tests/integration/test_bench_smoke.py
 
 bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)

@@ -2,14 +2,18 @@
 streams, `--quantization gguf` and the default flags) and the gateway's cache-hit rate, as a change that
 should not move them (a refactor) is checked.
 
-    python -m bench.ab --before-dir ../base --before-python ../basevenv/bin/python [--rounds 3]
+    python -m bench.ab --before-dir ../base --before-python ../basevenv/bin/python [--rounds 3] [--smoke]
+                       [--out PATH]
 
 Each round runs one sample in the `before` checkout, then one in this one; every sample starts its own
 servers (bench.strata.StrataServer, bench.cache.RedisAndCache and bench.gateway.Gateway of the checkout it
 runs in). The `before` interpreter must import that checkout's code, not this one's: an editable install
 redirects `services` and `kernels` to its own checkout, so use a plain venv whose .pth names the checkout
 and this venv's site-packages (and copy the checkout's `_C` module and generated stubs in). Medians per
-side and their ratio (after / before) go to JSON, with a plot where matplotlib is installed.
+side and their ratio (after / before) go to JSON (default bench/results/ab.json), with a plot beside it
+where matplotlib is installed. --smoke: one round of tiny samples on both sides (the default flags only,
+1 and 2 streams of 16-token prompts, 8 tokens each, no gateway sample), the JSON only, to a
+temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -21,19 +25,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench import smoke
 from bench.serving import machine_info
 
 _ROOT = Path(__file__).resolve().parent.parent
 MARK = "ABSAMPLE "
+# a sample's sizes (SAMPLE's argument, as JSON): a full run's, and a smoke run's
+SIZES = {"flags": ["--quantization gguf", ""], "concurrency": [1, 32], "prompt_len": 128, "output_len": 64,
+         "prefill_prompts": 8, "gateway": {"rate": 300.0, "seconds": 4.0, "concurrency": 64, "questions": 200}}
+SMOKE_SIZES = {"flags": [""], "concurrency": [1, 2], "prompt_len": 16, "output_len": 8, "prefill_prompts": 2,
+               "gateway": None}           # no gateway sample: `bench.gateway --smoke` runs that code
 # run with `python -c` in a checkout, so that the checkout's own bench and services are imported
 SAMPLE = r'''
-import argparse, json, os, tempfile
+import argparse, json, os, sys, tempfile
+import bench.serving
 from bench.serving import bench_strata
 from services.common import aio
+size = json.loads(sys.argv[1])
 out = {}
-for flags in ("--quantization gguf", ""):
-    a = argparse.Namespace(concurrency=[1, 32], prompt_len=128, output_len=64, num_prompts=0, prefill_prompts=8,
-                           prefill_batch=8, repeats=1, dtype="auto", seed=0)
+# a checkout whose serving benchmark draws its prompts from the model's word tokens needs them given
+words = bench.serving.word_tokens() if hasattr(bench.serving, "word_tokens") else None
+for flags in size["flags"]:
+    a = argparse.Namespace(concurrency=size["concurrency"], prompt_len=size["prompt_len"],
+                           output_len=size["output_len"], num_prompts=0, prefill_prompts=size["prefill_prompts"],
+                           prefill_batch=size["prefill_prompts"], repeats=1, dtype="auto", seed=0)
+    if words is not None:
+        a.words = words
     for c, m in bench_strata(a, flags)["concurrency"].items():
         out[f"{flags.split()[-1] if flags else 'default'} decode tok/s, {c} stream(s)"] = m["decode_tokens_per_s"]
 os.environ.setdefault("STRATA_TRACE_FILE", os.path.join(tempfile.mkdtemp(prefix="strata-ab-"), "traces.jsonl"))
@@ -41,15 +58,16 @@ os.environ.setdefault("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
 os.environ.setdefault("OTEL_TRACES_SAMPLER_ARG", "0.01")
 from bench.cache import RedisAndCache
 from bench.gateway import Gateway, run
-g = argparse.Namespace(rate=300.0, seconds=4.0, concurrency=64, questions=200, repeats=1, trace_sample=0.01)
-with RedisAndCache() as svc, Gateway(svc.redis_port, svc.port) as gw:
-    out["gateway cache hits/s"] = aio.run(run(svc.port, gw.port, g))["median"]["sustained_rps"]
+if size["gateway"]:
+    g = argparse.Namespace(**size["gateway"], repeats=1, trace_sample=0.01)
+    with RedisAndCache() as svc, Gateway(svc.redis_port, svc.port) as gw:
+        out["gateway cache hits/s"] = aio.run(run(svc.port, gw.port, g))["median"]["sustained_rps"]
 print("ABSAMPLE " + json.dumps(out), flush=True)
 '''
 
 
-def sample(python: str, checkout: Path) -> dict[str, float]:
-    done = subprocess.run([python, "-c", SAMPLE], cwd=checkout, capture_output=True, text=True)
+def sample(python: str, checkout: Path, size: dict = SIZES) -> dict[str, float]:
+    done = subprocess.run([python, "-c", SAMPLE, json.dumps(size)], cwd=checkout, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith(MARK)]
     if done.returncode or not lines:
         raise RuntimeError(f"the sample in {checkout} failed:\n{done.stderr[-3000:]}")
@@ -82,22 +100,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--before-dir", type=Path, required=True, help="the checkout measured as `before`")
     p.add_argument("--before-python", required=True, help="an interpreter importing that checkout's code")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("bench/results/ab.json"))
-    a = p.parse_args(argv)
+    smoke.add_args(p, "ab")
+    p.set_defaults(size=SIZES)              # a sample's sizes, which --smoke shrinks
+    a = smoke.resolve(p.parse_args(argv), rounds=1, size=SMOKE_SIZES)
     git = lambda d: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d, capture_output=True,  # noqa: E731
                                    text=True).stdout.strip()
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for i in range(a.rounds):
-        runs["before"].append(sample(a.before_python, a.before_dir.resolve()))
-        runs["after"].append(sample(sys.executable, _ROOT))
+        runs["before"].append(sample(a.before_python, a.before_dir.resolve(), a.size))
+        runs["after"].append(sample(sys.executable, _ROOT, a.size))
         print(f"round {i + 1}: before {runs['before'][-1]}\n         after  {runs['after'][-1]}", flush=True)
     median = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
-    result = {"before": git(a.before_dir), "after": git(_ROOT), "machine": machine_info(), "runs": runs,
-              "median": median, "ratio": {k: median["after"][k] / median["before"][k] for k in median["after"]}}
+    result = {"before": git(a.before_dir), "after": git(_ROOT), "smoke": a.smoke, "machine": machine_info(),
+              "runs": runs, "median": median,
+              "ratio": {k: median["after"][k] / median["before"][k] for k in median["after"]}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     for k, r in result["ratio"].items():
         print(f"{k:40s} before {median['before'][k]:8.1f}  after {median['after'][k]:8.1f}  ratio {r:.3f}")
+    if a.smoke:
+        print(f"wrote {a.out} (a smoke run: its figures mean nothing)")
+        return
     try:
         plot(result, a.out.with_suffix(".png"))
     except ImportError:

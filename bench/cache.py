@@ -1,6 +1,6 @@
 """Semantic cache benchmark: index search latency by size, and end-to-end Lookup over gRPC.
 
-    python -m bench.cache [--sizes 10000 100000 1000000] [--concurrency 1 8 32]
+    python -m bench.cache [--sizes 10000 100000 1000000] [--concurrency 1 8 32] [--smoke] [--out PATH]
 
 Search: a NamespaceIndex of N random unit vectors (384-dim, one partition), top-5 of single queries,
 p50/p99 over --queries queries (the int8-screened exact top-k kernel); in the same run, a float32-only
@@ -8,7 +8,8 @@ pass of the same kernel and a numpy float32 scan (the previous implementation), 
 float32 matrix once at this machine's measured streaming-read bandwidth (the bound for any float32 scan). End to end: `strata serve cache` in a
 subprocess on a private redis-server, --entries questions stored, then closed-loop Lookups of new
 (paraphrased or unrelated) questions at each concurrency: latency p50/p99 and lookups/s (embedding,
-micro-batching, search, decision and Redis reads included). JSON and PNG in bench/results/.
+micro-batching, search, decision and Redis reads included). JSON and PNG in bench/results/ (--out moves
+both); --smoke: a seconds-long run at tiny sizes, the JSON only, to a temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import smoke
 from bench.serving import machine_info
 from bench.strata import free_port
 
@@ -265,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookups", type=int, default=400, help="lookups per concurrency level")
     p.add_argument("--repeat", type=int, default=3, help="end-to-end runs per concurrency (the median is reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench/results/cache.json"))
-    a = p.parse_args(argv)
+    smoke.add_args(p, "cache")
+    a = smoke.resolve(p.parse_args(argv), sizes=[1000], queries=10, concurrency=[1, 2], entries=20, lookups=10,
+                      repeat=1)
     print("search latency", flush=True)
     search = bench_search(a.sizes, a.queries, a.seed)
     stored, looked_up = questions(max(a.entries, a.lookups + 2 * max(a.concurrency)))   # + warm-up questions
@@ -286,11 +289,12 @@ def main(argv: list[str] | None = None) -> None:
               "search": search, "end_to_end": e2e, "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, a.out.with_suffix(".png"))
+    if not a.smoke:
+        plot(result, a.out.with_suffix(".png"))
     for name, t in targets.items():
         print(f"target {name}: {t['target']}, got {t['value'] if t['value'] is None else round(t['value'], 2)}: "
               f"{'n/a' if t['met'] is None else 'met' if t['met'] else 'MISSED'}")
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"wrote {a.out}" if a.smoke else f"wrote {a.out} and {a.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

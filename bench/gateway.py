@@ -1,6 +1,6 @@
 """Gateway benchmark: the cache-hit path through the gateway versus calling the cache directly.
 
-    python -m bench.gateway [--rate 500] [--seconds 8] [--concurrency 64] [--repeats 3]
+    python -m bench.gateway [--rate 500] [--seconds 8] [--concurrency 64] [--repeats 3] [--smoke] [--out PATH]
 
 redis-server, `strata serve cache` and `strata serve gateway` run as subprocesses on private ports;
 one API key without limits; --questions questions are stored in the cache under the key's tenant, so
@@ -10,8 +10,9 @@ every request is an exact hit (no model call), and each is sent through the gate
   Generate for the same questions; latency p50/p99 of each, added latency = gateway - direct;
 - closed loop with --concurrency callers through the gateway: the sustained rate.
 The services trace --trace-sample of the requests (default 1%; tracing every one costs the gateway
-about a fifth of its rate here). Medians over --repeats; JSON + PNG in bench/results/. The client runs on the same machine, on the
+about a fifth of its rate here). Medians over --repeats; JSON + PNG in bench/results/ (--out moves both). The client runs on the same machine, on the
 services' event loop (uvloop where installed; STRATA_EVENT_LOOP=asyncio for the standard one).
+--smoke: a seconds-long run at tiny sizes, the JSON only, to a temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.cache import RedisAndCache, questions, wait_serving
+from bench import smoke
 from bench.serving import machine_info
 from bench.strata import free_port
 from services.common import aio
@@ -138,8 +140,8 @@ async def run(cache_port: int, gw_port: int, a: argparse.Namespace) -> dict:
         # injection-similarity score is then known and a repeat costs no embedding)
         await _closed_loop(direct, lookups, 8, 200)
         await _closed_loop(through, requests, 8, len(requests))
-        await _open_loop(direct, lookups, a.rate, 1.0)
-        await _open_loop(through, requests, a.rate, 1.0)
+        await _open_loop(direct, lookups, a.rate, min(1.0, a.seconds))
+        await _open_loop(through, requests, a.rate, min(1.0, a.seconds))
         runs = []
         for r in range(a.repeats):
             d = await _open_loop(direct, lookups, a.rate, a.seconds)
@@ -200,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--questions", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("bench/results/gateway.json"))
+    smoke.add_args(p, "gateway")
     p.add_argument("--trace-sample", type=float, default=0.01,
                    help="fraction of requests the services trace (to a temporary JSON-lines file)")
-    a = p.parse_args(argv)
+    a = smoke.resolve(p.parse_args(argv), rate=50.0, seconds=0.5, concurrency=4, questions=20, repeats=1)
     # the services (subprocesses) sample traces as a busy deployment would; spans go to a scratch file
     os.environ.setdefault("STRATA_TRACE_FILE", os.path.join(tempfile.mkdtemp(prefix="strata-bench-"), "traces.jsonl"))
     os.environ.setdefault("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
@@ -220,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
               "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, a.out.with_suffix(".png"))
+    if not a.smoke:
+        plot(result, a.out.with_suffix(".png"))
     for name, t in targets.items():
         print(f"target {name}: {t['target']}, got {t['value']:.2f}: {'met' if t['met'] else 'MISSED'}")
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"wrote {a.out}" if a.smoke else f"wrote {a.out} and {a.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

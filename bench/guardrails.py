@@ -1,13 +1,15 @@
 """Guardrail rates on the labelled corpora in tests/data (the same numbers the tests hold to floors).
 
-    python -m bench.guardrails [--threshold 0.55]
+    python -m bench.guardrails [--threshold 0.55] [--per-category N] [--smoke] [--out PATH]
 
 PII: per kind, the share of labelled values `redact` removes, and the share of lines without personal
 data that it changes anyway. Injection: the share of attacks flagged (per category) and of benign
 prompts flagged, for the rules, the MiniLM similarity screen at the gateway's default threshold, and
 both; plus a sweep of the threshold. The corpora are written by us (synthetic values; attacks kept
 apart from the similarity screen's phrasings): read the rates as a regression baseline, not as a
-claim about traffic in the wild. JSON + PNG in bench/results/. Code: tools/guardrails_eval.py.
+claim about traffic in the wild. JSON + PNG in bench/results/ (--out moves both). Code: tools/guardrails_eval.py.
+--smoke: two injection cases per category (embedding the whole corpus takes most of the run), the
+JSON only, to a temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import time
 from pathlib import Path
 
+from bench import smoke
 from bench.serving import machine_info
 from tools.guardrails_eval import INJECTION_CORPUS, METHODS, PII_CORPUS, injection_rates, measure
 
@@ -82,14 +85,17 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threshold", type=float, default=GatewayConfig().injection_similarity,
                    help="similarity threshold (default: the gateway's, GatewayConfig.injection_similarity)")
-    p.add_argument("--out", type=Path, default=_ROOT / "bench" / "results" / "guardrails.json")
-    a = p.parse_args(argv)
+    p.add_argument("--per-category", type=int, default=None, metavar="N",
+                   help="at most N cases of each category of the injection corpus (default: all; the PII corpus "
+                        "is always measured whole)")
+    smoke.add_args(p, "guardrails")
+    a = smoke.resolve(p.parse_args(argv), per_category=2)
 
     from services.embedding.embedder import MiniLMEmbedder
 
     embedder = MiniLMEmbedder()
     t0 = time.perf_counter()
-    res = asyncio.run(measure(embedder.embed, a.threshold))
+    res = asyncio.run(measure(embedder.embed, a.threshold, a.per_category))
     seconds = time.perf_counter() - t0
     attacks = res["injection_cases"]
     sweep = []
@@ -100,12 +106,14 @@ def main(argv: list[str] | None = None) -> None:
                       "combined_recall": r["rules+similarity"]["recall"],
                       "combined_false_positive_rate": r["rules+similarity"]["false_positive_rate"]})
     result = {"config": {"threshold": a.threshold, "pii_corpus": str(PII_CORPUS.relative_to(_ROOT)),
-                         "injection_corpus": str(INJECTION_CORPUS.relative_to(_ROOT)), "embedder": "all-MiniLM-L6-v2",
+                         "injection_corpus": str(INJECTION_CORPUS.relative_to(_ROOT)),
+                         "injection_per_category": a.per_category, "smoke": a.smoke, "embedder": "all-MiniLM-L6-v2",
                          "measure_seconds": round(seconds, 2)},
               "machine": machine_info(), "pii": res["pii"], "injection": res["injection"], "threshold_sweep": sweep}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    plot(result, a.out.with_suffix(".png"))
+    if not a.smoke:
+        plot(result, a.out.with_suffix(".png"))
 
     pii, inj = res["pii"], res["injection"]
     print(f"PII: {pii['values']} values in {pii['lines']} lines, recall {pii['recall']:.3f}; "
@@ -116,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"injection: {inj['attacks']} attacks, {inj['benign']} benign, similarity threshold {a.threshold}")
     for m in METHODS:
         print(f"  {m:<17} recall {inj[m]['recall']:.3f}, benign flagged {inj[m]['false_positive_rate']:.3f}")
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"wrote {a.out}" if a.smoke else f"wrote {a.out} and {a.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

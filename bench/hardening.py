@@ -1,7 +1,7 @@
 """Hardening report: the whole suite under load, overload and faults, on loopback.
 
     python -m bench.hardening [--clients 200] [--soak-s 360] [--rates 2,4,8,16,32,64] [--rate-s 20]
-                              [--fault-clients 40] [--phases soak,backpressure,faults]
+                              [--fault-clients 40] [--phases soak,backpressure,faults] [--smoke]
 
 The suite runs as `strata up` starts it (services/up.py's plan on free ports): redis-server, two inference
 replicas, the cache, the router and the gateway, each its own process. Redis keeps an append-only file
@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import smoke
 from services.common.retry_after import retry_after_s
 from services.gateway.usage import utc_day
 from services.up import Suite
@@ -680,9 +681,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-queued", type=int, default=128, help="each replica's --max-queued-requests")
     p.add_argument("--gateway-max-in-flight", type=int, default=1024)
     p.add_argument("--phases", type=lambda s: s.split(","), default=["soak", "backpressure", "faults"])
-    p.add_argument("--out", type=Path, default=Path("bench/results/hardening.json"))
     p.add_argument("--no-plot", action="store_true", help="only the JSON (no matplotlib needed: the test's run)")
-    a = p.parse_args(argv)
+    smoke.add_args(p, "hardening")
+    # smoke: every phase, a few seconds each (the suite's start and the fault phase's restarts take the rest)
+    a = smoke.resolve(p.parse_args(argv), clients=8, soak_s=4.0, rates=[4.0, 32.0], rate_s=2.0, fault_clients=4,
+                      fault_gap_s=2.0, outage_s=1.0, max_queued=4, gateway_max_in_flight=16, no_plot=True)
     from services.common import aio
     res = aio.run(run(a))
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "no_plot"},

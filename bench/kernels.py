@@ -1,7 +1,7 @@
 """Kernel microbenchmarks: median time, bytes moved, GB/s and % of this machine's copy bandwidth, next to
 the torch path measured in the same run.
 
-    python -m bench.kernels [--repeats 30] [--out bench/results/kernels.json]
+    python -m bench.kernels [--repeats 30] [--no-engine] [--smoke] [--out PATH]
 
 Paged attention uses SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head dim 64, float32 K/V,
 16-token blocks scattered over the pool): decode steps, and a mixed step of speculative verification
@@ -13,7 +13,10 @@ read + written), measured right after each paged-attention case (this shared hos
 float32, `--quantization int8` and `--quantization gguf`, with the kernels and with
 STRATA_KERNELS=reference, and llama.cpp (llama-cpp-python, the bench extra) on the same GGUF and prompts
 in the same run; the single-stream target compares `--quantization gguf` and llama.cpp in alternating
-runs (the median of 7 per-round ratios) so drift hits both alike (--no-engine skips all of it).
+runs (the median of 7 per-round ratios) so drift hits both alike (--no-engine skips all of it). JSON + PNG
+in bench/results/ (--out moves both); --smoke: a short run at tiny sizes (two paged-attention shapes,
+16-token prompts, 2 decode tokens, the engine with `--quantization gguf` only, one repeat), the JSON only,
+to a temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ from pathlib import Path
 
 import torch
 
+from bench import smoke
 from kernels import PagedDecode
 
 TARGET_FRACTION_OF_COPY = 0.5        # issue 6: CPU paged-attention decode at 32 sequences x 1,024 tokens
 TARGET_SINGLE_STREAM_VS_LLAMACPP = 1.2   # issue 6: single-stream decode with the quantized kernel
 SHAPES = [(1, 128), (1, 1024), (8, 512), (32, 1024)]
+TARGET_SHAPE = (32, 1024)              # the paged-attention target's (sequences, context)
+MIXED = (32, 1024, 5)                  # the mixed step: sequences, context, verification rows per sequence
 PROMPT_LEN, OUT_LEN = 128, 32
+QUANTIZATIONS = ("none", "int8", "gguf")   # the engine-level comparison's
+WARMUP_TOKENS = 4                      # llama.cpp's warm-up runs
+COPY_MIB = 256
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -45,8 +54,8 @@ def _median_s(fn, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def copy_bandwidth_gbs(repeats: int) -> float:
-    src = torch.empty(64 * 2**20)               # 256 MiB of float32
+def copy_bandwidth_gbs(repeats: int, mib: int = COPY_MIB) -> float:
+    src = torch.empty(mib * 2**18)              # `mib` MiB of float32
     dst = torch.empty_like(src)
     return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), max(5, repeats // 3)) / 1e9
 
@@ -148,8 +157,10 @@ def gemv_cases(repeats: int) -> list[dict]:
     return rows
 
 
-def llamacpp_decode_rates(streams: tuple[int, ...], out_len: int = OUT_LEN) -> dict | None:
-    """llama.cpp's decode tokens/s on the same GGUF and prompts (median of 3), or None without the bench extra."""
+def llamacpp_decode_rates(streams: tuple[int, ...], out_len: int = OUT_LEN, prompt_len: int = PROMPT_LEN,
+                          runs: int = 3) -> dict | None:
+    """llama.cpp's decode tokens/s on the same GGUF and prompts (median of `runs`), or None without the bench
+    extra."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -158,30 +169,31 @@ def llamacpp_decode_rates(streams: tuple[int, ...], out_len: int = OUT_LEN) -> d
     from bench.llamacpp import LlamaCppRunner
     from services.inference.models.gguf_file import default_model_path
 
-    runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(), PROMPT_LEN + out_len + 1)
+    runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(),
+                            prompt_len + max(out_len + 1, WARMUP_TOKENS))
     try:
         row = {"quantization": "Q4_1 (llama.cpp)", "path": "llama.cpp"}
         for n in streams:
-            prompts = [list(range(100 + i, 100 + PROMPT_LEN + i)) for i in range(n)]
-            runner.run_batch(prompts, 4, n)                                # warm-up
+            prompts = [list(range(100 + i, 100 + prompt_len + i)) for i in range(n)]
+            runner.run_batch(prompts, WARMUP_TOKENS, n)                    # warm-up
             rates = []
-            for _ in range(3):
+            for _ in range(runs):
                 t = runner.run_batch(prompts, out_len + 1, n)[0].arrivals_s
                 rates.append(n * out_len / (t[-1] - t[0]))                 # decode only, as the engine's rate
-            row[f"decode_tokens_per_s_{n}"] = sorted(rates)[1]
+            row[f"decode_tokens_per_s_{n}"] = sorted(rates)[runs // 2]
         print(f"engine {row}", flush=True)
         return row
     finally:
         runner.close()
 
 
-def decode_rate(eng, n: int, out_len: int = OUT_LEN) -> float:
-    """Decode tokens/s of n streams of 128-token prompts (prefill not timed)."""
+def decode_rate(eng, n: int, out_len: int = OUT_LEN, prompt_len: int = PROMPT_LEN) -> float:
+    """Decode tokens/s of n streams of `prompt_len`-token prompts (prefill not timed)."""
     from services.inference.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=out_len + 1, ignore_eos=True)
     for i in range(n):
-        eng.add_request(list(range(100 + i, 100 + PROMPT_LEN + i)), params)
+        eng.add_request(list(range(100 + i, 100 + prompt_len + i)), params)
     while eng.scheduler.waiting or any(r.num_output_tokens == 0 for r in eng.scheduler.running):
         eng.step()                                   # prefill (not timed)
     t0, steps = time.perf_counter(), 0
@@ -191,9 +203,11 @@ def decode_rate(eng, n: int, out_len: int = OUT_LEN) -> float:
     return n * steps / (time.perf_counter() - t0)
 
 
-def paired_single_stream(rounds: int = 7, out_len: int = OUT_LEN) -> dict | None:
+def paired_single_stream(rounds: int = 7, out_len: int = OUT_LEN, prompt_len: int = PROMPT_LEN,
+                         eng=None) -> dict | None:
     """`--quantization gguf` against llama.cpp at 1 stream, alternating run by run so the machine's drift
-    hits both alike; the target uses the median of the per-round ratios."""
+    hits both alike; the target uses the median of the per-round ratios. `eng`: a `--quantization gguf`
+    engine to reuse (default: a fresh one)."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -203,15 +217,17 @@ def paired_single_stream(rounds: int = 7, out_len: int = OUT_LEN) -> dict | None
     from services.inference.engine.factory import build_engine
     from services.inference.models.gguf_file import default_model_path
 
-    eng = build_engine(engine_config(dtype="float32", quantization="gguf"))
-    runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(), PROMPT_LEN + out_len + 1)
-    prompt = [list(range(100, 100 + PROMPT_LEN))]
+    if eng is None:
+        eng = build_engine(engine_config(dtype="float32", quantization="gguf"))
+    runner = LlamaCppRunner(str(default_model_path()), torch.get_num_threads(),
+                            prompt_len + max(out_len + 1, WARMUP_TOKENS))
+    prompt = [list(range(100, 100 + prompt_len))]
     try:
-        decode_rate(eng, 1, out_len)
-        runner.run_batch(prompt, 4, 1)
+        decode_rate(eng, 1, out_len, prompt_len)
+        runner.run_batch(prompt, WARMUP_TOKENS, 1)
         ours, theirs = [], []
         for _ in range(rounds):
-            ours.append(decode_rate(eng, 1, out_len))
+            ours.append(decode_rate(eng, 1, out_len, prompt_len))
             t = runner.run_batch(prompt, out_len + 1, 1)[0].arrivals_s
             theirs.append(out_len / (t[-1] - t[0]))
     finally:
@@ -224,31 +240,38 @@ def paired_single_stream(rounds: int = 7, out_len: int = OUT_LEN) -> dict | None
     return result
 
 
-def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = OUT_LEN) -> list[dict]:
-    """Decode tokens/s of the engine (in process, 128-token prompts, greedy) with the kernels and with
-    STRATA_KERNELS=reference, for float32, --quantization int8 and --quantization gguf; the median of 3
-    runs each."""
+def engine_decode_rates(streams: tuple[int, ...] = (1, 32), out_len: int = OUT_LEN, prompt_len: int = PROMPT_LEN,
+                        quantizations: tuple[str, ...] = QUANTIZATIONS, runs: int = 3,
+                        kept: dict | None = None) -> list[dict]:
+    """Decode tokens/s of the engine (in process, `prompt_len`-token prompts, greedy) with the kernels and
+    with STRATA_KERNELS=reference, for each of `quantizations` (float32, --quantization int8 and
+    --quantization gguf); the median of `runs` runs each. `kept`: a dict that keeps the engines, by
+    quantization, for later use (default: each is dropped once measured)."""
     import os
 
     from services.inference.config import engine_config
     from services.inference.engine.factory import build_engine
     rows = []
-    for quant in (None, "int8", "gguf"):
+    for name in quantizations:
+        quant = None if name == "none" else name
         eng = build_engine(engine_config(dtype="float32", quantization=quant))
-        decode_rate(eng, 1)                              # warm-up
+        decode_rate(eng, 1, out_len, prompt_len)         # warm-up
         for mode in ("kernels", "reference"):
             if mode == "reference":
                 os.environ["STRATA_KERNELS"] = "reference"
             try:
-                row = {"quantization": quant or "none", "path": mode}
+                row = {"quantization": name, "path": mode}
                 for n in streams:
-                    row[f"decode_tokens_per_s_{n}"] = sorted(decode_rate(eng, n) for _ in range(3))[1]
+                    row[f"decode_tokens_per_s_{n}"] = sorted(decode_rate(eng, n, out_len, prompt_len)
+                                                             for _ in range(runs))[runs // 2]
             finally:
                 os.environ.pop("STRATA_KERNELS", None)
             rows.append(row)
             print(f"engine {row}", flush=True)
+        if kept is not None:
+            kept[name] = eng
         del eng
-    peer = llamacpp_decode_rates(streams, out_len)
+    peer = llamacpp_decode_rates(streams, out_len, prompt_len, runs)
     return rows + ([peer] if peer else [])
 
 
@@ -293,49 +316,63 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: all cores)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/kernels.json"))
+    smoke.add_args(p, "kernels")
     p.add_argument("--no-engine", action="store_true", help="skip the engine-level decode comparison")
-    a = p.parse_args(argv)
+    # sizes without flags, which --smoke shrinks
+    p.set_defaults(shapes=SHAPES, target_shape=TARGET_SHAPE, mixed=MIXED, copy_mib=COPY_MIB, prompt_len=PROMPT_LEN,
+                   out_len=OUT_LEN, streams=(1, 32), quantizations=QUANTIZATIONS, engine_runs=3, paired_rounds=7)
+    a = smoke.resolve(p.parse_args(argv), repeats=1, shapes=[(1, 64), (4, 128)], target_shape=(4, 128),
+                      mixed=(2, 64, 5), copy_mib=8, prompt_len=16, out_len=2, streams=(1, 2), quantizations=("gguf",),
+                      engine_runs=1, paired_rounds=1)
     if a.threads:
         torch.set_num_threads(a.threads)
     from bench.serving import machine_info
 
-    copy = copy_bandwidth_gbs(a.repeats)
+    copy = copy_bandwidth_gbs(a.repeats, a.copy_mib)
     rows = []
-    for batch, context in SHAPES:
+    for batch, context in a.shapes:
         r = paged_attention_case(batch, context, a.repeats)
-        r["copy_bandwidth_gbs"] = copy_bandwidth_gbs(a.repeats)        # right after: the same machine state
+        r["copy_bandwidth_gbs"] = copy_bandwidth_gbs(a.repeats, a.copy_mib)   # right after: the same machine state
         r["fraction_of_copy"] = r["kernel_gbs"] / r["copy_bandwidth_gbs"]
         rows.append(r)
         print(f"paged attention {batch}x{context}: kernel {r['kernel_ms']:.3f} ms ({r['kernel_gbs']:.1f} GB/s, "
               f"{100 * r['fraction_of_copy']:.0f}% of copy), torch {r['torch_ms']:.3f} ms, x{r['speedup_vs_torch']:.1f}",
               flush=True)
-    mixed = paged_attention_mixed_case(32, 1024, 5, a.repeats)
+    mixed_batch, mixed_context, mixed_rows = a.mixed
+    mixed = paged_attention_mixed_case(mixed_batch, mixed_context, mixed_rows, a.repeats)
     mixed["fraction_of_copy"] = mixed["kernel_gbs"] / copy
-    print(f"paged attention, 32 x 5 verification rows at 1024: kernel {mixed['kernel_ms']:.3f} ms "
-          f"({100 * mixed['fraction_of_copy']:.0f}% of copy), torch {mixed['torch_ms']:.3f} ms", flush=True)
+    print(f"paged attention, {mixed_batch} x {mixed_rows} verification rows at {mixed_context}: kernel "
+          f"{mixed['kernel_ms']:.3f} ms ({100 * mixed['fraction_of_copy']:.0f}% of copy), "
+          f"torch {mixed['torch_ms']:.3f} ms", flush=True)
     gemv = gemv_cases(a.repeats)
     for r in gemv:
         r["fraction_of_copy"] = r["kernel_gbs"] / copy
         print(f"gemv {r['weights']} {r['kernel']}: {r['kernel_us']:.0f} us ({r['kernel_gbs']:.1f} GB/s), "
               f"torch float32 {r['torch_float32_us']:.0f} us, x{r['speedup_vs_torch']:.1f}", flush=True)
-    engine = [] if a.no_engine else engine_decode_rates()
-    paired = None if a.no_engine else paired_single_stream()
-    target = next(r for r in rows if (r["batch"], r["context"]) == (32, 1024))
+    # a smoke run measures the paired single stream on the engine-level comparison's gguf engine (one load)
+    kept: dict | None = {} if a.smoke else None
+    engine = [] if a.no_engine else engine_decode_rates(tuple(a.streams), a.out_len, a.prompt_len,
+                                                        tuple(a.quantizations), a.engine_runs, kept)
+    paired = None if a.no_engine else paired_single_stream(a.paired_rounds, a.out_len, a.prompt_len,
+                                                           (kept or {}).get("gguf"))
+    target = next(r for r in rows if (r["batch"], r["context"]) == tuple(a.target_shape))
     targets = {"paged_attention_32x1024_fraction_of_copy": {
-        "target": TARGET_FRACTION_OF_COPY, "value": target["fraction_of_copy"],
+        "target": TARGET_FRACTION_OF_COPY, "shape": list(a.target_shape), "value": target["fraction_of_copy"],
         "met": target["fraction_of_copy"] >= TARGET_FRACTION_OF_COPY}}
     if paired:
         ratio = paired["ratio_median"]
         targets["single_stream_gguf_vs_llamacpp"] = {"target": TARGET_SINGLE_STREAM_VS_LLAMACPP, "value": ratio,
                                                      "met": ratio >= TARGET_SINGLE_STREAM_VS_LLAMACPP,
                                                      "how": "median of per-round ratios, runs alternating"}
-    result = {"config": {"repeats": a.repeats, "threads": torch.get_num_threads(), "prompt_len": PROMPT_LEN,
-                         "decode_tokens": OUT_LEN}, "machine": machine_info(),
+    result = {"config": {"repeats": a.repeats, "threads": torch.get_num_threads(), "prompt_len": a.prompt_len,
+                         "decode_tokens": a.out_len, "smoke": a.smoke}, "machine": machine_info(),
               "copy_bandwidth_gbs": copy, "paged_attention_decode": rows, "paged_attention_mixed": mixed,
               "gemv": gemv, "engine_decode": engine, "paired_single_stream": paired, "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
+    if a.smoke:
+        print(f"copy bandwidth {copy:.1f} GB/s; wrote {a.out} (a smoke run: its figures mean nothing)")
+        return
     plot(result, a.out.with_suffix(".png"))
     print(f"copy bandwidth {copy:.1f} GB/s; wrote {a.out} and {a.out.with_suffix('.png')}")
 

@@ -1,6 +1,6 @@
 """Where a Strata decode step's time goes, in-process (no gRPC).
 
-    python -m bench.profile_engine [--streams 1 32] [--dtype bfloat16] [--steps 30]
+    python -m bench.profile_engine [--streams 1 32] [--dtype bfloat16] [--steps 30] [--smoke] [--out PATH]
 
 For each batch size: that many 128-token prompts are prefilled, then `--steps` decode steps are
 timed twice. Pass 1 (no profiler) splits `LLMEngine.step` into its phases with wall clocks around
@@ -8,7 +8,9 @@ scheduler, input preparation, model forward, logits, sampling and postprocess. P
 forward under torch.profiler and groups the operators' self time: linear matmuls (aten::mm),
 attention (bmm/softmax/sdpa), KV cache gather and write, and the element-wise rest; forward wall
 time minus all operator time is Python and dispatch overhead. Achieved weight bandwidth and matmul
-FLOP/s are printed next to the times (gpt-fast's habit).
+FLOP/s are printed next to the times (gpt-fast's habit). JSON in bench/results/profile.json (--out moves
+it); --smoke: a short run (1 and 2 streams, 16-token prompts, 2 steps), its JSON to a temporary
+directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import random
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
+from bench import smoke
 from services.inference.engine import model_runner as runner_module
 from services.inference.config import engine_config
 from services.inference.engine.engine import LLMEngine
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("bench/results/profile.json"))
-    a = p.parse_args(argv)
+    smoke.add_args(p, "profile")
+    a = smoke.resolve(p.parse_args(argv), streams=[1, 2], steps=2, prompt_len=16)
     engine = build_engine(engine_config(dtype=a.dtype, enable_prefix_caching=False,
                                         quantization=None if a.quantization == "none" else a.quantization))
     label = f"{engine.config.model.dtype}" + (f", {a.quantization}" if a.quantization != "none" else "")
@@ -183,8 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"    {v:8.2f} ms  {100 * v / total:5.1f}%  {k}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"dtype": engine.config.model.dtype, "quantization": a.quantization, "torch_threads": torch.get_num_threads(),
-                                 "results": results}, indent=2) + "\n")
-    print(f"\nwrote {a.out}")
+                                 "smoke": a.smoke, "results": results}, indent=2) + "\n")
+    print(f"\nwrote {a.out}" + (" (a smoke run: its figures mean nothing)" if a.smoke else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: n-gram (prompt lookup) speculation against none, in one run.
 
-    python -m bench.spec_decode [--quantization gguf] [--repeats 5] [--max-tokens 160]
+    python -m bench.spec_decode [--quantization gguf] [--repeats 5] [--max-tokens 160] [--smoke] [--out PATH]
 
 The engine runs in process (no gRPC: this isolates what speculation changes) with greedy decoding, so
 both configurations produce the same tokens (checked). Single stream: input-grounded tasks (summarise,
@@ -15,7 +15,9 @@ and the per-row cost fitted to it (what --spec-row-cost should be on this machin
 (issue 7): >= 2x on input-grounded tasks, >= 0.95x on open chat, no loss at 32 streams (>= 0.95x: the
 run-to-run noise of this machine). Draft model (--draft-tasks, default all): a float32 target with the
 same GGUF through the Q4_1/Q8_0 kernels as its draft, against the float32 target alone, single stream.
-JSON + PNG in bench/results/.
+JSON + PNG in bench/results/ (--out moves both); --smoke: a short run at tiny sizes (one grounded and
+one chat task, 8 tokens, one draft-model task, 2 streams of 4 tokens, 2 steps per verification size, one
+round), the JSON only, to a temporary directory (bench/smoke.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from bench import smoke
 
 PASSAGE = (
     "The Harbour Street library reopened on 14 March 2025 after an eighteen-month renovation that cost "
@@ -145,12 +149,15 @@ def verification_cost(engine, prompt: list[int], max_k: int = 8, steps: int = 15
     class Fixed:                                   # proposes `k` copies of one token
         k = 0
 
-        def propose(self, token_ids, k):
-            return [5] * min(self.k, k)
+        def propose(self, requests, ks):
+            return [[5] * min(self.k, k) for k in ks]
+
+        def release(self, request_id):
+            pass
 
     saved = engine.proposer, engine.config
     engine.proposer = Fixed()
-    engine.config = replace(engine.config, num_speculative_tokens=max_k, spec_row_cost=0.0)
+    engine.config = engine.config.with_settings(num_speculative_tokens=max_k, spec_row_cost=0.0)
     times: dict[int, list[float]] = {k: [] for k in range(max_k + 1)}
     try:
         for _ in range(repeats):
@@ -172,7 +179,7 @@ def verification_cost(engine, prompt: list[int], max_k: int = 8, steps: int = 15
     fit = [k for k in relative if 1 <= k <= 7]
     row_cost = sum(k * (relative[k] - 1) for k in fit) / sum(k * k for k in fit)
     return {"plain_step_ms": base * 1e3, "relative_step_time": relative, "fitted_row_cost": row_cost,
-            "configured_row_cost": saved[1].spec_row_cost}
+            "configured_row_cost": saved[1].spec.spec_row_cost}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -213,15 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
                    help="tasks for the draft-model comparison (float32 target; none: skip it)")
     p.add_argument("--draft-max-tokens", type=int, default=96)
-    p.add_argument("--out", type=Path, default=Path("bench/results/spec_decode.json"))
-    a = p.parse_args(argv)
+    smoke.add_args(p, "spec_decode")
+    # sizes without flags, which --smoke shrinks
+    p.set_defaults(tasks=list(TASKS), streams=32, stream_tokens=64, verify_steps=15)
+    a = smoke.resolve(p.parse_args(argv), max_tokens=8, repeats=1, draft_tasks=["summarise"], draft_max_tokens=8,
+                      tasks=["summarise", "chat_story"], streams=2, stream_tokens=4, verify_steps=2)
     from bench.serving import machine_info
 
     quant = None if a.quantization == "none" else a.quantization
     plain, spec = _engines(quant, a.num_speculative_tokens)
     render = lambda text: plain.tokenizer.encode(plain.render_chat([{"role": "user", "content": text}]))  # noqa: E731
     rows = []
-    for task, (kind, text) in TASKS.items():
+    for task in a.tasks:
+        kind, text = TASKS[task]
         prompt = render(text)
         before = spec.stats()
         r = single_stream(plain, spec, prompt, a.max_tokens, a.repeats)
@@ -257,15 +268,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"draft {task:12s} float32 {r['off']:6.1f} tok/s  + gguf draft {r['on']:6.1f} tok/s  x{row['speedup']:.2f}  "
                   f"acceptance {row['acceptance_rate']:.2f}  identical {row['identical_output']}", flush=True)
         del target, drafted
-    cost = verification_cost(spec, render(TASKS["chat_story"][1]), repeats=a.repeats)
+    cost = verification_cost(spec, render(TASKS["chat_story"][1]), steps=a.verify_steps, repeats=a.repeats)
     print("verification step time / plain step, by k: " +
           " ".join(f"{k}:{v:.2f}" for k, v in cost["relative_step_time"].items()) +
           f"; fitted row cost {cost['fitted_row_cost']:.3f} (configured {cost['configured_row_cost']})", flush=True)
-    prompts = [render(TASKS[t][1]) for t in TASKS for _ in range(32 // len(TASKS) + 1)][:32]
-    r = many_streams(plain, spec, prompts, 64, a.repeats)
-    streams = {"streams": 32, "tokens_per_s_off": r["off"], "tokens_per_s_ngram": r["on"], "speedup": r["speedup"],
-               "round_speedups": r["ratios"], "identical_output": r["identical_output"]}
-    print(f"32 streams: off {r['off']:.1f} tok/s, ngram {r['on']:.1f} tok/s, x{r['speedup']:.2f}", flush=True)
+    prompts = [render(TASKS[t][1]) for t in a.tasks for _ in range(a.streams // len(a.tasks) + 1)][:a.streams]
+    r = many_streams(plain, spec, prompts, a.stream_tokens, a.repeats)
+    streams = {"streams": a.streams, "tokens_per_s_off": r["off"], "tokens_per_s_ngram": r["on"],
+               "speedup": r["speedup"], "round_speedups": r["ratios"], "identical_output": r["identical_output"]}
+    print(f"{a.streams} streams: off {r['off']:.1f} tok/s, ngram {r['on']:.1f} tok/s, x{r['speedup']:.2f}", flush=True)
 
     def geomean(xs: list[float]) -> float:
         return statistics.geometric_mean(xs) if xs else float("nan")
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
                "streams_32_speedup": {"target": TARGETS["streams_32"], "value": streams["speedup"],
                                       "met": streams["speedup"] >= TARGETS["streams_32"]}}
     result = {"config": {"quantization": a.quantization, "num_speculative_tokens": a.num_speculative_tokens,
-                         "max_tokens": a.max_tokens, "repeats": a.repeats,
+                         "max_tokens": a.max_tokens, "repeats": a.repeats, "smoke": a.smoke,
                          "spec_max_batch": spec.config.spec.spec_max_batch,
                          "ngram": [spec.config.spec.ngram_min, spec.config.spec.ngram_max]},
               "machine": machine_info(), "single_stream": rows, "verification_cost": cost,
@@ -284,9 +295,12 @@ def main(argv: list[str] | None = None) -> None:
               "targets": targets}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
+    summary = f"grounded x{grounded:.2f} (target {TARGETS['grounded']}), chat x{chat:.2f} (target {TARGETS['chat']})"
+    if a.smoke:
+        print(f"{summary}; wrote {a.out} (a smoke run: its figures mean nothing)")
+        return
     plot(result, a.out.with_suffix(".png"))
-    print(f"grounded x{grounded:.2f} (target {TARGETS['grounded']}), chat x{chat:.2f} (target {TARGETS['chat']}); "
-          f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"{summary}; wrote {a.out} and {a.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

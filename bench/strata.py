@@ -136,3 +136,110 @@ async def _closed_loop(address: str, prompts: list[list[int]], max_tokens: int, 
 
 def run_phase(server: StrataServer, prompts: list[list[int]], max_tokens: int, concurrency: int) -> PhaseResult:
     return asyncio.run(_closed_loop(server.address, prompts, max_tokens, concurrency))
+
+
+# ---- through the gateway: the path a caller of `make up` takes
+
+class StrataSuite:
+    """`strata up`'s suite (services/up.py's plan) on free ports: Redis, one inference replica started with
+    `extra_args`, the cache, the router and the gateway, each its own process; an unlimited API key."""
+
+    def __init__(self, dtype: str, extra_args: list[str] | None = None, start_timeout_s: float = 600.0) -> None:
+        import argparse
+
+        from services.up import Suite
+
+        self.run_dir = Path(tempfile.mkdtemp(prefix="strata-bench-suite-")) / "run"
+        os.environ.setdefault("STRATA_KEY_PEPPER", "bench-serving-pepper-0123456789abcdef")
+        os.environ.setdefault("STRATA_ADMIN_TOKEN", "bench-serving-admin-token")
+        a = argparse.Namespace(replicas=1, redis_url="", host="127.0.0.1", free_ports=True, run_dir=self.run_dir,
+                               startup_timeout=start_timeout_s, quiet=True, dtype=dtype)
+        self.suite = Suite(a)
+        for c in self.suite.children:
+            if c.kind == "inference":
+                c.args += list(extra_args or [])
+        self.by_kind = {c.kind: c for c in self.suite.children}
+        self.address = f"127.0.0.1:{self.by_kind['gateway'].port}"
+        self.replica_address = f"127.0.0.1:{self.by_kind['inference'].port}"
+        self.key = ""
+        self.model = ""
+
+    def __enter__(self) -> "StrataSuite":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for c in self.suite.children:
+                self.suite.start(c)
+            asyncio.run(self._ready())
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    async def _ready(self) -> None:
+        from services.common.pb import gateway_pb2, gateway_pb2_grpc
+
+        deadline = time.monotonic() + self.suite.a.startup_timeout
+        for c in self.suite.children:
+            await self.suite.wait_ready(c, deadline)
+        admin = (("authorization", f"Bearer {self.suite.env['STRATA_ADMIN_TOKEN']}"),)
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            stub = gateway_pb2_grpc.GatewayAdminStub(ch)
+            self.key = (await stub.CreateKey(gateway_pb2.CreateKeyRequest(tenant="bench-serving"), metadata=admin,
+                                             timeout=10)).key      # no limits, no budget
+            models = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=admin, timeout=10)
+            self.model = models.models[0].name
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.suite.stop()
+        if exc_type is None:
+            import shutil
+
+            shutil.rmtree(self.run_dir.parent, ignore_errors=True)
+        else:
+            print(f"the suite's logs are kept in {self.run_dir}", file=sys.stderr)
+
+
+async def _gateway_loop(suite: StrataSuite, prompts: list[str], prompt_tokens: int, max_tokens: int,
+                        concurrency: int) -> PhaseResult:
+    """As _closed_loop, through the gateway: raw prompts (no chat template), greedy, the cache bypassed."""
+    from services.common.pb import gateway_pb2, gateway_pb2_grpc
+
+    auth = (("authorization", f"Bearer {suite.key}"),)
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    async with grpc.aio.insecure_channel(suite.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        await channel.channel_ready()
+        todo = iter(prompts)
+        timings: list[RequestTiming] = []
+
+        async def one(text: str) -> RequestTiming:
+            timing = RequestTiming(sent_s=time.perf_counter())
+            request = gateway_pb2.GatewayRequest(model=suite.model, prompt=text, sampling=sampling,
+                                                 cache_policy=common_pb2.CACHE_POLICY_BYPASS)
+            usage = None
+            async for chunk in stub.GenerateStream(request, metadata=auth):
+                now = time.perf_counter()
+                timing.arrivals_s.extend([now] * len(chunk.token_ids))
+                if chunk.HasField("usage"):
+                    usage = chunk.usage
+            if timing.num_output_tokens != max_tokens:
+                raise RuntimeError(f"expected {max_tokens} output tokens, got {timing.num_output_tokens}")
+            if usage is None or usage.prompt_tokens != prompt_tokens:
+                raise RuntimeError(f"the gateway's prompt came to {usage and usage.prompt_tokens} tokens, "
+                                   f"not {prompt_tokens}: the prompts must tokenize back to their ids")
+            return timing
+
+        async def worker() -> None:
+            for text in todo:
+                timings.append(await one(text))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = max(t.arrivals_s[-1] for t in timings) - start
+    return PhaseResult(concurrency, wall, tuple(timings))
+
+
+def run_gateway_phase(suite: StrataSuite, prompts: list[str], prompt_tokens: int, max_tokens: int,
+                      concurrency: int) -> PhaseResult:
+    return asyncio.run(_gateway_loop(suite, prompts, prompt_tokens, max_tokens, concurrency))

@@ -137,9 +137,25 @@ def _explain(case: dict, rules: Sequence[str], scores: Sequence[float] | None, i
     return out
 
 
-async def measure(embed_many: Callable[[list[str]], np.ndarray] | None, threshold: float | None) -> dict:
-    """Both corpora: PII rates, and injection rates for the rules and (given an embedder) the similarity screen."""
-    pii, attacks = load_corpus(PII_CORPUS), load_corpus(INJECTION_CORPUS)
+def per_category(cases: list[dict], n: int | None) -> list[dict]:
+    """The first `n` cases of each (label, category), in corpus order; all of them when n is None."""
+    if n is None:
+        return cases
+    seen: dict[tuple, int] = {}
+    out = []
+    for c in cases:
+        key = (c["label"], c["category"])
+        if seen.get(key, 0) < n:
+            seen[key] = seen.get(key, 0) + 1
+            out.append(c)
+    return out
+
+
+async def measure(embed_many: Callable[[list[str]], np.ndarray] | None, threshold: float | None,
+                  injection_per_category: int | None = None) -> dict:
+    """Both corpora: PII rates, and injection rates for the rules and (given an embedder) the similarity screen
+    (on at most `injection_per_category` cases of each category: all by default)."""
+    pii, attacks = load_corpus(PII_CORPUS), per_category(load_corpus(INJECTION_CORPUS), injection_per_category)
     scores = None
     if embed_many is not None:
         scores = await similarity_scores([c["text"] for c in attacks], embed_many)

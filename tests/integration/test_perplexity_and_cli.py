@@ -15,8 +15,15 @@ HELD_TEXT = (Path(__file__).parent.parent / "data" / "heldout.txt").read_text()
 
 
 def test_bf16_perplexity_is_within_2_percent_of_float32(model_fp32, model_bf16, tokenizer):
+    """On the whole held-out text where the CPU multiplies bf16 natively (where `--dtype auto` serves it);
+    elsewhere torch emulates bf16 products and one pass over the 529 tokens took 232 s on an AVX2-only EPYC
+    (2026-12-02), so there the first 128 tokens are measured."""
+    from services.inference.engine.factory import resolve_dtype
+
     ids = tokenizer.encode(HELD_TEXT)
     assert len(ids) > 500
+    if resolve_dtype("auto") != "bfloat16":
+        ids = ids[:128]
     ppl32, ppl16 = perplexity(model_fp32, ids), perplexity(model_bf16, ids)
     assert 1.0 < ppl32 < 100.0
     assert abs(ppl16 - ppl32) / ppl32 < 0.02, (ppl32, ppl16)
