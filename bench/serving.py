@@ -292,8 +292,9 @@ def targets(rs: dict, strata_names: list[str]) -> dict:
 
 
 def copy_rate_gb_s(mib: int = 512, repeats: int = 5) -> float:
-    """Memory's copy rate, as the engine's threads see it: bytes read per second by torch's copy_ of a `mib` MiB
-    float32 buffer (far past the caches) on every core, the median of `repeats`."""
+    """Memory's copy rate, as the engine's threads see it: bytes read and written per second (STREAM's and
+    bench.kernels' convention) by torch's copy_ of a `mib` MiB float32 buffer (far past the caches) on every
+    core, the median of `repeats`."""
     import statistics
     import time
 
@@ -307,7 +308,7 @@ def copy_rate_gb_s(mib: int = 512, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t0)
-    return src.numel() * 4 / statistics.median(times) / 1e9
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def bytes_per_token(info, context: float) -> float:
