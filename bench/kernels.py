@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import smoke
+from bench import metrics, smoke
 from kernels import PagedDecode
 
 TARGET_FRACTION_OF_COPY = 0.5        # issue 6: CPU paged-attention decode at 32 sequences x 1,024 tokens
@@ -55,9 +55,7 @@ def _median_s(fn, repeats: int) -> float:
 
 
 def copy_bandwidth_gbs(repeats: int, mib: int = COPY_MIB) -> float:
-    src = torch.empty(mib * 2**18)              # `mib` MiB of float32
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / _median_s(lambda: dst.copy_(src), max(5, repeats // 3)) / 1e9
+    return metrics.copy_bandwidth_gbs(max(5, repeats // 3), mib)
 
 
 def _paged_inputs(batch: int, context: int, rows: int, heads: int, kv_heads: int, head_dim: int, block_size: int,

@@ -120,3 +120,20 @@ def median_of_runs(runs: list[dict]) -> dict:
         else:
             out[key] = statistics.median(r[key] for r in runs)
     return out
+
+
+def copy_bandwidth_gbs(repeats: int, mib: int) -> float:
+    """Memory's copy rate on every core: bytes read + written per second (STREAM's convention) by torch's
+    copy_ of a `mib` MiB float32 buffer, the median of `repeats` after 3 warm-ups."""
+    import torch
+
+    src = torch.empty(mib * 2**18)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / statistics.median(times) / 1e9

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import smoke
-from bench.metrics import PhaseResult, median_of_runs, summarize
+from bench.metrics import PhaseResult, copy_bandwidth_gbs, median_of_runs, summarize
 
 PEERS = ("llama.cpp", "hf")
 DEFAULT_STRATA_CONFIGS = ("", "--quantization none")  # the defaults (the file's blocks on CPU), and dense weights
@@ -52,7 +52,7 @@ GATEWAY_TARGET = 0.85   # the same through the gateway (router, replica; the cac
 IN_PROCESS = "in-process "
 VIA_GATEWAY = " via gateway"
 PATHS = ("grpc", "gateway")
-COPY_SIZE = {False: (512, 5), True: (64, 1)}    # the copy-rate buffer (MiB) and repeats; by smoke mode
+COPY_SIZE = {False: (5, 512), True: (1, 64)}    # the copy rate's repeats and buffer (MiB), by smoke mode
 
 
 @functools.cache
@@ -124,6 +124,15 @@ def _prefill_in_batches(prefill_s: Callable[[list[list[int]]], float], batch: in
     return run
 
 
+def _prefill_with(run_phase: RunPhase, batch: int) -> Callable[[list[list[int]]], dict]:
+    """Prefill through a closed-loop phase: one output token per prompt, `batch` in flight."""
+    def run(prompts: list[list[int]]) -> dict:
+        phase = run_phase(prompts, 1, batch)
+        tokens = sum(len(p) for p in prompts)
+        return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
+    return run
+
+
 def strata_key(strata_args: str) -> str:
     """The system's key in the result: `strata`, or `strata --quantization int8` for extra flags."""
     return " ".join(["strata", *strata_args.split()])
@@ -135,12 +144,8 @@ def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
     extra = strata_args.split()
     with StrataServer(a.dtype, extra) as server:
         label = f"Strata gRPC ({describe(model_info(server))})"   # "auto" resolved by the server
-        def prefill(prompts: list[list[int]]) -> dict:
-            phase = run_phase(server, prompts, 1, a.prefill_batch)
-            tokens = sum(len(p) for p in prompts)
-            return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
-
-        result = measure(label, lambda p, m, c: run_phase(server, p, m, c), prefill, a)
+        run = lambda p, m, c: run_phase(server, p, m, c)  # noqa: E731
+        result = measure(label, run, _prefill_with(run, a.prefill_batch), a)
         info = model_info(server)
         return {**result, "memory": replica_memory(server, info), "resolved": resolved(info)}
 
@@ -152,13 +157,7 @@ def bench_gateway(a: argparse.Namespace, strata_args: str) -> dict:
         info = asyncio.run(_model_info(suite.replica_address))
         label = f"Strata gateway ({describe(info)})"
         run = lambda p, m, c: run_gateway_phase(suite, ["".join(a.words[t] for t in x) for x in p], a.prompt_len, m, c)  # noqa: E731
-
-        def prefill(prompts: list[list[int]]) -> dict:
-            phase = run(prompts, 1, a.prefill_batch)
-            tokens = sum(len(p) for p in prompts)
-            return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
-
-        return {**measure(label, run, prefill, a), "resolved": resolved(info)}
+        return {**measure(label, run, _prefill_with(run, a.prefill_batch), a), "resolved": resolved(info)}
 
 
 def resolved(info) -> dict:
@@ -191,12 +190,7 @@ def bench_in_process(a: argparse.Namespace, strata_args: str) -> dict:
     extra = strata_args.split()
     with InProcessEngine(a.dtype, extra) as engine:
         label = f"Strata in process ({engine.description})"
-        def prefill(prompts: list[list[int]]) -> dict:
-            phase = engine.run_phase(prompts, 1, a.prefill_batch)
-            tokens = sum(len(p) for p in prompts)
-            return {"prompt_tokens": tokens, "wall_s": phase.wall_s, "prompt_tokens_per_s": tokens / phase.wall_s}
-
-        return measure(label, engine.run_phase, prefill, a)
+        return measure(label, engine.run_phase, _prefill_with(engine.run_phase, a.prefill_batch), a)
 
 
 def bench_llamacpp(a: argparse.Namespace, gguf_path: Path) -> dict:
@@ -289,26 +283,6 @@ def targets(rs: dict, strata_names: list[str]) -> dict:
             value = r["prefill"] if key == "prefill" else r[str(c)][key]
             out[label] = {"target": threshold, "ratio": round(value, 3), "met": value >= threshold}
     return out
-
-
-def copy_rate_gb_s(mib: int = 512, repeats: int = 5) -> float:
-    """Memory's copy rate, as the engine's threads see it: bytes read and written per second (STREAM's and
-    bench.kernels' convention) by torch's copy_ of a `mib` MiB float32 buffer (far past the caches) on every
-    core, the median of `repeats`."""
-    import statistics
-    import time
-
-    import torch
-
-    src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)                            # pages touched
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def bytes_per_token(info, context: float) -> float:
@@ -438,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     skipped: dict = {}
     strata_names = [] if a.no_strata else [strata_key(args) for args in a.strata_args]
     a.words = word_tokens()
-    copy_gb_s = copy_rate_gb_s(*COPY_SIZE[a.smoke])
+    copy_gb_s = copy_bandwidth_gbs(*COPY_SIZE[a.smoke])
     for name, args in zip(strata_names, a.strata_args):
         if "grpc" in a.paths:
             print(f"{name}: starting the inference service", flush=True)
@@ -457,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"{peer}: loading {gguf_path.name}", flush=True)
         systems[peer] = bench_llamacpp(a, gguf_path) if peer == "llama.cpp" else bench_hf(a, gguf_path)
-    copy_gb_s = statistics.fmean([copy_gb_s, copy_rate_gb_s(*COPY_SIZE[a.smoke])])   # before and after: drift
+    copy_gb_s = statistics.fmean([copy_gb_s, copy_bandwidth_gbs(*COPY_SIZE[a.smoke])])   # before and after: drift
     infos = {name.removesuffix(VIA_GATEWAY): s["resolved"] for name, s in systems.items() if "resolved" in s}
     rs = ratios(systems)
     cost = service_cost(systems)
