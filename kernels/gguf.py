@@ -96,8 +96,17 @@ class GGUFMatrix:
 
     def dequantize_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (int64 [T]) of the weights as float32 [T, K], as ggml dequantizes them: an embedding
-        lookup straight from a quantized table, a few small ops a step (one gather puts the codes back in
-        the file's order)."""
+        lookup straight from a quantized table: one C++ call, or where the kernels are off a few small torch
+        ops (one gather puts the codes back in the file's order)."""
+        if available() and ids.device.type == "cpu":
+            ids = ids.to(torch.int64).contiguous()
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+                raise IndexError(f"row ids must be in [0, {self.n})")
+            out = torch.empty(len(ids), self.k, dtype=torch.float32)
+            cpu_module().gguf_dequantize_rows(self.type_code, self.qs.data_ptr(), self.d.data_ptr(),
+                                              self.m.data_ptr() if self.m is not None else 0, self.n, self.k,
+                                              ids.data_ptr(), len(ids), out.data_ptr())
+            return out
         nb = self.k // BLOCK
         if self._file_order is None:                        # codes position in a regrouped row, in file order
             row_bytes = self.qs.shape[1]

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cpu/cosine_topk.h"
 #include "cpu/gguf_gemv.h"
@@ -101,6 +102,18 @@ PYBIND11_MODULE(_C, m) {
             const strata::cpu::BlockMatrix w{static_cast<strata::cpu::BlockType>(block_type), ptr<const uint8_t>(qs),
                                              ptr<const uint16_t>(d), ptr<const uint16_t>(m_offsets), n, k};
             strata::cpu::gguf_gemv(w, ptr<const float>(x), m, ptr<float>(y));
+        });
+    m.def(
+        "gguf_dequantize_rows",   // a few rows, microseconds: the GIL is kept (handing it over would let the
+                                  // event loop hold it for a whole switch interval)
+        [](int block_type, uintptr_t qs, uintptr_t d, uintptr_t m_offsets, int64_t n, int64_t k, uintptr_t ids,
+           int64_t count, uintptr_t out) {
+            const int64_t* rows = ptr<const int64_t>(ids);
+            for (int64_t r = 0; r < count; ++r)
+                if (rows[r] < 0 || rows[r] >= n) throw py::index_error("row ids must be in [0, " + std::to_string(n) + ")");
+            const strata::cpu::BlockMatrix w{static_cast<strata::cpu::BlockType>(block_type), ptr<const uint8_t>(qs),
+                                             ptr<const uint16_t>(d), ptr<const uint16_t>(m_offsets), n, k};
+            strata::cpu::gguf_dequantize_rows(w, rows, count, ptr<float>(out));
         });
     m.def(
         "int8_gemv",

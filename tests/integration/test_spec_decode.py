@@ -1,4 +1,5 @@
-"""Speculative decoding inside continuous batching (real float32 model): greedy output is the same with
+"""Speculative decoding inside continuous batching (the real model on its served path, the file's blocks through
+the layer stack; float32 for preemption): greedy output is the same with
 and without n-gram speculation — stop strings, EOS and max_tokens inside an accepted run, preemption —,
 rejected slots and aborted requests give every KV block back, requests can turn it off, and the
 engine stops proposing when the batch is large."""
@@ -31,8 +32,8 @@ def prompts(engine, texts):
 
 @pytest.fixture(scope="module")
 def engines(make_engine):
-    plain = make_engine("float32")
-    spec = make_engine("float32", speculative="ngram", num_speculative_tokens=4, spec_max_batch=4)
+    plain = make_engine("float32", quantization="gguf")
+    spec = make_engine("float32", quantization="gguf", speculative="ngram", num_speculative_tokens=4, spec_max_batch=4)
     return plain, spec
 
 
@@ -97,7 +98,10 @@ def test_logprobs_of_tokens_from_an_accepted_run_match_plain_decoding(engines):
 
 
 def test_preemption_with_speculation_gives_identical_outputs(engines, make_engine):
-    plain, _ = engines
+    # float32: a preempted request is recomputed as a prefill (SDPA) whose last bits differ from the decode
+    # kernels'; the file's blocks quantize activations to int8, where such a difference can move a code and
+    # then a near-tie token. In float32 the two agree to the token here.
+    plain = make_engine("float32")
     ps = prompts(plain, GROUNDED + OPEN)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     longest = max(len(p) for p in ps) + 40

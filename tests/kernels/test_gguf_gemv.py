@@ -155,8 +155,15 @@ def test_the_level_can_be_capped_from_the_environment():
 
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("k", [576, 96, 320])                     # whole groups, a short packed one, a masked one
-def test_rows_dequantize_as_the_whole_matrix_does(block_type, k):
-    """An embedding lookup from the blocks (GGUFMatrix.dequantize_rows) gives exactly ggml's rows."""
+def test_rows_dequantize_as_the_whole_matrix_does(block_type, k, monkeypatch):
+    """An embedding lookup from the blocks (GGUFMatrix.dequantize_rows: the C++ kernel, or torch ops where
+    the kernels are off) gives exactly ggml's rows; a row id outside the table is an IndexError."""
     matrix = GGUFMatrix(random_blocks(50, k, block_type, seed=k), block_type, k)
     ids = torch.tensor([0, 49, 7, 7, 23])
-    assert torch.equal(matrix.dequantize_rows(ids), matrix.dequantize()[ids])
+    expected = matrix.dequantize()[ids]
+    assert torch.equal(matrix.dequantize_rows(ids), expected)
+    assert matrix.dequantize_rows(ids[:0]).shape == (0, k)
+    with pytest.raises(IndexError, match=r"\[0, 50\)"):
+        matrix.dequantize_rows(torch.tensor([3, 50]))
+    monkeypatch.setenv("STRATA_KERNELS", "reference")
+    assert torch.equal(matrix.dequantize_rows(ids), expected)

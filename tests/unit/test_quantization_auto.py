@@ -83,3 +83,19 @@ def test_a_gguf_model_keeps_no_float_copy_of_its_quantized_weights(model_gguf, g
     ids = torch.tensor([0, 5, 49151, 5])
     table = torch.from_numpy(gguf_file.dequantize("token_embd.weight"))
     torch.testing.assert_close(model_gguf.embed(ids), table[ids], atol=0, rtol=0)
+
+
+def test_a_gguf_model_loads_its_blocks_without_a_dense_detour(gguf_file, monkeypatch):
+    """load_model never dequantizes a tensor the gguf pass reads from the blocks (SmolLM2: 540 MB of float32
+    that raised the replica's peak and load time), and the model is the one the session's fixture holds."""
+    from services.inference.models.registry import load_model
+
+    dequantized = []
+    dequantize = GGUFFile.dequantize
+    monkeypatch.setattr(GGUFFile, "dequantize", lambda self, name: dequantized.append(name) or dequantize(self, name))
+    model = load_model(gguf_file, quantization="gguf")
+    blocks = set(projection_tensors(LlamaModel, gguf_file)) | {"token_embd.weight"}
+    assert dequantized and not blocks & set(dequantized)          # only the norms were read dense
+    assert all(name.endswith("norm.weight") for name in dequantized)
+    ids = torch.tensor([1, 500, 49151])
+    assert torch.equal(model.embed(ids), torch.from_numpy(gguf_file.dequantize("token_embd.weight"))[ids])

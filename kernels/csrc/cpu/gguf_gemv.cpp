@@ -233,4 +233,31 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     }
 }
 
+void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out) {
+    const int64_t nb = w.k / kBlock, nbp = padded_blocks(w.k), qb = qs_bytes(w.type);
+    for (int64_t r = 0; r < count; ++r) {
+        const int64_t j = ids[r];
+        const uint8_t* row = w.qs + j * nb * qb;
+        float* o = out + r * w.k;
+        for (int64_t g = 0; g < nb; g += kGroup) {           // a group's codes: word t of each of its blocks
+            const int64_t in_group = std::min(kGroup, nb - g);
+            for (int64_t b = g; b < g + in_group; ++b, o += kBlock) {
+                const float d = half_to_float(w.d[j * nbp + b]);
+                const uint8_t* lane = row + g * qb + (b - g) * 4;    // this block's bytes of word 0
+                if (w.type == BlockType::kQ8_0) {
+                    for (int64_t i = 0; i < kBlock; ++i)
+                        o[i] = static_cast<float>(static_cast<int8_t>(lane[(i / 4) * in_group * 4 + i % 4])) * d;
+                } else {                                     // word t: values 4t..4t+3 low, 16+4t.. high nibbles
+                    const float m = half_to_float(w.m[j * nbp + b]);
+                    for (int64_t i = 0; i < 16; ++i) {
+                        const uint8_t byte = lane[(i / 4) * in_group * 4 + i % 4];
+                        o[i] = static_cast<float>(byte & 15) * d + m;
+                        o[i + 16] = static_cast<float>(byte >> 4) * d + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
 }  // namespace strata::cpu

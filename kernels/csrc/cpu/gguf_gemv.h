@@ -45,4 +45,8 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
 // the block dot products exact in int32.
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y);
 
+// out [count, K] float32 = rows ids[0..count) of W, as ggml dequantizes them (Q4_1: q * d + m, Q8_0: q * d,
+// each product and sum rounded once): an embedding lookup straight from the blocks. ids must be in [0, N).
+void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
+
 }  // namespace strata::cpu

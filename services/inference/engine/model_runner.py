@@ -14,8 +14,9 @@ from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
 from services.inference.models.compute import StepPath, choose_compute
 from services.inference.models.registry import CausalLM
-from services.inference.sampling.sampler import (SamplerOutput, SamplingRow, build_sampling_metadata, compute_logprobs,
-                                                 make_generator, random_sample, sample, target_distribution)
+from services.inference.sampling.sampler import (SamplerOutput, SamplingRow, argmax_rows, build_sampling_metadata,
+                                                 compute_logprobs, make_generator, random_sample, sample,
+                                                 target_distribution)
 from services.inference.spec_decode.rejection import greedy_verify, rejection_sample
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,11 @@ class ModelRunner:
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
             meta = meta.to(self.device)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.compute)
-        path = self.compute.step_path(len(input_ids), not meta.prefills)
+        num_rows = hidden.shape[0]
+        path = self.compute.step_path(num_rows, not meta.prefills)
         # sample: the last row of every chunk that reaches the end of its tokens, and every row of a
         # chunk with proposals (row i: the target's choice after the first i proposals)
         rows: list[int] = []
-        sampling: list[SamplingRow] = []
         groups: list[tuple[ScheduledChunk, int]] = []       # (chunk, its first row in `rows`)
         end = 0
         for c in ordered:
@@ -142,13 +143,19 @@ class ModelRunner:
                 continue
             k = len(c.spec_token_ids)
             groups.append((c, len(rows)))
-            for i in range(k + 1):
-                rows.append(end - 1 - k + i)
-                sampling.append(self._sampling_row(c.request, c.spec_token_ids[:i]))
+            rows.extend(range(end - 1 - k, end))
         if not rows:
             return ModelRunnerOutput({}, path=path)
         # sampling runs on CPU: a step's logits are a few rows of 49,152 floats
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+        if len(rows) < num_rows:                 # else every row is sampled, in order (decode steps)
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.compute_logits(hidden).cpu()
+        if all(not c.spec_token_ids and self._plain_argmax(c.request) for c, _ in groups):
+            # the common greedy step: the argmax of the raw logits, without the sampler's per-step tensors
+            return ModelRunnerOutput({c.request.request_id: [SampledToken(t)]
+                                      for (c, _), t in zip(groups, argmax_rows(logits).tolist())}, {}, path)
+        sampling = [self._sampling_row(c.request, c.spec_token_ids[:i])
+                    for c, _ in groups for i in range(len(c.spec_token_ids) + 1)]
         meta_s = build_sampling_metadata(sampling, logits.shape[-1])
         if all(not c.spec_token_ids for c, _ in groups):
             res: SamplerOutput | None = sample(logits, meta_s)
@@ -209,6 +216,12 @@ class ModelRunner:
             tokens[req.request_id] = out[0, :a + 1].tolist()
             accepted[req.request_id] = a
         return tokens, accepted
+
+    @staticmethod
+    def _plain_argmax(req: Request) -> bool:
+        """Whether the request's next token is the argmax of the raw logits: greedy, no penalties or logprobs,
+        and past min_tokens (before it, EOS and the stop ids are banned)."""
+        return req.params.plain_argmax and req.num_output_tokens >= req.params.min_tokens
 
     def _sampling_row(self, req: Request, proposed: list[int] | None = None) -> SamplingRow:
         """The request's sampling state, after `proposed` tokens (a verification row sees its run's

@@ -4,6 +4,7 @@ passes (models/quantize.py) replace its projections afterwards."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class LlamaModel:
                  final_norm: torch.Tensor, lm_head: Linear, dtype: torch.dtype) -> None:
         """With tied embeddings lm_head holds a transposed copy of the embedding table."""
         self.hp, self.layers, self.dtype = hp, layers, dtype
-        self.device = embed.device
+        self.device = final_norm.device
         # embed: the float table [vocab, hidden], or after the gguf pass its blocks (linear.GGUFEmbedding)
         self.quantization: str | None = None      # set by the pass that quantized it (models/quantize.py)
         self.architecture = "llama"               # the GGUF's general.architecture (from_gguf sets it)
@@ -88,10 +89,12 @@ class LlamaModel:
         self.cos, self.sin = rope_cache(hp.head_dim, hp.max_position_embeddings, hp.rope_theta)
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> "LlamaModel":
+    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  skip: Collection[str] = ()) -> "LlamaModel":
         """Dense weights in `dtype` on `device` (loaded on CPU, then moved). Quantized projections come from
-        a pass over the loaded model (models/quantize.py; models/registry.load_model runs it)."""
+        a pass over the loaded model (models/quantize.py; models/registry.load_model runs it). `skip`: GGUF
+        tensors left unloaded (None), because that pass gives them the file's blocks: they are never
+        dequantized to float32 (a projection is None when any of its sources is skipped)."""
         hp = LlamaHParams.from_gguf(gguf)
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
@@ -99,18 +102,27 @@ class LlamaModel:
         layers = []
         for i in range(hp.num_layers):
             src = cls.projection_sources(hp, i)
-            parts = lambda name: torch.cat([w(t) if h is None else unpermute_qk(w(t), h) for t, h in src[name]])  # noqa: E731
+
+            def parts(name: str, src: dict[str, list[tuple[str, int | None]]] = src) -> DenseLinear | None:
+                if any(t in skip for t, _ in src[name]):
+                    return None
+                return dense(torch.cat([w(t) if h is None else unpermute_qk(w(t), h) for t, h in src[name]]))
+
             p = f"blk.{i}."
             layers.append(LlamaLayer(
                 attn_norm=cast(w(p + "attn_norm.weight")),
-                qkv=dense(parts("qkv")),
-                o=dense(parts("o")),
+                qkv=parts("qkv"),
+                o=parts("o"),
                 ffn_norm=cast(w(p + "ffn_norm.weight")),
-                gate_up=dense(parts("gate_up")),
-                down=dense(parts("down")),
+                gate_up=parts("gate_up"),
+                down=parts("down"),
             ))
-        embed = cast(w("token_embd.weight"))
-        lm_head = dense(embed if hp.tie_word_embeddings else w(cls.lm_head_source(hp)))
+        embed = None if "token_embd.weight" in skip else cast(w("token_embd.weight"))
+        head = cls.lm_head_source(hp)
+        if head in skip:
+            lm_head = None
+        else:
+            lm_head = dense(embed if hp.tie_word_embeddings and embed is not None else w(head))
         model = cls(hp, layers, embed, cast(w("output_norm.weight")), lm_head, dtype)
         model.architecture = gguf.architecture
         if torch.device(device).type != "cpu":
@@ -220,6 +232,7 @@ class LlamaModel:
         return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Selected hidden rows [N, hidden] -> float32 logits [N, vocab]."""
-        x = rms_norm(hidden, self.final_norm, self.hp.rms_norm_eps)
+        """Selected hidden rows [N, hidden] -> float32 logits [N, vocab] (the final norm in one kernel call
+        where the row kernels run)."""
+        x = add_rms_norm_(hidden.contiguous(), None, self.final_norm, self.hp.rms_norm_eps)
         return self.lm_head(x).float()

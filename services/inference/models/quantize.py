@@ -50,6 +50,18 @@ def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | No
     return "gguf" if kinds <= set(GGUF_BLOCK_TYPES) else None
 
 
+def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | None) -> frozenset[str]:
+    """The GGUF tensors `quantization`'s pass reads from the file's blocks, so that loading skips their
+    dense float32 copies (SmolLM2: 540 MB, freed again at once, that raised the replica's peak and left
+    the C heap fragmented): the projections and the LM head for "gguf", and the embedding where it is blocks."""
+    if quantization != "gguf":
+        return frozenset()
+    names = set(projection_tensors(model_class, gguf))
+    if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
+        names.add("token_embd.weight")
+    return frozenset(names)
+
+
 def check_quantization(quantization: str | None, dtype: torch.dtype, device: torch.device) -> None:
     """Refuses, before anything loads, a quantization that cannot run as asked."""
     if quantization not in (None, *QUANTIZATIONS):
@@ -62,7 +74,8 @@ def check_quantization(quantization: str | None, dtype: torch.dtype, device: tor
 
 
 def quantize(model: Any, quantization: str, gguf: GGUFFile) -> None:
-    """Runs the named pass over a dense float32 CPU model loaded from `gguf`, in place."""
+    """Runs the named pass over a float32 CPU model loaded from `gguf`, in place (dense, but for the tensors
+    tensors_from_blocks names when load_model loaded it)."""
     if model.quantization is not None:
         raise ValueError(f"the model is already quantized ({model.quantization})")
     check_quantization(quantization, model.dtype, model.device)
@@ -84,7 +97,8 @@ def int8_pass(model: Any, gguf: GGUFFile) -> None:
 
 def gguf_pass(model: Any, gguf: GGUFFile) -> None:
     """Every projection and the LM head multiply the file's own blocks; the embedding reads its blocks (the
-    LM head's, when tied). The dense weights are dropped."""
+    LM head's, when tied). Dense weights, where the model was loaded with them, are dropped; load_model
+    loads it without them (tensors_from_blocks)."""
 
     def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, str, int]:
         t = gguf.raw_tensor(name)

@@ -4,6 +4,7 @@ supported ones."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import torch
@@ -13,7 +14,7 @@ from services.inference.models.attention import AttentionMetadata
 from services.inference.models.compute import ComputePath
 from services.inference.models.gguf_file import GGUFFile
 from services.inference.models.llama import LlamaModel
-from services.inference.models.quantize import auto_quantization, check_quantization, quantize
+from services.inference.models.quantize import auto_quantization, check_quantization, quantize, tensors_from_blocks
 
 
 class CausalLM(Protocol):
@@ -26,8 +27,8 @@ class CausalLM(Protocol):
     PROJECTIONS: tuple[str, ...]              # a layer's projection attributes
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> "CausalLM": ...
+    def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  skip: Collection[str] = ()) -> "CausalLM": ...
     @staticmethod
     def hparams_from_gguf(gguf: GGUFFile) -> Any: ...
     @staticmethod
@@ -65,10 +66,12 @@ def resolve_quantization(quantization: str | None, gguf: GGUFFile, device: str) 
 def load_model(gguf: GGUFFile, dtype: torch.dtype = torch.float32, quantization: str | None = None,
                device: str | torch.device = "cpu") -> CausalLM:
     """The file's model: its architecture's class with dense weights in `dtype` on `device`, then the
-    `quantization` pass (None: dense). What cannot run as asked is refused before anything loads."""
+    `quantization` pass (None: dense). The tensors that pass gives the file's blocks are never loaded dense.
+    What cannot run as asked is refused before anything loads."""
     device = torch.device(device)
     check_quantization(quantization, dtype, device)
-    model = model_class(gguf.architecture).from_gguf(gguf, dtype, device)
+    cls = model_class(gguf.architecture)
+    model = cls.from_gguf(gguf, dtype, device, skip=tensors_from_blocks(cls, gguf, quantization))
     if quantization is not None:
         quantize(model, quantization, gguf)
     return model

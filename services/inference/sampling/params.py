@@ -43,6 +43,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy with nothing that changes the logits or asks for more than the token (no penalties, no
+        logprobs): the token is the argmax of the raw logits. min_tokens still bans EOS; the runner checks it."""
+        return (self.temperature < GREEDY_TEMPERATURE_EPS and self.repetition_penalty == 1.0
+                and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and self.logprobs is None)
+
     def validate(self, vocab_size: int) -> None:
         """Raises ValueError naming the first field that is out of range."""
         _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
