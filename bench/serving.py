@@ -4,16 +4,17 @@ transformers, in one run.
     python -m bench.serving [--concurrency 1 8 32 64] [--paths grpc gateway] [--peers llama.cpp hf]
                             [--repeats 3] [--strata-args='--quantization int8' ...] [--smoke]
 
-Each Strata configuration is measured three ways: through its replica's gRPC API (a client in this
-process, the server in its own); through the gateway of `strata up`'s suite (gateway, router, cache and
-one replica, each its own process; the cache bypassed, raw prompts); and in process as `strata generate`
-runs the engine (bench/inprocess.py, a process of its own). The JSON says what each path costs in the same
-run ("service": served / in process, on the steady decode rate).
+Each Strata configuration is measured three ways: through the gateway of `strata up`'s suite (gateway,
+router, cache and one replica, each its own process; the cache bypassed, raw prompts); through that
+replica's gRPC API (a client in this process); and in process as `strata generate` runs the engine
+(bench/inprocess.py, a process of its own). The three run side by side and take turns, run by run, so the
+host's drift lands on all of them alike. The JSON says what each path costs ("service": served / in
+process, on the steady decode rate).
 
 Per system and concurrency c: closed loop of --num-prompts requests (default c: one wave), c in
-flight, every prompt exactly --prompt-len random word tokens (seeded, the same for every system, never
-repeated, so no prefix-cache hits; each tokenizes back to itself, so the gateway's text prompts are the
-same ids), greedy, EOS ignored, --output-len tokens each. Prefill: the same kind of prompts with one
+flight, every prompt exactly --prompt-len random word tokens (seeded: the peers see the sequence Strata's
+paths share; never repeated, so no prefix-cache hits; each tokenizes back to itself, so the gateway's
+text prompts are the same ids), greedy, EOS ignored, --output-len tokens each. Prefill: the same kind of prompts with one
 output token, --prefill-batch at a time. Every measurement is repeated --repeats times; the JSON keeps
 each run and reports the median. "memory_bandwidth": the one-stream decode rate as a share of what the
 memory's copy rate allows (measured at the start and the end of the run) for the bytes a token reads.
@@ -22,7 +23,7 @@ memory's copy rate allows (measured at the start and the end of the run) for the
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -32,6 +33,7 @@ import random
 import subprocess
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -96,24 +98,55 @@ class PromptSource:
 RunPhase = Callable[[list[list[int]], int, int], PhaseResult]   # (prompts, max_tokens, concurrency)
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What one measurement runs: a system along one path (its key in the result), its label, closed loop and prefill."""
+    key: str
+    label: str
+    run_phase: RunPhase
+    prefill: Callable[[list[list[int]]], dict]
+
+
+def measure_together(paths: list[Subject], a: argparse.Namespace) -> dict[str, dict]:
+    """Every path at every concurrency, `a.repeats` times, the paths taking turns within each repeat (the
+    order rotating from repeat to repeat): this host's speed drifts by 1.5x within minutes, and paths
+    measured one after the other would put that drift into their ratios. Every run draws fresh prompts from
+    one seeded source: the gRPC and gateway paths share a replica, and a prompt one of them had sent would be
+    a prefix-cache hit for the other."""
+    out = {p.key: {"label": p.label, "concurrency": {}} for p in paths}
+    source = PromptSource(a.seed, a.prompt_len, sorted(a.words))
+
+    def turns(r: int) -> list[Subject]:
+        k = r % len(paths)
+        return paths[k:] + paths[:k]
+
+    for c in a.concurrency:
+        n = a.num_prompts or c
+        for p in paths:
+            p.run_phase(source.take(min(c, 4)), 4, c)   # warm-up at this concurrency: first calls, contexts
+        runs: dict[str, list[dict]] = {p.key: [] for p in paths}
+        for r in range(a.repeats):
+            for p in turns(r):
+                run = summarize(p.run_phase(source.take(n), a.output_len, c))
+                runs[p.key].append(run)
+                print(f"  {p.label:<24} c={c:<3} run {r + 1}/{a.repeats}: {run['output_tokens_per_s']:7.1f} out tok/s, "
+                      f"TTFT p50 {run['ttft_ms']['p50']:7.0f} ms, TPOT p50 {run['tpot_ms']['p50']:6.1f} ms", flush=True)
+        for p in paths:
+            out[p.key]["concurrency"][str(c)] = {**median_of_runs(runs[p.key]), "runs": runs[p.key]}
+    prefills: dict[str, list[dict]] = {p.key: [] for p in paths}
+    for r in range(a.repeats):
+        for p in turns(r):
+            prefills[p.key].append(p.prefill(source.take(a.prefill_prompts)))
+    for p in paths:
+        out[p.key]["prefill"] = {**median_of_runs(prefills[p.key]), "runs": prefills[p.key]}
+        print(f"  {p.label:<24} prefill: {out[p.key]['prefill']['prompt_tokens_per_s']:7.1f} prompt tok/s", flush=True)
+    return out
+
+
 def measure(label: str, run_phase: RunPhase, prefill: Callable[[list[list[int]]], dict], a: argparse.Namespace,
             ) -> dict:
-    prompts = PromptSource(a.seed, a.prompt_len, sorted(a.words))
-    out: dict = {"label": label, "concurrency": {}}
-    for c in a.concurrency:
-        run_phase(prompts.take(min(c, 4)), 4, c)   # warm-up at this concurrency: first calls, contexts
-        n = a.num_prompts or c
-        runs = []
-        for r in range(a.repeats):
-            runs.append(summarize(run_phase(prompts.take(n), a.output_len, c)))
-            print(f"  {label:<24} c={c:<3} run {r + 1}/{a.repeats}: {runs[-1]['output_tokens_per_s']:7.1f} out tok/s, "
-                  f"TTFT p50 {runs[-1]['ttft_ms']['p50']:7.0f} ms, TPOT p50 {runs[-1]['tpot_ms']['p50']:6.1f} ms",
-                  flush=True)
-        out["concurrency"][str(c)] = {**median_of_runs(runs), "runs": runs}
-    runs = [prefill(prompts.take(a.prefill_prompts)) for _ in range(a.repeats)]
-    out["prefill"] = {**median_of_runs(runs), "runs": runs}
-    print(f"  {label:<24} prefill: {out['prefill']['prompt_tokens_per_s']:7.1f} prompt tok/s", flush=True)
-    return out
+    """One system alone (the peers)."""
+    return measure_together([Subject("", label, run_phase, prefill)], a)[""]
 
 
 def _prefill_in_batches(prefill_s: Callable[[list[list[int]]], float], batch: int) -> Callable[[list[list[int]]], dict]:
@@ -138,26 +171,42 @@ def strata_key(strata_args: str) -> str:
     return " ".join(["strata", *strata_args.split()])
 
 
-def bench_strata(a: argparse.Namespace, strata_args: str) -> dict:
-    from bench.strata import StrataServer, model_info, run_phase
+def bench_strata(a: argparse.Namespace, name: str, strata_args: str) -> dict[str, dict]:
+    """One Strata configuration along the paths asked for, measured in turns (measure_together): the gateway
+    of a suite, that suite's replica through its gRPC API (or a replica of its own without --paths gateway),
+    and the engine in process. Keys: name, name + VIA_GATEWAY, IN_PROCESS + name."""
+    from bench.inprocess import InProcessEngine
+    from bench.strata import StrataServer, StrataSuite, model_info, run_gateway_phase, run_phase
 
     extra = strata_args.split()
-    with StrataServer(a.dtype, extra) as server:
-        label = f"Strata gRPC ({describe(model_info(server))})"   # "auto" resolved by the server
-        run = lambda p, m, c: run_phase(server, p, m, c)  # noqa: E731
-        result = measure(label, run, _prefill_with(run, a.prefill_batch), a)
-        info = model_info(server)
-        return {**result, "memory": replica_memory(server, info), "resolved": resolved(info)}
-
-
-def bench_gateway(a: argparse.Namespace, strata_args: str) -> dict:
-    from bench.strata import StrataSuite, _model_info, run_gateway_phase
-
-    with StrataSuite(a.dtype, strata_args.split()) as suite:
-        info = asyncio.run(_model_info(suite.replica_address))
-        label = f"Strata gateway ({describe(info)})"
-        run = lambda p, m, c: run_gateway_phase(suite, ["".join(a.words[t] for t in x) for x in p], a.prompt_len, m, c)  # noqa: E731
-        return {**measure(label, run, _prefill_with(run, a.prefill_batch), a), "resolved": resolved(info)}
+    with contextlib.ExitStack() as stack:
+        paths = []
+        if "gateway" in a.paths:
+            print(f"{name}: starting the suite (gateway, router, cache, one replica)", flush=True)
+            suite = stack.enter_context(StrataSuite(a.dtype, extra))
+            replica = suite.replica
+            run = lambda p, m, c: run_gateway_phase(suite, ["".join(a.words[t] for t in x) for x in p], a.prompt_len, m, c)  # noqa: E731
+            paths.append(Subject(name + VIA_GATEWAY, f"Strata gateway ({describe(model_info(replica))})", run,
+                               _prefill_with(run, a.prefill_batch)))
+        else:
+            print(f"{name}: starting the inference service", flush=True)
+            replica = stack.enter_context(StrataServer(a.dtype, extra))
+        info = model_info(replica)                       # "auto" resolved by the server
+        if "grpc" in a.paths:
+            run = lambda p, m, c: run_phase(replica, p, m, c)  # noqa: E731
+            paths.insert(0, Subject(name, f"Strata gRPC ({describe(info)})", run, _prefill_with(run, a.prefill_batch)))
+        if not a.no_in_process:
+            print(f"{name}: the engine in process, as `strata generate` runs it", flush=True)
+            engine = stack.enter_context(InProcessEngine(a.dtype, extra))
+            paths.append(Subject(IN_PROCESS + name, f"Strata in process ({engine.description})", engine.run_phase,
+                               _prefill_with(engine.run_phase, a.prefill_batch)))
+        results = measure_together(paths, a)
+        for key in results:
+            if not key.startswith(IN_PROCESS):
+                results[key]["resolved"] = resolved(info)
+        if name in results:
+            results[name]["memory"] = replica_memory(replica, model_info(replica))
+        return results
 
 
 def resolved(info) -> dict:
@@ -181,16 +230,17 @@ def replica_memory(server, info) -> dict:
     out = {**server.memory_mb(), "model_file_mb": path.stat().st_size / 2**20, "kv_pool_mb": kv / 2**20,
            "quantization": info.quantization or "none"}
     out["target_mb"] = out["model_file_mb"] + out["kv_pool_mb"] + MEMORY_HEADROOM_MB
+    out["torch_runtime_mb"] = torch_runtime_mb()
     return out
 
 
-def bench_in_process(a: argparse.Namespace, strata_args: str) -> dict:
-    from bench.inprocess import InProcessEngine
-
-    extra = strata_args.split()
-    with InProcessEngine(a.dtype, extra) as engine:
-        label = f"Strata in process ({engine.description})"
-        return measure(label, engine.run_phase, _prefill_with(engine.run_phase, a.prefill_batch), a)
+@functools.cache
+def torch_runtime_mb() -> float:
+    """The RSS of a bare Python that has imported torch (MiB): what any torch process holds before it loads
+    anything (218 MiB on the 2-core hosts here), set beside the replica's headroom over file + KV pool."""
+    code = "import torch; print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024
 
 
 def bench_llamacpp(a: argparse.Namespace, gguf_path: Path) -> dict:
@@ -354,7 +404,8 @@ def print_table(result: dict) -> None:
         if "memory" in s:
             m = s["memory"]
             print(f"{s['label']:<26} RSS {m['rss_mb']:.0f} MiB (peak {m['peak_rss_mb']:.0f}); file {m['model_file_mb']:.0f} "
-                  f"+ KV pool {m['kv_pool_mb']:.0f} + {MEMORY_HEADROOM_MB} = {m['target_mb']:.0f} MiB")
+                  f"+ KV pool {m['kv_pool_mb']:.0f} + {MEMORY_HEADROOM_MB} = {m['target_mb']:.0f} MiB; "
+                  f"`import torch` alone: {m['torch_runtime_mb']:.0f} MiB")
     bw = result["memory_bandwidth"]
     for name, b in bw["systems"].items():
         print(f"{systems[name]['label']:<26} one stream: {b['steady_decode_tokens_per_s']:.1f} tok/s = {b['share']:.0%} of "
@@ -414,15 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     a.words = word_tokens()
     copy_gb_s = copy_bandwidth_gbs(*COPY_SIZE[a.smoke])
     for name, args in zip(strata_names, a.strata_args):
-        if "grpc" in a.paths:
-            print(f"{name}: starting the inference service", flush=True)
-            systems[name] = bench_strata(a, args)
-        if "gateway" in a.paths:
-            print(f"{name}: starting the suite (gateway, router, cache, one replica)", flush=True)
-            systems[name + VIA_GATEWAY] = bench_gateway(a, args)
-        if not a.no_in_process:
-            print(f"{name}: the engine in process, as `strata generate` runs it", flush=True)
-            systems[IN_PROCESS + name] = bench_in_process(a, args)
+        systems.update(bench_strata(a, name, args))
     for peer in a.peers:
         why = peer_missing(peer)
         if why:

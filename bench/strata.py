@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +30,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in MiB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {"rss_mb": int(status["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024}
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A running inference replica (one of a suite's): where it answers and its process."""
+    address: str
+    pid: int
+
+    def memory_mb(self) -> dict[str, float]:
+        return process_memory_mb(self.pid)
 
 
 class StrataServer:
@@ -67,9 +84,7 @@ class StrataServer:
         raise TimeoutError(f"strata server not serving after {self.start_timeout_s:.0f}s:\n{self.log_tail()}")
 
     def memory_mb(self) -> dict[str, float]:
-        """The server's resident memory now and at its peak (VmRSS, VmHWM), in MiB."""
-        status = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
-        return {"rss_mb": int(status["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024}
+        return process_memory_mb(self.proc.pid)
 
     def log_tail(self, num_chars: int = 3000) -> str:
         self.log.flush()
@@ -188,6 +203,11 @@ class StrataSuite:
                                              timeout=10)).key      # no limits, no budget
             models = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=admin, timeout=10)
             self.model = models.models[0].name
+
+    @property
+    def replica(self) -> Replica:
+        """The suite's inference replica, for its gRPC API (bench.serving measures that path on it too)."""
+        return Replica(self.replica_address, self.by_kind["inference"].proc.pid)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

@@ -57,3 +57,36 @@ async def test_shutdown_before_start_returns(make_engine):
     async_engine = AsyncEngine(lambda: make_engine("float32"))
     async_engine.shutdown(timeout=5)
     assert not async_engine._thread.is_alive()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(make_engine, monkeypatch):
+    """A burst's freed activations go back to the OS when the engine runs out of work (once per burst, on
+    the engine thread), never between the steps of a burst."""
+    import services.inference.engine.async_engine as async_module
+
+    trims: list[tuple[int, bool]] = []
+    real = async_module.release_freed_memory
+    engine = make_engine("float32")
+
+    def spy():
+        trims.append((threading.get_ident(), engine.has_unfinished_requests()))
+        real()
+    monkeypatch.setattr(async_module, "release_freed_memory", spy)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    try:
+        async def run(prompt):
+            return [out async for out in async_engine.generate(prompt, PARAMS)]
+        for burst in (1, 2):
+            await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+            for _ in range(100):                       # the engine thread notices it is idle
+                if len(trims) == burst:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            assert len(trims) == burst                 # once per burst, and not again while idle
+    finally:
+        async_engine.shutdown()
+    assert {ident for ident, _ in trims} == {async_engine._thread.ident}
+    assert not any(busy for _, busy in trims)

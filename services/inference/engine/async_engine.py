@@ -25,6 +25,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.inference.engine.engine import EngineDeadError, LLMEngine
+from services.inference.engine.memory import release_freed_memory
 from services.inference.engine.outputs import EngineStats, RequestOutput
 from services.inference.sampling import SamplingParams
 
@@ -165,12 +166,20 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        stepped = False                          # steps ran since the heap was last trimmed
         while not self._stopped.is_set():
             block = not engine.has_unfinished_requests()
+            if block and stepped:
+                # idle again: a burst's activations (prefill chunks, large batches) stay in glibc's heap
+                # after they are freed; handing the pages back here costs no request any time (a few ms,
+                # once per burst) and brings the replica's RSS back to its resting size
+                release_freed_memory()
+                stepped = False
             if not self._drain(block):
                 break
             if not engine.has_unfinished_requests():
                 continue
+            stepped = True
             try:
                 outputs = engine.step()
             except EngineDeadError as exc:         # every request failed: their callers get UNAVAILABLE

@@ -4,7 +4,6 @@ its quantization pass), the KV pool's size, the scheduler, the model runner and 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import logging
@@ -16,6 +15,7 @@ from services.inference.config import EngineConfig
 from services.inference.engine.draft_proposer import DraftProposer
 from services.inference.engine.engine import LLMEngine
 from services.inference.engine.kv_cache_manager import KVCacheManager
+from services.inference.engine.memory import release_freed_memory
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.scheduler import Scheduler
 from services.inference.models.gguf_file import GGUFFile, default_model_path
@@ -92,17 +92,6 @@ def num_kv_blocks(config: EngineConfig, model: CausalLM) -> int:
     bytes_per_block = 2 * hp.num_layers * c.block_size * hp.num_kv_heads * hp.head_dim * \
         DTYPES[config.model.dtype].itemsize
     return max(1, int(c.kv_cache_memory_gb * 2**30) // bytes_per_block)
-
-
-def release_freed_memory() -> None:
-    """Gives the C heap's free pages back to the OS (glibc's malloc_trim) once loading is over: the parsed
-    GGUF metadata (gguf-py's reader keeps a numpy array per vocabulary entry and merge) and, for int8, the
-    dense weights the pass replaced are freed, but glibc keeps their pages in the heap (its mmap threshold
-    had grown past them)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc: nothing to do
-        pass
 
 
 def build_proposer(config: EngineConfig, model: CausalLM, num_blocks: int,
