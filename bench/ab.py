@@ -37,7 +37,7 @@ SMOKE_SIZES = {"flags": [""], "concurrency": [1, 2], "prompt_len": 16, "output_l
                "gateway": None}           # no gateway sample: `bench.gateway --smoke` runs that code
 # run with `python -c` in a checkout, so that the checkout's own bench and services are imported
 SAMPLE = r'''
-import argparse, json, os, sys, tempfile
+import argparse, inspect, json, os, sys, tempfile
 import bench.serving
 from bench.serving import bench_strata
 from services.common import aio
@@ -51,7 +51,12 @@ for flags in size["flags"]:
                            prefill_batch=size["prefill_prompts"], repeats=1, dtype="auto", seed=0)
     if words is not None:
         a.words = words
-    for c, m in bench_strata(a, flags)["concurrency"].items():
+    a.paths, a.no_in_process = ["grpc"], True
+    if len(inspect.signature(bench_strata).parameters) == 3:    # (a, name, flags): the paths of one configuration
+        result = bench_strata(a, "strata", flags)["strata"]
+    else:                                                        # (a, flags): a checkout from before that
+        result = bench_strata(a, flags)
+    for c, m in result["concurrency"].items():
         out[f"{flags.split()[-1] if flags else 'default'} decode tok/s, {c} stream(s)"] = m["decode_tokens_per_s"]
 os.environ.setdefault("STRATA_TRACE_FILE", os.path.join(tempfile.mkdtemp(prefix="strata-ab-"), "traces.jsonl"))
 os.environ.setdefault("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
