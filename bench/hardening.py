@@ -442,7 +442,10 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
         await asyncio.sleep(1.0)                      # their slots are leased: their release needs Redis back
         await outage("redis", a.outage_s)
         await during
-        await asyncio.sleep(g)
+        # a call that ended while Redis was down gives its slot back from a retry at 1, 3, 7, 15 s after it
+        # ended (stages/settle.py): the probe waits for the retry that comes after Redis is back, not less
+        # (with 4 s it raced that retry and found the slot still held on a fast hour)
+        await asyncio.sleep(g + 8.0)
         await limit_probe("after the Redis restart")
         for name in ("cache", "router"):
             await outage(name, a.outage_s)
