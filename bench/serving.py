@@ -14,8 +14,8 @@ process, on the steady decode rate).
 Per system and concurrency c: closed loop of --num-prompts requests (default c: one wave), c in
 flight, every prompt exactly --prompt-len random word tokens (seeded: the peers see the sequence Strata's
 paths share; never repeated, so no prefix-cache hits; each tokenizes back to itself, so the gateway's
-text prompts are the same ids), greedy, EOS ignored, --output-len tokens each. Prefill: the same kind of prompts with one
-output token, --prefill-batch at a time. Every measurement is repeated --repeats times; the JSON keeps
+text prompts are the same ids), greedy, EOS ignored, --output-len tokens each. Prefill: the same kind of
+prompts with one output token, --prefill-batch at a time. Every measurement is repeated --repeats times; the JSON keeps
 each run and reports the median. "memory_bandwidth": the one-stream decode rate as a share of what the
 memory's copy rate allows (measured at the start and the end of the run) for the bytes a token reads.
 """
@@ -100,7 +100,8 @@ RunPhase = Callable[[list[list[int]], int, int], PhaseResult]   # (prompts, max_
 
 @dataclass(frozen=True)
 class Subject:
-    """What one measurement runs: a system along one path (its key in the result), its label, closed loop and prefill."""
+    """What one measurement runs: a system along one path (its key in the result), its label, its closed
+    loop and its prefill."""
     key: str
     label: str
     run_phase: RunPhase
@@ -180,32 +181,33 @@ def bench_strata(a: argparse.Namespace, name: str, strata_args: str) -> dict[str
 
     extra = strata_args.split()
     with contextlib.ExitStack() as stack:
-        paths = []
+        paths: list[Subject] = []
         if "gateway" in a.paths:
             print(f"{name}: starting the suite (gateway, router, cache, one replica)", flush=True)
             suite = stack.enter_context(StrataSuite(a.dtype, extra))
             replica = suite.replica
-            run = lambda p, m, c: run_gateway_phase(suite, ["".join(a.words[t] for t in x) for x in p], a.prompt_len, m, c)  # noqa: E731
-            paths.append(Subject(name + VIA_GATEWAY, f"Strata gateway ({describe(model_info(replica))})", run,
-                               _prefill_with(run, a.prefill_batch)))
         else:
             print(f"{name}: starting the inference service", flush=True)
             replica = stack.enter_context(StrataServer(a.dtype, extra))
         info = model_info(replica)                       # "auto" resolved by the server
         if "grpc" in a.paths:
             run = lambda p, m, c: run_phase(replica, p, m, c)  # noqa: E731
-            paths.insert(0, Subject(name, f"Strata gRPC ({describe(info)})", run, _prefill_with(run, a.prefill_batch)))
+            paths.append(Subject(name, f"Strata gRPC ({describe(info)})", run, _prefill_with(run, a.prefill_batch)))
+        if "gateway" in a.paths:
+            run = lambda p, m, c: run_gateway_phase(suite, ["".join(a.words[t] for t in x) for x in p], a.prompt_len, m, c)  # noqa: E731
+            paths.append(Subject(name + VIA_GATEWAY, f"Strata gateway ({describe(info)})", run,
+                                 _prefill_with(run, a.prefill_batch)))
         if not a.no_in_process:
             print(f"{name}: the engine in process, as `strata generate` runs it", flush=True)
             engine = stack.enter_context(InProcessEngine(a.dtype, extra))
             paths.append(Subject(IN_PROCESS + name, f"Strata in process ({engine.description})", engine.run_phase,
-                               _prefill_with(engine.run_phase, a.prefill_batch)))
+                                 _prefill_with(engine.run_phase, a.prefill_batch)))
         results = measure_together(paths, a)
         for key in results:
             if not key.startswith(IN_PROCESS):
                 results[key]["resolved"] = resolved(info)
         if name in results:
-            results[name]["memory"] = replica_memory(replica, model_info(replica))
+            results[name]["memory"] = replica_memory(replica, info)
         return results
 
 

@@ -53,7 +53,8 @@ def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | No
 def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | None) -> frozenset[str]:
     """The GGUF tensors `quantization`'s pass reads from the file's blocks, so that loading skips their
     dense float32 copies (SmolLM2: 540 MB, freed again at once, that raised the replica's peak and left
-    the C heap fragmented): the projections and the LM head for "gguf", and the embedding where it is blocks."""
+    the C heap fragmented): the projections and the LM head for "gguf", and the embedding where it is
+    blocks."""
     if quantization != "gguf":
         return frozenset()
     names = set(projection_tensors(model_class, gguf))
