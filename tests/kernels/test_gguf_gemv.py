@@ -45,14 +45,20 @@ def test_matches_the_reference_arithmetic(block_type, m, n, k):
 
 
 @pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("k", [576, 96])                            # whole pairs of blocks, and an odd count
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, k):
+@pytest.mark.parametrize("n,k", [(300, 576), (301, 96), (33, 320), (35, 640), (7, 160), (64, 1536)])
+# groups of 8 blocks: whole ones with a short packed last one (2 or 4 blocks), a short masked one (3, 5),
+# whole ones only; odd channel counts (a tile's last channel alone)
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, n, k):
     """Bit for bit: a decode row alone equals the same row among others (a batch, a prefill chunk, or the
-    k + 1 rows of a speculative verification), so greedy speculation reproduces plain decoding's tokens."""
-    blocks = random_blocks(300, k, block_type, seed=11)
-    x = torch.randn(40, k, generator=torch.Generator().manual_seed(12))
-    alone = torch.cat([gguf_gemv(x[i:i + 1], blocks, block_type) for i in range(40)])
-    for m in (2, 3, 5, 8, 9, 16, 40):
+    k + 1 rows of a speculative verification), so greedy speculation reproduces plain decoding's tokens.
+    Above 8 rows an AVX512-VNNI CPU multiplies in tiles of channels x rows (512-bit products) instead of
+    the decode path's passes of 8 rows; the counts here cover every tile remainder and several panels."""
+    blocks = random_blocks(n, k, block_type, seed=11)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(12))
+    x[5, :32] = 0.0
+    x[6] = -x[6].abs()
+    alone = torch.cat([gguf_gemv(x[i:i + 1], blocks, block_type) for i in range(300)])
+    for m in (2, 3, 5, 8, 9, 10, 11, 16, 40, 129, 300):
         assert torch.equal(gguf_gemv(x[:m], blocks, block_type), alone[:m]), m
 
 

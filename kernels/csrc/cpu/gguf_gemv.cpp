@@ -14,7 +14,9 @@
 // 128 * sum(w) off. A group's eight sums are converted once, and one FMA
 // applies the eight blocks' scales (d * dx, converted from fp16 eight at a time), another the Q4_1
 // offsets (m * sx), in the same order for every row count and at every instruction-set level. Output
-// channels are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums.
+// channels are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums. Above 8 rows
+// an AVX512-VNNI CPU multiplies in tiles instead (gguf_gemv_simd.inc: 512-bit products, the same sums and
+// float operations, so the same bits), over panels of rows x chunks of channels.
 #include "gguf_gemv.h"
 #include "simd.h"
 
@@ -185,6 +187,7 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
     const int64_t nb = k / kBlock, nbp = padded_blocks(k), stride = code_stride(k);
     const bool simd = has_avx2();
     std::memset(xq, 0, static_cast<size_t>(m * stride));
+#pragma omp parallel for schedule(static) if (m * k >= (int64_t{1} << 16))
     for (int64_t r = 0; r < m; ++r) {
         int8_t* xr = xq + r * stride;
         for (int64_t b = nb; b < nbp; ++b) dx[r * nbp + b] = sx[r * nbp + b] = 0.f;
@@ -214,18 +217,36 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
 
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     const int64_t nbp = padded_blocks(w.k), stride = code_stride(w.k);
-    std::vector<int8_t> xq(static_cast<size_t>(m * stride));
+    // the codes start on a cache line (rows are whole lines: stride is a multiple of 256), so no vector
+    // load of them splits two lines (a split 512-bit load costs the tiles a third of their speed)
+    std::vector<int8_t> codes(static_cast<size_t>(m * stride + 63));
+    int8_t* xq = codes.data() + (64 - reinterpret_cast<uintptr_t>(codes.data()) % 64) % 64;
     std::vector<float> dx(static_cast<size_t>(m * nbp)), sx(static_cast<size_t>(m * nbp));
-    quantize_blocks_q8(x, m, w.k, xq.data(), dx.data(), sx.data());
+    quantize_blocks_q8(x, m, w.k, xq, dx.data(), sx.data());
     const RowsKernel kernel = pick_rows(w.type);
     if (kernel.unsigned_codes)
-        for (int8_t& c : xq) c = static_cast<int8_t>(static_cast<uint8_t>(c) ^ 0x80u);    // c + 128 as a byte
+        for (int64_t i = 0; i < m * stride; ++i) xq[i] = static_cast<int8_t>(static_cast<uint8_t>(xq[i]) ^ 0x80u);   // c + 128
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
     const bool parallel = w.n * w.k >= (int64_t{1} << 15) && chunks > 1;
+    if (m > kMaxRows && active_isa() == Isa::kAvx512Vnni) {
+        // tiles (gguf_gemv_simd.inc), over panels of rows x chunks of channels: a thread takes whole
+        // panels' worth of consecutive tasks, so a panel's codes stay in its L2 while the weights pass
+        const auto range = w.type == BlockType::kQ4_1 ? vnni::tile_range<BlockType::kQ4_1>
+                                                      : vnni::tile_range<BlockType::kQ8_0>;
+        constexpr int64_t panel = 128;
+        const int64_t panels = (m + panel - 1) / panel;
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t t = 0; t < panels * chunks; ++t) {
+            const int64_t p = t / chunks, c = t % chunks;
+            range(w, xq, dx.data(), sx.data(), p * panel, std::min(m, (p + 1) * panel), c * chunk,
+                  std::min(w.n, (c + 1) * chunk), y);
+        }
+        return;
+    }
     for (int64_t r0 = 0; r0 < m; r0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, m - r0);
-        const int8_t* xr = xq.data() + r0 * stride;
+        const int8_t* xr = xq + r0 * stride;
         const float *dr = dx.data() + r0 * nbp, *sr = sx.data() + r0 * nbp;
         float* yr = y + r0 * w.n;
 #pragma omp parallel for schedule(static) if (parallel)

@@ -1,6 +1,6 @@
-// Matrix-vector products from a GGUF file's quantized weights (llama.cpp's Q4_1 and Q8_0 blocks,
-// regrouped at load), for the few activation rows of a decode step: the weights keep the file's values
-// and bits (Q4_1: 5 a weight, Q8_0: 8.5), so a step reads a fraction of the float32 bytes.
+// Products from a GGUF file's quantized weights (llama.cpp's Q4_1 and Q8_0 blocks, regrouped at load), for
+// the few activation rows of a decode step and the many of a prefill chunk: the weights keep the file's
+// values and bits (Q4_1: 5 a weight, Q8_0: 8.5), so a step reads a fraction of the float32 bytes.
 #pragma once
 
 #include <cstdint>
