@@ -423,18 +423,26 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
         probes[when] = dict(collections.Counter(o.code for o in outs))
         print(f"  {now():6.1f} s  {n} calls at once on a key allowed 2: {probes[when]} ({when})", flush=True)
 
-    async def victim_busy() -> bool:
+    async def victim_state() -> tuple[bool, float]:
+        """(at least 2 calls in flight on inference-1 by the router's count, its generated-token counter)"""
         m = await asyncio.to_thread(cluster.metrics, "router")
-        return sum(v for (n, lab), v in m.items() if n == "strata:backend_in_flight" and victim in str(lab)) >= 2
+        busy = sum(v for (n, lab), v in m.items() if n == "strata:backend_in_flight" and victim in str(lab)) >= 2
+        r = await asyncio.to_thread(cluster.metrics, "inference-1")
+        return busy, sum(v for (n, _), v in r.items() if n == "strata:generation_tokens_total")
 
     async def script() -> None:
         g = a.fault_gap_s
         await asyncio.sleep(g)
-        for _ in range(100):                          # kill it while it streams answers
-            if await victim_busy():
+        # kill it while it streams answers: calls in flight on it and its token count moving since the last
+        # look (50 ms). A fixed wait after "busy" raced the answers (8-24 tokens) on a fast host: all ended
+        # before the kill, and no stream was cut mid-answer to check.
+        tokens = None
+        for _ in range(400):
+            busy, now_tokens = await victim_state()
+            if busy and tokens is not None and now_tokens > tokens:
                 break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
+            tokens = now_tokens
+            await asyncio.sleep(0.05)
         await outage("inference-1", g)
         await asyncio.sleep(a.circuit_cooldown_s + g)
         await limit_probe("before the Redis restart")
