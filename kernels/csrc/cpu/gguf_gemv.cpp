@@ -210,7 +210,11 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
                 *d = amax / 127.0f;
                 *s = *d * static_cast<float>(sum);
             }
-            for (int64_t i = 0; i < kBlock; i += 4) std::memcpy(xr + code_index(b, i, nb), c + i, 4);   // its 8 words
+            // its 8 words, at code_index(b, 4t, nb) for word t, worked out once a block
+            const int64_t g = b / kGroup * kGroup, in_group = group_size(b, nb);
+            const int64_t lanes = packed_group(in_group) ? in_group : kGroup;
+            int8_t* word0 = xr + g * kBlock + (b - g) * 4;
+            for (int64_t t = 0; t < kBlock / 4; ++t) std::memcpy(word0 + t * lanes * 4, c + t * 4, 4);
         }
     }
 }
