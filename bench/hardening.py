@@ -200,6 +200,7 @@ class Load:
         self.t_start = time.monotonic()
         self.stopping = False       # callers finish the call they are in, then stop
         self.bypass_cache = bypass_cache
+        self.max_tokens = (8, 24)   # answer lengths drawn per call; the replica-kill window asks for longer ones
 
     def request(self):
         from services.common.pb import common_pb2, gateway_pb2
@@ -208,7 +209,7 @@ class Load:
             text = self.rng.choice(REPEATED)
         else:
             text = f"Give me one tip about {self.rng.choice(TOPICS)} (note {uuid.uuid4().hex[:8]})."
-        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=self.rng.randint(8, 24))
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=self.rng.randint(*self.max_tokens))
         return gateway_pb2.GatewayRequest(model=MODEL, sampling=sampling, messages=common_pb2.ChatMessages(
             messages=[common_pb2.ChatMessage(role="user", content=text)]),
             cache_policy=common_pb2.CACHE_POLICY_BYPASS if self.bypass_cache else common_pb2.CACHE_POLICY_UNSPECIFIED)
@@ -410,9 +411,10 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
         events.append({"t": now(), "event": what})
         print(f"  {now():6.1f} s  {what}", flush=True)
 
-    async def outage(name: str, down_s: float) -> None:
+    async def outage(name: str, down_s: float, then=lambda: None) -> None:
         await mark(f"kill {name} (SIGKILL)")
         cluster.kill(name)
+        then()
         await asyncio.sleep(down_s)
         await mark(f"restart {name}")
         await cluster.restart(name)
@@ -432,10 +434,13 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
 
     async def script() -> None:
         g = a.fault_gap_s
-        await asyncio.sleep(g)
         # kill it while it streams answers: calls in flight on it and its token count moving since the last
-        # look (50 ms). A fixed wait after "busy" raced the answers (8-24 tokens) on a fast host: all ended
-        # before the kill, and no stream was cut mid-answer to check.
+        # look (50 ms). Answers of 8-24 tokens last 0.1-0.3 s on a fast host, about the time between the look
+        # and the kill: twice (a fixed 1 s wait, then this look alone) every stream on the replica had ended or
+        # not yet sent its first chunk (which the router retries elsewhere) when the kill came, and no stream
+        # was cut to check (CI, 2026-12-02). Answers of 48-64 tokens from the gap before the kill until it.
+        load.max_tokens = (48, 64)
+        await asyncio.sleep(g)
         tokens = None
         for _ in range(400):
             busy, now_tokens = await victim_state()
@@ -443,7 +448,7 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
                 break
             tokens = now_tokens
             await asyncio.sleep(0.05)
-        await outage("inference-1", g)
+        await outage("inference-1", g, then=lambda: setattr(load, "max_tokens", (8, 24)))
         await asyncio.sleep(a.circuit_cooldown_s + g)
         await limit_probe("before the Redis restart")
         during = asyncio.create_task(limit_probe("in flight across the Redis restart", 2))
