@@ -16,6 +16,7 @@ directory (bench/smoke.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -43,6 +44,24 @@ _OP_GROUPS = {  # operator name -> group; anything else is "elementwise/other"
 }
 _WRAPPER_OPS = {"aten::matmul", "aten::linear", "aten::scaled_dot_product_attention", "aten::softmax",
                 "aten::masked_fill", "aten::index_copy"}   # dispatch to a leaf op counted above
+
+
+class _Timed:
+    """Stands in for a callable object (the layer stack, a projection), adding its calls' wall time to a
+    total; every other attribute is the object's own."""
+
+    def __init__(self, target, totals: dict[str, float], phase: str) -> None:
+        self._target, self._totals, self._phase = target, totals, phase
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._target(*args, **kwargs)
+        finally:
+            self._totals[self._phase] += time.perf_counter() - t0
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
 
 
 class PhaseClock:
@@ -113,13 +132,23 @@ def profile_streams(engine: LLMEngine, streams: int, steps: int, prompt_len: int
         clock.wrap(runner_module, "build_sampling_metadata", "sampling")
         clock.wrap(runner_module, "sample", "sampling")
         clock.wrap(engine, "_postprocess", "postprocess (detokenize, finish)")
+        # the compiled calls that carry a quantized decode step: the layers in one call, the LM head's product
+        native: dict[str, float] = defaultdict(float)
+        compute, head = runner.compute, model.lm_head
+        if compute.layer_stack is not None:
+            runner.compute = dataclasses.replace(compute, layer_stack=_Timed(compute.layer_stack, native, "stack"))
+        model.lm_head = _Timed(head, native, "lm head product")
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         step_s = (time.perf_counter() - t0) / steps
         clock.restore()
+        runner.compute, model.lm_head = compute, head
         phases_ms = {k: 1e3 * v / steps for k, v in clock.totals_s.items()}
         phases_ms["other (step glue, sampled-token bookkeeping)"] = 1e3 * step_s - sum(phases_ms.values())
+        # issue 21's measure: a step's time outside the layer stack and the LM head product (None when the
+        # step did not run the stack: dense models' forward is Python over torch ops, counted in pass 2)
+        python_ms = 1e3 * (step_s - sum(native.values()) / steps) if native.get("stack") else None
 
         # pass 2: operators of the whole step, under the profiler (which slows each op a little)
         from torch.profiler import ProfilerActivity, profile
@@ -146,10 +175,12 @@ def profile_streams(engine: LLMEngine, streams: int, steps: int, prompt_len: int
     weight_bytes = sum(stored(p) for p in projections)
     flops = 2 * streams * sum(p.in_features * (p.weight.shape[1] if isinstance(p, DenseLinear) else p.kernel.n)
                               for p in projections)
-    mm_ms = ops.get("linear matmuls (mm)", float("nan"))
+    # the time the weights are read in: torch's matmuls, or on the quantized path the layer stack (attention
+    # and row ops included) and the LM head product
+    mm_ms = ops.get("linear matmuls (mm)", float("nan")) if python_ms is None else 1e3 * step_s - python_ms
     return {
         "streams": streams, "step_ms": 1e3 * step_s, "tokens_per_s": streams / step_s,
-        "phases_ms": phases_ms, "profiled_step_ms": 1e3 * profiled_step_s, "operators_ms": groups_ms, "aten_ops_per_step": counts / steps,
+        "phases_ms": phases_ms, "python_ms_per_step": python_ms, "profiled_step_ms": 1e3 * profiled_step_s, "operators_ms": groups_ms, "aten_ops_per_step": counts / steps,
         "matmul_weight_GB_per_s": weight_bytes / (mm_ms / 1e3) / 1e9,
         "matmul_GFLOP_per_s": flops / (mm_ms / 1e3) / 1e9,
         "num_layers": hp.num_layers,
@@ -161,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--quantization", choices=["none", "int8", "gguf"], default="none")
+    p.add_argument("--quantization", choices=["auto", "none", "int8", "gguf"], default="auto",
+                   help="the engine's --quantization (default: its default, auto)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -169,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     a = smoke.resolve(p.parse_args(argv), streams=[1, 2], steps=2, prompt_len=16)
     engine = build_engine(engine_config(dtype=a.dtype, enable_prefix_caching=False,
                                         quantization=None if a.quantization == "none" else a.quantization))
-    label = f"{engine.config.model.dtype}" + (f", {a.quantization}" if a.quantization != "none" else "")
+    quantization = engine.config.model.quantization or "none"      # auto resolved by build_engine
+    label = f"{engine.config.model.dtype}, quantization {quantization}"
     results = []
     for n in a.streams:
         r = profile_streams(engine, n, a.steps, a.prompt_len, a.seed + n)
@@ -177,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n== {n} stream(s), {label}: {r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, "
               f"{r['aten_ops_per_step']:.0f} aten ops/step; matmuls {r['matmul_weight_GB_per_s']:.1f} GB/s of "
               f"weights, {r['matmul_GFLOP_per_s']:.0f} GFLOP/s")
+        if r["python_ms_per_step"] is not None:
+            print(f"  Python per step (outside the layer stack and the LM head product): {r['python_ms_per_step']:.2f} ms")
         for title, d, total in (("step phases (wall)", r["phases_ms"], r["step_ms"]),
                                 (f"operators (self time; profiled step {r['profiled_step_ms']:.1f} ms)",
                                  r["operators_ms"], r["profiled_step_ms"])):
@@ -184,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in sorted(d.items(), key=lambda kv: -kv[1]):
                 print(f"    {v:8.2f} ms  {100 * v / total:5.1f}%  {k}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"dtype": engine.config.model.dtype, "quantization": a.quantization, "torch_threads": torch.get_num_threads(),
+    a.out.write_text(json.dumps({"dtype": engine.config.model.dtype, "quantization": quantization, "torch_threads": torch.get_num_threads(),
                                  "smoke": a.smoke, "results": results}, indent=2) + "\n")
     print(f"\nwrote {a.out}" + (" (a smoke run: its figures mean nothing)" if a.smoke else ""))
 
