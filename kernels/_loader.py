@@ -25,7 +25,7 @@ except ImportError:                      # built only where nvcc was found
 
 
 # instruction-set levels of the CPU kernels, in order (csrc/cpu/simd.h)
-ISA_LEVELS = ("scalar", "avx2", "avx512vnni")
+ISA_LEVELS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 
 
 def cpu_isa() -> str:
@@ -41,8 +41,9 @@ def _isa_index(level: str, what: str) -> int:
 
 
 def set_cpu_isa(level: str) -> str:
-    """Caps the CPU kernels at `level` (one of ISA_LEVELS; a level above the CPU's best runs the best);
-    returns the previous cap's effective level. Every level computes the same GGUF products bit for bit."""
+    """Caps the CPU kernels at `level` (one of ISA_LEVELS; a level above the CPU's best runs the best, and
+    avxvnni on a CPU with AVX512-VNNI but not AVX-VNNI runs avx2); returns the previous cap's effective level.
+    Every level computes the same GGUF products bit for bit."""
     index = _isa_index(level, "CPU instruction-set level")
     before = cpu_isa()
     cpu_module().set_isa_cap(index)

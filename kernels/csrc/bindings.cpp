@@ -24,10 +24,11 @@ T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "Strata's CPU kernels (pybind11 over raw pointers; call them through the kernels package)";
-    // instruction-set levels: 0 scalar, 1 AVX2, 2 AVX512-VNNI (csrc/cpu/simd.h)
+    // instruction-set levels: 0 scalar, 1 AVX2, 2 AVX-VNNI, 3 AVX512-VNNI (csrc/cpu/simd.h)
     m.def("active_isa", [] { return static_cast<int>(strata::cpu::active_isa()); }, "the level the kernels run at");
     m.def("set_isa_cap", [](int level) {
-        if (level < 0 || level > 2) throw py::value_error("isa level must be 0 (scalar), 1 (avx2) or 2 (avx512vnni)");
+        if (level < 0 || level > 3)
+            throw py::value_error("isa level must be 0 (scalar), 1 (avx2), 2 (avxvnni) or 3 (avx512vnni)");
         strata::cpu::set_isa_cap(static_cast<strata::cpu::Isa>(level));
     });
     // quantized decoder layers, one call per step: the layers' pointers are bound once (kernels.LayerStack)

@@ -9,14 +9,15 @@
 // The activations are quantized once per call to int8 per 32-value block (llama.cpp's Q8_1: codes, scale
 // and the sum of the quantized values). Each weight vector is loaded once per group and multiplied with
 // every activation row: unsigned by signed byte products summed exactly into int32 (AVX2: maddubs + madd;
-// AVX512-VNNI: vpdpbusd; gguf_gemv_simd.inc). Q4_1's nibbles are unsigned as they are; for Q8_0 AVX2
+// AVX-VNNI and AVX512-VNNI: vpdpbusd; gguf_gemv_simd.inc). Q4_1's nibbles are unsigned as they are; for Q8_0 AVX2
 // multiplies |w| by x carrying w's sign, VNNI the codes biased to unsigned (x + 128) by w, then takes
 // 128 * sum(w) off. A group's eight sums are converted once, and one FMA
 // applies the eight blocks' scales (d * dx, converted from fp16 eight at a time), another the Q4_1
 // offsets (m * sx), in the same order for every row count and at every instruction-set level. Output
-// channels are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums. Above 8 rows
+// channels are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums. From 4 rows
 // an AVX512-VNNI CPU multiplies in tiles instead (gguf_gemv_simd.inc: 512-bit products, the same sums and
-// float operations, so the same bits), over panels of rows x chunks of channels.
+// float operations, so the same bits), over panels of rows x chunks of channels; other levels take more
+// than 8 rows 8 at a time.
 #include "gguf_gemv.h"
 #include "simd.h"
 
@@ -121,16 +122,37 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define STRATA_GGUF_VNNI 0
+#define STRATA_GGUF_TILES 0
 #include "gguf_gemv_simd.inc"
+#undef STRATA_GGUF_TILES
 #undef STRATA_GGUF_VNNI
 #pragma GCC pop_options
 }  // namespace avx2
+
+// AVX-VNNI: the VNNI body with the VEX-encoded vpdpbusd (the same operation on 256-bit vectors); no tiles,
+// which need 512-bit registers, so more than 8 rows run 8 at a time
+namespace avxvnni {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#define STRATA_GGUF_VNNI 1
+#define STRATA_GGUF_TILES 0
+#define STRATA_DPBUSD256 _mm256_dpbusd_avx_epi32
+#include "gguf_gemv_simd.inc"
+#undef STRATA_DPBUSD256
+#undef STRATA_GGUF_TILES
+#undef STRATA_GGUF_VNNI
+#pragma GCC pop_options
+}  // namespace avxvnni
 
 namespace vnni {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define STRATA_GGUF_VNNI 1
+#define STRATA_GGUF_TILES 1
+#define STRATA_DPBUSD256 _mm256_dpbusd_epi32
 #include "gguf_gemv_simd.inc"
+#undef STRATA_DPBUSD256
+#undef STRATA_GGUF_TILES
 #undef STRATA_GGUF_VNNI
 #pragma GCC pop_options
 }  // namespace vnni
@@ -175,6 +197,9 @@ RowsKernel pick_rows(BlockType t) {
         case Isa::kAvx512Vnni:
             return q4 ? RowsKernel{vnni::channel_range<BlockType::kQ4_1>, false}
                       : RowsKernel{vnni::channel_range<BlockType::kQ8_0>, true};
+        case Isa::kAvxVnni:
+            return q4 ? RowsKernel{avxvnni::channel_range<BlockType::kQ4_1>, false}
+                      : RowsKernel{avxvnni::channel_range<BlockType::kQ8_0>, true};
         case Isa::kAvx2:
             return {q4 ? avx2::channel_range<BlockType::kQ4_1> : avx2::channel_range<BlockType::kQ8_0>, false};
         default: return {rows_scalar, false};
@@ -219,6 +244,13 @@ void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float*
     }
 }
 
+// The tiles from 4 rows up, the per-channel code below: in-process decode steps (SmolLM2 Q4_1, its Q8_0 LM
+// head; Zen 5, alternating builds) at 4 / 5 / 6 / 8 streams ran 1.2-1.3x / 1.1-1.3x / 1.3x / 1.4-1.6x faster
+// with tiles (the 8-row LM head 1.05 ms against 2.35), level at 3, and 1.1-1.2x slower at 1 and 2, where the
+// per-channel code's prefetch keeps the weights' stream from memory ahead (the tiles win those only on
+// weights already in cache).
+constexpr int64_t kTileMinRows = 4;
+
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     const int64_t nbp = padded_blocks(w.k), stride = code_stride(w.k);
     // the codes start on a cache line (rows are whole lines: stride is a multiple of 256), so no vector
@@ -233,7 +265,7 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
     const bool parallel = w.n * w.k >= (int64_t{1} << 15) && chunks > 1;
-    if (m > kMaxRows && active_isa() == Isa::kAvx512Vnni) {
+    if (m >= kTileMinRows && active_isa() == Isa::kAvx512Vnni) {
         // tiles (gguf_gemv_simd.inc), over panels of rows x chunks of channels: a thread takes whole
         // panels' worth of consecutive tasks, so a panel's codes stay in its L2 while the weights pass
         const auto range = w.type == BlockType::kQ4_1 ? vnni::tile_range<BlockType::kQ4_1>

@@ -16,8 +16,15 @@ namespace strata::cpu {
 enum class Isa : int {
     kScalar = 0,
     kAvx2 = 1,          // AVX2 + FMA + F16C
-    kAvx512Vnni = 2,    // + AVX512F/BW/VL and AVX512-VNNI (vpdpbusd, EVEX-encoded: no AVX-VNNI needed)
+    kAvxVnni = 2,       // + AVX-VNNI (vpdpbusd on 256-bit vectors, VEX-encoded: Alder Lake and later cores,
+                        //   Sierra Forest Xeons; no AVX-512 needed)
+    kAvx512Vnni = 3,    // + AVX512F/BW/VL and AVX512-VNNI (vpdpbusd, EVEX-encoded: no AVX-VNNI needed)
 };
+
+inline bool cpu_has_avx_vnni() {
+    static const bool has = __builtin_cpu_supports("avxvnni");
+    return has;
+}
 
 inline Isa cpu_isa() {
     static const Isa best = [] {
@@ -25,7 +32,7 @@ inline Isa cpu_isa() {
             return Isa::kScalar;
         const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-        return vnni ? Isa::kAvx512Vnni : Isa::kAvx2;
+        return vnni ? Isa::kAvx512Vnni : cpu_has_avx_vnni() ? Isa::kAvxVnni : Isa::kAvx2;
     }();
     return best;
 }
@@ -37,9 +44,11 @@ inline std::atomic<int>& isa_cap() {
 
 inline void set_isa_cap(Isa level) { isa_cap().store(static_cast<int>(level), std::memory_order_relaxed); }
 
-// the level the kernels run at now
+// the level the kernels run at now: the cap or the CPU's best, whichever is lower, and AVX2 for a cap at
+// AVX-VNNI on a CPU with AVX512-VNNI but not AVX-VNNI (Ice Lake, Zen 4)
 inline Isa active_isa() {
-    return static_cast<Isa>(std::min(static_cast<int>(cpu_isa()), isa_cap().load(std::memory_order_relaxed)));
+    const auto level = static_cast<Isa>(std::min(static_cast<int>(cpu_isa()), isa_cap().load(std::memory_order_relaxed)));
+    return level == Isa::kAvxVnni && !cpu_has_avx_vnni() ? Isa::kAvx2 : level;
 }
 
 inline bool has_avx2() { return active_isa() >= Isa::kAvx2; }
