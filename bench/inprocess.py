@@ -50,11 +50,14 @@ def _closed_loop(engine, prompts: list[list[int]], max_tokens: int, concurrency:
 def _child(conn, dtype: str, extra_args: list[str]) -> None:
     import argparse
 
-    from services.inference.config import add_engine_args, engine_config_from_args
+    from services.inference.config import engine_config_from_args
     from services.inference.engine.factory import build_engine
+    from services.inference.main import add_serve_args
 
+    # the flags of `strata serve inference`, so a configuration's flags mean the same on every path; only
+    # the engine's take effect here (the service's own, e.g. --stream-interval, shape its messages only)
     parser = argparse.ArgumentParser()
-    add_engine_args(parser)
+    add_serve_args(parser)
     engine = build_engine(engine_config_from_args(parser.parse_args(["--dtype", dtype, *extra_args])))
     m = engine.config.model
     conn.send(("ready", f"{m.quantization} blocks" if m.quantization else f"dense {m.dtype}"))

@@ -64,6 +64,18 @@ def chunk_from_output(out: RequestOutput, first: bool, prompt_token_ids: list[in
     return chunk
 
 
+def merge_outputs(held: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: their tokens, text and logprobs in order, the last one's
+    state (finish, counts)."""
+    last = held[-1]
+    return RequestOutput(
+        request_id=last.request_id, new_token_ids=[t for o in held for t in o.new_token_ids],
+        text="".join(o.text for o in held), logprobs=[lp for o in held for lp in o.logprobs],
+        finished=last.finished, finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
+        num_output_tokens=last.num_output_tokens, num_cached_tokens=last.num_cached_tokens, error=last.error,
+        first_scheduled_time=held[0].first_scheduled_time)
+
+
 class _Timing:
     """One request's milestones, turned into the queue / prefill / decode spans (children of the
     Generate span, stamped with the engine's times) and the latency histograms."""
@@ -134,8 +146,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     UNTRACED = frozenset({"GetLoad", "GetModelInfo"})      # polled by every router
 
     def __init__(self, engine: AsyncEngine, replica_id: str, tracer: trace.Tracer | None = None,
-                 metrics: InferenceMetrics | None = None) -> None:
+                 metrics: InferenceMetrics | None = None, stream_interval: int = 1) -> None:
+        """stream_interval (main.py's --stream-interval): a chunk waits until it holds at least this many
+        tokens (a speculative step can bring several at once), but for the first chunk and the last, which go
+        at once."""
         self.engine = engine
+        self.stream_interval = stream_interval
         self.llm = engine.engine
         self.replica_id = replica_id
         self.tracer = tracer or telemetry.tracer("inference")
@@ -167,6 +183,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         trace.get_current_span().set_attributes({"strata.request_id": request_id, "strata.replica": self.replica_id,
                                                  "strata.prompt_tokens": len(prompt_ids)})
         timing = _Timing(arrival)
+        held: list[RequestOutput] = []            # outputs not yet sent (--stream-interval > 1)
+        held_tokens, sent = 0, 0
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
                                                   priority=request.priority, model=request.model,
@@ -174,7 +192,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 if out.finish_reason == "error":
                     raise RuntimeError(out.error or "engine error")
                 timing.output(out, self.metrics)
-                yield chunk_from_output(out, timing.outputs == 1, prompt_ids, model, self.replica_id)
+                held.append(out)
+                held_tokens += len(out.new_token_ids)
+                if sent and not out.finished and held_tokens < self.stream_interval:
+                    continue
+                yield chunk_from_output(held[0] if len(held) == 1 else merge_outputs(held), sent == 0, prompt_ids,
+                                        model, self.replica_id)
+                held, held_tokens, sent = [], 0, sent + 1
         finally:
             timing.finish(self.tracer, self.metrics)
 

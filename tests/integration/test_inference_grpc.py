@@ -175,3 +175,35 @@ async def test_health_and_reflection_are_served(service):
         async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
             names = {s.name for s in r.list_services_response.service}
             assert "strata.v1.Inference" in names and "grpc.health.v1.Health" in names
+
+
+async def test_a_stream_interval_sends_tokens_n_at_a_time_and_the_same_answer(stub, make_engine):
+    """--stream-interval 4: the first token at once, then chunks of 4, the end at once; the same tokens, text and
+    usage as one token a chunk (greedy), and every KV block back."""
+    engine = make_engine("float32", max_model_len=512)
+    svc = InferenceService(InferenceServiceConfig(engine=engine_config(dtype="float32"), port=0, replica_id="batched",
+                                                  stream_interval=4), engine=engine)
+    port = await svc.start()
+    try:
+        request = chat("Name a color.", temperature=0, max_tokens=11, ignore_eos=True, logprobs=1)
+        one_by_one = [c async for c in stub.Generate(request)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            batched = [c async for c in inference_pb2_grpc.InferenceStub(channel).Generate(request)]
+        assert [len(c.token_ids) for c in one_by_one] == [1] * 11
+        assert [len(c.token_ids) for c in batched] == [1, 4, 4, 2]         # first at once, then 4s, the end
+        assert [t for c in batched for t in c.token_ids] == [t for c in one_by_one for t in c.token_ids]
+        assert "".join(c.text for c in batched) == "".join(c.text for c in one_by_one)
+        assert [lp.token_id for c in batched for lp in c.logprobs] == [t for c in batched for t in c.token_ids]
+        assert list(batched[0].prompt_token_ids) == list(one_by_one[0].prompt_token_ids)
+        assert not any(c.prompt_token_ids for c in batched[1:])
+        assert batched[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert all(c.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for c in batched[:-1])
+        assert batched[-1].usage.completion_tokens == 11 and batched[-1].source.replica == "batched"
+        await wait_all_blocks_free(svc)
+    finally:
+        await svc.stop()
+
+
+async def test_a_stream_interval_below_one_is_refused():
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        InferenceServiceConfig(engine=engine_config(dtype="float32"), stream_interval=0)
