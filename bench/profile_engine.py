@@ -16,7 +16,6 @@ directory (bench/smoke.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import time
@@ -44,24 +43,6 @@ _OP_GROUPS = {  # operator name -> group; anything else is "elementwise/other"
 }
 _WRAPPER_OPS = {"aten::matmul", "aten::linear", "aten::scaled_dot_product_attention", "aten::softmax",
                 "aten::masked_fill", "aten::index_copy"}   # dispatch to a leaf op counted above
-
-
-class _Timed:
-    """Stands in for a callable object (the layer stack, a projection), adding its calls' wall time to a
-    total; every other attribute is the object's own."""
-
-    def __init__(self, target, totals: dict[str, float], phase: str) -> None:
-        self._target, self._totals, self._phase = target, totals, phase
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return self._target(*args, **kwargs)
-        finally:
-            self._totals[self._phase] += time.perf_counter() - t0
-
-    def __getattr__(self, name: str):
-        return getattr(self._target, name)
 
 
 class PhaseClock:
@@ -132,23 +113,23 @@ def profile_streams(engine: LLMEngine, streams: int, steps: int, prompt_len: int
         clock.wrap(runner_module, "build_sampling_metadata", "sampling")
         clock.wrap(runner_module, "sample", "sampling")
         clock.wrap(engine, "_postprocess", "postprocess (detokenize, finish)")
-        # the compiled calls that carry a quantized decode step: the layers in one call, the LM head's product
-        native: dict[str, float] = defaultdict(float)
-        compute, head = runner.compute, model.lm_head
-        if compute.layer_stack is not None:
-            runner.compute = dataclasses.replace(compute, layer_stack=_Timed(compute.layer_stack, native, "stack"))
-        model.lm_head = _Timed(head, native, "lm head product")
+        # the compiled calls that carry a quantized decode step, on a clock of their own (they run inside the
+        # phases above): the layers in one call, the LM head's product
+        native = PhaseClock()
+        if runner.compute.layer_stack is not None:
+            native.wrap(type(runner.compute.layer_stack), "__call__", "stack")
+        native.wrap(model, "lm_head", "lm head product")
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         step_s = (time.perf_counter() - t0) / steps
         clock.restore()
-        runner.compute, model.lm_head = compute, head
+        native.restore()
         phases_ms = {k: 1e3 * v / steps for k, v in clock.totals_s.items()}
         phases_ms["other (step glue, sampled-token bookkeeping)"] = 1e3 * step_s - sum(phases_ms.values())
         # issue 21's measure: a step's time outside the layer stack and the LM head product (None when the
         # step did not run the stack: dense models' forward is Python over torch ops, counted in pass 2)
-        python_ms = 1e3 * (step_s - sum(native.values()) / steps) if native.get("stack") else None
+        python_ms = 1e3 * (step_s - sum(native.totals_s.values()) / steps) if native.totals_s.get("stack") else None
 
         # pass 2: operators of the whole step, under the profiler (which slows each op a little)
         from torch.profiler import ProfilerActivity, profile
