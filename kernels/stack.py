@@ -8,6 +8,7 @@ norms, KV pools, shapes) is checked and bound once; a step passes only its input
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -65,6 +66,8 @@ class LayerStack:
         if num_slots % block_size:
             raise ValueError("the pools must hold whole blocks")
         self.layers = layers                          # keeps every bound tensor alive
+        # called just before each run's C++ call, which holds no GIL for the whole stack (ModelRunner.on_forward)
+        self.before_run: Callable[[], None] | None = None
         self.hidden, self.head_dim, self.block_size, self.num_slots = hidden, head_dim, block_size, num_slots
         mod = cpu_module()
         bound = [mod.StackLayer(w.attn_norm.data_ptr(), w.ffn_norm.data_ptr(), *(_projection(mod, m) for m in (
@@ -91,6 +94,8 @@ class LayerStack:
         if plan.num_rows != t or plan.block_size != self.block_size or plan.min_block < 0 \
                 or plan.max_block >= self.num_slots // self.block_size:
             raise ValueError("the attention plan does not describe these rows over these pools")
+        if self.before_run is not None:
+            self.before_run()
         self._stack.run(h.data_ptr(), t, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
                         plan.block_table.data_ptr(), plan.context_lens.data_ptr(), plan.query_start.data_ptr(),
                         len(plan.context_lens), plan.block_table.shape[1])

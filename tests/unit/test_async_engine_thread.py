@@ -5,7 +5,9 @@ there, raises the factory's error to its caller, and hands a step's outputs to e
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,43 @@ async def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(make_engi
         async_engine.shutdown()
     assert {ident for ident, _ in trims} == {async_engine._thread.ident}
     assert not any(busy for _, busy in trims)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("quantization", [None, "gguf"])
+async def test_outputs_go_to_the_loop_as_the_next_forward_drops_the_gil(make_engine, monkeypatch, quantization):
+    """A step's outputs are handed over as the next step's layer stack begins its C++ call (no GIL for the
+    whole stack), or just before the next forward on the other paths; only the last, with no step after
+    it, goes from the engine loop itself. Handed over as each step returned, the woken event loop took the
+    GIL from the engine in the middle of its Python."""
+    import kernels
+    import services.inference.engine.async_engine as async_module
+
+    if quantization and not kernels.available():
+        pytest.skip("kernels not built (make install)")
+    callers: list[tuple[str, str]] = []
+    real = async_module._deliver
+
+    def spy(items):
+        if items:
+            frame = sys._getframe(2)                         # _deliver <- release_held <- who released
+            callers.append((Path(frame.f_code.co_filename).name, frame.f_code.co_name))
+        real(items)
+    monkeypatch.setattr(async_module, "_deliver", spy)
+    engine = make_engine("float32", quantization=quantization)
+    assert (engine.runner.compute.layer_stack is not None) == (quantization == "gguf")
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    try:
+        async def run(prompt):
+            return [out async for out in async_engine.generate(prompt, PARAMS)]
+        outs = await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+    finally:
+        async_engine.shutdown()
+    for out in outs:
+        assert sum(len(o.new_token_ids) for o in out) == 6 and out[-1].finish_reason == "length"
+    before_forward = ("stack.py", "__call__") if quantization else ("model_runner.py", "execute")
+    assert callers[-1] == ("async_engine.py", "_run")
+    assert callers.count(before_forward) >= 5, callers
+    assert set(callers[:-1]) <= {before_forward, ("model_runner.py", "execute")}, callers
+    assert_all_blocks_free(engine)

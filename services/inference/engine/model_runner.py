@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -48,7 +49,22 @@ class ModelRunner:
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
         self.compute = choose_compute(model, self.kv_caches, block_size)
+        self._on_forward: Callable[[], None] | None = None
         log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
+
+    @property
+    def on_forward(self) -> Callable[[], None] | None:
+        """Called once a step, on the engine's thread, as the step's longest stretch without the GIL begins:
+        just before the layer stack's C++ call on its path (kernels/stack.py), else just before the forward.
+        AsyncEngine hands the previous step's outputs to the event loop here, so that the loop's Python runs
+        while the engine needs no GIL."""
+        return self._on_forward
+
+    @on_forward.setter
+    def on_forward(self, hook: Callable[[], None] | None) -> None:
+        self._on_forward = hook
+        if self.compute.layer_stack is not None:
+            self.compute.layer_stack.before_run = hook
 
     def kv_cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
@@ -129,9 +145,11 @@ class ModelRunner:
         if self.device.type != "cpu":
             input_ids, positions = input_ids.to(self.device), positions.to(self.device)
             meta = meta.to(self.device)
+        path = self.compute.step_path(len(input_ids), not meta.prefills)
+        if self._on_forward is not None and path is not StepPath.LAYER_STACK:
+            self._on_forward()                   # (the layer stack calls it itself, as its C++ call begins)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, self.compute)
         num_rows = hidden.shape[0]
-        path = self.compute.step_path(num_rows, not meta.prefills)
         # sample: the last row of every chunk that reaches the end of its tokens, and every row of a
         # chunk with proposals (row i: the target's choice after the first i proposals)
         rows: list[int] = []
