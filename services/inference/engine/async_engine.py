@@ -173,7 +173,9 @@ class AsyncEngine:
         # woken loop took it at one of them for its whole turn (gRPC messages, ~0.2 ms a token), and the
         # engine thread slept on the GIL; waking a sleeping thread costs 0.1-0.5 ms on these VMs. Measured
         # 2026-12-02 at --threads 1 (a core free for the loop): 0.5-1.6 sleeps a step before, none after;
-        # one stream through gRPC 0.83 -> 0.90 of in process, 8 streams 0.90 -> 0.96.
+        # through gRPC, of in process, in alternating runs: one stream 0.82-0.86 -> 0.90-0.93, 8 streams
+        # 0.81-0.90 -> 0.88-1.00. With two threads on two cores the change is within the noise: there the
+        # loop's CPU is what it costs, wherever in the step it runs.
         # Held outputs go at once when no step follows (idle, aborted, or a step without a forward).
         held: list[tuple[_Listener, Item]] = []
 
