@@ -1,6 +1,15 @@
 """A Llama-family decoder written for Strata: RMSNorm, RoPE, grouped-query attention over the
 paged KV cache, SwiGLU MLP, tied embeddings. Dense weights dequantized from a GGUF file; the quantization
-passes (models/quantize.py) replace its projections afterwards."""
+passes (models/quantize.py) replace its projections afterwards.
+
+It serves three GGUF architectures, which differ only in what their files hold (read from the tensors
+and the metadata, never from a file name):
+- `llama` (SmolLM2, Llama, Mistral): llama.cpp's converter permutes the Q and K rows (undone at load);
+- `qwen2`: biases on the Q, K and V projections;
+- `qwen3`: an RMSNorm over each Q and K head before RoPE, and a head size of its own
+  (`attention.key_length`, 128 where hidden / heads is 64).
+The layer stack (kernels.LayerStack) has neither biases nor Q/K norms: those models run the row kernels or
+torch."""
 
 from __future__ import annotations
 
@@ -34,6 +43,9 @@ class LlamaHParams:
     vocab_size: int
     max_position_embeddings: int
     tie_word_embeddings: bool
+    qkv_bias: bool = False             # qwen2: biases on Q, K and V
+    qk_norm: bool = False              # qwen3: RMSNorm over each Q and K head before RoPE
+    permuted_qk: bool = True           # llama.cpp permuted the Q/K rows (its `llama` converter only)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "LlamaHParams":
@@ -50,23 +62,28 @@ class LlamaHParams:
             intermediate_size=int(g("feed_forward_length")),
             num_heads=heads,
             num_kv_heads=int(g("attention.head_count_kv", heads)),
-            head_dim=int(g("rope.dimension_count", hidden // heads)),
+            head_dim=int(g("attention.key_length", g("rope.dimension_count", hidden // heads))),
             rope_theta=float(g("rope.freq_base", 10000.0)),
             rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
             vocab_size=int(vocab),
             max_position_embeddings=int(g("context_length", 2048)),
             tie_word_embeddings=not gguf.has_tensor("output.weight"),
+            qkv_bias=gguf.has_tensor("blk.0.attn_q.bias"),
+            qk_norm=gguf.has_tensor("blk.0.attn_q_norm.weight"),
+            permuted_qk=gguf.architecture == "llama",
         )
 
 
 class LlamaLayer:
-    """One block's weights: RMSNorm vectors and projections (see models/linear.py)."""
+    """One block's weights: RMSNorm vectors and projections (see models/linear.py); qkv_bias [q + 2 kv]
+    (qwen2) and q_norm / k_norm [head_dim] (qwen3) where the file has them, else None."""
 
-    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down")
+    __slots__ = ("attn_norm", "qkv", "o", "ffn_norm", "gate_up", "down", "qkv_bias", "q_norm", "k_norm")
 
-    def __init__(self, attn_norm, qkv, o, ffn_norm, gate_up, down) -> None:
+    def __init__(self, attn_norm, qkv, o, ffn_norm, gate_up, down, qkv_bias=None, q_norm=None, k_norm=None) -> None:
         self.attn_norm, self.qkv, self.o = attn_norm, qkv, o
         self.ffn_norm, self.gate_up, self.down = ffn_norm, gate_up, down
+        self.qkv_bias, self.q_norm, self.k_norm = qkv_bias, q_norm, k_norm
 
 
 class LlamaModel:
@@ -116,6 +133,9 @@ class LlamaModel:
                 ffn_norm=cast(w(p + "ffn_norm.weight")),
                 gate_up=parts("gate_up"),
                 down=parts("down"),
+                qkv_bias=cast(torch.cat([w(p + f"attn_{x}.bias") for x in "qkv"])) if hp.qkv_bias else None,
+                q_norm=cast(w(p + "attn_q_norm.weight")) if hp.qk_norm else None,
+                k_norm=cast(w(p + "attn_k_norm.weight")) if hp.qk_norm else None,
             ))
         embed = None if "token_embd.weight" in skip else cast(w("token_embd.weight"))
         head = cls.lm_head_source(hp)
@@ -138,7 +158,8 @@ class LlamaModel:
         """Per projection of layer `layer`, the GGUF tensors whose rows it stacks, in order, each with the
         head count to undo llama.cpp's Q/K row permutation with (None: rows as stored)."""
         p = f"blk.{layer}."
-        return {"qkv": [(p + "attn_q.weight", hp.num_heads), (p + "attn_k.weight", hp.num_kv_heads),
+        q_heads, kv_heads = (hp.num_heads, hp.num_kv_heads) if hp.permuted_qk else (None, None)
+        return {"qkv": [(p + "attn_q.weight", q_heads), (p + "attn_k.weight", kv_heads),
                         (p + "attn_v.weight", None)],
                 "o": [(p + "attn_output.weight", None)],
                 "gate_up": [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)],
@@ -156,6 +177,8 @@ class LlamaModel:
         move = lambda t: t.to(device)  # noqa: E731
         for layer in self.layers:
             layer.attn_norm, layer.ffn_norm = move(layer.attn_norm), move(layer.ffn_norm)
+            layer.qkv_bias, layer.q_norm, layer.k_norm = (None if x is None else move(x)
+                                                          for x in (layer.qkv_bias, layer.q_norm, layer.k_norm))
             for name in PROJECTIONS:
                 setattr(layer, name, DenseLinear(move(getattr(layer, name).weight)))
         self.embed, self.final_norm = move(self.embed), move(self.final_norm)
@@ -167,7 +190,8 @@ class LlamaModel:
     def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
         """The quantized layers bound to these KV pools for kernels.LayerStack (one C++ call per step of
         up to 16 paged rows), or None where it does not apply (dense weights, kernels off, non-float32 pools)."""
-        if self.quantization is None or not kernels_available() or kv_caches[0][0].dtype != torch.float32:
+        if self.quantization is None or not kernels_available() or kv_caches[0][0].dtype != torch.float32 \
+                or self.hp.qkv_bias or self.hp.qk_norm:
             return None
         hp = self.hp
         weights = [StackLayerWeights(layer.attn_norm.contiguous(), layer.ffn_norm.contiguous(),
@@ -197,9 +221,13 @@ class LlamaModel:
             # attention
             x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
             qkv = layer.qkv(x)
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rope(q.view(t, hp.num_heads, hp.head_dim), cos, sin)
-            k = apply_rope(k.view(t, hp.num_kv_heads, hp.head_dim), cos, sin)
+            q, k = q.reshape(t, hp.num_heads, hp.head_dim), k.reshape(t, hp.num_kv_heads, hp.head_dim)
+            if layer.q_norm is not None:
+                q, k = rms_norm(q, layer.q_norm, hp.rms_norm_eps), rms_norm(k, layer.k_norm, hp.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             v = v.view(t, hp.num_kv_heads, hp.head_dim)
             a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale, compute.kernels)
             h = h + layer.o(a.reshape(t, self.q_size))
@@ -222,7 +250,14 @@ class LlamaModel:
         pending = None                            # the MLP output not yet added to h
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
             x = add_rms_norm_(h, pending, layer.attn_norm, eps, rows)
-            qkv = rotary_(layer.qkv(x), hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin, rows)
+            qkv = layer.qkv(x)
+            if layer.qkv_bias is not None:
+                qkv.add_(layer.qkv_bias)
+            if layer.q_norm is not None:                  # each Q and K head normalized in place, before RoPE
+                heads = qkv[:, :k_end].view(t, hp.num_heads + hp.num_kv_heads, hp.head_dim)
+                heads[:, :hp.num_heads] = rms_norm(heads[:, :hp.num_heads], layer.q_norm, eps)
+                heads[:, hp.num_heads:] = rms_norm(heads[:, hp.num_heads:], layer.k_norm, eps)
+            qkv = rotary_(qkv, hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin, rows)
             q = qkv[:, :q_end].view(t, hp.num_heads, hp.head_dim)
             k = qkv[:, q_end:k_end].view(t, hp.num_kv_heads, hp.head_dim)
             v = qkv[:, k_end:].view(t, hp.num_kv_heads, hp.head_dim)

@@ -45,6 +45,8 @@ class CausalLM(Protocol):
 
 MODELS: dict[str, type[CausalLM]] = {
     "llama": LlamaModel,
+    "qwen2": LlamaModel,         # the same block with Q/K/V biases (models/llama.py)
+    "qwen3": LlamaModel,         # the same block with per-head Q/K norms
 }
 
 

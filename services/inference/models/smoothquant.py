@@ -51,9 +51,15 @@ def activation_maxima(model: Any, prompts: list[list[int]]) -> list[dict[str, to
         for i, layer in enumerate(model.layers):
             x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
             record(i, "qkv", x)
-            q, k, v = layer.qkv(x).split([model.q_size, model.kv_size, model.kv_size], dim=-1)
-            q = apply_rope(q.view(n, hp.num_heads, hp.head_dim), cos, sin).transpose(0, 1)
-            k = apply_rope(k.view(n, hp.num_kv_heads, hp.head_dim), cos, sin).transpose(0, 1)
+            qkv = layer.qkv(x)
+            if layer.qkv_bias is not None:                     # qwen2
+                qkv = qkv + layer.qkv_bias
+            q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
+            q, k = q.reshape(n, hp.num_heads, hp.head_dim), k.reshape(n, hp.num_kv_heads, hp.head_dim)
+            if layer.q_norm is not None:                       # qwen3
+                q, k = rms_norm(q, layer.q_norm, hp.rms_norm_eps), rms_norm(k, layer.k_norm, hp.rms_norm_eps)
+            q = apply_rope(q, cos, sin).transpose(0, 1)
+            k = apply_rope(k, cos, sin).transpose(0, 1)
             v = v.view(n, hp.num_kv_heads, hp.head_dim).transpose(0, 1)
             a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
             a = a[0].transpose(0, 1).reshape(n, model.q_size)
@@ -95,4 +101,6 @@ def smooth(model: Any, stats: list[dict[str, torch.Tensor]], alpha: float = DEFA
         # o: its input is a mix of V rows; query heads sharing a KV head share one scale per dim
         s = _smoothing(st["o"], o, alpha).view(hp.num_kv_heads, group, hp.head_dim).amax(dim=1)
         qkv[:, model.q_size + model.kv_size:].div_(s.reshape(-1)[None, :])
+        if layer.qkv_bias is not None:                          # V's bias scales with V
+            layer.qkv_bias[model.q_size + model.kv_size:].div_(s.reshape(-1))
         o.mul_(s[:, None, :].expand(-1, group, -1).reshape(-1)[:, None])
