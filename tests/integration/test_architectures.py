@@ -24,7 +24,7 @@ from services.inference.models.gguf_file import GGUFFile
 from services.inference.models.registry import load_model
 from services.inference.sampling import SamplingParams
 from tests.conftest import assert_all_blocks_free
-from tests.integration.test_engine_fidelity import assert_first_step_logits_close
+from tests.integration.test_engine_fidelity import assert_first_step_logits_close, prefill_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,17 +93,41 @@ def write_tiny_gguf(path, arch: str, block_type: str | None, seed: int = 0) -> N
     writer.close()
 
 
-CASES = [(arch, block) for arch in ("llama", "qwen2", "qwen3") for block in (None, "Q8_0", "Q4_1")]
+ARCHS = ("llama", "qwen2", "qwen3")
+CASES = [(arch, block) for arch in ARCHS for block in (None, "Q8_0", "Q4_1")]
+BLOCK_CASES = [(arch, block) for arch, block in CASES if block is not None]
+ids = lambda cases: [f"{a}-{b or 'F32'}" for a, b in cases]  # noqa: E731
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{b or 'F32'}" for a, b in CASES])
-def tiny(request, tmp_path_factory):
-    arch, block = request.param
-    directory = tmp_path_factory.mktemp(f"{arch}-{block}")
-    write_tiny_gguf(directory / "model.gguf", arch, block)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file="model.gguf",
-                                                           dtype=torch.float32).eval()
-    return arch, block, GGUFFile(directory / "model.gguf"), hf
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """(arch, block type) -> (GGUFFile, HF's model of it), each written and loaded once."""
+    loaded = {}
+
+    def get(arch: str, block: str | None):
+        if (arch, block) not in loaded:
+            directory = tmp_path_factory.mktemp(f"{arch}-{block}")
+            write_tiny_gguf(directory / "model.gguf", arch, block)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file="model.gguf",
+                                                                   dtype=torch.float32).eval()
+            loaded[arch, block] = (GGUFFile(directory / "model.gguf"), hf)
+        return (arch, block, *loaded[arch, block])
+    return get
+
+
+@pytest.fixture(params=CASES, ids=ids(CASES))
+def tiny(request, tiny_files):
+    return tiny_files(*request.param)
+
+
+@pytest.fixture(params=BLOCK_CASES, ids=ids(BLOCK_CASES))
+def tiny_blocks(request, tiny_files):
+    return tiny_files(*request.param)
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_f32(request, tiny_files):
+    return tiny_files(request.param, None)
 
 
 def hf_greedy(hf, prompt: list[int]) -> list[int]:
@@ -119,20 +143,6 @@ def hf_greedy_with_gaps(hf, prompt: list[int]) -> tuple[list[int], list[float]]:
             ids.append(int(top.indices[0]))
             gaps.append(float(top.values[0] - top.values[1]))
     return ids[len(prompt):], gaps
-
-
-def prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    """One prefill step of `ids` through a Strata model: logits of every position."""
-    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
-    from services.inference.models.compute import choose_compute
-
-    hp, n = model.hp, len(ids)
-    kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, "cpu"),
-           new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, "cpu")) for _ in range(hp.num_layers)]
-    slots = torch.arange(n)
-    meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
-    with torch.inference_mode():
-        return model.compute_logits(model.forward(torch.tensor(ids), slots, kv, meta, choose_compute(model, kv, 1)))
 
 
 def strata_greedy(model, tokenizer, quantization: str | None) -> list[list[int]]:
@@ -166,10 +176,8 @@ def test_dense_logits_and_greedy_tokens_equal_hf(tiny, tokenizer, path, monkeypa
 
 
 @pytest.mark.skipif(not kernels.available(), reason="kernels not built (make install)")
-def test_block_files_on_the_kernels_follow_hf(tiny, tokenizer):
-    arch, block, gguf, hf = tiny
-    if block is None:
-        pytest.skip("a float32 file has no blocks")
+def test_block_files_on_the_kernels_follow_hf(tiny_blocks, tokenizer):
+    arch, block, gguf, hf = tiny_blocks
     model = load_model(gguf, quantization="gguf")
     assert model.quantization == "gguf"
     ours = strata_greedy(model, tokenizer, "gguf")
@@ -195,14 +203,12 @@ def test_block_files_on_the_kernels_follow_hf(tiny, tokenizer):
     assert compared >= 3
 
 
-def test_smoothing_for_int8_leaves_the_outputs_unchanged(tiny):
+def test_smoothing_for_int8_leaves_the_outputs_unchanged(tiny_f32):
     """SmoothQuant's rescaling (the int8 pass's first half) folds scales into norms, V's rows and its bias:
     every architecture's float outputs stay the same."""
     from services.inference.models import smoothquant
 
-    arch, block, gguf, _ = tiny
-    if block is not None:
-        pytest.skip("one file per architecture is enough")
+    arch, block, gguf, _ = tiny_f32
     model = load_model(gguf)
     before = [prefill_logits(model, p) for p in PROMPTS]
     smoothquant.smooth(model, smoothquant.activation_maxima(model, PROMPTS))

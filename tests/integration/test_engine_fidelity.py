@@ -60,23 +60,27 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
     assert_all_blocks_free(engine)
 
 
-def assert_first_step_logits_close(model, hf_model, prompts: list[list[int]], atol: float = 1e-3) -> None:
-    """One prefill step of each prompt through `model` (on its device) gives HF's logits within `atol`."""
+def prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    """One prefill step of `ids` through a Strata model (on its device): the logits of every position."""
     from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
     from services.inference.models.compute import choose_compute
 
-    hp, device = model.hp, model.device
+    hp, device, n = model.hp, model.device, len(ids)
+    kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device),
+           new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device)) for _ in range(hp.num_layers)]
+    slots = torch.arange(n, device=device)
+    meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
+    with torch.inference_mode():
+        return model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta,
+                                                  choose_compute(model, kv, 1)))
+
+
+def assert_first_step_logits_close(model, hf_model, prompts: list[list[int]], atol: float = 1e-3) -> None:
+    """One prefill step of each prompt through `model` (on its device) gives HF's logits within `atol`."""
     for ids in prompts:
-        n = len(ids)
-        kv = [(new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device),
-               new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device)) for _ in range(hp.num_layers)]
-        slots = torch.arange(n, device=device)
-        meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
-        with torch.inference_mode():
-            ours = model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta,
-                                                      choose_compute(model, kv, 1)))
+        with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(ours.cpu(), ref, atol=atol, rtol=0)
+        torch.testing.assert_close(prefill_logits(model, ids).cpu(), ref, atol=atol, rtol=0)
 
 
 def test_first_step_logits_within_1e3_of_hf(model_fp32, hf_model, prompts):
