@@ -2,8 +2,10 @@
 
 The tokenizer is built the way transformers builds one from the same GGUF (`AutoTokenizer.from_pretrained(
 dir, gguf_file=name)`), so ids match it exactly: a byte-level BPE over the file's tokens and merges, GPT-2's
-`ByteLevel` pre-tokenizer and decoder, no normalizer, the CONTROL tokens as special added tokens and the
-USER_DEFINED ones as plain added tokens. The chat template renders in the same sandboxed jinja environment.
+`ByteLevel` decoder, the split `tokenizer.ggml.pre` names (GPT-2's `ByteLevel` split unless Llama 3's or
+Qwen2's: PRE_TOKENIZER_SPLITS), no normalizer, the CONTROL tokens as special added tokens and the
+USER_DEFINED ones as plain added tokens. SentencePiece vocabularies (`tokenizer.ggml.model` "llama") are
+refused for now. The chat template renders in the same sandboxed jinja environment.
 """
 
 from __future__ import annotations
@@ -18,11 +20,24 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
 from services.inference.models.gguf_file import GGUFFile
+
+# How a byte-level vocabulary cuts text into words before its merges, by `tokenizer.ggml.pre` (llama.cpp's
+# names, as transformers maps them when it builds a tokenizer from a GGUF). Other names, and "smollm", "gpt2"
+# or "default", keep GPT-2's own split. They differ on digits (Llama 3: runs of up to 3; Qwen2: one by one;
+# GPT-2: whole runs), on apostrophes in upper case and on a leading non-letter before a word.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 _TOKEN_TYPE_CONTROL = 3
@@ -61,9 +76,11 @@ def _optional_id(gguf: GGUFFile, key: str) -> int | None:
 
 
 def _build_backend(
-    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], named_ids: Sequence[int]
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], named_ids: Sequence[int],
+    pre: str | None = None,
 ) -> BackendTokenizer:
-    """The byte-level BPE transformers builds from a "gpt2" GGUF (GPT2Tokenizer + add_gguf_special_tokens)."""
+    """The byte-level BPE transformers builds from a "gpt2" GGUF (GPT2Tokenizer + add_gguf_special_tokens),
+    splitting text as `pre` (tokenizer.ggml.pre) names: PRE_TOKENIZER_SPLITS."""
     # tokens outside the byte alphabet are respelled through it; on a clash the later id wins, as in a dict
     vocab = {
         t if set(t) <= _BYTE_ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in t.encode("utf-8")): i
@@ -74,7 +91,13 @@ def _build_backend(
         BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
             fuse_unk=False)
     )
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = PRE_TOKENIZER_SPLITS.get(pre or "")
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     # control tokens: special; one using characters outside the alphabet is a llama.cpp mislabel, skipped
     control = [
@@ -160,7 +183,8 @@ class Tokenizer:
         if eos is None:
             raise ValueError("GGUF has no tokenizer.ggml.eos_token_id")
         named = [i for i in (bos, eos, unk, pad) if i is not None]
-        backend = _build_backend(tokens, gguf.field("tokenizer.ggml.merges", []), token_types, named)
+        backend = _build_backend(tokens, gguf.field("tokenizer.ggml.merges", []), token_types, named,
+                                 pre=gguf.field("tokenizer.ggml.pre"))
         special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         return cls(
             backend, tokens, special, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
