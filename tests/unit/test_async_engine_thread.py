@@ -18,6 +18,13 @@ from tests.conftest import assert_all_blocks_free
 PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
+async def generate_three(async_engine: AsyncEngine) -> list[list]:
+    """Three requests of 6 tokens at once through a started engine: each one's outputs."""
+    async def run(prompt):
+        return [out async for out in async_engine.generate(prompt, PARAMS)]
+    return await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_factory_builds_the_engine_on_the_thread_that_steps_it(make_engine, monkeypatch):
     threads: dict[str, int] = {}
@@ -36,9 +43,7 @@ async def test_a_factory_builds_the_engine_on_the_thread_that_steps_it(make_engi
     async_engine = AsyncEngine(build)
     async_engine.start()
     try:
-        async def run(prompt):
-            return [out async for out in async_engine.generate(prompt, PARAMS)]
-        outs = await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+        outs = await generate_three(async_engine)
     finally:
         async_engine.shutdown()
     assert threads["build"] == threads["step"] != threading.get_ident()
@@ -78,10 +83,8 @@ async def test_the_heap_is_trimmed_once_each_time_the_engine_goes_idle(make_engi
     async_engine = AsyncEngine(engine)
     async_engine.start()
     try:
-        async def run(prompt):
-            return [out async for out in async_engine.generate(prompt, PARAMS)]
         for burst in (1, 2):
-            await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+            await generate_three(async_engine)
             for _ in range(100):                       # the engine thread notices it is idle
                 if len(trims) == burst:
                     break
@@ -120,9 +123,7 @@ async def test_outputs_go_to_the_loop_as_the_next_forward_drops_the_gil(make_eng
     async_engine = AsyncEngine(engine)
     async_engine.start()
     try:
-        async def run(prompt):
-            return [out async for out in async_engine.generate(prompt, PARAMS)]
-        outs = await asyncio.wait_for(asyncio.gather(*(run(list(range(100 + i, 120 + i))) for i in range(3))), 60)
+        outs = await generate_three(async_engine)
     finally:
         async_engine.shutdown()
     for out in outs:

@@ -220,15 +220,8 @@ class LlamaModel:
         for layer, (k_pool, v_pool) in zip(self.layers, kv_caches):
             # attention
             x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
-            qkv = layer.qkv(x)
-            if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k = q.reshape(t, hp.num_heads, hp.head_dim), k.reshape(t, hp.num_kv_heads, hp.head_dim)
-            if layer.q_norm is not None:
-                q, k = rms_norm(q, layer.q_norm, hp.rms_norm_eps), rms_norm(k, layer.k_norm, hp.rms_norm_eps)
+            q, k, v = self.project_qkv(layer, x)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            v = v.view(t, hp.num_kv_heads, hp.head_dim)
             a = paged_attention(q, k, v, k_pool, v_pool, meta, self.scale, compute.kernels)
             h = h + layer.o(a.reshape(t, self.q_size))
             # mlp
@@ -236,6 +229,20 @@ class LlamaModel:
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         return h
+
+    def project_qkv(self, layer: LlamaLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] (normed) -> q [T, heads, D], k and v [T, kv_heads, D], before RoPE: the projection,
+        its bias (qwen2) and the per-head norms (qwen3). The torch forward and SmoothQuant's calibration run
+        this; the row-kernel forward does the same in place."""
+        hp, t = self.hp, x.shape[0]
+        qkv = layer.qkv(x)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = q.reshape(t, hp.num_heads, hp.head_dim), k.reshape(t, hp.num_kv_heads, hp.head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, hp.rms_norm_eps), rms_norm(k, layer.k_norm, hp.rms_norm_eps)
+        return q, k, v.reshape(t, hp.num_kv_heads, hp.head_dim)
 
     def _forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,

@@ -51,16 +51,10 @@ def activation_maxima(model: Any, prompts: list[list[int]]) -> list[dict[str, to
         for i, layer in enumerate(model.layers):
             x = rms_norm(h, layer.attn_norm, hp.rms_norm_eps)
             record(i, "qkv", x)
-            qkv = layer.qkv(x)
-            if layer.qkv_bias is not None:                     # qwen2
-                qkv = qkv + layer.qkv_bias
-            q, k, v = qkv.split([model.q_size, model.kv_size, model.kv_size], dim=-1)
-            q, k = q.reshape(n, hp.num_heads, hp.head_dim), k.reshape(n, hp.num_kv_heads, hp.head_dim)
-            if layer.q_norm is not None:                       # qwen3
-                q, k = rms_norm(q, layer.q_norm, hp.rms_norm_eps), rms_norm(k, layer.k_norm, hp.rms_norm_eps)
+            q, k, v = model.project_qkv(layer, x)
             q = apply_rope(q, cos, sin).transpose(0, 1)
             k = apply_rope(k, cos, sin).transpose(0, 1)
-            v = v.view(n, hp.num_kv_heads, hp.head_dim).transpose(0, 1)
+            v = v.transpose(0, 1)
             a = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
             a = a[0].transpose(0, 1).reshape(n, model.q_size)
             record(i, "o", a)
