@@ -4,8 +4,11 @@ The tokenizer is built the way transformers builds one from the same GGUF (`Auto
 dir, gguf_file=name)`), so ids match it exactly: a byte-level BPE over the file's tokens and merges, GPT-2's
 `ByteLevel` decoder, the split `tokenizer.ggml.pre` names (GPT-2's `ByteLevel` split unless Llama 3's or
 Qwen2's: PRE_TOKENIZER_SPLITS), no normalizer, the CONTROL tokens as special added tokens and the
-USER_DEFINED ones as plain added tokens. SentencePiece vocabularies (`tokenizer.ggml.model` "llama") are
-refused for now. The chat template renders in the same sandboxed jinja environment.
+USER_DEFINED ones as plain added tokens. SentencePiece vocabularies (`tokenizer.ggml.model` "llama": Gemma,
+Llama 2, Mistral) become the BPE with byte fallback transformers builds for them: merges recovered from the
+vocabulary (ranked by token order for Gemma, whose scores do not follow its merges; by score for the rest),
+spaces spelled "▁" (Gemma: every space by a normalizer; others: Metaspace, which also prefixes the first
+word). The chat template renders in the same sandboxed jinja environment.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
@@ -38,6 +41,9 @@ PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
 }
+
+# architectures whose SentencePiece vocabulary transformers reads with GemmaTokenizer
+GEMMA_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 _TOKEN_TYPE_CONTROL = 3
@@ -70,6 +76,16 @@ def _spelled_bytes(token: str) -> bytes:
     return token.encode("utf-8")
 
 
+def _spm_bytes(token: str) -> bytes:
+    """The raw bytes of a SentencePiece token: "<0xNN>" is that byte, "▁" a space."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            pass
+    return token.replace("▁", " ").encode("utf-8")
+
+
 def _optional_id(gguf: GGUFFile, key: str) -> int | None:
     value = gguf.field(f"tokenizer.ggml.{key}")
     return None if value is None else int(value)
@@ -99,24 +115,72 @@ def _build_backend(
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    # control tokens: special; one using characters outside the alphabet is a llama.cpp mislabel, skipped
+    return _add_gguf_tokens(backend, tokens, token_types, named_ids, byte_level=True)
+
+
+def _add_gguf_tokens(backend: BackendTokenizer, tokens: Sequence[str], token_types: Sequence[int],
+                     named_ids: Sequence[int], byte_level: bool) -> BackendTokenizer:
+    """transformers' add_gguf_special_tokens: CONTROL tokens become special added tokens (in a byte-level
+    vocabulary one using characters outside its alphabet is a llama.cpp mislabel, skipped), USER_DEFINED ones
+    plain added tokens; then bos/eos/unk/pad that are not added yet become special (TokenizersBackend)."""
     control = [
         AddedToken(t, normalized=False, special=True)
         for t, kind in zip(tokens, token_types)
-        if kind == _TOKEN_TYPE_CONTROL and set(t) <= _BYTE_ALPHABET
+        if kind == _TOKEN_TYPE_CONTROL and (not byte_level or set(t) <= _BYTE_ALPHABET)
     ]
     backend.add_special_tokens(control)
+    vocab = backend.get_vocab()
     user_defined = [
         AddedToken(t, normalized=False, special=False)
         for t, kind in zip(tokens, token_types)
         if kind == _TOKEN_TYPE_USER_DEFINED and t in vocab
     ]
     backend.add_tokens(user_defined)
-    # bos/eos/unk/pad that are not added tokens yet become special ones (TokenizersBackend.__init__)
     added = {t.content for t in backend.get_added_tokens_decoder().values()}
     missing = [AddedToken(tokens[i], special=True) for i in named_ids if tokens[i] not in added]
     backend.add_special_tokens(missing)
     return backend
+
+
+def spm_merges(tokens: Sequence[str], scores: Mapping[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies (transformers' generate_merges, same order): every
+    split of a token into two tokens, best `scores` first, then the longer left piece, then the longer right
+    one; equal keys keep token order."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for merge, score in scores.items():
+        local = [(merge[:i], merge[i:], score) for i in range(1, len(merge))
+                 if merge[:i] in vocab and merge[i:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _build_spm_backend(tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int],
+                       named_ids: Sequence[int], unk: str | None, gemma: bool) -> BackendTokenizer:
+    """The byte-fallback BPE transformers builds from a SentencePiece GGUF: GemmaTokenizer for the gemma
+    architectures (whose files spell a token of several spaces with real spaces: respelled "▁"), else
+    LlamaTokenizer; then add_gguf_special_tokens."""
+    spelled = tokens
+    if gemma:
+        spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        ranks = {t: -i for i, t in enumerate(spelled)}
+    else:
+        ranks = dict(zip(tokens, scores))
+    vocab = {t: i for i, t in enumerate(spelled)}
+    backend = BackendTokenizer(BPE(vocab=vocab, merges=spm_merges(spelled, ranks), dropout=None, fuse_unk=True,
+                                   byte_fallback=True, unk_token=unk if gemma else None))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(steps)
+    # as the file spells them: a USER_DEFINED run of spaces is then not in the vocabulary, and not added
+    return _add_gguf_tokens(backend, tokens, token_types, named_ids, byte_level=False)
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
@@ -155,11 +219,13 @@ class Tokenizer:
         add_bos_token: bool = False,
         add_eos_token: bool = False,
         chat_template: str | None = None,
+        byte_level: bool = True,
     ) -> None:
         self._backend = backend
         self._tokens = list(tokens)
+        spelled = _spelled_bytes if byte_level else _spm_bytes
         self._token_bytes = [
-            t.encode("utf-8") if i in special_token_ids else _spelled_bytes(t) for i, t in enumerate(self._tokens)
+            t.encode("utf-8") if i in special_token_ids else spelled(t) for i, t in enumerate(self._tokens)
         ]
         self.vocab_size = len(self._tokens)
         self.special_token_ids = special_token_ids
@@ -174,8 +240,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> Tokenizer:
         model = gguf.field("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; only byte-level BPE ('gpt2') is implemented")
+        if model not in ("gpt2", "llama"):
+            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}; implemented: byte-level BPE ('gpt2') "
+                             "and SentencePiece BPE ('llama')")
         tokens = [str(t) for t in gguf.field("tokenizer.ggml.tokens")]
         token_types = [int(k) for k in gguf.field("tokenizer.ggml.token_type", [])]
         bos, eos = _optional_id(gguf, "bos_token_id"), _optional_id(gguf, "eos_token_id")
@@ -183,14 +250,21 @@ class Tokenizer:
         if eos is None:
             raise ValueError("GGUF has no tokenizer.ggml.eos_token_id")
         named = [i for i in (bos, eos, unk, pad) if i is not None]
-        backend = _build_backend(tokens, gguf.field("tokenizer.ggml.merges", []), token_types, named,
-                                 pre=gguf.field("tokenizer.ggml.pre"))
+        if model == "gpt2":
+            backend = _build_backend(tokens, gguf.field("tokenizer.ggml.merges", []), token_types, named,
+                                     pre=gguf.field("tokenizer.ggml.pre"))
+        else:
+            backend = _build_spm_backend(tokens, [float(x) for x in gguf.field("tokenizer.ggml.scores", [])],
+                                         token_types, named, None if unk is None else tokens[unk],
+                                         gemma=gguf.architecture in GEMMA_ARCHITECTURES)
         special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         return cls(
             backend, tokens, special, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, unk_token_id=unk,
-            add_bos_token=bool(gguf.field("tokenizer.ggml.add_bos_token", False)),
+            # a SentencePiece file that does not say gets BOS, as llama.cpp and transformers add it
+            add_bos_token=bool(gguf.field("tokenizer.ggml.add_bos_token", model == "llama")),
             add_eos_token=bool(gguf.field("tokenizer.ggml.add_eos_token", False)),
             chat_template=gguf.field("tokenizer.chat_template"),
+            byte_level=model == "gpt2",
         )
 
     # text <-> ids
