@@ -36,13 +36,15 @@ def prompts(engine):
     return [engine.tokenizer.encode(t) for t in texts]
 
 
-def hf_greedy_tokens(hf_model, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list[list[int]]:
-    """HF transformers' greedy continuation of each prompt (the reference; tests/integration/test_engine_gpu.py too)."""
+def hf_greedy_tokens(hf_model, prompts: list[list[int]], num_tokens: int = NUM_TOKENS,
+                     pad_token_id: int = 2) -> list[list[int]]:
+    """HF transformers' greedy continuation of each prompt (the reference; tests/integration/test_engine_gpu.py and
+    test_gemma3.py too)."""
     outs = []
     with torch.no_grad():
         for ids in prompts:
             gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=num_tokens, do_sample=False,
-                                    eos_token_id=None, pad_token_id=2, attention_mask=torch.ones(1, len(ids)))
+                                    eos_token_id=None, pad_token_id=pad_token_id, attention_mask=torch.ones(1, len(ids)))
             outs.append(gen[0, len(ids):].tolist())
     return outs
 
@@ -62,7 +64,7 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
 
 def prefill_logits(model, ids: list[int]) -> torch.Tensor:
     """One prefill step of `ids` through a Strata model (on its device): the logits of every position."""
-    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
+    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, window_metadata
     from services.inference.models.compute import choose_compute
 
     hp, device, n = model.hp, model.device, len(ids)
@@ -70,6 +72,8 @@ def prefill_logits(model, ids: list[int]) -> torch.Tensor:
            new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device)) for _ in range(hp.num_layers)]
     slots = torch.arange(n, device=device)
     meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
+    if getattr(hp, "sliding_window", 0):
+        meta.sliding = window_metadata(meta, hp.sliding_window, [], [0])
     with torch.inference_mode():
         return model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta,
                                                   choose_compute(model, kv, 1)))

@@ -30,7 +30,7 @@ def test_llama_files_get_the_llama_class(gguf_file):
 
 def test_an_unknown_architecture_is_refused_naming_the_supported_ones(tmp_path):
     gguf = write_gguf(tmp_path / "m.gguf", "mamba")
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba'; supported: llama"):
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'mamba'; supported: gemma3, llama, qwen2, qwen3"):
         load_model(gguf)
 
 

@@ -12,7 +12,7 @@ import torch
 from kernels import PagedAttention
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
-from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool
+from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, window_metadata
 from services.inference.models.compute import StepPath, choose_compute
 from services.inference.models.registry import CausalLM
 from services.inference.sampling.sampler import (SamplerOutput, SamplingRow, argmax_rows, build_sampling_metadata,
@@ -49,6 +49,7 @@ class ModelRunner:
                           for _ in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
         self.compute = choose_compute(model, self.kv_caches, block_size)
+        self.sliding_window = int(getattr(hp, "sliding_window", 0))   # local layers' window (gemma3), else 0
         self._on_forward: Callable[[], None] | None = None
         log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
 
@@ -137,6 +138,9 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
             num_paged_rows=num_paged_rows, paged_block_table=table, decode_mask=mask,
             prefills=spans, paged_plan=plan)
+        if self.sliding_window:
+            meta.sliding = window_metadata(meta, self.sliding_window, [c.start + c.num_tokens for c in paged],
+                                           [c.start for c in prefills])
         return ordered, torch.tensor(ids, dtype=torch.int64), positions, meta
 
     @torch.inference_mode()

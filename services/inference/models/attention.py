@@ -29,7 +29,8 @@ class PrefillSpan:
     end: int                          # one past its last row
     block_ids: torch.Tensor | None    # [nb] int64: blocks holding positions 0.. of this sequence
     mask: torch.Tensor | None         # [n, nb * block_size] bool (True = attend)
-    # block_ids/mask are None for a chunk with no earlier context: plain causal over its own K/V
+    # block_ids is None for a chunk with no earlier context: it attends over its own K/V, plain causal
+    # (mask None) or as mask [n, n] says (a sliding window shorter than the chunk)
 
 
 @dataclass(slots=True)
@@ -41,13 +42,40 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None         # [S, nb * block_size] bool: context positions (torch path: decodes)
     prefills: list[PrefillSpan]
     paged_plan: Any = None                   # kernels.PagedAttention: paged rows read the pool in place
+    sliding: "AttentionMetadata | None" = None   # the same step for sliding-window layers (masks cut to it)
 
     def to(self, device: torch.device) -> "AttentionMetadata":
         """The same metadata with its tensors on `device` (the plan keeps its own per-device copies)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         spans = [PrefillSpan(p.start, p.end, move(p.block_ids), move(p.mask)) for p in self.prefills]
         return AttentionMetadata(move(self.slot_mapping), self.block_size, self.num_paged_rows,
-                                 move(self.paged_block_table), move(self.decode_mask), spans, self.paged_plan)
+                                 move(self.paged_block_table), move(self.decode_mask), spans, self.paged_plan,
+                                 None if self.sliding is None else self.sliding.to(device))
+
+
+def window_metadata(meta: AttentionMetadata, window: int, paged_context_lens: list[int],
+                    prefill_starts: list[int]) -> AttentionMetadata:
+    """The step's metadata for sliding-window layers: the same slots, each row's mask cut to the last `window`
+    positions up to its own. `paged_context_lens`: the paged rows' context lengths (decodes, torch path);
+    `prefill_starts`: each prefill span's first position."""
+    if meta.paged_plan is not None:
+        raise RuntimeError("the paged-attention kernels have no sliding window (models/compute.choose_compute)")
+    mask = meta.decode_mask
+    if mask is not None:
+        ctx = torch.tensor(paged_context_lens, dtype=torch.int64)[:, None]
+        mask = mask & (torch.arange(mask.shape[1])[None, :] >= ctx - window)
+    spans = []
+    for start, span in zip(prefill_starts, meta.prefills):
+        n = span.end - span.start
+        new_pos = torch.arange(start, start + n)[:, None]
+        if span.block_ids is None:        # its own rows only: causal, and within the window
+            cols = torch.arange(n)[None, :]
+            cut = None if n <= window else (cols <= new_pos) & (cols > new_pos - window)
+        else:
+            cut = span.mask & (torch.arange(span.mask.shape[1])[None, :] > new_pos - window)
+        spans.append(PrefillSpan(span.start, span.end, span.block_ids, cut))
+    return AttentionMetadata(meta.slot_mapping, meta.block_size, meta.num_paged_rows, meta.paged_block_table,
+                             mask, spans)
 
 
 def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype,
@@ -101,10 +129,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
     # prefill
     for span in meta.prefills:
         qp = q[span.start:span.end].transpose(0, 1).unsqueeze(0)   # [1, H, n, D]
-        if span.mask is None:
+        if span.block_ids is None:
             kp = k[span.start:span.end].transpose(0, 1).unsqueeze(0)
             vp = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=span.mask is None, attn_mask=span.mask,
+                                                scale=scale, enable_gqa=True)
         else:
             kp = gather_blocks(k_pool, span.block_ids, meta.block_size).unsqueeze(0)   # [1, KVH, L, D]
             vp = gather_blocks(v_pool, span.block_ids, meta.block_size).unsqueeze(0)

@@ -90,6 +90,7 @@ class LlamaModel:
     """Inference-only model; `forward` runs one engine step over flattened tokens."""
 
     PROJECTIONS = PROJECTIONS
+    SMOOTHQUANT = True           # the int8 pass's calibration (models/smoothquant.py) runs this block
 
     def __init__(self, hp: LlamaHParams, layers: list[LlamaLayer], embed: torch.Tensor,
                  final_norm: torch.Tensor, lm_head: Linear, dtype: torch.dtype) -> None:
@@ -112,7 +113,7 @@ class LlamaModel:
         a pass over the loaded model (models/quantize.py; models/registry.load_model runs it). `skip`: GGUF
         tensors left unloaded (None), because that pass gives them the file's blocks: they are never
         dequantized to float32 (a projection is None when any of its sources is skipped)."""
-        hp = LlamaHParams.from_gguf(gguf)
+        hp = cls.hparams_from_gguf(gguf)
         w = lambda name: torch.from_numpy(gguf.dequantize(name))  # noqa: E731
         cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
         dense = lambda t: DenseLinear(t.t().to(dtype))  # noqa: E731 - [out, in] -> [in, out]

@@ -18,8 +18,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_cache(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(head_dim: int, max_positions: int, theta: float,
+               scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D/2] per position; `scale`: linear RoPE scaling (positions divided by it)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scale != 1.0:
+        inv_freq = inv_freq / scale
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()                                # [P, D/2] each
 

@@ -8,7 +8,8 @@ The model never quantizes itself.
 - "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 blocks, at every row
   count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
   gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each. The token
-  embedding is read from its blocks too; no float32 copy of a quantized weight is kept.
+  embedding is read from its blocks too; no float32 copy of a quantized weight is kept. Projections of
+  other types (K-quants, Q5_0, or a fused Q|K|V of mixed types) are dequantized at load, with a log line.
 - "auto" (the default) is decided before loading by `auto_quantization`: "gguf" on CPU where the file's
   projections are all blocks the kernels multiply, else dense.
 
@@ -16,6 +17,8 @@ Both run float32 activations, on CPU only (their kernels are CPU kernels)."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
@@ -29,35 +32,48 @@ from services.inference.models.linear import GGUFEmbedding, GGUFLinear, Int8Line
 from services.inference.models.ops import unpermute_qk
 from services.inference.models.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 GGUF_BLOCK_TYPES = ("Q4_1", "Q8_0")          # the block types kernels.GGUFMatrix multiplies
 
 
 def projection_tensors(model_class: Any, gguf: GGUFFile) -> list[str]:
     """Every GGUF tensor a quantization pass gives blocks to: the layers' projections and the LM head."""
+    return [name for sources in _projection_groups(model_class, gguf) for name, _ in sources]
+
+
+def _projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str, int | None]]]:
+    """The sources of every projection (one list per fused projection) and of the LM head."""
     hp = model_class.hparams_from_gguf(gguf)
-    names = [name for i in range(hp.num_layers) for sources in model_class.projection_sources(hp, i).values()
-             for name, _ in sources]
-    return names + [model_class.lm_head_source(hp)]
+    groups = [sources for i in range(hp.num_layers) for sources in model_class.projection_sources(hp, i).values()]
+    return groups + [[(model_class.lm_head_source(hp), None)]]
+
+
+def on_kernels(gguf: GGUFFile, sources: list[tuple[str, int | None]]) -> bool:
+    """Whether the "gguf" pass multiplies these tensors' blocks: all of one block type the kernels know.
+    Others (float tensors, K-quants and Q5_0 until their kernels land, fused projections of mixed types)
+    stay dense."""
+    kinds = {gguf.tensor_type(name) for name, _ in sources}
+    return len(kinds) == 1 and kinds <= set(GGUF_BLOCK_TYPES)
 
 
 def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | None:
-    """What --quantization auto means for this file on this device: "gguf" on CPU when every projection
-    tensor is a block type the kernels multiply (the file's own blocks are the fastest CPU path at every
-    batch size, and the smallest), else None (dense: float files, other block types, GPUs)."""
+    """What --quantization auto means for this file on this device: "gguf" on CPU when some projection is
+    blocks the kernels multiply (the file's own blocks are the fastest CPU path at every batch size, and the
+    smallest; the rest load dense), else None (dense: float files, GPUs)."""
     if device != "cpu":
         return None
-    kinds = {gguf.tensor_type(name) for name in projection_tensors(model_class, gguf)}
-    return "gguf" if kinds <= set(GGUF_BLOCK_TYPES) else None
+    return "gguf" if any(on_kernels(gguf, g) for g in _projection_groups(model_class, gguf)) else None
 
 
 def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | None) -> frozenset[str]:
     """The GGUF tensors `quantization`'s pass reads from the file's blocks, so that loading skips their
     dense float32 copies (SmolLM2: 540 MB, freed again at once, that raised the replica's peak and left
-    the C heap fragmented): the projections and the LM head for "gguf", and the embedding where it is
-    blocks."""
+    the C heap fragmented): the projections and the LM head the kernels multiply for "gguf", and the
+    embedding where it is such blocks."""
     if quantization != "gguf":
         return frozenset()
-    names = set(projection_tensors(model_class, gguf))
+    names = {name for g in _projection_groups(model_class, gguf) if on_kernels(gguf, g) for name, _ in g}
     if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
         names.add("token_embd.weight")
     return frozenset(names)
@@ -86,6 +102,9 @@ def quantize(model: Any, quantization: str, gguf: GGUFFile) -> None:
 
 def int8_pass(model: Any, gguf: GGUFFile) -> None:
     """Smooth the dense weights, then W8A8 for every block projection and weight-only int8 for the LM head."""
+    if not getattr(model, "SMOOTHQUANT", False):
+        raise ValueError(f"int8 quantization calibrates the Llama block only; {model.architecture} serves "
+                         "'gguf' or none")
     tok = Tokenizer.from_gguf(gguf)
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]))
                for p in smoothquant.CALIBRATION_PROMPTS]
@@ -97,34 +116,41 @@ def int8_pass(model: Any, gguf: GGUFFile) -> None:
 
 
 def gguf_pass(model: Any, gguf: GGUFFile) -> None:
-    """Every projection and the LM head multiply the file's own blocks; the embedding reads its blocks (the
-    LM head's, when tied). Dense weights, where the model was loaded with them, are dropped; load_model
-    loads it without them (tensors_from_blocks)."""
+    """Every projection and the LM head whose blocks the kernels multiply (on_kernels) use them; the
+    embedding reads its blocks (the LM head's, when tied). The others keep the dense weights they were loaded
+    with, logged once. Dense weights of the replaced ones, where the model was loaded with them, are dropped;
+    load_model loads it without them (tensors_from_blocks)."""
 
-    def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, str, int]:
+    def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, int]:
         t = gguf.raw_tensor(name)
-        kind = gguf.tensor_type(name)
-        if kind not in GGUF_BLOCK_TYPES:
-            raise ValueError(f"quantization 'gguf' needs {' or '.join(GGUF_BLOCK_TYPES)} tensors; {name} is {kind}")
         raw = torch.from_numpy(np.array(t.data, copy=True))
         if heads is not None:                                  # whole rows move: blocks stay intact
             raw = unpermute_qk(raw, heads)
-        return raw, kind, int(t.shape[0])
+        return raw, int(t.shape[0])
 
     def fused(sources: list[tuple[str, int | None]]) -> GGUFMatrix:
         parts = [blocks(name, heads) for name, heads in sources]
-        kinds = {p[1] for p in parts}
-        if len(kinds) != 1:
-            raise ValueError(f"fused projections need one block type, got {sorted(kinds)}")
-        return GGUFMatrix(torch.cat([p[0] for p in parts]), kinds.pop(), parts[0][2])
+        return GGUFMatrix(torch.cat([p[0] for p in parts]), gguf.tensor_type(sources[0][0]), parts[0][1])
 
+    dense: Counter[str] = Counter()
     for i, layer in enumerate(model.layers):
         for name, sources in model.projection_sources(model.hp, i).items():
-            setattr(layer, name, GGUFLinear(fused(sources)))
-    model.lm_head = GGUFLinear(fused([(model.lm_head_source(model.hp), None)]))
+            if on_kernels(gguf, sources):
+                setattr(layer, name, GGUFLinear(fused(sources)))
+            else:
+                dense.update(gguf.tensor_type(t) for t, _ in sources)
+    head = [(model.lm_head_source(model.hp), None)]
+    if on_kernels(gguf, head):
+        model.lm_head = GGUFLinear(fused(head))
+    else:
+        dense[gguf.tensor_type(head[0][0])] += 1
     if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
-        table = model.lm_head.kernel if model.hp.tie_word_embeddings else fused([("token_embd.weight", None)])
-        model.embed = GGUFEmbedding(table)
+        tied = model.hp.tie_word_embeddings and isinstance(model.lm_head, GGUFLinear)
+        model.embed = GGUFEmbedding(model.lm_head.kernel if tied else fused([("token_embd.weight", None)]))
+    if dense:
+        log.info("tensors without a GGUF kernel dequantized at load",
+                 extra={"dtype": str(model.dtype).removeprefix("torch."),
+                        "tensors": ", ".join(f"{k} {n}" for k, n in dense.most_common())})
 
 
 PASSES: dict[str, Callable[[Any, GGUFFile], None]] = {"int8": int8_pass, "gguf": gguf_pass}

@@ -12,6 +12,7 @@ import torch
 from kernels import LayerStack
 from services.inference.models.attention import AttentionMetadata
 from services.inference.models.compute import ComputePath
+from services.inference.models.gemma3 import Gemma3Model
 from services.inference.models.gguf_file import GGUFFile
 from services.inference.models.llama import LlamaModel
 from services.inference.models.quantize import auto_quantization, check_quantization, quantize, tensors_from_blocks
@@ -47,6 +48,7 @@ MODELS: dict[str, type[CausalLM]] = {
     "llama": LlamaModel,
     "qwen2": LlamaModel,         # the same block with Q/K/V biases (models/llama.py)
     "qwen3": LlamaModel,         # the same block with per-head Q/K norms
+    "gemma3": Gemma3Model,       # sliding-window layers, sandwich norms, GELU (models/gemma3.py)
 }
 
 

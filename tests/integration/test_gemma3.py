@@ -1,0 +1,125 @@
+"""The real Gemma 3 270M (Q4_K_M, installed by `make install`) against HF transformers' float32 greedy on
+the same file: 20 raw prompts (a pretrained model: no chat template), two of them past the 512-token window
+of its local layers, 48 tokens each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.inference.config import engine_config
+from services.inference.engine.factory import build_engine
+from services.inference.models import catalog
+from services.inference.models.gguf_file import GGUFFile
+from services.inference.models.linear import DenseLinear, GGUFEmbedding, GGUFLinear
+from services.inference.models.registry import load_model
+from services.inference.models.tokenizer import Tokenizer
+from services.inference.sampling import SamplingParams
+from tests.conftest import assert_all_blocks_free
+from tests.integration.test_engine_fidelity import hf_greedy_tokens, prefill_logits
+
+TEXT = (Path(__file__).parents[1] / "data" / "heldout.txt").read_text()
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def quicksort(arr):\n    ",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "import numpy as np\n\nx = np.linspace(0, 1, 100)\n",
+    "In 1969, astronauts",
+    "The recipe calls for two cups of flour,",
+    "Photosynthesis is the process by which",
+    "Q: What is the largest planet in the solar system?\nA:",
+    "La tour Eiffel est située à",
+    "Die Hauptstadt von Deutschland ist",
+    "1, 1, 2, 3, 5, 8, 13, 21,",
+    "SELECT name, age FROM users WHERE",
+    "The theory of relativity was developed by",
+    "My favourite season is autumn because",
+    "<html>\n<head>\n<title>",
+    "Breaking news: scientists have discovered",
+    TEXT + "\n\nIn summary, the history of the bicycle",
+    TEXT + "\n\n" + TEXT[:900] + " The most important change of all was",
+]
+NUM_TOKENS = 48
+GEMMA = catalog.models_dir() / "gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    if not GEMMA.is_file():
+        pytest.fail(f"{GEMMA} missing: `make install` assembles it")
+    return GGUFFile(GEMMA)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf):
+    return Tokenizer.from_gguf(gguf)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    ids = [tokenizer.encode(p) for p in PROMPTS]
+    assert sum(len(p) > 512 for p in ids) == 2          # the window of the local layers is passed
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hf(gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(GEMMA.parent, gguf_file=GEMMA.name,
+                                                             dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf, prompts):
+    return hf_greedy_tokens(hf, prompts, NUM_TOKENS, pad_token_id=0)
+
+
+def generate(gguf, tokenizer, prompts, quantization):
+    model = load_model(gguf, quantization=quantization)
+    engine = build_engine(engine_config(dtype="float32", quantization=quantization, kv_cache_memory_gb=0.3),
+                          model=model, tokenizer=tokenizer)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
+    assert_all_blocks_free(engine)
+    return model, [o.new_token_ids for o in outs]
+
+
+def test_the_file_is_read_for_what_it_holds(gguf):
+    model = load_model(gguf, quantization="gguf")
+    hp = model.hp
+    assert (hp.num_layers, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim) == (18, 640, 4, 1, 256)
+    assert hp.sliding_window == 512 and [i for i, s in enumerate(hp.sliding_layers) if not s] == [5, 11, 17]
+    assert (hp.rope_theta, hp.rope_theta_local, hp.tie_word_embeddings) == (1e6, 1e4, True)
+    # the Q8_0 embedding (the LM head too) multiplies its blocks; the K-quant and Q5_0 projections are dense
+    assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed, GGUFEmbedding)
+    assert isinstance(model.layers[0].down, DenseLinear)
+
+
+def test_dense_greedy_tokens_equal_hf(gguf, tokenizer, prompts, hf_greedy):
+    """The file's blocks dequantized to float32, as HF loads them: 19 of 20 prompts exact (measured: 20)."""
+    _, ours = generate(gguf, tokenizer, prompts, None)
+    exact = sum(a == b for a, b in zip(ours, hf_greedy))
+    assert exact >= 19, exact
+
+
+def test_blocks_on_the_kernels_follow_hf(gguf, tokenizer, prompts, hf, hf_greedy):
+    """--quantization gguf (the default): the LM head multiplies its Q8_0 blocks with int8 activations. Over
+    262,144 tokens its top two logits are often closer than that error, so 48 greedy tokens cannot be HF's on
+    19 of 20 prompts (measured: 10 of 20; llama.cpp on the same file: 9 of 20). Checked instead, teacher-forced
+    on HF's continuation of each short prompt: logits within 10% of their spread (measured: 5%), and HF's
+    argmax wherever HF's top-two gap is over twice the largest difference seen."""
+    model, _ = generate(gguf, tokenizer, prompts[:6], "gguf")
+    for prompt, ref in zip(prompts[:6], hf_greedy):
+        seq = prompt + ref
+        with torch.no_grad():
+            want = hf(torch.tensor([seq])).logits[0]
+        got = prefill_logits(model, seq)
+        worst = float((got - want).abs().max())
+        assert worst <= 0.1 * float(want.std()), (worst, float(want.std()))
+        top = want.topk(2, dim=-1).values
+        clear = ((top[:, 0] - top[:, 1]) > 2 * worst).nonzero().flatten()
+        assert len(clear) >= len(seq) // 2
+        assert got[clear].argmax(-1).tolist() == want[clear].argmax(-1).tolist()
