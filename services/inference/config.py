@@ -37,7 +37,8 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[s
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     model_path: str | None = option(None, "GGUF file (default: the packaged SmolLM2-135M-Instruct)")
-    model_name: str = option(DEFAULT_MODEL_NAME, "the name clients ask for")
+    model_name: str | None = option(None, "the name clients ask for (default: the GGUF file's stem; "
+                                          f"{DEFAULT_MODEL_NAME} for the packaged model)")
     dtype: str = option("auto", "auto = bfloat16 on CPUs with native bf16 (AMX/AVX512-BF16), else float32 "
                                 "(float32 on a GPU); quantized models run float32", choices=DTYPE_CHOICES)
     quantization: str | None = option(

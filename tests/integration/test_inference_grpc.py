@@ -49,6 +49,20 @@ def chat(text: str, **sampling) -> inference_pb2.GenerateRequest:
         sampling=common_pb2.SamplingParams(**sampling))
 
 
+async def test_chat_to_a_model_without_a_template_is_invalid_argument(stub, service, monkeypatch):
+    """A GGUF without tokenizer.chat_template (Gemma 3 270M's) serves raw prompts; messages are refused, saying
+    why, and a raw prompt still runs."""
+    svc, _ = service
+    monkeypatch.setattr(svc.engine.engine.tokenizer, "chat_template", None)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [c async for c in stub.Generate(chat("Hi", max_tokens=2))]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has no chat template" in err.value.details() and "raw prompt" in err.value.details()
+    raw = inference_pb2.GenerateRequest(prompt="Hi", sampling=common_pb2.SamplingParams(max_tokens=2))
+    assert len([c async for c in stub.Generate(raw)]) >= 1
+    await wait_all_blocks_free(svc)
+
+
 async def test_generate_streams_chunks_and_ends_with_usage_and_source(stub, service):
     chunks = [c async for c in stub.Generate(chat("Name a color.", temperature=0, max_tokens=12, ignore_eos=True))]
     assert len(chunks) == 12

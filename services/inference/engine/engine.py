@@ -76,6 +76,11 @@ class LLMEngine:
         return self.scheduler.kv.num_blocks
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text of a conversation, by the GGUF's chat template; a model without one (a pretrained
+        model such as Gemma 3 270M) serves raw prompts only: InvalidArgumentError."""
+        if self.tokenizer.chat_template is None:
+            raise InvalidArgumentError(f"model {self.config.model.model_name!r} has no chat template (its GGUF "
+                                       "carries none): send a raw prompt, not messages")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,

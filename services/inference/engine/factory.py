@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from services.inference.config import EngineConfig
+from services.inference.config import DEFAULT_MODEL_NAME, EngineConfig
 from services.inference.engine.draft_proposer import DraftProposer
 from services.inference.engine.engine import LLMEngine
 from services.inference.engine.kv_cache_manager import KVCacheManager
@@ -80,7 +80,9 @@ def resolve(config: EngineConfig, model: CausalLM | None = None, gguf: GGUFFile 
     if pending:
         quantization = resolve_quantization(quantization, gguf, device)
     dtype = "float32" if quantization else resolve_dtype(m.dtype, device)
-    return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype, quantization=quantization),
+    name = m.model_name or (Path(m.model_path).stem if m.model_path else DEFAULT_MODEL_NAME)
+    return dataclasses.replace(config, model=dataclasses.replace(m, dtype=dtype, quantization=quantization,
+                                                                 model_name=name),
                                device=dataclasses.replace(d, device=device))
 
 
