@@ -39,16 +39,18 @@ def test_int8_w8a8_perplexity_is_within_2_percent_of_float32(model_int8, model_f
     assert abs(ppl8 - ppl32) / ppl32 < 0.02, (ppl32, ppl8)
 
 
-def test_gguf_blocks_perplexity_is_within_2_percent_of_float32(model_gguf, model_fp32, tokenizer):
+def test_gguf_blocks_perplexity_is_within_1_percent_of_float32(model_gguf, model_fp32, tokenizer):
     """Every product runs the Q4_1 / Q8_0 kernels (activations quantized per 32-value block) whatever the
     step's size: one pass over the text and 16-token steps agree within 1% (the fused layer stack and the
-    torch path round differently, and int8 activations pass such differences on), both within 2% of float32."""
+    torch path round differently, and int8 activations pass such differences on), both within 1% of float32
+    (measured 2026-12-02: +0.58% and +0.09%)."""
     ids = tokenizer.encode(HELD_TEXT)
     ppl32 = perplexity(model_fp32, ids)
     one_pass, chunked = perplexity(model_gguf, ids), perplexity(model_gguf, ids, chunk=16)
     assert perplexity(model_fp32, ids, chunk=16) == pytest.approx(ppl32, rel=1e-3)   # chunking itself changes nothing
     assert chunked == pytest.approx(one_pass, rel=1e-2)
-    assert abs(one_pass - ppl32) / ppl32 < 0.02, (ppl32, one_pass)
+    assert abs(one_pass - ppl32) / ppl32 < 0.01, (ppl32, one_pass)
+    assert abs(chunked - ppl32) / ppl32 < 0.01, (ppl32, chunked)
 
 
 def test_smoothing_alone_leaves_the_float_model_unchanged(gguf_file, model_fp32, tokenizer):
