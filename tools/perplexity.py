@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, window_metadata
+from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, single_table_metadata
 from services.inference.models.compute import choose_compute
 from services.inference.models.registry import CausalLM
 
@@ -32,8 +32,7 @@ def token_logprobs(model: CausalLM, token_ids: list[int], chunk: int | None = No
             span = PrefillSpan(0, end - start, torch.arange(end), torch.arange(end)[None, :] <= slots[:, None])
         meta = AttentionMetadata(slot_mapping=slots, block_size=1, num_paged_rows=0, paged_block_table=None,
                                  decode_mask=None, prefills=[span])
-        if getattr(hp, "sliding_window", 0):               # local layers (gemma3): the same, cut to the window
-            meta.sliding = window_metadata(meta, hp.sliding_window, [], [start])
+        single_table_metadata(meta, hp, [], [start])       # local layers (gemma3): cut to their window
         hidden = model.forward(ids[start:end], slots, kv, meta, compute)
         rows = hidden if end < n else hidden[:-1]                  # the last token predicts nothing here
         logp = torch.log_softmax(model.compute_logits(rows), dim=-1)

@@ -225,23 +225,23 @@ def test_smoothing_for_int8_leaves_the_outputs_unchanged(tiny_f32):
         torch.testing.assert_close(prefill_logits(model, p), want, atol=1e-3, rtol=1e-4)
 
 
-def test_sliding_window_over_chunked_prefill_and_cached_prefixes(tiny_files, tokenizer):
+def test_sliding_window_over_chunked_prefill_and_batched_decodes(tiny_files, tokenizer):
     """gemma3's local layers attend to the last 8 positions from every kind of step: prefill chunks of 5
-    tokens over cached context (max_num_batched_tokens 5), a prefix-cache hit (the second prompt repeats the
-    first's 32 leading tokens, run after it) and decodes batched with another prompt's chunks. Each step's
-    top-5 log-probabilities are HF's (the whole sequence at once) within 1e-3, and the tokens are HF's."""
+    tokens over cached context (max_num_batched_tokens 5), chunks longer than the window, decodes batched
+    with another prompt's chunks, while their groups' blocks that left the window go back to the pool. Each
+    step's top-5 log-probabilities are HF's (the whole sequence at once) within 1e-3, and the tokens HF's."""
     _, _, gguf, hf = tiny_files("gemma3", None)
     model = load_model(gguf)
-    engine = build_engine(engine_config(dtype="float32", quantization=None, kv_cache_memory_gb=0.02,
-                                        max_num_batched_tokens=5, block_size=4),
-                          model=model, tokenizer=tokenizer)
+    prompts = [list(range(60, 95)), list(range(60, 92)) + [7, 8, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
-    first, second = list(range(60, 95)), list(range(60, 92)) + [7, 8, 9]
-    outs = engine.generate([first], params)
-    outs += engine.generate([second, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]], params)
-    assert_all_blocks_free(engine)
-    assert outs[1].num_cached_tokens == 32
-    for prompt, out in zip([first, second, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]], outs):
+    outs = []
+    for budget, batch in ((5, prompts[:1]), (5, prompts[1:]), (64, prompts)):
+        engine = build_engine(engine_config(dtype="float32", quantization=None, kv_cache_memory_gb=0.02,
+                                            max_num_batched_tokens=budget, block_size=4),
+                              model=model, tokenizer=tokenizer)
+        outs += engine.generate(batch, params)
+        assert_all_blocks_free(engine)
+    for prompt, out in zip(prompts + prompts, outs):
         assert out.new_token_ids == hf_greedy(hf, prompt)[:12]
         with torch.no_grad():
             ref = torch.log_softmax(hf(torch.tensor([prompt + out.new_token_ids])).logits[0].float(), -1)
@@ -250,3 +250,22 @@ def test_sliding_window_over_chunked_prefill_and_cached_prefixes(tiny_files, tok
         got = [lp for step in out.logprobs for _, lp in step.top]
         want = [float(ref[len(prompt) - 1 + i, t]) for i, step in enumerate(out.logprobs) for t, _ in step.top]
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-5)
+
+
+def test_local_groups_hold_only_their_window(tiny_files, tokenizer):
+    """The tiny gemma3 (5 local layers, 1 global: groups of one layer) over a 200-token request in blocks of
+    4: the global group holds all 50 blocks, each local group at most the window's 2 blocks, the block
+    before it and the step's, so the request peaks at 50 + 5 x 4 blocks instead of 6 x 50."""
+    _, _, gguf, _ = tiny_files("gemma3", None)
+    engine = build_engine(engine_config(dtype="float32", quantization=None, num_kv_blocks=400,
+                                        block_size=4, max_num_batched_tokens=16),
+                          model=load_model(gguf), tokenizer=tokenizer)
+    kv = engine.scheduler.kv
+    assert kv.layout.windows == (0, 8, 8, 8, 8, 8) and not kv.enable_prefix_caching
+    engine.add_request(list(range(1, 101)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, kv.num_blocks - kv.num_free_blocks)
+    assert 50 < peak <= 50 + 5 * 4, peak
+    assert_all_blocks_free(engine)

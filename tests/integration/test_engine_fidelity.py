@@ -64,7 +64,7 @@ def test_greedy_tokens_equal_hf_transformers_over_48_tokens(engine, prompts, hf_
 
 def prefill_logits(model, ids: list[int]) -> torch.Tensor:
     """One prefill step of `ids` through a Strata model (on its device): the logits of every position."""
-    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, window_metadata
+    from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, single_table_metadata
     from services.inference.models.compute import choose_compute
 
     hp, device, n = model.hp, model.device, len(ids)
@@ -72,8 +72,7 @@ def prefill_logits(model, ids: list[int]) -> torch.Tensor:
            new_kv_pool(hp.num_kv_heads, n, hp.head_dim, torch.float32, device)) for _ in range(hp.num_layers)]
     slots = torch.arange(n, device=device)
     meta = AttentionMetadata(slots, 1, 0, None, None, [PrefillSpan(0, n, None, None)])
-    if getattr(hp, "sliding_window", 0):
-        meta.sliding = window_metadata(meta, hp.sliding_window, [], [0])
+    single_table_metadata(meta, hp, [], [0])
     with torch.inference_mode():
         return model.compute_logits(model.forward(torch.tensor(ids, device=device), slots, kv, meta,
                                                   choose_compute(model, kv, 1)))

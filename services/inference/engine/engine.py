@@ -98,7 +98,7 @@ class LLMEngine:
             raise InvalidRequestError("prompt is empty")
         if any(not 0 <= t < self.hparams.vocab_size for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.hparams.vocab_size})")
-        capacity = self.num_kv_blocks * self.config.cache.block_size
+        capacity = self.scheduler.kv.max_request_tokens
         limit = min(self.max_model_len, capacity)
         where = "context window" if limit == self.max_model_len else "KV cache of this replica"
         if n >= limit:

@@ -15,6 +15,7 @@ from services.inference.config import DEFAULT_MODEL_NAME, EngineConfig
 from services.inference.engine.draft_proposer import DraftProposer
 from services.inference.engine.engine import LLMEngine
 from services.inference.engine.kv_cache_manager import KVCacheManager
+from services.inference.engine.kv_layout import KVLayout
 from services.inference.engine.memory import release_freed_memory
 from services.inference.engine.model_runner import ModelRunner
 from services.inference.engine.scheduler import Scheduler
@@ -87,11 +88,12 @@ def resolve(config: EngineConfig, model: CausalLM | None = None, gguf: GGUFFile 
 
 
 def num_kv_blocks(config: EngineConfig, model: CausalLM) -> int:
-    """The KV pool's blocks: --num-kv-blocks, else as many as --kv-cache-gb holds (K and V of every layer)."""
+    """The KV pool's blocks: --num-kv-blocks, else as many as --kv-cache-gb holds (K and V of each of the
+    layout's tensors: every layer, or one group's layers where the model has local ones; engine/kv_layout.py)."""
     c, hp = config.cache, model.hp
     if c.num_kv_blocks is not None:
         return c.num_kv_blocks
-    bytes_per_block = 2 * hp.num_layers * c.block_size * hp.num_kv_heads * hp.head_dim * \
+    bytes_per_block = 2 * KVLayout.for_model(hp).num_tensors * c.block_size * hp.num_kv_heads * hp.head_dim * \
         DTYPES[config.model.dtype].itemsize
     return max(1, int(c.kv_cache_memory_gb * 2**30) // bytes_per_block)
 
@@ -143,8 +145,11 @@ def build_engine(config: EngineConfig, *, model: CausalLM | None = None, tokeniz
     max_model_len = min(m.max_model_len or hp.max_position_embeddings, hp.max_position_embeddings)
     blocks = num_kv_blocks(config, model)
     c = config.cache
-    scheduler = Scheduler(config.scheduler, KVCacheManager(blocks, c.block_size, c.enable_prefix_caching))
-    runner = ModelRunner(model, blocks, c.block_size)
+    layout = KVLayout.for_model(hp)
+    kv = KVCacheManager(blocks, c.block_size, c.enable_prefix_caching, layout,
+                        config.scheduler.max_num_batched_tokens)
+    scheduler = Scheduler(config.scheduler, kv)
+    runner = ModelRunner(model, kv.pool.num_blocks, c.block_size, layout)
     proposer = build_proposer(config, model, blocks, draft_model)
     log.info("engine ready", extra={"model": m.model_name, "dtype": m.dtype, "quantization": m.quantization or "none",
                                     "num_kv_blocks": blocks,

@@ -12,6 +12,7 @@ import torch
 from kernels import PagedAttention
 from services.inference.engine.request import Request
 from services.inference.engine.scheduler import ScheduledChunk, SchedulerOutput
+from services.inference.engine.kv_layout import KVLayout
 from services.inference.models.attention import AttentionMetadata, PrefillSpan, new_kv_pool, window_metadata
 from services.inference.models.compute import StepPath, choose_compute
 from services.inference.models.registry import CausalLM
@@ -38,18 +39,22 @@ class ModelRunnerOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, model: CausalLM, num_kv_blocks: int, block_size: int, layout: KVLayout | None = None) -> None:
+        """`num_kv_blocks`: the pool's blocks (the KV cache manager's, its null block included); `layout`: how the
+        layers share them (engine/kv_layout.py; default: the model's)."""
         hp = model.hp
         self.model = model
         self.block_size = block_size
         self.device = model.device
+        self.layout = layout or KVLayout.for_model(hp)
         num_slots = num_kv_blocks * block_size
-        self.kv_caches = [(new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device),
-                           new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device))
-                          for _ in range(hp.num_layers)]
+        pools = [(new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device),
+                  new_kv_pool(hp.num_kv_heads, num_slots, hp.head_dim, model.dtype, self.device))
+                 for _ in range(self.layout.num_tensors)]
+        self.kv_caches = [pools[self.layout.tensor_of(i)] for i in range(hp.num_layers)]   # per layer
+        self._layer_group = [self.layout.group_of(i) for i in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
         self.compute = choose_compute(model, self.kv_caches, block_size)
-        self.sliding_window = int(getattr(hp, "sliding_window", 0))   # local layers' window (gemma3), else 0
         self._on_forward: Callable[[], None] | None = None
         log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
 
@@ -68,7 +73,7 @@ class ModelRunner:
             self.compute.layer_stack.before_run = hook
 
     def kv_cache_bytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        return sum(k.nbytes + v.nbytes for k, v in {id(p[0]): p for p in self.kv_caches}.values())
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -88,7 +93,6 @@ class ModelRunner:
         at most kernels.MAX_DECODE_ROWS rows: short prefill chunks, speculative verification runs), then the
         longer prefill chunks, whose attention runs torch's SDPA (faster there on CPU: bench.kernels); returns
         the chunks in that order with the step's inputs."""
-        use_kernel = self.compute.paged_attention
         limit = self.compute.paged_max_rows
         paged = [c for c in chunks if c.num_tokens <= limit]
         prefills = [c for c in chunks if c.num_tokens > limit]
@@ -102,22 +106,31 @@ class ModelRunner:
             ids.extend(c.spec_token_ids)
             pos.extend(range(c.start, c.start + c.num_tokens))
         positions = torch.tensor(pos, dtype=torch.int64)
+        metas = [self._group_metadata(g, paged, prefills, num_paged_rows) for g in range(len(self.layout.groups))]
+        meta = metas[0]
+        if len(metas) > 1 or self.layout.hybrid:
+            meta.per_layer = [metas[g] for g in self._layer_group]
+        return ordered, torch.tensor(ids, dtype=torch.int64), positions, meta
+
+    def _group_metadata(self, group: int, paged: list[ScheduledChunk], prefills: list[ScheduledChunk],
+                        num_paged_rows: int) -> AttentionMetadata:
+        """The step's attention metadata over one layer group's block tables (engine/kv_layout.py), its masks
+        cut to the group's window where it has one."""
         slot_parts = []
         bs = self.block_size
         # paged rows: each sequence's new rows over its padded block table
         table = mask = plan = None
         if paged:                       # built from Python lists: a decode step's few rows cost less so
+            tables = [c.request.block_tables[group] for c in paged]
             ctx_lens = [c.start + c.num_tokens for c in paged]
-            slot_parts.append(torch.tensor([c.request.block_ids[p // bs] * bs + p % bs for c in paged
+            slot_parts.append(torch.tensor([t[p // bs] * bs + p % bs for c, t in zip(paged, tables)
                                             for p in range(c.start, c.start + c.num_tokens)], dtype=torch.int64))
-            if use_kernel:              # checked once, used by every layer
-                plan = PagedAttention.from_lists([c.request.block_ids for c in paged], ctx_lens, bs,
-                                                 [c.num_tokens for c in paged])
+            if self.compute.paged_attention:       # checked once, used by every layer
+                plan = PagedAttention.from_lists(tables, ctx_lens, bs, [c.num_tokens for c in paged])
                 table = plan.block_table
             else:                       # decodes only: the torch path's context mask
-                nb = max(len(c.request.block_ids) for c in paged)
-                table = torch.tensor([c.request.block_ids + [0] * (nb - len(c.request.block_ids))
-                                      for c in paged], dtype=torch.int64)
+                nb = max(len(t) for t in tables)
+                table = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.int64)
                 mask = torch.arange(nb * bs)[None, :] < torch.tensor(ctx_lens, dtype=torch.int64)[:, None]
         # longer prefill chunks: one span each, attending to its cached context plus itself
         spans = []
@@ -125,7 +138,7 @@ class ModelRunner:
         for c in prefills:
             ctx_len = c.start + c.num_tokens
             nb = -(-ctx_len // bs)
-            block_ids = torch.tensor(c.request.block_ids[:nb], dtype=torch.int64)
+            block_ids = torch.tensor(c.request.block_tables[group][:nb], dtype=torch.int64)
             new_pos = torch.arange(c.start, ctx_len)
             slot_parts.append(block_ids[new_pos // bs] * bs + new_pos % bs)
             if c.start == 0:
@@ -138,10 +151,10 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
             num_paged_rows=num_paged_rows, paged_block_table=table, decode_mask=mask,
             prefills=spans, paged_plan=plan)
-        if self.sliding_window:
-            meta.sliding = window_metadata(meta, self.sliding_window, [c.start + c.num_tokens for c in paged],
-                                           [c.start for c in prefills])
-        return ordered, torch.tensor(ids, dtype=torch.int64), positions, meta
+        window = self.layout.windows[group]
+        if window:
+            meta = window_metadata(meta, window, [c.start + c.num_tokens for c in paged], [c.start for c in prefills])
+        return meta
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

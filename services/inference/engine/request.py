@@ -47,7 +47,8 @@ class Request:
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first schedule
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
-        self.block_ids: list[int] = []
+        self.block_tables: list[list[int]] = [[]]  # per layer group (engine/kv_layout.py); one for most models
+        self.num_released_blocks: list[int] = []   # per group: leading entries a sliding window has released
         self.block_hashes: list[BlockHash] = []    # hashes of this request's full blocks, in order
         self.num_registered_blocks = 0             # leading blocks already in the prefix-cache index
         self.first_scheduled_time: float | None = None
@@ -56,6 +57,11 @@ class Request:
         self.num_speculative_tokens = num_speculative_tokens
         self.spec_token_ids: list[int] = []        # proposals for the next step (not yet verified)
         self.acceptance = AcceptanceEstimate()     # how often its proposals are accepted (picks its k)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The first (full-attention) group's block table: every layer's, unless the model has local layers."""
+        return self.block_tables[0]
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -42,15 +42,21 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None         # [S, nb * block_size] bool: context positions (torch path: decodes)
     prefills: list[PrefillSpan]
     paged_plan: Any = None                   # kernels.PagedAttention: paged rows read the pool in place
-    sliding: "AttentionMetadata | None" = None   # the same step for sliding-window layers (masks cut to it)
+    per_layer: "list[AttentionMetadata] | None" = None   # each layer's own (its group's table, its window);
+    #                                                        None: every layer reads this one
 
     def to(self, device: torch.device) -> "AttentionMetadata":
-        """The same metadata with its tensors on `device` (the plan keeps its own per-device copies)."""
+        """The same metadata with its tensors on `device` (the plan keeps its own per-device copies); each
+        distinct per-layer metadata is moved once (a group's layers share theirs, the first group's is this)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         spans = [PrefillSpan(p.start, p.end, move(p.block_ids), move(p.mask)) for p in self.prefills]
-        return AttentionMetadata(move(self.slot_mapping), self.block_size, self.num_paged_rows,
-                                 move(self.paged_block_table), move(self.decode_mask), spans, self.paged_plan,
-                                 None if self.sliding is None else self.sliding.to(device))
+        moved = AttentionMetadata(move(self.slot_mapping), self.block_size, self.num_paged_rows,
+                                  move(self.paged_block_table), move(self.decode_mask), spans, self.paged_plan)
+        if self.per_layer is not None:
+            done: dict[int, AttentionMetadata] = {id(self): moved}
+            moved.per_layer = [done[id(m)] if id(m) in done else done.setdefault(id(m), m.to(device))
+                               for m in self.per_layer]
+        return moved
 
 
 def window_metadata(meta: AttentionMetadata, window: int, paged_context_lens: list[int],
@@ -76,6 +82,18 @@ def window_metadata(meta: AttentionMetadata, window: int, paged_context_lens: li
         spans.append(PrefillSpan(span.start, span.end, span.block_ids, cut))
     return AttentionMetadata(meta.slot_mapping, meta.block_size, meta.num_paged_rows, meta.paged_block_table,
                              mask, spans)
+
+
+def single_table_metadata(meta: AttentionMetadata, hp: Any, paged_context_lens: list[int],
+                          prefill_starts: list[int]) -> AttentionMetadata:
+    """`meta` for a model whose layers all use one block table (a scratch pool per layer, as the tests and
+    tools/perplexity.py build): where the model has sliding-window layers (hp.sliding_layers), theirs get the
+    windowed copy (window_metadata) through `per_layer`."""
+    window = getattr(hp, "sliding_window", 0)
+    if window and any(hp.sliding_layers):
+        local = window_metadata(meta, window, paged_context_lens, prefill_starts)
+        meta.per_layer = [local if s else meta for s in hp.sliding_layers]
+    return meta
 
 
 def new_kv_pool(num_kv_heads: int, num_slots: int, head_dim: int, dtype: torch.dtype,

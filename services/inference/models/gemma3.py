@@ -10,7 +10,8 @@ from the file's tensors and metadata:
 - embeddings scaled by sqrt(hidden); the LM head tied to them;
 - attention scaled by 1/sqrt(head_dim) (llama.cpp's query_pre_attn_scalar for every size but 27B, and
   transformers' default of 256 for the head size of 256 these files have).
-The local layers read `AttentionMetadata.sliding`: the same KV slots, masked to their window."""
+Each layer reads its own metadata (`AttentionMetadata.per_layer`: its group's block table, the local layers'
+masks cut to their window; engine/kv_layout.py)."""
 
 from __future__ import annotations
 
@@ -120,11 +121,6 @@ class Gemma3Model(LlamaModel):
     def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
         return None                  # the C++ stack runs the Llama block only
 
-    @property
-    def sliding_window(self) -> int:
-        """Positions a local layer attends to; the model runner builds their masks (AttentionMetadata.sliding)."""
-        return self.hp.sliding_window
-
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 compute: ComputePath) -> torch.Tensor:
@@ -138,11 +134,12 @@ class Gemma3Model(LlamaModel):
         h = self.embed(input_ids) if isinstance(self.embed, GGUFEmbedding) else F.embedding(input_ids, self.embed)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         t = h.shape[0]
-        for layer, local, (k_pool, v_pool) in zip(self.layers, hp.sliding_layers, kv_caches):
+        layer_meta = meta.per_layer or [meta] * hp.num_layers
+        for i, (layer, local, (k_pool, v_pool)) in enumerate(zip(self.layers, hp.sliding_layers, kv_caches)):
             cos, sin = rope[local]
             q, k, v = self.project_qkv(layer, norm(h, layer.attn_norm))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            a = paged_attention(q, k, v, k_pool, v_pool, meta.sliding if local else meta, self.scale, kernels)
+            a = paged_attention(q, k, v, k_pool, v_pool, layer_meta[i], self.scale, kernels)
             h = h + norm(layer.o(a.reshape(t, self.q_size)), layer.post_attn_norm)
             gate, up = layer.gate_up(norm(h, layer.ffn_norm)).chunk(2, dim=-1)
             h = h + norm(layer.down(F.gelu(gate, approximate="tanh") * up), layer.post_ffn_norm)
