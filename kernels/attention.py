@@ -26,10 +26,12 @@ class PagedAttention:
     query_lens [S] int64 (None: one row per sequence, a decode step): sequence s owns the next
     query_lens[s] rows of q, which are the last positions of its context (row r of n at position
     context_lens[s] - n + r, attending positions up to and including its own). Call it with each
-    layer's q [T, H, D] and pools. Semantics: kernels.reference.paged_attention."""
+    layer's q [T, H, D] and pools. window > 0 (sliding-window layers): each row attends its last `window`
+    positions only, and blocks wholly before the first row's window are never read (their table entries may be
+    any block of the pool: the engine's null block). Semantics: kernels.reference.paged_attention."""
 
     def __init__(self, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int,
-                 query_lens: torch.Tensor | None = None) -> None:
+                 query_lens: torch.Tensor | None = None, window: int = 0) -> None:
         if block_table.dtype != torch.int64 or context_lens.dtype != torch.int64:
             raise TypeError("block_table and context_lens must be int64")
         if block_table.dim() != 2 or context_lens.dim() != 1 or block_table.shape[0] != context_lens.shape[0]:
@@ -52,6 +54,7 @@ class PagedAttention:
         torch.cumsum(self.query_lens, 0, out=self.query_start[1:])
         self.num_rows = int(self.query_start[-1])
         self.block_size = block_size
+        self.window = window
         self.max_context = hi
         self.max_block = int(block_table.max()) if block_table.numel() else -1
         self.min_block = int(block_table.min()) if block_table.numel() else 0
@@ -60,7 +63,7 @@ class PagedAttention:
 
     @classmethod
     def from_lists(cls, block_tables: list[list[int]], context_lens: list[int], block_size: int,
-                   query_lens: list[int]) -> "PagedAttention":
+                   query_lens: list[int], window: int = 0) -> "PagedAttention":
         """The same plan from the engine's Python lists (tables padded here with block 0), checked in Python:
         a decode step builds its plan from three tensors instead of a dozen small tensor ops."""
         s = len(block_tables)
@@ -82,6 +85,7 @@ class PagedAttention:
         plan.query_start = torch.tensor(starts, dtype=torch.int64)
         plan.num_rows = starts[-1]
         plan.block_size = block_size
+        plan.window = window
         plan.max_context = max(context_lens, default=0)
         flat = [b for row in padded for b in row]
         plan.max_block, plan.min_block = (max(flat), min(flat)) if flat else (-1, 0)
@@ -132,16 +136,18 @@ class PagedAttention:
         if backend is None:                                     # the plan's tables move to q's device
             one_device = len({x.device.type for x in (q, k_pool, v_pool)}) == 1
             backend = attention_backend(q.device, k_pool.dtype, q.dtype, d, self.block_size) if one_device else REFERENCE
+        if backend == CUDA and self.window:
+            backend = TRITON                     # the CUDA kernels read whole contexts; Triton has the window
         if backend == CUDA:
             return self._cuda(cuda_module(), q, k_pool, v_pool, scale)
         if backend == TRITON:
             table, row_seq, row_len = self.device_tables(q.device)
             with device_of(q):
                 return triton_module().paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale,
-                                                            self.block_size)
+                                                            self.block_size, self.window)
         if backend == REFERENCE:
             return reference.paged_attention(q, k_pool, v_pool, self.block_table, self.context_lens, self.query_lens,
-                                             scale, self.block_size)
+                                             scale, self.block_size, self.window)
         if backend != CPP:
             raise ValueError(f"unknown kernel backend {backend!r}")
         if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
@@ -152,7 +158,7 @@ class PagedAttention:
             qf.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.dtype == torch.bfloat16,
             self.block_table.data_ptr(), self.context_lens.data_ptr(), self.query_start.data_ptr(),
             len(self.context_lens), h, kvh, d, num_slots, self.block_size, self.block_table.shape[1], float(scale),
-            out.data_ptr())
+            out.data_ptr(), self.window)
         return out if q.dtype == torch.float32 else out.to(q.dtype)
 
     def _cuda(self, gpu, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float) -> torch.Tensor:
@@ -180,9 +186,10 @@ class PagedDecode(PagedAttention):
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
-                    block_size: int) -> torch.Tensor:
-    """One call: PagedAttention(block_table, context_lens, block_size, query_lens)(q, k_pool, v_pool, scale)."""
-    return PagedAttention(block_table, context_lens, block_size, query_lens)(q, k_pool, v_pool, scale)
+                    block_size: int, window: int = 0, backend: str | None = None) -> torch.Tensor:
+    """One call: PagedAttention(block_table, context_lens, block_size, query_lens, window)(q, k_pool, v_pool,
+    scale, backend)."""
+    return PagedAttention(block_table, context_lens, block_size, query_lens, window)(q, k_pool, v_pool, scale, backend)
 
 
 def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,

@@ -38,14 +38,15 @@ def quantize_rows_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
-                    block_size: int) -> torch.Tensor:
+                    block_size: int, window: int = 0) -> torch.Tensor:
     """Causal attention of each sequence's query rows over its paged K/V, computed in float32.
 
     q [T, H, D]: sequence s owns the next query_lens[s] rows (None: one each), the last positions of its
     context: row r of n sits at position context_lens[s] - n + r and attends positions 0 .. that one.
     k_pool / v_pool [KVH, num_slots, D]; block_table [S, max_blocks] int64 (position p of sequence s lives
     in slot block_table[s, p // block_size] * block_size + p % block_size); context_lens [S] int64. Query
-    head h uses KV head h // (H // KVH). Returns [T, H, D] in q's dtype."""
+    head h uses KV head h // (H // KVH). window > 0 (sliding-window layers): a row at position P attends
+    P - window + 1 .. P only. Returns [T, H, D] in q's dtype."""
     t, h, d = q.shape
     kvh = k_pool.shape[0]
     out = torch.zeros(t, h, d, dtype=torch.float32, device=q.device)
@@ -55,13 +56,17 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
         n = 1 if query_lens is None else int(query_lens[s])
         if n == 0:
             continue
-        pos = torch.arange(ctx, device=block_table.device)
+        first = max(0, ctx - n + 1 - window) if window > 0 else 0      # blocks before it may be released
+        pos = torch.arange(first, ctx, device=block_table.device)
         slots = (block_table[s, pos // block_size] * block_size + pos % block_size).to(k_pool.device)
         pos = pos.to(q.device)
         k, v = k_pool[:, slots].float(), v_pool[:, slots].float()               # [KVH, L, D]
         qs = q[row:row + n].float().view(n, kvh, h // kvh, d).permute(1, 0, 2, 3)  # [KVH, n, G, D]
         scores = torch.einsum("knqd,kld->knql", qs, k) * scale
-        visible = pos[None, :] <= (ctx - n + torch.arange(n, device=q.device))[:, None]           # [n, L]
+        own = (ctx - n + torch.arange(n, device=q.device))[:, None]                                  # [n, 1]
+        visible = pos[None, :] <= own                                                                # [n, L]
+        if window > 0:
+            visible &= pos[None, :] > own - window
         scores = scores.masked_fill(~visible[None, :, None, :], float("-inf"))
         out[row:row + n] = torch.einsum("knql,kld->nkqd", torch.softmax(scores, dim=-1), v).reshape(n, h, d)
         row += n

@@ -88,13 +88,17 @@ PYBIND11_MODULE(_C, m) {
         "paged_attention",
         [](uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, bool bf16_kv, uintptr_t block_table, uintptr_t context_lens,
            uintptr_t query_start, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-           int64_t num_slots, int64_t block_size, int64_t max_blocks, float scale, uintptr_t out) {
+           int64_t num_slots, int64_t block_size, int64_t max_blocks, float scale, uintptr_t out, int64_t window) {
             py::gil_scoped_release release;
             strata::cpu::paged_attention(ptr<const float>(q), ptr<const void>(k_pool), ptr<const void>(v_pool), bf16_kv,
                                          ptr<const int64_t>(block_table), ptr<const int64_t>(context_lens),
                                          ptr<const int64_t>(query_start), num_seqs, num_heads, num_kv_heads, head_dim,
-                                         num_slots, block_size, max_blocks, scale, ptr<float>(out));
-        });
+                                         num_slots, block_size, max_blocks, scale, ptr<float>(out), window);
+        },
+        py::arg("q"), py::arg("k_pool"), py::arg("v_pool"), py::arg("bf16_kv"), py::arg("block_table"),
+        py::arg("context_lens"), py::arg("query_start"), py::arg("num_seqs"), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("num_slots"), py::arg("block_size"),
+        py::arg("max_blocks"), py::arg("scale"), py::arg("out"), py::arg("window") = 0);
     m.def(
         "gguf_gemv",
         [](int block_type, uintptr_t qs, uintptr_t d, uintptr_t m_offsets, int64_t n, int64_t k, uintptr_t x, int64_t m,

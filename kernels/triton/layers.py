@@ -55,11 +55,13 @@ def _silu_and_mul(gu_ptr, out_ptr, inner, BLOCK: tl.constexpr):
 
 @triton.jit
 def _paged_attention(q_ptr, k_ptr, v_ptr, table_ptr, row_seq_ptr, row_len_ptr, out_ptr, num_heads, group, num_slots,
-                     max_blocks, scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, LOOP_BLOCKS: tl.constexpr):
-    # one program per (query row, head); the row attends the first row_len positions of its sequence.
+                     max_blocks, scale, window, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     LOOP_BLOCKS: tl.constexpr):
+    # one program per (query row, head); the row attends the first row_len positions of its sequence (window > 0:
+    # the last `window` of them, from the block holding the first).
     # LOOP_BLOCKS 0 (compiled): the loop runs over the row's own blocks. Interpreted, a runtime scalar is a
     # 1-element array that range() cannot take with every numpy and Triton, so the loop runs over LOOP_BLOCKS
-    # (the most blocks any row of the launch reads), the blocks past the row masked out (they add nothing).
+    # (the most blocks any row of the launch reads), the blocks outside the row masked out (they add nothing).
     row, head = tl.program_id(0), tl.program_id(1)
     seq = tl.load(row_seq_ptr + row)
     kvh = head // group
@@ -67,19 +69,22 @@ def _paged_attention(q_ptr, k_ptr, v_ptr, table_ptr, row_seq_ptr, row_len_ptr, o
     pos = tl.arange(0, BLOCK_SIZE)
     q = tl.load(q_ptr + (row * num_heads + head) * HEAD_DIM + d)
     length = tl.load(row_len_ptr + row)
+    first = tl.maximum(length - window, 0) if window > 0 else length * 0
     m = tl.full((), float("-inf"), tl.float32)
     total = tl.zeros((), tl.float32)
     acc = tl.zeros((HEAD_DIM,), tl.float32)
-    for blk in range(0, LOOP_BLOCKS if LOOP_BLOCKS else tl.cdiv(length, BLOCK_SIZE)):
+    lo_blk = 0 if LOOP_BLOCKS else first // BLOCK_SIZE
+    for blk in range(lo_blk, LOOP_BLOCKS if LOOP_BLOCKS else tl.cdiv(length, BLOCK_SIZE)):
         block_id = tl.load(table_ptr + seq * max_blocks + blk)
         p = blk * BLOCK_SIZE + pos
-        valid = p < length
+        valid = (p < length) & (p >= first)
         rows = kvh * num_slots + block_id * BLOCK_SIZE + pos
         k = tl.load(k_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
         s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(s - m_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # nothing seen yet: no rescaling, no weight
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(s - m_safe)
         v = tl.load(v_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha + tl.sum(w[:, None] * v, axis=0)
         total = total * alpha + tl.sum(w, axis=0)
@@ -113,23 +118,25 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                     context_lens: torch.Tensor, query_lens: torch.Tensor | None, scale: float,
-                    block_size: int) -> torch.Tensor:
+                    block_size: int, window: int = 0) -> torch.Tensor:
     """Decodes, prefill chunks and verification rows in one launch (semantics: kernels.reference.paged_attention)."""
     row_seq, row_len = reference.paged_rows(context_lens.cpu(), None if query_lens is None else query_lens.cpu())
     table, row_seq, row_len = (x.to(q.device) for x in (block_table.contiguous(), row_seq, row_len))
-    return paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, block_size)
+    return paged_attention_rows(q, k_pool, v_pool, table, row_seq, row_len, scale, block_size, window)
 
 
 def paged_attention_rows(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
-                         row_seq: torch.Tensor, row_len: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """paged_attention with the per-row sequence and length already on q's device (PagedAttention.device_tables)."""
+                         row_seq: torch.Tensor, row_len: torch.Tensor, scale: float, block_size: int,
+                         window: int = 0) -> torch.Tensor:
+    """paged_attention with the per-row sequence and length already on q's device (PagedAttention.device_tables);
+    window > 0: each row attends its last `window` positions, from the block holding the first of them."""
     t, h, d = q.shape
     kvh, num_slots, _ = k_pool.shape
     out = torch.empty_like(q)
     loop_blocks = triton.cdiv(int(row_len.max()), block_size) if INTERPRETED and t else 0
     _paged_attention[(t, h)](q.contiguous(), k_pool, v_pool, block_table, row_seq, row_len, out, h,
-                             h // kvh, num_slots, block_table.shape[1], scale, HEAD_DIM=d, BLOCK_SIZE=block_size,
-                             LOOP_BLOCKS=loop_blocks)
+                             h // kvh, num_slots, block_table.shape[1], scale, window, HEAD_DIM=d,
+                             BLOCK_SIZE=block_size, LOOP_BLOCKS=loop_blocks)
     return out
 
 

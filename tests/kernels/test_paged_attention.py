@@ -198,3 +198,52 @@ def test_a_plan_from_lists_equals_the_plan_from_tensors():
         PagedAttention.from_lists([[1]], [17], 16, [1])
     with pytest.raises(ValueError, match="query lengths"):
         PagedAttention.from_lists([[1]], [2], 16, [3])
+
+
+def poison_before_windows(table: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                          qlens: torch.Tensor, window: int, block_size: int):
+    """The engine's picture of a sliding-window group: blocks wholly before each sequence's first row's window
+    have gone back to the pool, their entries the null block. Here that block holds NaN, so reading it (even
+    masked, 0 x NaN) would show in the output."""
+    k, v, table = k.clone(), v.clone(), table.clone()
+    k = torch.cat([k, torch.full_like(k[:, :block_size], float("nan"))], dim=1)
+    v = torch.cat([v, torch.full_like(v[:, :block_size], float("nan"))], dim=1)
+    null = k.shape[1] // block_size - 1
+    for s, (ctx, n) in enumerate(zip(lens.tolist(), qlens.tolist())):
+        first = max(0, ctx - n + 1 - window)
+        table[s, : first // block_size] = null
+    return table, k, v
+
+
+@pytest.mark.parametrize("window", [1, 15, 16, 39, 100, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 1, 256), (32, 1, 64)])   # the last: scalar
+def test_a_sliding_window_reads_only_its_positions(window, dtype, heads, kv_heads, head_dim):
+    q, k, v, table, lens, qlens = mixed_case(heads, kv_heads, head_dim, 16, dtype, seed=window)
+    table, k, v = poison_before_windows(table, k, v, lens, qlens, window, 16)
+    out = PagedAttention(table, lens, 16, qlens, window=window)(q, k, v, 0.1)
+    ref = reference.paged_attention(q, k, v, table, lens, qlens, 0.1, 16, window=window)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+    if window < 300:                     # the window changes the answer where contexts are longer
+        assert not torch.allclose(out.float(), paged_attention(q, k.nan_to_num(), v.nan_to_num(), table, lens, qlens,
+                                                               0.1, 16).float(), atol=1e-3)
+
+
+def test_the_windowed_reference_is_sdpa_with_a_band_mask():
+    q, k, v, table, lens, qlens = mixed_case(9, 3, 64, 16, torch.float32, seed=11)
+    window = 20
+    ref = reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16, window=window)
+    row = 0
+    for s, (n, ctx) in enumerate(zip(qlens.tolist(), lens.tolist())):
+        if n == 0:
+            continue
+        pos = torch.arange(ctx)
+        slots = table[s, pos // 16] * 16 + pos % 16
+        own = torch.arange(ctx - n, ctx)[:, None]
+        band = (pos[None, :] <= own) & (pos[None, :] > own - window)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[row:row + n].transpose(0, 1)[None], k[:, slots][None], v[:, slots][None], attn_mask=band, scale=0.125,
+            enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(ref[row:row + n], want, atol=1e-5, rtol=1e-5)
+        row += n

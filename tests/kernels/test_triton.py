@@ -21,7 +21,7 @@ def on(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(DEVICE) for t in tensors]
 
 from kernels import reference  # noqa: E402
-from tests.kernels.test_paged_attention import case, mixed_case  # noqa: E402
+from tests.kernels.test_paged_attention import case, mixed_case, poison_before_windows  # noqa: E402
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -43,6 +43,21 @@ def test_triton_paged_attention_mixed_step(heads, kv_heads):
     q, table, lens, qlens = q[rows], table[keep], lens[keep], qlens[keep]
     out = triton_kernels.paged_attention(*on(q, k, v), table, lens, qlens, 0.125, 16).cpu()
     torch.testing.assert_close(out, reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 20])
+def test_triton_paged_attention_sliding_window(window):
+    """Each row attends its last `window` positions; the blocks before the first row's window hold NaN (the
+    engine's released blocks) and are never read."""
+    q, k, v, table, lens, qlens = mixed_case(9, 3, 64, 16, torch.float32, seed=window)
+    keep = [0, 3, 6, 7]                         # decode, chunk over context, decode at 300, 37-row chunk
+    rows = torch.cat([torch.arange(int(qlens[:i].sum()), int(qlens[:i + 1].sum())) for i in keep])
+    q, table, lens, qlens = q[rows], table[keep], lens[keep], qlens[keep]
+    table, k, v = poison_before_windows(table, k, v, lens, qlens, window, 16)
+    out = triton_kernels.paged_attention(*on(q, k, v), table, lens, qlens, 0.125, 16, window).cpu()
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, reference.paged_attention(q, k, v, table, lens, qlens, 0.125, 16, window),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_triton_row_kernels():

@@ -36,14 +36,17 @@ inline float bf16_to_f32(uint16_t x) {
 
 // One work item: a tile of a sequence's query rows against one KV head. Its query vectors (the tile's rows
 // × the G query heads sharing the KV head) are copied into a contiguous [n, D] buffer; vector j attends
-// positions [0, lens[j]) (causal: a row sees its own position and everything before it).
+// positions [lo[j], lens[j]) (causal: a row sees its own position and everything before it; lo[j] = 0 but in
+// a sliding window). Positions count from the item's table: with a window it starts at the block holding the
+// first row's first position, so the blocks before it are never read.
 struct Item {
     const float* q;            // [n, D] gathered query vectors
     float* out;                // [n, D]
-    const int64_t* lens;       // [n] positions each vector attends
+    const int64_t* lens;       // [n] one past the last position each vector attends
+    const int64_t* lo;         // [n] the first position each vector attends
     int64_t n;                 // vectors in the tile
     int64_t len;               // the longest of lens (the last row's)
-    const int64_t* table;      // this sequence's block ids
+    const int64_t* table;      // this sequence's block ids, from the item's first block
     int64_t kv_offset;         // element offset of this KV head's slot 0 in the pools
 };
 
@@ -54,13 +57,14 @@ inline float load1(const void* base, int64_t i) {
     else return static_cast<const float*>(base)[i];
 }
 
-// softmax of vector j's scores over its own positions; the tile's later positions get weight 0
-void softmax_scalar(float* s, int64_t n, int64_t len) {
-    const float mx = *std::max_element(s, s + n);
+// softmax of vector j's scores over its own positions [lo, n); the tile's other positions get weight 0
+void softmax_scalar(float* s, int64_t lo, int64_t n, int64_t len) {
+    const float mx = *std::max_element(s + lo, s + n);
     float sum = 0.f;
-    for (int64_t p = 0; p < n; ++p) sum += (s[p] = std::exp(s[p] - mx));
+    for (int64_t p = lo; p < n; ++p) sum += (s[p] = std::exp(s[p] - mx));
     const float inv = 1.f / sum;
-    for (int64_t p = 0; p < n; ++p) s[p] *= inv;
+    for (int64_t p = lo; p < n; ++p) s[p] *= inv;
+    std::fill(s, s + lo, 0.f);
     std::fill(s + n, s + len, 0.f);
 }
 
@@ -76,7 +80,7 @@ void item_scalar(const Item& it, const void* k_pool, const void* v_pool, int64_t
             scores[j * it.len + p] = acc * scale;
         }
     }
-    for (int64_t j = 0; j < it.n; ++j) softmax_scalar(scores.data() + j * it.len, it.lens[j], it.len);
+    for (int64_t j = 0; j < it.n; ++j) softmax_scalar(scores.data() + j * it.len, it.lo[j], it.lens[j], it.len);
     std::fill(it.out, it.out + it.n * d, 0.f);
     for (int64_t p = 0; p < it.len; ++p) {
         const int64_t row = it.kv_offset + kv_slot(it.table, p, bs) * d;
@@ -186,24 +190,32 @@ __attribute__((target("avx2,fma"))) void k_pass(const Item& it, const void* k_po
     }
 }
 
-// Softmax of each vector over its own positions (lane j sees p < lens[j]; later positions get weight 0),
-// left unnormalised: inv[j] = 1 / the sum, applied to the output.
+// Softmax of each vector over its own positions (lane j sees lo[j] <= p < lens[j]; other positions get
+// weight 0), left unnormalised: inv[j] = 1 / the sum, applied to the output.
+__attribute__((target("avx2,fma"))) inline __m256 seen_at(int64_t p, __m256 vlo, __m256 vlen) {
+    const __m256 vp = _mm256_set1_ps(static_cast<float>(p));
+    return _mm256_and_ps(_mm256_cmp_ps(vp, vlen, _CMP_LT_OQ), _mm256_cmp_ps(vp, vlo, _CMP_GE_OQ));
+}
+
 __attribute__((target("avx2,fma"))) void softmax_lanes(const Item& it, float* scores, float* inv) {
     const int64_t stride = stride_for(it.n);
     for (int64_t g = 0; g < it.n; g += 8) {
-        alignas(32) float lens[8];
-        for (int64_t j = 0; j < 8; ++j) lens[j] = static_cast<float>(g + j < it.n ? it.lens[g + j] : 0);
-        const __m256 vlen = _mm256_load_ps(lens);
+        alignas(32) float lens[8], los[8];
+        for (int64_t j = 0; j < 8; ++j) {
+            lens[j] = static_cast<float>(g + j < it.n ? it.lens[g + j] : 0);
+            los[j] = static_cast<float>(g + j < it.n ? it.lo[g + j] : 0);
+        }
+        const __m256 vlen = _mm256_load_ps(lens), vlo = _mm256_load_ps(los);
         const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
         __m256 mx = ninf;
         for (int64_t p = 0; p < it.len; ++p) {
-            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(p)), vlen, _CMP_LT_OQ);
+            const __m256 seen = seen_at(p, vlo, vlen);
             mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, _mm256_loadu_ps(scores + p * stride + g), seen));
         }
         mx = _mm256_max_ps(mx, _mm256_set1_ps(-std::numeric_limits<float>::max()));   // lanes that see nothing
         __m256 sum = _mm256_setzero_ps();
         for (int64_t p = 0; p < it.len; ++p) {
-            const __m256 seen = _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(p)), vlen, _CMP_LT_OQ);
+            const __m256 seen = seen_at(p, vlo, vlen);
             float* s = scores + p * stride + g;
             const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s), mx)), seen);
             _mm256_storeu_ps(s, e);
@@ -306,7 +318,7 @@ void item_avx2(const Item& it, const void* k_pool, const void* v_pool, int64_t d
 void paged_attention(const float* q, const void* k_pool, const void* v_pool, bool bf16_kv, const int64_t* block_table,
                      const int64_t* context_lens, const int64_t* query_start, int64_t num_seqs, int64_t num_heads,
                      int64_t num_kv_heads, int64_t head_dim, int64_t num_slots, int64_t block_size,
-                     int64_t max_blocks, float scale, float* out) {
+                     int64_t max_blocks, float scale, float* out, int64_t window) {
     const int64_t g = num_heads / num_kv_heads;
     const int64_t d = head_dim;
     const bool simd = has_avx2() && d % 8 == 0 && g <= kMaxGroup;
@@ -326,7 +338,7 @@ void paged_attention(const float* q, const void* k_pool, const void* v_pool, boo
 #pragma omp parallel if (parallel)
     {
         std::vector<float> scores, qbuf, obuf;
-        std::vector<int64_t> lens;
+        std::vector<int64_t> lens, lo;
         int64_t s = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < items; ++w) {
@@ -340,15 +352,24 @@ void paged_attention(const float* q, const void* k_pool, const void* v_pool, boo
             qbuf.resize(static_cast<size_t>(n * d));
             obuf.resize(static_cast<size_t>(n * d));
             lens.resize(static_cast<size_t>(n));
+            lo.resize(static_cast<size_t>(n));
+            // with a window, the item starts at the block of the first row's first position
+            const int64_t first = window > 0 ? std::max<int64_t>(0, context_lens[s] - rows + r0 + 1 - window) : 0;
+            const int64_t skip = first / block_size * block_size;
             for (int64_t r = r0; r < r1; ++r) {
                 const int64_t t = query_start[s] + r;
                 std::memcpy(qbuf.data() + (r - r0) * g * d, q + (t * num_heads + h * g) * d, sizeof(float) * g * d);
-                // row r of `rows` sits at position context - rows + r and sees everything up to it
+                // row r of `rows` sits at position context - rows + r and sees everything up to it (in a window:
+                // its last `window` positions)
                 const int64_t len = std::max<int64_t>(0, context_lens[s] - rows + r + 1);
-                for (int64_t j = 0; j < g; ++j) lens[(r - r0) * g + j] = len;
+                const int64_t from = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+                for (int64_t j = 0; j < g; ++j) {
+                    lens[(r - r0) * g + j] = std::max<int64_t>(0, len - skip);
+                    lo[(r - r0) * g + j] = std::max<int64_t>(0, from - skip);
+                }
             }
-            const Item it{qbuf.data(), obuf.data(), lens.data(), n, lens[n - 1], block_table + s * max_blocks,
-                          h * num_slots * d};
+            const Item it{qbuf.data(), obuf.data(), lens.data(), lo.data(), n, lens[n - 1],
+                          block_table + s * max_blocks + skip / block_size, h * num_slots * d};
             if (lens[0] <= 0) {          // an empty context (lengths ascend within a tile)
                 std::fill(obuf.begin(), obuf.end(), 0.f);
             } else if (simd) {

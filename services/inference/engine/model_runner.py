@@ -118,6 +118,7 @@ class ModelRunner:
         cut to the group's window where it has one."""
         slot_parts = []
         bs = self.block_size
+        window = self.layout.windows[group]
         # paged rows: each sequence's new rows over its padded block table
         table = mask = plan = None
         if paged:                       # built from Python lists: a decode step's few rows cost less so
@@ -126,7 +127,7 @@ class ModelRunner:
             slot_parts.append(torch.tensor([t[p // bs] * bs + p % bs for c, t in zip(paged, tables)
                                             for p in range(c.start, c.start + c.num_tokens)], dtype=torch.int64))
             if self.compute.paged_attention:       # checked once, used by every layer
-                plan = PagedAttention.from_lists(tables, ctx_lens, bs, [c.num_tokens for c in paged])
+                plan = PagedAttention.from_lists(tables, ctx_lens, bs, [c.num_tokens for c in paged], window)
                 table = plan.block_table
             else:                       # decodes only: the torch path's context mask
                 nb = max(len(t) for t in tables)
@@ -151,7 +152,6 @@ class ModelRunner:
             slot_mapping=torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0], block_size=bs,
             num_paged_rows=num_paged_rows, paged_block_table=table, decode_mask=mask,
             prefills=spans, paged_plan=plan)
-        window = self.layout.windows[group]
         if window:
             meta = window_metadata(meta, window, [c.start + c.num_tokens for c in paged], [c.start for c in prefills])
         return meta

@@ -63,9 +63,10 @@ def window_metadata(meta: AttentionMetadata, window: int, paged_context_lens: li
                     prefill_starts: list[int]) -> AttentionMetadata:
     """The step's metadata for sliding-window layers: the same slots, each row's mask cut to the last `window`
     positions up to its own. `paged_context_lens`: the paged rows' context lengths (decodes, torch path);
-    `prefill_starts`: each prefill span's first position."""
-    if meta.paged_plan is not None:
-        raise RuntimeError("the paged-attention kernels have no sliding window (models/compute.choose_compute)")
+    `prefill_starts`: each prefill span's first position. A paged-attention plan must have been built with the
+    window (kernels.PagedAttention(window=...)): it is kept as it is."""
+    if meta.paged_plan is not None and meta.paged_plan.window != window:
+        raise ValueError(f"the paged rows' plan has window {meta.paged_plan.window}, not {window}")
     mask = meta.decode_mask
     if mask is not None:
         ctx = torch.tensor(paged_context_lens, dtype=torch.int64)[:, None]
@@ -81,7 +82,7 @@ def window_metadata(meta: AttentionMetadata, window: int, paged_context_lens: li
             cut = span.mask & (torch.arange(span.mask.shape[1])[None, :] > new_pos - window)
         spans.append(PrefillSpan(span.start, span.end, span.block_ids, cut))
     return AttentionMetadata(meta.slot_mapping, meta.block_size, meta.num_paged_rows, meta.paged_block_table,
-                             mask, spans)
+                             mask, spans, meta.paged_plan)
 
 
 def single_table_metadata(meta: AttentionMetadata, hp: Any, paged_context_lens: list[int],

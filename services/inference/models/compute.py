@@ -11,7 +11,6 @@ the stack's (which runs its own)."""
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import logging
 from dataclasses import dataclass
@@ -69,7 +68,4 @@ def choose_compute(model: Any, kv_caches: list[tuple[torch.Tensor, torch.Tensor]
     the layer stack where the model is quantized, the kernels are on and the pools are float32."""
     pool = kv_caches[0][0]
     kernels = select(model.device, model.dtype, pool.dtype, model.hp.head_dim, block_size)
-    if getattr(model.hp, "sliding_window", 0) and kernels.attention != REFERENCE:
-        # the paged-attention kernels read a whole context: sliding-window models attend in torch for now
-        kernels = dataclasses.replace(kernels, attention=REFERENCE)
     return ComputePath(kernels, model.layer_stack(kv_caches, block_size))
