@@ -13,7 +13,7 @@ from services.inference.config import engine_config
 from services.inference.engine.factory import build_engine
 from services.inference.models import catalog
 from services.inference.models.gguf_file import GGUFFile
-from services.inference.models.linear import DenseLinear, GGUFEmbedding, GGUFLinear
+from services.inference.models.linear import GGUFEmbedding, GGUFLinear
 from services.inference.models.registry import load_model
 from services.inference.models.tokenizer import Tokenizer
 from services.inference.sampling import SamplingParams
@@ -94,9 +94,11 @@ def test_the_file_is_read_for_what_it_holds(gguf):
     assert (hp.num_layers, hp.hidden_size, hp.num_heads, hp.num_kv_heads, hp.head_dim) == (18, 640, 4, 1, 256)
     assert hp.sliding_window == 512 and [i for i, s in enumerate(hp.sliding_layers) if not s] == [5, 11, 17]
     assert (hp.rope_theta, hp.rope_theta_local, hp.tie_word_embeddings) == (1e6, 1e4, True)
-    # the Q8_0 embedding (the LM head too) multiplies its blocks; the K-quant and Q5_0 projections are dense
+    # every product multiplies blocks: the Q8_0 embedding (the LM head too) as stored, Q5_0 (Q|K and gate|up)
+    # and Q6_K (down) as Q8_0, Q4_K (attention output) as Q4_1 (kernels/gguf_convert.py)
     assert isinstance(model.lm_head, GGUFLinear) and isinstance(model.embed, GGUFEmbedding)
-    assert isinstance(model.layers[0].down, DenseLinear)
+    kinds = {name: getattr(model.layers[0], name).kernel.block_type for name in ("qkv", "o", "gate_up", "down")}
+    assert kinds == {"qkv": "Q8_0", "o": "Q4_1", "gate_up": "Q8_0", "down": "Q8_0"}
 
 
 def test_dense_greedy_tokens_equal_hf(gguf, tokenizer, prompts, hf_greedy):
@@ -107,30 +109,30 @@ def test_dense_greedy_tokens_equal_hf(gguf, tokenizer, prompts, hf_greedy):
 
 
 def test_blocks_on_the_kernels_follow_hf(gguf, tokenizer, prompts, hf, hf_greedy):
-    """--quantization gguf (the default): the LM head multiplies its Q8_0 blocks with int8 activations. Over
-    262,144 tokens its top two logits are often closer than that error, so 48 greedy tokens cannot be HF's on
-    19 of 20 prompts (measured: 10 of 20; llama.cpp on the same file: 9 of 20). Checked instead, teacher-forced
-    on HF's continuation of each short prompt: logits within 10% of their spread (measured: 5%), and HF's
-    argmax wherever HF's top-two gap is over twice the largest difference seen."""
+    """--quantization gguf (the default): every product multiplies blocks with int8 activations. Over 262,144
+    tokens the top two logits are often closer than that error, so 48 greedy tokens cannot be HF's on 19 of
+    20 prompts (measured 2026-12-02: 9 of 20; llama.cpp on the same file: 9 of 20). Checked instead,
+    teacher-forced on HF's continuation of six prompts, llama.cpp's own measures of a quantized model: the
+    KL divergence from HF's next-token distribution (measured: mean 0.0012-0.0034 nats a prompt, at most
+    0.036 at one position) and how often the top token is HF's (measured: 94-100%)."""
     model, _ = generate(gguf, tokenizer, prompts[:6], "gguf")
+    kls, same = [], []
     for prompt, ref in zip(prompts[:6], hf_greedy):
         seq = prompt + ref
         with torch.no_grad():
-            want = hf(torch.tensor([seq])).logits[0]
-        got = prefill_logits(model, seq)
-        worst = float((got - want).abs().max())
-        assert worst <= 0.1 * float(want.std()), (worst, float(want.std()))
-        top = want.topk(2, dim=-1).values
-        clear = ((top[:, 0] - top[:, 1]) > 2 * worst).nonzero().flatten()
-        assert len(clear) >= len(seq) // 2
-        assert got[clear].argmax(-1).tolist() == want[clear].argmax(-1).tolist()
+            want = torch.log_softmax(hf(torch.tensor([seq])).logits[0], -1)
+        got = torch.log_softmax(prefill_logits(model, seq), -1)
+        kls.append((want.exp() * (want - got)).sum(-1))
+        same.append(got.argmax(-1) == want.argmax(-1))
+    kl, agree = torch.cat(kls), torch.cat(same).float().mean()
+    assert float(kl.mean()) <= 0.01 and float(kl.max()) <= 0.1, (float(kl.mean()), float(kl.max()))
+    assert float(agree) >= 0.9, float(agree)
 
 
 def test_gguf_perplexity_is_within_1_percent_of_float32(gguf, tokenizer):
     """On both held-out texts (over 1,000 tokens: the local layers' 512-token window is passed), in one pass
-    and in 16-token steps (decode-sized: every product the kernels have runs on them). Measured 2026-12-02:
-    35.041 dense, +0.007% with the Q8_0 LM head on its kernel (the other projections are dense until the
-    Q5_0 and K-quant kernels land)."""
+    and in 16-token steps (decode-sized). Measured 2026-12-02: 35.041 dense; -0.13% in one pass and +0.08%
+    in 16-token steps with every product on the kernels (Q5_0, Q4_K and Q6_K converted at load)."""
     ids = tokenizer.encode(TEXT + "\n\n" + (Path(__file__).parents[1] / "data" / "heldout2.txt").read_text())
     assert len(ids) > 1000
     dense, blocks = load_model(gguf), load_model(gguf, quantization="gguf")

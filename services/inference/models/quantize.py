@@ -8,8 +8,10 @@ The model never quantizes itself.
 - "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 blocks, at every row
   count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
   gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each. The token
-  embedding is read from its blocks too; no float32 copy of a quantized weight is kept. Projections of
-  other types (K-quants, Q5_0, or a fused Q|K|V of mixed types) are dequantized at load, with a log line.
+  embedding is read from its blocks too; no float32 copy of a quantized weight is kept. Q5_0, Q4_K and
+  Q6_K blocks are converted at load to Q8_0, Q4_1 and Q8_0 (kernels/gguf_convert.py: Q5_0 exactly, the
+  others within 0.1% and 0.4% of a block's largest weight); projections of other types are dequantized at
+  load, with a log line.
 - "auto" (the default) is decided before loading by `auto_quantization`: "gguf" on CPU where the file's
   projections are all blocks the kernels multiply, else dense.
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from kernels import GGUFMatrix
+from kernels.gguf_convert import convert, kernel_type
 from services.inference.config import QUANTIZATIONS
 from services.inference.models import smoothquant
 from services.inference.models.gguf_file import GGUFFile
@@ -50,10 +53,10 @@ def _projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str,
 
 
 def on_kernels(gguf: GGUFFile, sources: list[tuple[str, int | None]]) -> bool:
-    """Whether the "gguf" pass multiplies these tensors' blocks: all of one block type the kernels know.
-    Others (float tensors, K-quants and Q5_0 until their kernels land, fused projections of mixed types)
-    stay dense."""
-    kinds = {gguf.tensor_type(name) for name, _ in sources}
+    """Whether the "gguf" pass multiplies these tensors' blocks: all of one block type the kernels know, as
+    stored or converted at load (kernels.gguf_convert: Q5_0 and Q6_K as Q8_0, Q4_K as Q4_1). Others (float
+    tensors, other types, fused projections whose kernel types differ) stay dense."""
+    kinds = {kernel_type(gguf.tensor_type(name)) for name, _ in sources}
     return len(kinds) == 1 and kinds <= set(GGUF_BLOCK_TYPES)
 
 
@@ -74,7 +77,7 @@ def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | No
     if quantization != "gguf":
         return frozenset()
     names = {name for g in _projection_groups(model_class, gguf) if on_kernels(gguf, g) for name, _ in g}
-    if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
+    if kernel_type(gguf.tensor_type("token_embd.weight")) in GGUF_BLOCK_TYPES:
         names.add("token_embd.weight")
     return frozenset(names)
 
@@ -121,16 +124,22 @@ def gguf_pass(model: Any, gguf: GGUFFile) -> None:
     with, logged once. Dense weights of the replaced ones, where the model was loaded with them, are dropped;
     load_model loads it without them (tensors_from_blocks)."""
 
-    def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, int]:
+    converted: Counter[str] = Counter()
+
+    def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, str, int]:
         t = gguf.raw_tensor(name)
-        raw = torch.from_numpy(np.array(t.data, copy=True))
+        k, kind = int(t.shape[0]), gguf.tensor_type(name)
+        data, block_type = convert(np.asarray(t.data), kind, k)
+        if block_type != kind:
+            converted[f"{kind} as {block_type}"] += 1
+        raw = torch.from_numpy(np.array(data, copy=True))
         if heads is not None:                                  # whole rows move: blocks stay intact
             raw = unpermute_qk(raw, heads)
-        return raw, int(t.shape[0])
+        return raw, block_type, k
 
     def fused(sources: list[tuple[str, int | None]]) -> GGUFMatrix:
         parts = [blocks(name, heads) for name, heads in sources]
-        return GGUFMatrix(torch.cat([p[0] for p in parts]), gguf.tensor_type(sources[0][0]), parts[0][1])
+        return GGUFMatrix(torch.cat([p[0] for p in parts]), parts[0][1], parts[0][2])
 
     dense: Counter[str] = Counter()
     for i, layer in enumerate(model.layers):
@@ -144,9 +153,12 @@ def gguf_pass(model: Any, gguf: GGUFFile) -> None:
         model.lm_head = GGUFLinear(fused(head))
     else:
         dense[gguf.tensor_type(head[0][0])] += 1
-    if gguf.tensor_type("token_embd.weight") in GGUF_BLOCK_TYPES:
+    if kernel_type(gguf.tensor_type("token_embd.weight")) in GGUF_BLOCK_TYPES:
         tied = model.hp.tie_word_embeddings and isinstance(model.lm_head, GGUFLinear)
         model.embed = GGUFEmbedding(model.lm_head.kernel if tied else fused([("token_embd.weight", None)]))
+    if converted:
+        log.info("GGUF blocks converted at load for the kernels (kernels/gguf_convert.py)",
+                 extra={"tensors": ", ".join(f"{k} {n}" for k, n in converted.most_common())})
     if dense:
         log.info("tensors without a GGUF kernel dequantized at load",
                  extra={"dtype": str(model.dtype).removeprefix("torch."),
