@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,12 +21,15 @@ _SILENT_LOG = None
 
 class LlamaCppRunner:
     name = "llama.cpp"
-    label = "llama.cpp (Q4_1)"
 
     def __init__(self, gguf_path: str, num_threads: int, max_tokens_per_seq: int) -> None:
         """max_tokens_per_seq: prompt + output tokens of one stream (sizes every context's KV cache)."""
+        import re
+
         import llama_cpp
 
+        kind = re.search(r"[qQ]\d_[A-Za-z0-9_]+$", Path(gguf_path).stem)      # SmolLM2-...Q4_1, gemma-...-q4_k_m
+        self.label = f"llama.cpp ({kind.group(0).upper() if kind else Path(gguf_path).stem})"
         self.lib = llama_cpp
         self.num_threads = num_threads
         self.max_tokens_per_seq = max_tokens_per_seq

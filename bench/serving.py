@@ -49,6 +49,10 @@ TARGETS = (  # (name, peer, metric, concurrency, threshold): the least ratio of 
     ("prefill_vs_llama.cpp", "llama.cpp", "prefill", None, 4.0),
     ("ttft_p50_32_streams_vs_llama.cpp", "llama.cpp", "ttft_p50_speed", 32, 1.0),   # the peer's TTFT / Strata's
 )
+ARCHITECTURE_TARGETS = {  # other models' targets in place of TARGETS, by GGUF architecture (issue 22)
+    "gemma3": (("single_stream_vs_llama.cpp", "llama.cpp", "output_tokens_per_s", 1, 1.3),
+               ("32_streams_vs_llama.cpp", "llama.cpp", "output_tokens_per_s", 32, 1.5)),
+}
 SERVICE_TARGET = 0.9    # steady decode through gRPC / in process, at every concurrency (issue 21)
 GATEWAY_TARGET = 0.85   # the same through the gateway (router, replica; the cache bypassed)
 IN_PROCESS = "in-process "
@@ -77,7 +81,7 @@ def word_tokens() -> dict[int, str]:
     out = {}
     for i in range(tok.vocab_size):
         text = tok.decode([i])
-        if re.fullmatch(r" [a-z]{3,12}", text) and tok.encode(text) == [i]:
+        if re.fullmatch(r" [a-z]{3,12}", text) and tok.encode(text, add_special_tokens=False) == [i]:
             out[i] = text
     return out
 
@@ -223,12 +227,14 @@ def describe(info) -> str:
 
 def replica_memory(server, info) -> dict:
     """The replica's RSS after the run beside what it must hold: the model file and the KV pool."""
-    from services.inference.models.llama import LlamaHParams
+    from services.inference.engine.kv_layout import KVLayout
+    from services.inference.models.registry import model_class
 
     path = model_file().path
-    hp = LlamaHParams.from_gguf(model_file())
+    hp = model_class(model_file().architecture).hparams_from_gguf(model_file())
     dtype_bytes = {"float32": 4, "bfloat16": 2}[info.dtype]
-    kv = 2 * hp.num_layers * info.num_kv_blocks * info.block_size * hp.num_kv_heads * hp.head_dim * dtype_bytes
+    tensors = KVLayout.for_model(hp).num_tensors                      # every layer, or one group's (gemma3)
+    kv = 2 * tensors * info.num_kv_blocks * info.block_size * hp.num_kv_heads * hp.head_dim * dtype_bytes
     out = {**server.memory_mb(), "model_file_mb": path.stat().st_size / 2**20, "kv_pool_mb": kv / 2**20,
            "quantization": info.quantization or "none"}
     out["target_mb"] = out["model_file_mb"] + out["kv_pool_mb"] + MEMORY_HEADROOM_MB
@@ -326,7 +332,7 @@ def targets(rs: dict, strata_names: list[str]) -> dict:
     """Per Strata configuration: each target's ratio and whether it is met (None: a system is missing)."""
     out = {}
     for strata in strata_names:
-        for name, peer, key, c, threshold in TARGETS:
+        for name, peer, key, c, threshold in ARCHITECTURE_TARGETS.get(model_file().architecture, TARGETS):
             r = rs.get(f"{strata}/{peer}")
             label = name if strata == "strata" else f"{name} [{strata}]"
             if r is None or (c is not None and str(c) not in r):
@@ -340,12 +346,14 @@ def targets(rs: dict, strata_names: list[str]) -> dict:
 def bytes_per_token(info, context: float) -> float:
     """Bytes one decode step of one stream reads: every weight once (a tied embedding once, as the LM head;
     the file's blocks when quantized, else its dense dtype) and the KV of `context` tokens."""
+    from kernels.gguf_convert import kernel_bytes
     from services.inference.models.llama import LlamaHParams
 
     gguf = model_file()
     dtype_bytes = {"float32": 4, "bfloat16": 2}[info["dtype"]]
     tensors = [gguf.raw_tensor(n) for n in gguf.tensor_names()]
-    weights = sum(int(t.n_bytes) if info["quantization"] else int(t.n_elements) * dtype_bytes for t in tensors)
+    read = lambda t: kernel_bytes(t.tensor_type.name, int(t.n_bytes), int(t.n_elements))  # noqa: E731 - as converted
+    weights = sum(read(t) if info["quantization"] else int(t.n_elements) * dtype_bytes for t in tensors)
     hp = LlamaHParams.from_gguf(gguf)
     return weights + 2 * hp.num_layers * hp.num_kv_heads * hp.head_dim * dtype_bytes * context
 
@@ -444,6 +452,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="peers' threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-path", type=Path, default=None,
+                   help="the GGUF every system serves (default: Strata's, $STRATA_MODEL_PATH or SmolLM2); its "
+                        "architecture picks the targets (gemma3: issue 22's)")
     smoke.add_args(p, "serving")
     a = p.parse_args(argv)
     if a.smoke and not a.strata_args:
@@ -460,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     from services.inference.models.gguf_file import default_model_path
 
     a = parse_args(argv)
+    if a.model_path is not None:          # the replicas, the suite and the peers all read it from here
+        os.environ["STRATA_MODEL_PATH"] = str(a.model_path.resolve())
     gguf_path = default_model_path()
     systems: dict = {}
     skipped: dict = {}
@@ -480,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     infos = {name.removesuffix(VIA_GATEWAY): s["resolved"] for name, s in systems.items() if "resolved" in s}
     rs = ratios(systems)
     cost = service_cost(systems)
-    config = {k: v for k, v in vars(a).items() if k not in ("out", "no_strata", "words")}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+              if k not in ("out", "no_strata", "words")}
     result = {"config": {**config, "model": gguf_path.name}, "machine": machine_info(), "systems": systems,
               "skipped": skipped, "ratios": rs, "service": cost,
               "memory_bandwidth": {"copy_gb_s": copy_gb_s, "mean_context_tokens": a.prompt_len + a.output_len / 2,

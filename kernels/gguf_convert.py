@@ -28,6 +28,14 @@ def kernel_type(file_type: str) -> str:
     return CONVERTED.get(file_type, file_type)
 
 
+def kernel_bytes(file_type: str, n_bytes: int, n_elements: int) -> int:
+    """Bytes the kernels read for a tensor stored as `file_type` in `n_bytes`: its converted blocks' where it
+    is converted (Q4_1: 20 bytes a 32 weights, Q8_0: 34), else the file's."""
+    if file_type not in CONVERTED:
+        return n_bytes
+    return n_elements // 32 * {"Q4_1": 20, "Q8_0": 34}[CONVERTED[file_type]]
+
+
 def convert(raw: np.ndarray, file_type: str, k: int) -> tuple[np.ndarray, str]:
     """A tensor's file bytes uint8 [N, row bytes] (rows of K weights) -> (uint8 [N, K / 32 * block bytes],
     kernel type): the blocks of kernel_type(file_type) for the same weights (see the module's note)."""

@@ -269,9 +269,12 @@ class Tokenizer:
 
     # text <-> ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special-token text maps to its id; BOS/EOS only where the GGUF asks for them."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text maps to its id; BOS/EOS only where the GGUF asks for them
+        (and `add_special_tokens`: False gives the text's own tokens, to append to others)."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
+        if not add_special_tokens:
+            return ids
         if self.add_bos_token and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         if self.add_eos_token:
