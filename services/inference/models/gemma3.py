@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import LayerStack, add_rms_norm_
+from kernels import KernelBackends, LayerStack, add_rms_norm_, rotary_
 from services.inference.models.attention import AttentionMetadata, paged_attention
 from services.inference.models.compute import ComputePath
 from services.inference.models.gguf_file import GGUFFile
@@ -133,8 +133,10 @@ class Gemma3Model(LlamaModel):
             rope = {k: (c.to(self.dtype), s.to(self.dtype)) for k, (c, s) in rope.items()}
         h = self.embed(input_ids) if isinstance(self.embed, GGUFEmbedding) else F.embedding(input_ids, self.embed)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
-        t = h.shape[0]
         layer_meta = meta.per_layer or [meta] * hp.num_layers
+        if compute.row_kernels:
+            return self._forward_fused(h, rope, kv_caches, layer_meta, kernels)
+        t = h.shape[0]
         for i, (layer, local, (k_pool, v_pool)) in enumerate(zip(self.layers, hp.sliding_layers, kv_caches)):
             cos, sin = rope[local]
             q, k, v = self.project_qkv(layer, norm(h, layer.attn_norm))
@@ -144,6 +146,31 @@ class Gemma3Model(LlamaModel):
             gate, up = layer.gate_up(norm(h, layer.ffn_norm)).chunk(2, dim=-1)
             h = h + norm(layer.down(F.gelu(gate, approximate="tanh") * up), layer.post_ffn_norm)
         return h
+
+    def _forward_fused(self, h: torch.Tensor, rope: dict[bool, tuple[torch.Tensor, torch.Tensor]],
+                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layer_meta: list[AttentionMetadata],
+                       kernels: KernelBackends) -> torch.Tensor:
+        """forward() with the compiled row kernels (float32): every RMSNorm one kernel call (the Q and K head
+        norms over [T * heads, D] rows), each residual add fused into the norm that follows it, RoPE in place on
+        the normed heads."""
+        hp = self.hp
+        t, eps, rows, d = h.shape[0], hp.rms_norm_eps, kernels.rows, hp.head_dim
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        pending = None                            # the post-MLP-normed output not yet added to h
+        for i, (layer, local, (k_pool, v_pool)) in enumerate(zip(self.layers, hp.sliding_layers, kv_caches)):
+            cos, sin = rope[local]
+            qkv = layer.qkv(add_rms_norm_(h, pending, layer.attn_norm, eps, rows))
+            q = add_rms_norm_(qkv[:, :q_end].reshape(t * hp.num_heads, d), None, layer.q_norm, eps, rows)
+            k = add_rms_norm_(qkv[:, q_end:k_end].reshape(t * hp.num_kv_heads, d), None, layer.k_norm, eps, rows)
+            q = rotary_(q.view(t, q_end), hp.num_heads, d, cos, sin, rows).view(t, hp.num_heads, d)
+            k = rotary_(k.view(t, self.kv_size), hp.num_kv_heads, d, cos, sin, rows).view(t, hp.num_kv_heads, d)
+            v = qkv[:, k_end:].view(t, hp.num_kv_heads, d)
+            a = paged_attention(q, k, v, k_pool, v_pool, layer_meta[i], self.scale, kernels)
+            attn = add_rms_norm_(layer.o(a.reshape(t, q_end)), None, layer.post_attn_norm, eps, rows)
+            gate, up = layer.gate_up(add_rms_norm_(h, attn, layer.ffn_norm, eps, rows)).chunk(2, dim=-1)
+            pending = add_rms_norm_(layer.down(F.gelu(gate, approximate="tanh") * up), None, layer.post_ffn_norm,
+                                    eps, rows)
+        return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)
