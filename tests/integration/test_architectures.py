@@ -269,3 +269,21 @@ def test_local_groups_hold_only_their_window(tiny_files, tokenizer):
         peak = max(peak, kv.num_blocks - kv.num_free_blocks)
     assert 50 < peak <= 50 + 5 * 4, peak
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("block", ["F16", "BF16", "Q4_0", "Q5_0", "Q5_1"])
+def test_every_other_storage_type_loads_as_hf_dequantizes_it(tiny_files, block):
+    """The types a GGUF may store besides F32, Q8_0 and Q4_1 (K-quants aside: the gguf writer cannot make them;
+    the real Gemma file's Q4_K and Q6_K are checked in test_gemma3.py): loaded dense, the first-step logits are
+    HF's within 1e-4; Q5_0 also runs on the kernels, converted to Q8_0 at load (kernels/gguf_convert.py)."""
+    _, _, gguf, hf = tiny_files("llama", block)
+    assert gguf.tensor_type("blk.0.attn_q.weight") == block
+    assert_first_step_logits_close(load_model(gguf), hf, PROMPTS, atol=1e-4)
+    if block == "Q5_0":
+        model = load_model(gguf, quantization="gguf")
+        assert model.layers[0].qkv.kernel.block_type == "Q8_0"
+        for prompt in PROMPTS:
+            with torch.no_grad():
+                want = hf(torch.tensor([prompt])).logits[0]
+            got = prefill_logits(model, prompt)
+            assert float((got - want).abs().max()) <= 0.1 * float(want.std())
