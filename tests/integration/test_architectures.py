@@ -40,9 +40,12 @@ def head_dim(arch: str) -> int:
     return {"qwen3": 128, "gemma3": 256}.get(arch, HIDDEN // HEADS)
 
 
-def write_tiny_gguf(path, arch: str, block_type: str | None, seed: int = 0) -> None:
+def write_tiny_gguf(path, arch: str, block_type: str | None, seed: int = 0,
+                    rope_freqs: np.ndarray | None = None, rope_scaling: tuple[str, float] | None = None) -> None:
     """A random `arch` model: 3 layers, GQA 4/2; block_type quantizes every projection and the embedding
-    (norms, biases stay float32). qwen2 gets Q/K/V biases and an untied LM head, qwen3 per-head Q/K norms."""
+    (norms, biases stay float32). qwen2 gets Q/K/V biases and an untied LM head, qwen3 per-head Q/K norms.
+    rope_freqs: a `rope_freqs.weight` tensor (per-frequency RoPE divisors, as llama.cpp stores Llama 3's);
+    rope_scaling: (`rope.scaling.type`, `rope.scaling.factor`)."""
     import gguf
     from gguf.quants import quantize
 
@@ -60,6 +63,9 @@ def write_tiny_gguf(path, arch: str, block_type: str | None, seed: int = 0) -> N
     writer.add_vocab_size(VOCAB)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
+    if rope_scaling is not None:
+        writer.add_string(f"{arch}.rope.scaling.type", rope_scaling[0])
+        writer.add_float32(f"{arch}.rope.scaling.factor", rope_scaling[1])
     if arch in ("qwen3", "gemma3"):
         writer.add_key_length(hd)
         writer.add_value_length(hd)
@@ -75,6 +81,8 @@ def write_tiny_gguf(path, arch: str, block_type: str | None, seed: int = 0) -> N
             writer.add_tensor(name, quantize(x, kind), raw_dtype=kind)
 
     matrix("token_embd.weight", VOCAB, HIDDEN, scale=1.0)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     if arch == "qwen2":
         matrix("output.weight", VOCAB, HIDDEN, scale=1.0)
     writer.add_tensor("output_norm.weight", 1 + w(HIDDEN))
@@ -287,3 +295,74 @@ def test_every_other_storage_type_loads_as_hf_dequantizes_it(tiny_files, block):
                 want = hf(torch.tensor([prompt])).logits[0]
             got = prefill_logits(model, prompt)
             assert float((got - want).abs().max()) <= 0.1 * float(want.std())
+
+
+# Llama 3.1's rope_scaling, over a short original context so that the tiny model's prompts reach every regime
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def llama3_rope_freqs(head_size: int, theta: float, scaling: dict) -> np.ndarray:
+    """The divisors llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel) writes as rope_freqs.weight
+    for rope_scaling type "llama3": 1 for short wavelengths, `factor` for long ones, smoothed between."""
+    import math
+    freqs = 1.0 / (theta ** (np.arange(0, head_size, 2, dtype=np.float32) / head_size))
+    context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("path", ["row kernels", "torch"])
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, tokenizer, path, monkeypatch):
+    """A Llama 3.1-style file (RoPE factors in rope_freqs.weight, all three regimes: 2 frequencies kept, 3
+    smoothed, 11 divided by 8) gives the logits and greedy tokens of HF's LlamaForCausalLM with rope_scaling
+    "llama3"; HF's unscaled RoPE on the same weights is far off, so the factors are what is checked."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    if path == "torch":
+        monkeypatch.setenv("STRATA_KERNELS", "reference")
+    factors = llama3_rope_freqs(head_dim("llama"), 10000.0, LLAMA3_ROPE)
+    assert (factors == 1).sum() == 2 and (factors == 8).sum() == 11
+    write_tiny_gguf(tmp_path / "model.gguf", "llama", None, rope_freqs=factors)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        unscaled = [hf(torch.tensor([p])).logits[0] for p in PROMPTS]
+    hf.config.rope_parameters = {**LLAMA3_ROPE, "rope_theta": 10000.0}
+    hf.model.rotary_emb = LlamaRotaryEmbedding(hf.config)
+    model = load_model(GGUFFile(tmp_path / "model.gguf"))
+    assert model.hp.rope_freq_factors == tuple(factors.tolist())
+    assert_first_step_logits_close(model, hf, PROMPTS, atol=1e-4)
+    assert max(float((prefill_logits(model, p) - u).abs().max()) for p, u in zip(PROMPTS, unscaled)) > 0.1
+    assert strata_greedy(model, tokenizer, None) == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
+    """A file whose RoPE scaling Strata does not implement (YaRN) is refused at load, not served wrong."""
+    write_tiny_gguf(tmp_path / "yarn.gguf", "llama", None, rope_scaling=("yarn", 4.0))
+    with pytest.raises(ValueError, match="unsupported RoPE scaling 'yarn'"):
+        load_model(GGUFFile(tmp_path / "yarn.gguf"))
+
+
+def test_linear_rope_scaling(tmp_path):
+    """`rope.scaling.type` "linear" (positions divided by the factor): HF's rope_scaling "linear"."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    write_tiny_gguf(tmp_path / "model.gguf", "llama", None, rope_scaling=("linear", 4.0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                           dtype=torch.float32).eval()
+    hf.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    hf.model.rotary_emb = LlamaRotaryEmbedding(hf.config)
+    model = load_model(GGUFFile(tmp_path / "model.gguf"))
+    assert model.hp.rope_scale == 4.0
+    assert_first_step_logits_close(model, hf, PROMPTS, atol=1e-4)

@@ -38,7 +38,6 @@ class Gemma3HParams(LlamaHParams):
     sliding_window: int = 0                      # positions a local layer attends to (itself included)
     sliding_layers: tuple[bool, ...] = ()        # per layer: local (sliding-window) attention
     rope_theta_local: float = DEFAULT_LOCAL_ROPE_BASE
-    rope_scale: float = 1.0                      # linear RoPE scaling of the global layers (positions / factor)
     final_logit_softcap: float | None = None
 
     @classmethod
@@ -56,15 +55,13 @@ class Gemma3HParams(LlamaHParams):
         window = int(g("attention.sliding_window", 0))
         if window <= 0 and any(sliding):
             raise ValueError("gemma3 file without attention.sliding_window")
-        scaling = g("rope.scaling.type")
-        if scaling not in (None, "none", "linear"):
-            raise ValueError(f"unsupported RoPE scaling {scaling!r} for gemma3 (linear only)")
+        if base.rope_freq_factors is not None:
+            raise ValueError("gemma3 file with rope_freqs.weight: per-frequency RoPE factors are not a Gemma 3 feature")
         softcap = g("final_logit_softcapping")
         fields = {f: getattr(base, f) for f in LlamaHParams.__dataclass_fields__}
         fields.update(permuted_qk=False)             # the Gemma converter keeps HF's rotate-half rows
         return cls(**fields, sliding_window=window, sliding_layers=sliding,
                    rope_theta_local=float(g("rope.freq_base_swa", DEFAULT_LOCAL_ROPE_BASE)),
-                   rope_scale=float(g("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
                    final_logit_softcap=None if softcap is None else float(softcap))
 
 

@@ -46,6 +46,10 @@ class LlamaHParams:
     qkv_bias: bool = False             # qwen2: biases on Q, K and V
     qk_norm: bool = False              # qwen3: RMSNorm over each Q and K head before RoPE
     permuted_qk: bool = True           # llama.cpp permuted the Q/K rows (its `llama` converter only)
+    rope_scale: float = 1.0            # linear RoPE scaling (`rope.scaling.type` "linear"): positions / factor
+    # per rotary frequency, the divisor of its inverse frequency (the `rope_freqs.weight` tensor): how
+    # llama.cpp stores Llama 3.1+'s rope_scaling type "llama3" (factor, low/high_freq_factor, original context)
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "LlamaHParams":
@@ -53,6 +57,17 @@ class LlamaHParams:
         g = lambda k, d=None: gguf.field(f"{gguf.architecture}.{k}", d)  # noqa: E731
         hidden = int(g("embedding_length"))
         heads = int(g("attention.head_count"))
+        scaling = g("rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            raise ValueError(f"unsupported RoPE scaling {scaling!r} in {gguf.path.name}: Strata serves linear "
+                             "scaling and per-frequency factors (rope_freqs.weight, Llama 3's \"llama3\" type)")
+        head_dim = int(g("attention.key_length", g("rope.dimension_count", hidden // heads)))
+        factors = None
+        if gguf.has_tensor("rope_freqs.weight"):
+            factors = tuple(float(x) for x in gguf.dequantize("rope_freqs.weight").reshape(-1))
+            if len(factors) != head_dim // 2 or not all(x > 0 for x in factors):
+                raise ValueError(f"rope_freqs.weight holds {len(factors)} factors (positive, one per rotary "
+                                 f"frequency: {head_dim // 2} expected)")
         vocab = g("vocab_size")
         if vocab is None:
             vocab = len(gguf.field("tokenizer.ggml.tokens"))
@@ -62,7 +77,7 @@ class LlamaHParams:
             intermediate_size=int(g("feed_forward_length")),
             num_heads=heads,
             num_kv_heads=int(g("attention.head_count_kv", heads)),
-            head_dim=int(g("attention.key_length", g("rope.dimension_count", hidden // heads))),
+            head_dim=head_dim,
             rope_theta=float(g("rope.freq_base", 10000.0)),
             rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
             vocab_size=int(vocab),
@@ -71,6 +86,8 @@ class LlamaHParams:
             qkv_bias=gguf.has_tensor("blk.0.attn_q.bias"),
             qk_norm=gguf.has_tensor("blk.0.attn_q_norm.weight"),
             permuted_qk=gguf.architecture == "llama",
+            rope_scale=float(g("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+            rope_freq_factors=factors,
         )
 
 
@@ -104,7 +121,8 @@ class LlamaModel:
         self.q_size = hp.num_heads * hp.head_dim
         self.kv_size = hp.num_kv_heads * hp.head_dim
         self.scale = hp.head_dim ** -0.5
-        self.cos, self.sin = rope_cache(hp.head_dim, hp.max_position_embeddings, hp.rope_theta)
+        self.cos, self.sin = rope_cache(hp.head_dim, hp.max_position_embeddings, hp.rope_theta, hp.rope_scale,
+                                        hp.rope_freq_factors)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

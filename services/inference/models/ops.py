@@ -3,6 +3,8 @@ the Q/K row order llama.cpp stores. The models' torch path and the SmoothQuant c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -18,10 +20,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rope_cache(head_dim: int, max_positions: int, theta: float,
-               scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [P, D/2] per position; `scale`: linear RoPE scaling (positions divided by it)."""
+def rope_cache(head_dim: int, max_positions: int, theta: float, scale: float = 1.0,
+               factors: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, D/2] per position; `scale`: linear RoPE scaling (positions divided by it); `factors`
+    [D/2]: each frequency divided by its own factor (llama.cpp's rope_freqs, as in Llama 3's scaling)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if factors is not None:
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32)
     if scale != 1.0:
         inv_freq = inv_freq / scale
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
