@@ -346,14 +346,19 @@ def targets(rs: dict, strata_names: list[str]) -> dict:
 def bytes_per_token(info, context: float) -> float:
     """Bytes one decode step of one stream reads: every weight once (a tied embedding once, as the LM head;
     the file's blocks when quantized, else its dense dtype) and the KV of `context` tokens."""
-    from kernels.gguf_convert import kernel_bytes
+    from kernels.gguf_convert import fused_kernel_type, kernel_bytes
     from services.inference.models.llama import LlamaHParams
+    from services.inference.models.quantize import projection_groups
+    from services.inference.models.registry import model_class
 
     gguf = model_file()
     dtype_bytes = {"float32": 4, "bfloat16": 2}[info["dtype"]]
-    tensors = [gguf.raw_tensor(n) for n in gguf.tensor_names()]
-    read = lambda t: kernel_bytes(t.tensor_type.name, int(t.n_bytes), int(t.n_elements))  # noqa: E731 - as converted
-    weights = sum(read(t) if info["quantization"] else int(t.n_elements) * dtype_bytes for t in tensors)
+    fused_as = {name: fused_kernel_type(gguf.tensor_type(t) for t, _ in group)     # the type each is multiplied as
+                for group in projection_groups(model_class(gguf.architecture), gguf) for name, _ in group}
+    tensors = {n: gguf.raw_tensor(n) for n in gguf.tensor_names()}
+    read = lambda n, t: kernel_bytes(t.tensor_type.name, int(t.n_bytes), int(t.n_elements),  # noqa: E731
+                                     fused_as.get(n))                                          # as converted
+    weights = sum(read(n, t) if info["quantization"] else int(t.n_elements) * dtype_bytes for n, t in tensors.items())
     hp = LlamaHParams.from_gguf(gguf)
     return weights + 2 * hp.num_layers * hp.num_kv_heads * hp.head_dim * dtype_bytes * context
 

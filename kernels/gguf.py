@@ -13,8 +13,8 @@ from kernels import reference
 from kernels._loader import available, cpu_module
 
 BLOCK = 32
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
-_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1}       # csrc/cpu/gguf_gemv.h BlockType
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
+_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1, "Q5_0": 2}       # csrc/cpu/gguf_gemv.h BlockType
 
 
 GROUP = 8                                 # blocks per group: one 32-bit SIMD lane each
@@ -42,14 +42,56 @@ def _untranspose_groups(qs: torch.Tensor, nb: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def _vector_bytes(in_group: int) -> int:
+    """Bytes of a group's Q4 codes one kernel vector holds (csrc/cpu/gguf_gemv.h): 32 for groups of 8, 4 or 2
+    blocks, else one 4-byte word of each of its blocks."""
+    return 32 if in_group in (2, 4, 8) else in_group * 4
+
+
+def _pack_fifth_bits(bits: torch.Tensor, nb: int) -> torch.Tensor:
+    """Q5_0's fifth bits, one per regrouped code byte and nibble (uint8 0/1 [N, nb * 16, 2]: low, high
+    nibble) → qh [N, nbp * 4] bytes: per group 32 bytes, per vector of its codes two 32-bit masks (low
+    nibbles', high nibbles'), bit p for the vector's byte p."""
+    n, full = bits.shape[0], nb // GROUP * GROUP
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    groups = -(-nb // GROUP)
+    out = torch.zeros(n, groups, 4, 2, dtype=torch.int64)
+    if full:                                           # whole groups: 4 vectors of 32 bytes
+        whole = bits[:, :full * 16].reshape(n, full // GROUP, 4, 32, 2).long()
+        out[:, :full // GROUP] = (whole * weights[:, None]).sum(dim=3)
+    if full < nb:
+        in_group = nb - full
+        width = _vector_bytes(in_group)
+        last = bits[:, full * 16:].reshape(n, -1, width, 2).long()
+        out[:, -1, :last.shape[1]] = (last * weights[:width, None]).sum(dim=2)
+    return out.to(torch.int32).view(torch.uint8).reshape(n, groups * 32).contiguous()
+
+
+def _unpack_fifth_bits(qh: torch.Tensor, nb: int) -> torch.Tensor:
+    """The inverse of _pack_fifth_bits: qh [N, nbp * 4] → uint8 0/1 [N, nb * 16, 2]."""
+    n, full = qh.shape[0], nb // GROUP * GROUP
+    masks = qh.view(torch.int32).reshape(n, -1, 4, 2)
+    shifts = torch.arange(32, dtype=torch.int32)
+    parts = []
+    if full:
+        parts.append(((masks[:, :full // GROUP, :, None, :] >> shifts[:, None]) & 1).reshape(n, full * 16, 2))
+    if full < nb:
+        in_group = nb - full
+        width = _vector_bytes(in_group)
+        vectors = in_group * 16 // width
+        parts.append(((masks[:, -1, :vectors, None, :] >> shifts[:width, None]) & 1).reshape(n, in_group * 16, 2))
+    return torch.cat(parts, dim=1).to(torch.uint8)
+
+
 class GGUFMatrix:
     """Weights [N, K] from GGUF blocks: `blocks` uint8 [N, K / 32 * block bytes] (row n = output channel
-    n's blocks in order along K, as the file stores them), block_type "Q4_1" or "Q8_0". Regrouped once
-    for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32 * 16 or 32] as 32-bit words transposed
-    per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets `m`) [N, nbp]
-    with nbp = K/32 rounded up to 8, zero-padded: the same bytes. Call with float32 x [M, K] on CPU."""
+    n's blocks in order along K, as the file stores them), block_type "Q4_1", "Q8_0" or "Q5_0". Regrouped
+    once for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32 * 16 or 32] as 32-bit words
+    transposed per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets `m`)
+    [N, nbp] with nbp = K/32 rounded up to 8, zero-padded, and Q5_0's fifth bits `qh` [N, nbp * 4] as
+    bit masks per kernel vector: the same bytes. Call with float32 x [M, K] on CPU."""
 
-    __slots__ = ("qs", "d", "m", "block_type", "n", "k", "_file_order")
+    __slots__ = ("qs", "d", "m", "qh", "block_type", "n", "k", "_file_order")
 
     def __init__(self, blocks: torch.Tensor, block_type: str, k: int) -> None:
         if block_type not in BLOCK_BYTES:
@@ -70,7 +112,15 @@ class GGUFMatrix:
 
         self.d = halves(0)
         self.m = halves(2) if block_type == "Q4_1" else None
-        self.qs = _transpose_groups(raw[..., 4:] if block_type == "Q4_1" else raw[..., 2:])
+        self.qs = _transpose_groups(raw[..., {"Q4_1": 4, "Q8_0": 2, "Q5_0": 6}[block_type]:])
+        self.qh = None
+        if block_type == "Q5_0":                          # bit i of a block's qh: code i's fifth bit
+            qh = raw[..., 2:6].flatten().clone().view(torch.int32).view(n, nb, 1)
+            bits = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)          # [N, nb, 32]
+            # each code byte's two bits (value i low, i + 16 high), moved as the bytes are
+            by_byte = torch.stack([_transpose_groups(bits[..., :16].contiguous()),
+                                   _transpose_groups(bits[..., 16:].contiguous())], dim=-1)
+            self.qh = _pack_fifth_bits(by_byte, nb)
         self.block_type, self.n, self.k = block_type, n, k
         self._file_order: torch.Tensor | None = None      # dequantize_rows' gather index, made on first use
 
@@ -84,11 +134,22 @@ class GGUFMatrix:
         fields = [self.d[:, :nb, None].contiguous().view(torch.uint8)]
         if self.m is not None:
             fields.append(self.m[:, :nb, None].contiguous().view(torch.uint8))
+        if self.qh is not None:
+            by_byte = _unpack_fifth_bits(self.qh, nb)
+            bits = torch.cat([_untranspose_groups(by_byte[..., 0].contiguous(), nb),
+                              _untranspose_groups(by_byte[..., 1].contiguous(), nb)], dim=-1)   # [N, nb, 32]
+            qh = (bits.to(torch.int64) << torch.arange(32)).sum(-1).to(torch.int32)  # wraps bit 31 as the file has it
+            fields.append(qh[..., None].contiguous().view(torch.uint8))
         return torch.cat([*fields, _untranspose_groups(self.qs, nb)], dim=-1).reshape(self.n, -1)
 
     @property
     def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes + (self.m.nbytes if self.m is not None else 0)
+        return self.qs.nbytes + self.d.nbytes + sum(x.nbytes for x in (self.m, self.qh) if x is not None)
+
+    def _pointers(self) -> tuple[int, int, int, int]:
+        """qs, d, m (0 without), qh (0 without): the kernel's arrays."""
+        return (self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr() if self.m is not None else 0,
+                self.qh.data_ptr() if self.qh is not None else 0)
 
     def dequantize(self) -> torch.Tensor:
         """The weights as float32 [N, K], exactly as ggml dequantizes them."""
@@ -101,10 +162,12 @@ class GGUFMatrix:
         if available() and ids.device.type == "cpu":
             ids = ids.to(torch.int64).contiguous()         # checked in C++: IndexError outside [0, N)
             out = torch.empty(len(ids), self.k, dtype=torch.float32)
-            cpu_module().gguf_dequantize_rows(self.type_code, self.qs.data_ptr(), self.d.data_ptr(),
-                                              self.m.data_ptr() if self.m is not None else 0, self.n, self.k,
-                                              ids.data_ptr(), len(ids), out.data_ptr())
+            qs, d, m, qh = self._pointers()
+            cpu_module().gguf_dequantize_rows(self.type_code, qs, d, m, self.n, self.k, ids.data_ptr(), len(ids),
+                                              out.data_ptr(), qh)
             return out
+        if self.block_type == "Q5_0":                      # rare (a Q5_0 embedding): from the file's blocks
+            return reference.gguf_dequantize(self.blocks()[ids], "Q5_0", self.k)
         nb = self.k // BLOCK
         if self._file_order is None:                        # codes position in a regrouped row, in file order
             row_bytes = self.qs.shape[1]
@@ -128,9 +191,8 @@ class GGUFMatrix:
             return reference.gguf_gemv(x, self.blocks(), self.block_type, self.k)
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        cpu_module().gguf_gemv(self.type_code, self.qs.data_ptr(), self.d.data_ptr(),
-                               self.m.data_ptr() if self.m is not None else 0, self.n, self.k, x.data_ptr(),
-                               x.shape[0], y.data_ptr())
+        qs, d, m, qh = self._pointers()
+        cpu_module().gguf_gemv(self.type_code, qs, d, m, self.n, self.k, x.data_ptr(), x.shape[0], y.data_ptr(), qh)
         return y
 
 

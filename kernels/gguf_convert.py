@@ -1,8 +1,6 @@
-"""GGUF block types the GEMV kernels do not multiply, rewritten at load into the two they do (kernels.gguf:
-Q4_1 and Q8_0), one 32-weight block for each 32 weights, so the same products run:
+"""GGUF block types the GEMV kernels do not multiply, rewritten at load into two they do (kernels.gguf:
+Q4_1, Q8_0 and Q5_0 natively), one 32-weight block for each 32 weights, so the same products run:
 
-- Q5_0 -> Q8_0, exactly: a Q5_0 block is an fp16 scale and 32 codes of 5 bits (weight = d * (q - 16)); the
-  codes q - 16 widened to int8 with the same scale are the same weights (8.5 bits a weight instead of 5.5).
 - Q4_K -> Q4_1: a Q4_K super-block of 256 holds 8 sub-blocks of 32 with 4-bit codes, weight = d * sc * q -
   dmin * m (6-bit sc and m, fp16 d and dmin). Each sub-block becomes a Q4_1 block with the same codes, scale
   fp16(d * sc) and offset fp16(-dmin * m): the two products rounded to fp16 (11 significant bits), at most
@@ -13,37 +11,54 @@ Q4_1 and Q8_0), one 32-weight block for each 32 weights, so the same products ru
   8.5 bits a weight instead of 6.56.
 
 llama.cpp's own kernels multiply these types directly; writing kernels for them is the next step where the
-bytes matter (Gemma 3 270M: its Q5_0 and Q6_K projections read 1.4x their file's bytes this way)."""
+bytes matter (Gemma 3 270M: its Q6_K projections read 1.3x their file's bytes this way, its Q4_K 1.1x).
+
+- Q5_0 -> Q8_0, only where a fused projection joins Q5_0 and Q8_0 tensors (Gemma 3's Q|K|V: Q and K Q5_0,
+  V Q8_0), exactly: codes q - 16 widened to int8 with the same scale are the same weights (8.5 bits a
+  weight instead of 5.5). Elsewhere Q5_0 runs on its own kernel (csrc/cpu/gguf_gemv.h)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
-CONVERTED = {"Q5_0": "Q8_0", "Q4_K": "Q4_1", "Q6_K": "Q8_0"}     # file type -> the kernel type it becomes
-EXACT = frozenset({"Q5_0"})                                     # converted without any rounding
+NATIVE = ("Q4_1", "Q8_0", "Q5_0")                               # the types kernels.GGUFMatrix multiplies
+CONVERTED = {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}                    # file type -> the kernel type it becomes
 
 
 def kernel_type(file_type: str) -> str:
-    """The block type a file tensor of `file_type` is multiplied as (itself for Q4_1 and Q8_0)."""
+    """The block type a file tensor of `file_type` is multiplied as (itself for the NATIVE ones)."""
     return CONVERTED.get(file_type, file_type)
 
 
-def kernel_bytes(file_type: str, n_bytes: int, n_elements: int) -> int:
-    """Bytes the kernels read for a tensor stored as `file_type` in `n_bytes`: its converted blocks' where it
-    is converted (Q4_1: 20 bytes a 32 weights, Q8_0: 34), else the file's."""
-    if file_type not in CONVERTED:
+def fused_kernel_type(file_types: Iterable[str]) -> str | None:
+    """The one block type tensors of these file types are multiplied as when fused into one projection:
+    their common kernel_type; Q8_0 for Q5_0 with Q8_0 (widened exactly); None where there is none."""
+    kinds = {kernel_type(t) for t in file_types}
+    if kinds == {"Q5_0", "Q8_0"}:
+        return "Q8_0"
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(NATIVE) else None
+
+
+def kernel_bytes(file_type: str, n_bytes: int, n_elements: int, to: str | None = None) -> int:
+    """Bytes the kernels read for a tensor stored as `file_type` in `n_bytes`, multiplied as `to` (default
+    kernel_type(file_type)): its converted blocks' where it is converted (Q4_1: 20 bytes a 32 weights, Q8_0:
+    34), else the file's."""
+    to = to or kernel_type(file_type)
+    if to == file_type:
         return n_bytes
-    return n_elements // 32 * {"Q4_1": 20, "Q8_0": 34}[CONVERTED[file_type]]
+    return n_elements // 32 * {"Q4_1": 20, "Q8_0": 34}[to]
 
 
-def convert(raw: np.ndarray, file_type: str, k: int) -> tuple[np.ndarray, str]:
+def convert(raw: np.ndarray, file_type: str, k: int, to: str | None = None) -> tuple[np.ndarray, str]:
     """A tensor's file bytes uint8 [N, row bytes] (rows of K weights) -> (uint8 [N, K / 32 * block bytes],
-    kernel type): the blocks of kernel_type(file_type) for the same weights (see the module's note)."""
+    kernel type): the blocks of `to` (default kernel_type(file_type)) for the same weights (see the module's
+    note; `to` may only widen Q5_0 to Q8_0)."""
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     n = raw.shape[0]
-    if file_type in ("Q4_1", "Q8_0"):
-        return raw, file_type
-    if file_type == "Q5_0":
+    to = to or kernel_type(file_type)
+    if file_type == "Q5_0" and to == "Q8_0":
         blocks = raw.reshape(n * (k // 32), 22)
         qh = blocks[:, 2:6].copy().view("<u4")[:, 0]                        # bit j: code j's fifth bit
         qs = blocks[:, 6:22]
@@ -52,6 +67,10 @@ def convert(raw: np.ndarray, file_type: str, k: int) -> tuple[np.ndarray, str]:
         codes = (low | high) - 16
         out = np.concatenate([blocks[:, :2], codes.astype(np.int8).view(np.uint8)], axis=1)
         return out.reshape(n, -1), "Q8_0"
+    if to != kernel_type(file_type):
+        raise ValueError(f"GGUF type {file_type} cannot be converted to {to}")
+    if file_type in NATIVE:
+        return raw, file_type
     if file_type == "Q4_K":
         from gguf.quants import Q4_K
 

@@ -91,7 +91,8 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 
 
 def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """blocks uint8 [N, K/32 * bytes] → codes [N, K/32, 32] (float), d and m [N, K/32] (float32; m = 0 for Q8_0)."""
+    """blocks uint8 [N, K/32 * bytes] → codes [N, K/32, 32] (float), d and m [N, K/32] (float32; m = 0 for Q8_0
+    and Q5_0, whose codes are its 5-bit ones - 16)."""
     n, nb = blocks.shape[0], k // 32
     raw = blocks.reshape(n, nb, -1)
     d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
@@ -102,13 +103,18 @@ def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.T
     elif block_type == "Q8_0":
         m = torch.zeros_like(d)
         q = raw[..., 2:34].contiguous().view(torch.int8).float()
+    elif block_type == "Q5_0":                      # weight = d * (q - 16), q's fifth bit j in qh's bit j
+        m = torch.zeros_like(d)
+        qs, qh = raw[..., 6:22], raw[..., 2:6].flatten().clone().view(torch.int32).view(n, nb, 1)
+        high = (qh >> torch.arange(32, dtype=torch.int32)) & 1
+        q = (torch.cat([qs & 15, qs >> 4], dim=-1).int() | (high << 4)).float() - 16
     else:
         raise ValueError(f"unsupported block type {block_type!r}")
     return q, d, m
 
 
 def gguf_dequantize(blocks: torch.Tensor, block_type: str, k: int) -> torch.Tensor:
-    """GGUF Q4_1 / Q8_0 blocks [N, K/32 * bytes] → float32 [N, K]: d * q + m per weight (ggml's order)."""
+    """GGUF Q4_1 / Q8_0 / Q5_0 blocks [N, K/32 * bytes] → float32 [N, K]: d * q + m per weight (ggml's order)."""
     q, d, m = _gguf_fields(blocks, block_type, k)
     return (q * d[..., None] + m[..., None]).reshape(blocks.shape[0], k)
 

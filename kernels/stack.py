@@ -37,8 +37,9 @@ class StackLayerWeights:
 
 def _projection(mod, m: Matrix):
     if isinstance(m, Int8Matrix):
-        return mod.Projection(0, m.wq.data_ptr(), m.w_scale.data_ptr(), 0, 0)
-    return mod.Projection(1 + m.type_code, m.qs.data_ptr(), 0, m.d.data_ptr(), m.m.data_ptr() if m.m is not None else 0)
+        return mod.Projection(0, m.wq.data_ptr(), m.w_scale.data_ptr(), 0, 0, 0)
+    qs, d, offsets, qh = m._pointers()
+    return mod.Projection(1 + m.type_code, qs, 0, d, offsets, qh)
 
 
 class LayerStack:

@@ -283,13 +283,13 @@ def test_local_groups_hold_only_their_window(tiny_files, tokenizer):
 def test_every_other_storage_type_loads_as_hf_dequantizes_it(tiny_files, block):
     """The types a GGUF may store besides F32, Q8_0 and Q4_1 (K-quants aside: the gguf writer cannot make them;
     the real Gemma file's Q4_K and Q6_K are checked in test_gemma3.py): loaded dense, the first-step logits are
-    HF's within 1e-4; Q5_0 also runs on the kernels, converted to Q8_0 at load (kernels/gguf_convert.py)."""
+    HF's within 1e-4; Q5_0 also runs on the kernels, its own blocks (kernels/gguf.py)."""
     _, _, gguf, hf = tiny_files("llama", block)
     assert gguf.tensor_type("blk.0.attn_q.weight") == block
     assert_first_step_logits_close(load_model(gguf), hf, PROMPTS, atol=1e-4)
     if block == "Q5_0":
         model = load_model(gguf, quantization="gguf")
-        assert model.layers[0].qkv.kernel.block_type == "Q8_0"
+        assert model.layers[0].qkv.kernel.block_type == "Q5_0"
         for prompt in PROMPTS:
             with torch.no_grad():
                 want = hf(torch.tensor([prompt])).logits[0]

@@ -1,7 +1,7 @@
-"""GGUF types converted at load for the GEMV kernels (kernels/gguf_convert.py): Q5_0 as Q8_0 exactly, Q4_K as
-Q4_1 and Q6_K as Q8_0 within their stated bounds, each checked against the gguf library's dequantization of
-random blocks and of the Gemma 3 file's own tensors, and the kernel's product against gguf's dequantize +
-matmul."""
+"""GGUF types the GEMV kernels multiply other than Q4_1 and Q8_0: Q5_0 natively (its own blocks, the file's
+bytes), Q4_K as Q4_1 and Q6_K as Q8_0 converted at load (kernels/gguf_convert.py) within their stated
+bounds, each checked against the gguf library's dequantization of random blocks and of the Gemma 3 file's
+own tensors, and the kernel's product against gguf's dequantize + matmul."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def test_converted_blocks_hold_the_same_weights(kind):
     blocks, kernel_type = convert(raw, kind, k)
     got = GGUFMatrix(torch.from_numpy(blocks.copy()), kernel_type, k).dequantize().numpy()
     err = np.abs(got - want).reshape(-1, 32)
-    if kind == "Q5_0":
-        assert kernel_type == "Q8_0" and err.max() == 0.0
+    if kind == "Q5_0":                                   # its own blocks: the file's bytes again, ggml's weights
+        matrix = GGUFMatrix(torch.from_numpy(blocks.copy()), kernel_type, k)
+        assert kernel_type == "Q5_0" and err.max() == 0.0 and torch.equal(matrix.blocks(), torch.from_numpy(raw))
     elif kind == "Q4_K":     # scale and offset rounded to fp16: each at most 2^-11 of itself, codes <= 15
         from gguf.quants import Q4_K
 
@@ -68,10 +69,13 @@ def test_converted_blocks_hold_the_same_weights(kind):
 
 @pytest.mark.parametrize("kind", ["Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 3, 8, 17])
-def test_the_kernel_multiplies_converted_blocks_as_gguf_dequantize_and_matmul(kind, m):
+@pytest.mark.parametrize("k", [768, 608])                  # whole groups of 8 blocks; a short masked last one (3)
+def test_the_kernel_multiplies_converted_blocks_as_gguf_dequantize_and_matmul(kind, m, k):
     """Within the kernels' int8 activation error plus the conversion's: 5% of the output's spread (these
     random blocks' sub-block scales vary far more than real weights'; measured up to 2.2%)."""
-    n, k = 64, 768
+    if k % 256 and kind != "Q5_0":
+        pytest.skip("K-quant rows are whole super-blocks of 256")
+    n = 64
     raw = random_blocks(n, k, kind, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     want = x @ torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(n, k)).T
@@ -96,3 +100,19 @@ def test_the_gemma3_files_tensors(name):
     got = GGUFMatrix(torch.from_numpy(blocks.copy()), kernel_type, k).dequantize().numpy()
     err = float(np.abs(got - want).max()) / float(np.abs(want).max())
     assert err <= {"Q5_0": 0.0, "Q4_K": 1e-3, "Q6_K": 4e-3}[t.tensor_type.name], err
+
+
+def test_q5_0_fused_with_q8_0_is_widened_exactly():
+    """A fused projection needs one block type: Gemma 3's Q|K (Q5_0) join V (Q8_0) as Q8_0, the same weights;
+    a projection of Q5_0 alone keeps its own blocks; types with no common kernel form stay dense."""
+    from kernels.gguf_convert import fused_kernel_type
+
+    raw = random_blocks(24, 512, "Q5_0", seed=9)
+    blocks, kernel_type = convert(raw, "Q5_0", 512, to="Q8_0")
+    got = GGUFMatrix(torch.from_numpy(blocks.copy()), kernel_type, 512).dequantize().numpy()
+    assert kernel_type == "Q8_0" and np.array_equal(got, dequantize(raw, GGMLQuantizationType.Q5_0).reshape(24, 512))
+    assert fused_kernel_type(["Q5_0", "Q5_0", "Q8_0"]) == "Q8_0"
+    assert fused_kernel_type(["Q5_0", "Q5_0"]) == "Q5_0" and fused_kernel_type(["Q4_K"]) == "Q4_1"
+    assert fused_kernel_type(["Q4_K", "Q8_0"]) is None and fused_kernel_type(["F32", "Q8_0"]) is None
+    with pytest.raises(ValueError, match="cannot be converted"):
+        convert(raw, "Q5_0", 512, to="Q4_1")

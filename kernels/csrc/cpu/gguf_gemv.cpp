@@ -73,7 +73,16 @@ inline float half_to_float(uint16_t h) {
     return f;
 }
 
-constexpr int64_t qs_bytes(BlockType t) { return t == BlockType::kQ4_1 ? 16 : 32; }
+constexpr int64_t qs_bytes(BlockType t) { return t == BlockType::kQ8_0 ? 32 : 16; }
+
+// Q5_0: where the fifth bit of the code stored at byte p of group g's qs sits in qh (gguf_gemv.h): the
+// vector holding p, its mask for the low (values < 16) or high nibbles, the bit
+inline bool fifth_bit(const BlockMatrix& w, int64_t j, int64_t g, int64_t in_group, int64_t p, bool high) {
+    const int64_t vector_bytes = in_group == kGroup || packed_group(in_group) ? 32 : in_group * 4;
+    const uint8_t* masks = w.qh + j * qh_row_bytes(w.k) + g / kGroup * 32 + p / vector_bytes * 8 + (high ? 4 : 0);
+    const int64_t bit = p % vector_bytes;
+    return (masks[bit / 8] >> (bit % 8)) & 1;
+}
 
 // bytes of activation codes per row: whole groups, zero past K
 inline int64_t code_stride(int64_t k) { return padded_blocks(k) * kBlock; }
@@ -82,10 +91,13 @@ inline int64_t code_stride(int64_t k) { return padded_blocks(k) * kBlock; }
 // block's codes, Q4_1's words holding values i and i + 16 in their low and high nibbles, transposed per group)
 inline int32_t weight_code(const BlockMatrix& w, int64_t j, int64_t b, int64_t i) {
     const int64_t nb = w.k / kBlock, qb = qs_bytes(w.type), g = b / kGroup * kGroup, in_group = group_size(b, nb);
-    const int64_t word = w.type == BlockType::kQ4_1 ? i % 16 / 4 : i / 4;
-    const uint8_t byte = w.qs[j * nb * qb + g * qb + (word * in_group + b - g) * 4 + i % 4];
+    const int64_t word = w.type == BlockType::kQ8_0 ? i / 4 : i % 16 / 4;
+    const int64_t p = (word * in_group + b - g) * 4 + i % 4;      // the byte's place in its group's codes
+    const uint8_t byte = w.qs[j * nb * qb + g * qb + p];
     if (w.type == BlockType::kQ8_0) return static_cast<int8_t>(byte);
-    return i < 16 ? byte & 15 : byte >> 4;
+    const int32_t nibble = i < 16 ? byte & 15 : byte >> 4;
+    if (w.type == BlockType::kQ4_1) return nibble;
+    return nibble | fifth_bit(w, j, g, in_group, p, i >= 16) << 4;          // Q5_0: unsigned, 0..31
 }
 
 // ---- scalar (any x86-64)
@@ -99,8 +111,10 @@ void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const 
                 const int8_t* xr = xq + r * stride;
                 int32_t dot = 0;
                 for (int64_t i = 0; i < kBlock; ++i) dot += weight_code(w, j, b, i) * xr[code_index(b, i, nb)];
-                total += half_to_float(w.d[j * nbp + b]) * dx[r * nbp + b] * static_cast<float>(dot);
-                if (w.m != nullptr) total += half_to_float(w.m[j * nbp + b]) * sx[r * nbp + b];
+                const float d = half_to_float(w.d[j * nbp + b]);
+                total += d * dx[r * nbp + b] * static_cast<float>(dot);
+                if (w.type == BlockType::kQ4_1) total += half_to_float(w.m[j * nbp + b]) * sx[r * nbp + b];
+                if (w.type == BlockType::kQ5_0) total += d * -16.f * sx[r * nbp + b];
             }
             y[r * w.n + j] = total;
         }
@@ -191,17 +205,28 @@ struct RowsKernel {
     bool unsigned_codes;
 };
 
+// the kernel of one level for each type: Q8_0 with VNNI takes the codes biased to unsigned (its weights are
+// the signed operand); Q4_1's and Q5_0's codes are unsigned already
+template <RowsFn Q4, RowsFn Q8, RowsFn Q5, bool kBiasedQ8>
+RowsKernel for_type(BlockType t) {
+    switch (t) {
+        case BlockType::kQ4_1: return {Q4, false};
+        case BlockType::kQ8_0: return {Q8, kBiasedQ8};
+        default: return {Q5, false};
+    }
+}
+
 RowsKernel pick_rows(BlockType t) {
-    const bool q4 = t == BlockType::kQ4_1;
     switch (active_isa()) {
         case Isa::kAvx512Vnni:
-            return q4 ? RowsKernel{vnni::channel_range<BlockType::kQ4_1>, false}
-                      : RowsKernel{vnni::channel_range<BlockType::kQ8_0>, true};
+            return for_type<vnni::channel_range<BlockType::kQ4_1>, vnni::channel_range<BlockType::kQ8_0>,
+                            vnni::channel_range<BlockType::kQ5_0>, true>(t);
         case Isa::kAvxVnni:
-            return q4 ? RowsKernel{avxvnni::channel_range<BlockType::kQ4_1>, false}
-                      : RowsKernel{avxvnni::channel_range<BlockType::kQ8_0>, true};
+            return for_type<avxvnni::channel_range<BlockType::kQ4_1>, avxvnni::channel_range<BlockType::kQ8_0>,
+                            avxvnni::channel_range<BlockType::kQ5_0>, true>(t);
         case Isa::kAvx2:
-            return {q4 ? avx2::channel_range<BlockType::kQ4_1> : avx2::channel_range<BlockType::kQ8_0>, false};
+            return for_type<avx2::channel_range<BlockType::kQ4_1>, avx2::channel_range<BlockType::kQ8_0>,
+                            avx2::channel_range<BlockType::kQ5_0>, false>(t);
         default: return {rows_scalar, false};
     }
 }
@@ -265,7 +290,8 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
     const bool parallel = w.n * w.k >= (int64_t{1} << 15) && chunks > 1;
-    if (m >= kTileMinRows && active_isa() == Isa::kAvx512Vnni) {
+    // Q5_0 has no tiles yet: its rows go 8 at a time through the per-channel code (the same bits)
+    if (m >= kTileMinRows && active_isa() == Isa::kAvx512Vnni && w.type != BlockType::kQ5_0) {
         // tiles (gguf_gemv_simd.inc), over panels of rows x chunks of channels: a thread takes whole
         // panels' worth of consecutive tasks, so a panel's codes stay in its L2 while the weights pass
         const auto range = w.type == BlockType::kQ4_1 ? vnni::tile_range<BlockType::kQ4_1>
@@ -304,6 +330,9 @@ void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t coun
                 if (w.type == BlockType::kQ8_0) {
                     for (int64_t i = 0; i < kBlock; ++i)
                         o[i] = static_cast<float>(static_cast<int8_t>(lane[(i / 4) * in_group * 4 + i % 4])) * d;
+                } else if (w.type == BlockType::kQ5_0) {
+                    for (int64_t i = 0; i < kBlock; ++i)
+                        o[i] = static_cast<float>(weight_code(w, j, b, i) - 16) * d;
                 } else {                                     // word t: values 4t..4t+3 low, 16+4t.. high nibbles
                     const float m = half_to_float(w.m[j * nbp + b]);
                     for (int64_t i = 0; i < 16; ++i) {

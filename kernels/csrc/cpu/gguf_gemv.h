@@ -17,17 +17,30 @@ namespace strata::cpu {
 //   d, m  [N, nbp] fp16 bits, nbp = nb rounded up to a multiple of 8, zero past nb (m: Q4_1 only)
 // so one 256-bit load holds the same word of eight blocks, one block per lane, and the scales of those
 // 8 blocks convert in one instruction.
-enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1 };
+//
+// Q5_0 = fp16 d, 32 bits qh, 16 bytes of nibbles (weight i = d * (q_i - 16), q_i = the Q4 nibble of value i
+// as above | bit i of qh << 4): qs and d as Q4_1's, no m (the offset is -16 d, exact), and the fifth bits
+// regrouped to match the vectors the kernel loads from qs:
+//   qh    [N, nbp * 4] bytes: 32 per group of blocks; vector t of the group's qs (32 bytes for a group of 8,
+//         4 or 2 blocks: 4, 2 or 1 vectors; in_group * 4 bytes, masked, for other short groups: 4 vectors)
+//         has two 32-bit masks at 8t: bit p of the first is the fifth bit of byte p's low nibble, bit p of
+//         the second that of its high nibble
+// so a vector's 64 fifth bits expand to bytes with one shuffle and compare. 22 bytes a block, the file's.
+enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2 };
 
 struct BlockMatrix {
     BlockType type;
     const uint8_t* qs;
     const uint16_t* d;
-    const uint16_t* m;       // null for Q8_0
+    const uint16_t* m;       // Q4_1 only
     int64_t n, k;            // K a multiple of 32
+    const uint8_t* qh = nullptr;   // Q5_0 only
 };
 
 inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
+
+// bytes of a Q5_0 row's qh
+inline int64_t qh_row_bytes(int64_t k) { return padded_blocks(k) * 4; }
 
 // Activations for these products (llama.cpp's Q8_1): per row and 32-value block, scale dx = max|x| / 127,
 // codes c = round(x * 127 / max|x|) (half to even; 0 where the block is all zero) as int8, and
@@ -41,11 +54,13 @@ inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
 // lanes), zero elsewhere; dx, sx [M, padded_blocks(K)] (zero past K).
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx);
 
-// y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1),
+// y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1,
+// + (-16 d_nb) * sx_rb for Q5_0 with its unsigned codes q),
 // the block dot products exact in int32.
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y);
 
-// out [count, K] float32 = rows ids[0..count) of W, as ggml dequantizes them (Q4_1: q * d + m, Q8_0: q * d,
+// out [count, K] float32 = rows ids[0..count) of W, as ggml dequantizes them (Q4_1: q * d + m, Q8_0 and
+// Q5_0: q * d, Q5_0's q = its 5-bit code - 16,
 // each product and sum rounded once): an embedding lookup straight from the blocks. ids must be in [0, N).
 void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
 

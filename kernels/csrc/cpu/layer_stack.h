@@ -1,5 +1,5 @@
 // The decoder layers of a Llama model with quantized projections (int8 W8A8, or a GGUF file's Q4_1 /
-// Q8_0 blocks), run for a step of a few rows in one call: no Python between the kernels of a layer or between layers (a single-stream decode step is ~10
+// Q8_0 / Q5_0 blocks), run for a step of a few rows in one call: no Python between the kernels of a layer or between layers (a single-stream decode step is ~10
 // kernel calls × 30 layers, each of which otherwise pays a Python wrapper's checks).
 #pragma once
 
@@ -10,11 +10,12 @@ namespace strata::cpu {
 
 // A projection W [N, K] (one row per output channel) in one of the quantized formats.
 struct Projection {
-    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2 } kind;
-    const void* w;           // kInt8: int8 codes [N, K]; kQ4_1 / kQ8_0: the blocks' qs (gguf_gemv.h)
+    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ5_0 = 3 } kind;
+    const void* w;           // kInt8: int8 codes [N, K]; kQ4_1 / kQ8_0 / kQ5_0: the blocks' qs (gguf_gemv.h)
     const float* scale;      // kInt8: float32 [N]
-    const uint16_t* d;       // kQ4_1 / kQ8_0: block scales [N, nbp] (fp16 bits)
+    const uint16_t* d;       // kQ4_1 / kQ8_0 / kQ5_0: block scales [N, nbp] (fp16 bits)
     const uint16_t* m;       // kQ4_1: block offsets [N, nbp]
+    const uint8_t* qh;       // kQ5_0: the fifth bits [N, nbp * 4]
 };
 
 // One layer: RMSNorm weights float32 [hidden]; projections qkv [H*D + 2*KVH*D, hidden] (Q, K, V rows),

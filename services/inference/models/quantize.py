@@ -5,13 +5,12 @@ The model never quantizes itself.
 - "int8": W8A8 with SmoothQuant (calibrated on fixed prompts) for the block projections, weight-only int8
   for the LM head (its activations stay float32: W8A8 there cost more quality than it saved time;
   weight-only keeps the logits close and reads a quarter of the bytes).
-- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 blocks, at every row
-  count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V and
-  gate|up fused), so the weights are the same numbers, 5 (Q4_1) or 8.5 (Q8_0) bits each. The token
-  embedding is read from its blocks too; no float32 copy of a quantized weight is kept. Q5_0, Q4_K and
-  Q6_K blocks are converted at load to Q8_0, Q4_1 and Q8_0 (kernels/gguf_convert.py: Q5_0 exactly, the
-  others within 0.1% and 0.4% of a block's largest weight); projections of other types are dequantized at
-  load, with a log line.
+- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 / Q5_0 blocks, at every
+  row count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted, Q|K|V
+  and gate|up fused), so the weights are the same numbers, 5 (Q4_1), 8.5 (Q8_0) or 5.5 (Q5_0) bits each.
+  The token embedding is read from its blocks too; no float32 copy of a quantized weight is kept. Q4_K and
+  Q6_K blocks are converted at load to Q4_1 and Q8_0 (kernels/gguf_convert.py: within 0.1% and 0.4% of a
+  block's largest weight); projections of other types are dequantized at load, with a log line.
 - "auto" (the default) is decided before loading by `auto_quantization`: "gguf" on CPU where the file's
   projections are all blocks the kernels multiply, else dense.
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from kernels import GGUFMatrix
-from kernels.gguf_convert import convert, kernel_type
+from kernels.gguf_convert import NATIVE, convert, fused_kernel_type, kernel_type
 from services.inference.config import QUANTIZATIONS
 from services.inference.models import smoothquant
 from services.inference.models.gguf_file import GGUFFile
@@ -37,15 +36,15 @@ from services.inference.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-GGUF_BLOCK_TYPES = ("Q4_1", "Q8_0")          # the block types kernels.GGUFMatrix multiplies
+GGUF_BLOCK_TYPES = NATIVE                   # the block types kernels.GGUFMatrix multiplies
 
 
 def projection_tensors(model_class: Any, gguf: GGUFFile) -> list[str]:
     """Every GGUF tensor a quantization pass gives blocks to: the layers' projections and the LM head."""
-    return [name for sources in _projection_groups(model_class, gguf) for name, _ in sources]
+    return [name for sources in projection_groups(model_class, gguf) for name, _ in sources]
 
 
-def _projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str, int | None]]]:
+def projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str, int | None]]]:
     """The sources of every projection (one list per fused projection) and of the LM head."""
     hp = model_class.hparams_from_gguf(gguf)
     groups = [sources for i in range(hp.num_layers) for sources in model_class.projection_sources(hp, i).values()]
@@ -54,10 +53,10 @@ def _projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str,
 
 def on_kernels(gguf: GGUFFile, sources: list[tuple[str, int | None]]) -> bool:
     """Whether the "gguf" pass multiplies these tensors' blocks: all of one block type the kernels know, as
-    stored or converted at load (kernels.gguf_convert: Q5_0 and Q6_K as Q8_0, Q4_K as Q4_1). Others (float
-    tensors, other types, fused projections whose kernel types differ) stay dense."""
-    kinds = {kernel_type(gguf.tensor_type(name)) for name, _ in sources}
-    return len(kinds) == 1 and kinds <= set(GGUF_BLOCK_TYPES)
+    stored or converted at load (kernels.gguf_convert: Q6_K as Q8_0, Q4_K as Q4_1, and Q5_0 as Q8_0 where
+    fused with Q8_0). Others (float tensors, other types, fused projections of kernel types with no common
+    one) stay dense."""
+    return fused_kernel_type(gguf.tensor_type(name) for name, _ in sources) is not None
 
 
 def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | None:
@@ -66,7 +65,7 @@ def auto_quantization(model_class: Any, gguf: GGUFFile, device: str) -> str | No
     smallest; the rest load dense), else None (dense: float files, GPUs)."""
     if device != "cpu":
         return None
-    return "gguf" if any(on_kernels(gguf, g) for g in _projection_groups(model_class, gguf)) else None
+    return "gguf" if any(on_kernels(gguf, g) for g in projection_groups(model_class, gguf)) else None
 
 
 def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | None) -> frozenset[str]:
@@ -76,7 +75,7 @@ def tensors_from_blocks(model_class: Any, gguf: GGUFFile, quantization: str | No
     embedding where it is such blocks."""
     if quantization != "gguf":
         return frozenset()
-    names = {name for g in _projection_groups(model_class, gguf) if on_kernels(gguf, g) for name, _ in g}
+    names = {name for g in projection_groups(model_class, gguf) if on_kernels(gguf, g) for name, _ in g}
     if kernel_type(gguf.tensor_type("token_embd.weight")) in GGUF_BLOCK_TYPES:
         names.add("token_embd.weight")
     return frozenset(names)
@@ -126,10 +125,10 @@ def gguf_pass(model: Any, gguf: GGUFFile) -> None:
 
     converted: Counter[str] = Counter()
 
-    def blocks(name: str, heads: int | None) -> tuple[torch.Tensor, str, int]:
+    def blocks(name: str, heads: int | None, to: str) -> tuple[torch.Tensor, str, int]:
         t = gguf.raw_tensor(name)
         k, kind = int(t.shape[0]), gguf.tensor_type(name)
-        data, block_type = convert(np.asarray(t.data), kind, k)
+        data, block_type = convert(np.asarray(t.data), kind, k, to)
         if block_type != kind:
             converted[f"{kind} as {block_type}"] += 1
         raw = torch.from_numpy(np.array(data, copy=True))
@@ -138,7 +137,8 @@ def gguf_pass(model: Any, gguf: GGUFFile) -> None:
         return raw, block_type, k
 
     def fused(sources: list[tuple[str, int | None]]) -> GGUFMatrix:
-        parts = [blocks(name, heads) for name, heads in sources]
+        to = fused_kernel_type(gguf.tensor_type(name) for name, _ in sources)
+        parts = [blocks(name, heads, to) for name, heads in sources]
         return GGUFMatrix(torch.cat([p[0] for p in parts]), parts[0][1], parts[0][2])
 
     dense: Counter[str] = Counter()
