@@ -117,7 +117,7 @@ def profile_streams(engine: LLMEngine, streams: int, steps: int, prompt_len: int
         # phases above): the layers in one call, the LM head's product
         native = PhaseClock()
         if runner.compute.layer_stack is not None:
-            native.wrap(type(runner.compute.layer_stack), "__call__", "stack")
+            native.wrap(type(runner.compute.layer_stack), "run", "stack")
         native.wrap(model, "lm_head", "lm head product")
         t0 = time.perf_counter()
         for _ in range(steps):

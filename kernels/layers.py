@@ -102,3 +102,18 @@ def silu_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Ten
     out = torch.empty(t, inner, dtype=torch.float32, device=gate_up.device)
     _launch(kind, mod.silu_and_mul, (gate_up.data_ptr(), t, inner, out.data_ptr()), gate_up)
     return out
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """gate_up [T, 2I] (gate, then up) → gelu_tanh(gate) * up [T, I] (Gemma's MLP): the C++ kernel on CPU (the
+    one the layer stack runs, so both paths give the same bits); torch's elsewhere (no GPU kernel yet)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up must be [T, 2I], got {tuple(gate_up.shape)}")
+    kind = backend or _choose(gate_up)
+    if kind != CPP:
+        return reference.gelu_tanh_and_mul(gate_up)
+    gate_up = gate_up.contiguous()
+    t, inner = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(t, inner, dtype=torch.float32)
+    cpu_module().gelu_tanh_and_mul(gate_up.data_ptr(), t, inner, out.data_ptr())
+    return out

@@ -177,6 +177,12 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     return x
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] → gelu(gate_up[:, :I], approximate="tanh") * gate_up[:, I:] (Gemma's MLP)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T, 2I] → silu(gate_up[:, :I]) * gate_up[:, I:]."""
     gate, up = gate_up.chunk(2, dim=-1)

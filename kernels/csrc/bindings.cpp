@@ -2,7 +2,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
 #include <string>
 
 #include "cpu/cosine_topk.h"
@@ -47,28 +51,51 @@ PYBIND11_MODULE(_C, m) {
     py::class_<strata::cpu::StackLayer>(m, "StackLayer")
         .def(py::init([](uintptr_t attn_norm, uintptr_t ffn_norm, const strata::cpu::Projection& qkv,
                          const strata::cpu::Projection& o, const strata::cpu::Projection& gate_up,
-                         const strata::cpu::Projection& down, uintptr_t k_pool, uintptr_t v_pool) {
+                         const strata::cpu::Projection& down, uintptr_t k_pool, uintptr_t v_pool, uintptr_t qkv_bias,
+                         uintptr_t q_norm, uintptr_t k_norm, uintptr_t post_attn_norm, uintptr_t post_ffn_norm,
+                         int64_t group, int64_t rope, int64_t window) {
             return strata::cpu::StackLayer{ptr<const float>(attn_norm), ptr<const float>(ffn_norm), qkv, o, gate_up, down,
-                                           ptr<float>(k_pool), ptr<float>(v_pool)};
+                                           ptr<float>(k_pool), ptr<float>(v_pool), ptr<const float>(qkv_bias),
+                                           ptr<const float>(q_norm), ptr<const float>(k_norm),
+                                           ptr<const float>(post_attn_norm), ptr<const float>(post_ffn_norm), group,
+                                           rope, window};
         }));
     struct Stack {
         strata::cpu::StackShape shape;
         std::vector<strata::cpu::StackLayer> layers;
+        int64_t num_groups, num_ropes;
     };
     py::class_<Stack>(m, "LayerStack")
         .def(py::init([](std::vector<strata::cpu::StackLayer> layers, int64_t hidden, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, int64_t inter, int64_t num_slots, int64_t block_size, float eps, float scale) {
-            return Stack{{hidden, heads, kv_heads, head_dim, inter, num_slots, block_size, eps, scale}, std::move(layers)};
+                         int64_t head_dim, int64_t inter, int64_t num_slots, int64_t block_size, float eps, float scale,
+                         int act) {
+            if (act < 0 || act > 1) throw py::value_error("act must be 0 (SiLU) or 1 (GELU-tanh)");
+            int64_t groups = 0, ropes = 0;
+            for (const auto& layer : layers) {
+                if (layer.group < 0 || layer.rope < 0 || layer.window < 0)
+                    throw py::value_error("a layer's group, rope and window must be >= 0");
+                groups = std::max(groups, layer.group + 1);
+                ropes = std::max(ropes, layer.rope + 1);
+            }
+            return Stack{{hidden, heads, kv_heads, head_dim, inter, num_slots, block_size, eps, scale,
+                          static_cast<strata::cpu::Activation>(act)},
+                         std::move(layers), groups, ropes};
         }))
-        .def("run", [](const Stack& stack, uintptr_t h, int64_t rows, uintptr_t cos, uintptr_t sin,
-                       uintptr_t slot_mapping, uintptr_t block_table, uintptr_t context_lens, uintptr_t query_start,
-                       int64_t num_seqs, int64_t max_blocks) {
+        // ropes: (cos, sin) per rotary table; groups: (slot_mapping, block_table, context_lens, query_start,
+        // num_seqs, max_blocks) per layer group
+        .def("run", [](const Stack& stack, uintptr_t h, int64_t rows,
+                       const std::vector<std::pair<uintptr_t, uintptr_t>>& ropes,
+                       const std::vector<std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t>>& groups) {
+            if (static_cast<int64_t>(groups.size()) < stack.num_groups || static_cast<int64_t>(ropes.size()) < stack.num_ropes)
+                throw py::value_error("a step layout per layer group and a rotary table per rope are needed");
+            std::vector<strata::cpu::Rope> rope_tables;
+            for (const auto& [cos, sin] : ropes) rope_tables.push_back({ptr<const float>(cos), ptr<const float>(sin)});
+            std::vector<strata::cpu::StepLayout> steps;
+            for (const auto& [slots, table, ctx, starts, seqs, max_blocks] : groups)
+                steps.push_back({ptr<const int64_t>(slots), ptr<const int64_t>(table), ptr<const int64_t>(ctx),
+                                 ptr<const int64_t>(starts), seqs, max_blocks});
             py::gil_scoped_release release;
-            const strata::cpu::StepLayout step{rows, ptr<const float>(cos), ptr<const float>(sin),
-                                               ptr<const int64_t>(slot_mapping), ptr<const int64_t>(block_table),
-                                               ptr<const int64_t>(context_lens), ptr<const int64_t>(query_start),
-                                               num_seqs, max_blocks};
-            strata::cpu::layer_stack(stack.shape, stack.layers, step, ptr<float>(h));
+            strata::cpu::layer_stack(stack.shape, stack.layers, rows, steps, rope_tables, ptr<float>(h));
         });
     m.def(
         "cosine_topk_int8",
@@ -164,6 +191,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("silu_and_mul", [](uintptr_t gate_up, int64_t rows, int64_t inner, uintptr_t out) {
         py::gil_scoped_release release;
         strata::cpu::silu_and_mul(ptr<const float>(gate_up), rows, inner, ptr<float>(out));
+    });
+    m.def("gelu_tanh_and_mul", [](uintptr_t gate_up, int64_t rows, int64_t inner, uintptr_t out) {
+        py::gil_scoped_release release;
+        strata::cpu::gelu_tanh_and_mul(ptr<const float>(gate_up), rows, inner, ptr<float>(out));
     });
     m.def("reshape_and_cache", [](uintptr_t k, uintptr_t v, int64_t k_stride, int64_t v_stride, uintptr_t slot_mapping,
                                   int64_t rows, int64_t kv_heads, int64_t head_dim, int64_t num_slots,

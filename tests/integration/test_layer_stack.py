@@ -84,3 +84,36 @@ def test_bad_steps_are_refused(model_int8):
     with pytest.raises(ValueError, match="plan"):
         stack(h, cos, sin, torch.tensor([2]), PagedAttention(torch.tensor([[0, 9]]), ctx, bs))
     assert model_int8.layer_stack([(k.bfloat16(), v.bfloat16()) for k, v in pools], bs) is None
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("block", ["Q8_0", "Q4_1", "Q5_0"])
+def test_every_architecture_runs_in_the_stack_as_layer_by_layer(arch, block, tmp_path, tokenizer):
+    """The stack's optional parts on tiny random files: qwen2's QKV bias, qwen3's Q/K head norms, and gemma3's
+    whole block (head norms, norms after attention and MLP, GELU-tanh, a global and a local rotary table, six
+    layer groups each with its own block tables, local layers over a window of 8 that the prompts pass, with
+    their out-of-window blocks released): greedy tokens and the top-5 log-probabilities of every step equal
+    the per-layer Python forward's (1e-4: Gemma's GELU is ours in the stack, torch's layer by layer)."""
+    from services.inference.config import engine_config
+    from services.inference.engine.factory import build_engine
+    from services.inference.models.gguf_file import GGUFFile
+    from services.inference.models.registry import load_model
+    from tests.integration.test_architectures import PROMPTS, write_tiny_gguf
+
+    write_tiny_gguf(tmp_path / "model.gguf", arch, block)
+    model = load_model(GGUFFile(tmp_path / "model.gguf"), quantization="gguf")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    outs = []
+    for stack in (True, False):
+        engine = build_engine(engine_config(dtype="float32", quantization="gguf", kv_cache_memory_gb=0.02,
+                                            block_size=4), model=model, tokenizer=tokenizer)
+        assert engine.runner.compute.layer_stack is not None
+        if not stack:
+            engine.runner.compute = replace(engine.runner.compute, layer_stack=None)
+        outs.append(engine.generate(PROMPTS + [PROMPTS[1][:5]], params))
+        assert_all_blocks_free(engine)
+    for a, b in zip(*outs):
+        assert a.new_token_ids == b.new_token_ids
+        got = [lp for step in a.logprobs for _, lp in step.top]
+        want = [lp for step in b.logprobs for _, lp in step.top]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)

@@ -56,6 +56,19 @@ def test_rotary_of_position_zero_is_the_identity_and_bad_shapes_are_refused():
 
 @pytest.mark.parametrize("rows", [1, 9, 200])
 @pytest.mark.parametrize("inner", [1536, 100])
+def test_gelu_tanh_and_mul_matches_torch(rows, inner):
+    """Gemma's GELU (tanh form) as x * sigmoid(2y) from exp: within 1e-5 of torch's (whose 1 + tanh(y) loses
+    digits below x = -3, where ours keeps them)."""
+    gate_up = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 60.0, -60.0])
+    torch.testing.assert_close(kernels.gelu_tanh_and_mul(gate_up), reference.gelu_tanh_and_mul(gate_up),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2I"):
+        kernels.gelu_tanh_and_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("rows", [1, 9, 200])
+@pytest.mark.parametrize("inner", [1536, 100])
 def test_silu_and_mul_matches_the_reference(rows, inner):
     gate_up = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
     torch.testing.assert_close(kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), rtol=1e-5, atol=1e-6)

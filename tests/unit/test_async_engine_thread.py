@@ -128,7 +128,7 @@ async def test_outputs_go_to_the_loop_as_the_next_forward_drops_the_gil(make_eng
         async_engine.shutdown()
     for out in outs:
         assert sum(len(o.new_token_ids) for o in out) == 6 and out[-1].finish_reason == "length"
-    before_forward = ("stack.py", "__call__") if quantization else ("model_runner.py", "execute")
+    before_forward = ("stack.py", "run") if quantization else ("model_runner.py", "execute")
     assert callers[-1] == ("async_engine.py", "_run")
     assert callers.count(before_forward) >= 5, callers
     assert set(callers[:-1]) <= {before_forward, ("model_runner.py", "execute")}, callers

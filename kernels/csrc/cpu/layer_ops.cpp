@@ -65,6 +65,32 @@ __attribute__((target("avx2,fma"))) void silu_and_mul_row_avx2(const float* g, c
     for (; i < n; ++i) o[i] = silu_mul(g[i], u[i]);
 }
 
+constexpr float kGeluC = 0.7978845608028654f;      // sqrt(2 / pi)
+
+// x / 2 * (1 + tanh(y)) = x * sigmoid(2 y), y = sqrt(2 / pi) (x + 0.044715 x^3): the sigmoid form keeps its
+// precision where 1 + tanh(y) cancels (x below about -3)
+inline float gelu_tanh_mul(float x, float u) {
+    const float y = kGeluC * (x + 0.044715f * x * x * x);
+    return x / (1.0f + std::exp(-2.0f * y)) * u;
+}
+
+// sigmoid(2 y) with e = exp(-2 |y|) (the exp's domain): 1 / (1 + e) for y >= 0, e / (1 + e) below
+__attribute__((target("avx2,fma"))) void gelu_tanh_and_mul_row_avx2(const float* g, const float* u, int64_t n,
+                                                                    float* o) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    const __m256 c2 = _mm256_set1_ps(2.0f * kGeluC), cubic = _mm256_set1_ps(0.044715f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 y2 = _mm256_mul_ps(c2, _mm256_fmadd_ps(_mm256_mul_ps(cubic, x), _mm256_mul_ps(x, x), x));
+        const __m256 e = exp_avx2(_mm256_or_ps(y2, sign));                       // exp(-|2y|)
+        const __m256 num = _mm256_blendv_ps(one, e, y2);                         // sign bit set: y < 0
+        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; ++i) o[i] = gelu_tanh_mul(g[i], u[i]);
+}
+
 }  // namespace
 
 void add_rms_norm(float* residual, const float* delta, const float* weight, int64_t rows, int64_t hidden, float eps,
@@ -104,6 +130,21 @@ void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out)
             silu_and_mul_row_avx2(g, u, inner, o);
         } else {
             for (int64_t i = 0; i < inner; ++i) o[i] = silu_mul(g[i], u[i]);
+        }
+    }
+}
+
+void gelu_tanh_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out) {
+    const bool simd = has_avx2();
+#pragma omp parallel for schedule(static) if (rows * inner >= (int64_t{1} << 16))
+    for (int64_t t = 0; t < rows; ++t) {
+        const float* g = gate_up + t * 2 * inner;
+        const float* u = g + inner;
+        float* o = out + t * inner;
+        if (simd) {
+            gelu_tanh_and_mul_row_avx2(g, u, inner, o);
+        } else {
+            for (int64_t i = 0; i < inner; ++i) o[i] = gelu_tanh_mul(g[i], u[i]);
         }
     }
 }

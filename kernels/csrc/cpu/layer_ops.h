@@ -1,4 +1,5 @@
-// Row-wise kernels of a Llama layer: fused residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul.
+// Row-wise kernels of a Llama layer: fused residual-add + RMSNorm, rotary embedding in place, SiLU-and-mul
+// (GELU-tanh-and-mul for Gemma).
 #pragma once
 
 #include <cstdint>
@@ -25,5 +26,9 @@ void reshape_and_cache(const void* k, const void* v, int64_t k_stride, int64_t v
 
 // out [T, I] = silu(gate_up[t, :I]) * gate_up[t, I:] for gate_up [T, 2I] (the fused gate/up projection).
 void silu_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out);
+
+// out [T, I] = gelu_tanh(gate_up[t, :I]) * gate_up[t, I:] (Gemma's MLP): gelu_tanh(x) = x / 2 * (1 +
+// tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), computed as x * sigmoid(2 * that argument) (within 1e-5 of torch's).
+void gelu_tanh_and_mul(const float* gate_up, int64_t rows, int64_t inner, float* out);
 
 }  // namespace strata::cpu

@@ -20,25 +20,37 @@ struct Projection {
 
 // One layer: RMSNorm weights float32 [hidden]; projections qkv [H*D + 2*KVH*D, hidden] (Q, K, V rows),
 // o [hidden, H*D], gate_up [2*inter, hidden] (gate rows, then up rows), down [hidden, inter]; its float32
-// K/V pools [KVH, num_slots, head_dim].
+// K/V pools [KVH, num_slots, head_dim]. What only some architectures have is null where absent: a QKV bias
+// (qwen2), RMSNorm weights over each Q and K head [head_dim] (qwen3, gemma3), norms of the attention and MLP
+// outputs before their residual adds [hidden] (gemma3). A layer reads its group's step layout (layer groups
+// of a sliding-window model: engine/kv_layout.py), one of the rotary tables, and attends its last `window`
+// positions (0: all).
 struct StackLayer {
     const float* attn_norm;
     const float* ffn_norm;
     Projection qkv, o, gate_up, down;
     float* k_pool;
     float* v_pool;
+    const float* qkv_bias = nullptr;
+    const float* q_norm = nullptr;
+    const float* k_norm = nullptr;
+    const float* post_attn_norm = nullptr;
+    const float* post_ffn_norm = nullptr;
+    int64_t group = 0;
+    int64_t rope = 0;
+    int64_t window = 0;
 };
+
+enum class Activation : int { kSilu = 0, kGeluTanh = 1 };
 
 struct StackShape {
     int64_t hidden, heads, kv_heads, head_dim, inter, num_slots, block_size;
     float eps, scale;
+    Activation act = Activation::kSilu;
 };
 
-// One step's attention layout (kernels.PagedAttention's arrays) and rotary tables.
+// One step's attention layout over one layer group's block tables (kernels.PagedAttention's arrays).
 struct StepLayout {
-    int64_t rows;                    // T
-    const float* cos;                // [T, head_dim / 2]
-    const float* sin;
     const int64_t* slot_mapping;     // [T]
     const int64_t* block_table;      // [S, max_blocks]
     const int64_t* context_lens;     // [S]
@@ -46,8 +58,16 @@ struct StepLayout {
     int64_t num_seqs, max_blocks;
 };
 
+// A rotary table for the step's rows: cos, sin [T, head_dim / 2].
+struct Rope {
+    const float* cos;
+    const float* sin;
+};
+
 // h [T, hidden] float32: the embeddings in, the last layer's residual stream out (before the final norm),
-// exactly as LlamaModel._forward_fused computes it with the same kernels one call at a time.
-void layer_stack(const StackShape& shape, const std::vector<StackLayer>& layers, const StepLayout& step, float* h);
+// exactly as the model's _forward_fused computes it with the same kernels one call at a time (Gemma's GELU
+// excepted: torch's there, ours here, a few ulps apart).
+void layer_stack(const StackShape& shape, const std::vector<StackLayer>& layers, int64_t rows,
+                 const std::vector<StepLayout>& groups, const std::vector<Rope>& ropes, float* h);
 
 }  // namespace strata::cpu

@@ -54,7 +54,7 @@ class ModelRunner:
         self.kv_caches = [pools[self.layout.tensor_of(i)] for i in range(hp.num_layers)]   # per layer
         self._layer_group = [self.layout.group_of(i) for i in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
-        self.compute = choose_compute(model, self.kv_caches, block_size)
+        self.compute = choose_compute(model, self.kv_caches, block_size, self._layer_group)
         self._on_forward: Callable[[], None] | None = None
         log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
 

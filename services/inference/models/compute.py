@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -63,9 +64,11 @@ class ComputePath:
                 "paged_attention": k.attention, "reshape_and_cache": k.cache}
 
 
-def choose_compute(model: Any, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> ComputePath:
+def choose_compute(model: Any, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                   layer_groups: Sequence[int] | None = None) -> ComputePath:
     """The path for `model` over these KV pools: the kernels' implementations for its device and dtypes, and
-    the layer stack where the model is quantized, the kernels are on and the pools are float32."""
+    the layer stack where the model is quantized, the kernels are on and the pools are float32.
+    layer_groups: each layer's KV layer group (engine/kv_layout.py), which a sliding-window model's stack needs."""
     pool = kv_caches[0][0]
     kernels = select(model.device, model.dtype, pool.dtype, model.hp.head_dim, block_size)
-    return ComputePath(kernels, model.layer_stack(kv_caches, block_size))
+    return ComputePath(kernels, model.layer_stack(kv_caches, block_size, layer_groups))

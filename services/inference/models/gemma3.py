@@ -15,15 +15,15 @@ masks cut to their window; engine/kv_layout.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kernels import KernelBackends, LayerStack, add_rms_norm_, rotary_
+from kernels import KernelBackends, LayerStack, add_rms_norm_, gelu_tanh_and_mul, rotary_
 from services.inference.models.attention import AttentionMetadata, paged_attention
-from services.inference.models.compute import ComputePath
+from services.inference.models.compute import ComputePath, StepPath
 from services.inference.models.gguf_file import GGUFFile
 from services.inference.models.linear import GGUFEmbedding
 from services.inference.models.llama import LlamaHParams, LlamaLayer, LlamaModel
@@ -115,8 +115,18 @@ class Gemma3Model(LlamaModel):
         self.cos_local, self.sin_local = self.cos_local.to(device), self.sin_local.to(device)
         return self
 
-    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
-        return None                  # the C++ stack runs the Llama block only
+    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                    layer_groups: Sequence[int] | None = None) -> LayerStack | None:
+        """The Llama stack with Gemma's parts: Q/K head norms, norms after attention and MLP, GELU-tanh, and per
+        layer its rotary table (0 global, 1 local), window and KV layer group (`layer_groups`, required: the
+        engine's layout, engine/kv_layout.py)."""
+        if not self._stack_applies(kv_caches) or layer_groups is None:
+            return None
+        hp = self.hp
+        extra = [dict(post_attn_norm=layer.post_attn_norm, post_ffn_norm=layer.post_ffn_norm, group=group,
+                      rope=int(local), window=hp.sliding_window if local else 0)
+                 for layer, local, group in zip(self.layers, hp.sliding_layers, layer_groups)]
+        return self._bind_stack(extra, kv_caches, block_size, "gelu_tanh")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
@@ -131,6 +141,10 @@ class Gemma3Model(LlamaModel):
         h = self.embed(input_ids) if isinstance(self.embed, GGUFEmbedding) else F.embedding(input_ids, self.embed)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         layer_meta = meta.per_layer or [meta] * hp.num_layers
+        if compute.step_path(h.shape[0], not meta.prefills) is StepPath.LAYER_STACK:
+            stack = compute.layer_stack
+            layouts = [(layer_meta[i].slot_mapping, layer_meta[i].paged_plan) for i in stack.first_layers]
+            return stack.run(h, [rope[False], rope[True]], layouts)
         if compute.row_kernels:
             return self._forward_fused(h, rope, kv_caches, layer_meta, kernels)
         t = h.shape[0]
@@ -164,9 +178,8 @@ class Gemma3Model(LlamaModel):
             v = qkv[:, k_end:].view(t, hp.num_kv_heads, d)
             a = paged_attention(q, k, v, k_pool, v_pool, layer_meta[i], self.scale, kernels)
             attn = add_rms_norm_(layer.o(a.reshape(t, q_end)), None, layer.post_attn_norm, eps, rows)
-            gate, up = layer.gate_up(add_rms_norm_(h, attn, layer.ffn_norm, eps, rows)).chunk(2, dim=-1)
-            pending = add_rms_norm_(layer.down(F.gelu(gate, approximate="tanh") * up), None, layer.post_ffn_norm,
-                                    eps, rows)
+            gate_up = layer.gate_up(add_rms_norm_(h, attn, layer.ffn_norm, eps, rows))
+            pending = add_rms_norm_(layer.down(gelu_tanh_and_mul(gate_up, rows)), None, layer.post_ffn_norm, eps, rows)
         return h.add_(pending) if pending is not None else h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ torch."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,19 +206,29 @@ class LlamaModel:
         self.device = self.embed.device
         return self
 
-    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> LayerStack | None:
+    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                    layer_groups: Sequence[int] | None = None) -> LayerStack | None:
         """The quantized layers bound to these KV pools for kernels.LayerStack (one C++ call per step of
-        up to 16 paged rows), or None where it does not apply (dense weights, kernels off, non-float32 pools)."""
-        if self.quantization is None or not kernels_available() or kv_caches[0][0].dtype != torch.float32 \
-                or self.hp.qkv_bias or self.hp.qk_norm:
+        up to 16 paged rows), or None where it does not apply (dense weights, kernels off, non-float32 pools).
+        layer_groups: each layer's KV layer group (engine/kv_layout.py; all 0 for these models)."""
+        if not self._stack_applies(kv_caches):
             return None
+        return self._bind_stack([{} for _ in self.layers], kv_caches, block_size, "silu")
+
+    def _stack_applies(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        return self.quantization is not None and kernels_available() and kv_caches[0][0].dtype == torch.float32
+
+    def _bind_stack(self, extra: list[dict], kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                    act: str) -> LayerStack:
+        """kernels.LayerStack over these layers and pools, each layer's StackLayerWeights given `extra` fields."""
         hp = self.hp
         weights = [StackLayerWeights(layer.attn_norm.contiguous(), layer.ffn_norm.contiguous(),
-                                     *(getattr(layer, name).kernel for name in PROJECTIONS), k_pool, v_pool)
-                   for layer, (k_pool, v_pool) in zip(self.layers, kv_caches)]
+                                     *(getattr(layer, name).kernel for name in PROJECTIONS), k_pool, v_pool,
+                                     qkv_bias=layer.qkv_bias, q_norm=layer.q_norm, k_norm=layer.k_norm, **more)
+                   for layer, (k_pool, v_pool), more in zip(self.layers, kv_caches, extra)]
         return LayerStack(weights, hidden=hp.hidden_size, heads=hp.num_heads, kv_heads=hp.num_kv_heads,
-                              head_dim=hp.head_dim, inter=hp.intermediate_size, block_size=block_size,
-                              eps=hp.rms_norm_eps, scale=self.scale)
+                          head_dim=hp.head_dim, inter=hp.intermediate_size, block_size=block_size,
+                          eps=hp.rms_norm_eps, scale=self.scale, act=act)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
@@ -279,10 +289,12 @@ class LlamaModel:
             qkv = layer.qkv(x)
             if layer.qkv_bias is not None:
                 qkv.add_(layer.qkv_bias)
-            if layer.q_norm is not None:                  # each Q and K head normalized in place, before RoPE
-                heads = qkv[:, :k_end].view(t, hp.num_heads + hp.num_kv_heads, hp.head_dim)
-                heads[:, :hp.num_heads] = rms_norm(heads[:, :hp.num_heads], layer.q_norm, eps)
-                heads[:, hp.num_heads:] = rms_norm(heads[:, hp.num_heads:], layer.k_norm, eps)
+            if layer.q_norm is not None:                  # each Q and K head normalized, before RoPE (the kernel
+                d = hp.head_dim                           # the layer stack runs: the same bits)
+                qkv[:, :q_end] = add_rms_norm_(qkv[:, :q_end].reshape(t * hp.num_heads, d), None, layer.q_norm, eps,
+                                               rows).view(t, q_end)
+                qkv[:, q_end:k_end] = add_rms_norm_(qkv[:, q_end:k_end].reshape(t * hp.num_kv_heads, d), None,
+                                                    layer.k_norm, eps, rows).view(t, k_end - q_end)
             qkv = rotary_(qkv, hp.num_heads + hp.num_kv_heads, hp.head_dim, cos, sin, rows)
             q = qkv[:, :q_end].view(t, hp.num_heads, hp.head_dim)
             k = qkv[:, q_end:k_end].view(t, hp.num_kv_heads, hp.head_dim)

@@ -4,7 +4,7 @@ supported ones."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -36,8 +36,8 @@ class CausalLM(Protocol):
     def projection_sources(hp: Any, layer: int) -> dict[str, list[tuple[str, int | None]]]: ...
     @staticmethod
     def lm_head_source(hp: Any) -> str: ...
-    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                    block_size: int) -> LayerStack | None: ...
+    def layer_stack(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                    layer_groups: Sequence[int] | None = None) -> LayerStack | None: ...
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 compute: ComputePath) -> torch.Tensor: ...
