@@ -1,5 +1,5 @@
-"""Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1 and Q8_0, llama.cpp's
-layouts): the C++ kernel for the few rows of a decode step (activations quantized to int8 per 32-value
+"""Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1, Q8_0, Q5_0 and Q4_K, llama.cpp's
+layouts, regrouped at load with the same bytes): the C++ kernel for the few rows of a decode step (activations quantized to int8 per 32-value
 block as llama.cpp's Q8_1, +0.5% perplexity on SmolLM2; exact integer block sums with AVX2 maddubs), the
 torch reference elsewhere or when STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a
 weight), its embedding / tied LM head Q8_0, so a decode step reads ~85 MB instead of 540 MB in float32,
@@ -13,8 +13,9 @@ from kernels import reference
 from kernels._loader import available, cpu_module
 
 BLOCK = 32
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "Q5_0": 22}
-_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1, "Q5_0": 2}       # csrc/cpu/gguf_gemv.h BlockType
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q4_K": 18}     # per 32 weights (Q4_K: 144 a 256)
+_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1, "Q5_0": 2, "Q4_K": 3}       # csrc/cpu/gguf_gemv.h BlockType
+SUPER = 256                               # a K-quant super-block's weights
 
 
 GROUP = 8                                 # blocks per group: one 32-bit SIMD lane each
@@ -40,6 +41,22 @@ def _untranspose_groups(qs: torch.Tensor, nb: int) -> torch.Tensor:
     if full < nb:
         parts.append(qs[:, split:].reshape(n, words, nb - full, 4).transpose(1, 2).reshape(n, nb - full, words * 4))
     return torch.cat(parts, dim=1)
+
+
+def _q4k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K's 12 bytes of 6-bit fields [..., 12] → its 8 scales and 8 mins [..., 8] each (ggml's get_scale_min_k4)."""
+    d, m, md = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _q4k_pack_scales(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """The inverse of _q4k_scales: 8 scales and 8 mins (6-bit) → the 12 packed bytes."""
+    d = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    m = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+    md = (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)
+    return torch.cat([d, m, md], dim=-1)
 
 
 def _vector_bytes(in_group: int) -> int:
@@ -85,13 +102,14 @@ def _unpack_fifth_bits(qh: torch.Tensor, nb: int) -> torch.Tensor:
 
 class GGUFMatrix:
     """Weights [N, K] from GGUF blocks: `blocks` uint8 [N, K / 32 * block bytes] (row n = output channel
-    n's blocks in order along K, as the file stores them), block_type "Q4_1", "Q8_0" or "Q5_0". Regrouped
-    once for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32 * 16 or 32] as 32-bit words
-    transposed per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets `m`)
-    [N, nbp] with nbp = K/32 rounded up to 8, zero-padded, and Q5_0's fifth bits `qh` [N, nbp * 4] as
-    bit masks per kernel vector: the same bytes. Call with float32 x [M, K] on CPU."""
+    n's blocks in order along K, as the file stores them), block_type "Q4_1", "Q8_0", "Q5_0" or "Q4_K".
+    Regrouped once for the kernel (csrc/cpu/gguf_gemv.h): the codes `qs` [N, K/32 * 16 or 32] as 32-bit
+    words transposed per group of 8 blocks (one block per SIMD lane), the fp16 scales `d` (and Q4_1 offsets
+    `m`) [N, nbp] with nbp = K/32 rounded up to 8, zero-padded, and Q5_0's fifth bits `qh` [N, nbp * 4] as
+    bit masks per kernel vector; Q4_K: its codes as Q4_1's, `d` and `m` its super-blocks' d and dmin
+    [N, K/256], `sc` [N, K/32 * 2] its blocks' 6-bit scales and mins unpacked. Call with float32 x [M, K]."""
 
-    __slots__ = ("qs", "d", "m", "qh", "block_type", "n", "k", "_file_order")
+    __slots__ = ("qs", "d", "m", "qh", "sc", "block_type", "n", "k", "_file_order")
 
     def __init__(self, blocks: torch.Tensor, block_type: str, k: int) -> None:
         if block_type not in BLOCK_BYTES:
@@ -102,6 +120,22 @@ class GGUFMatrix:
             raise ValueError(f"blocks must be uint8 [N, {k // BLOCK * BLOCK_BYTES[block_type]}] for K = {k}, "
                              f"got {blocks.dtype} {tuple(blocks.shape)}")
         n, nb = blocks.shape[0], k // BLOCK
+        self.block_type, self.n, self.k = block_type, n, k
+        self._file_order: torch.Tensor | None = None      # dequantize_rows' gather index, made on first use
+        self.qh = self.sc = None
+        if block_type == "Q4_K":
+            if k % SUPER:
+                raise ValueError(f"Q4_K rows are whole super-blocks: K must be a multiple of {SUPER}, got {k}")
+            raw = blocks.reshape(n, k // SUPER, 144)
+            self.d = raw[..., 0:2].contiguous().view(torch.int16).squeeze(-1).contiguous()
+            self.m = raw[..., 2:4].contiguous().view(torch.int16).squeeze(-1).contiguous()
+            sc, mn = _q4k_scales(raw[..., 4:16])
+            self.sc = torch.cat([sc, mn], dim=-1).reshape(n, nb * 2).contiguous()
+            # 4 chunks of 64 weights: 32 bytes, low nibbles the chunk's first 32 weights, high ones the next
+            chunks = raw[..., 16:].reshape(n, k // SUPER, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(2, 1)
+            codes = (chunks & 15).reshape(n, nb, 32)
+            self.qs = _transpose_groups(codes[..., :16] | (codes[..., 16:] << 4))      # Q4_1's nibble order
+            return
         nbp = -(-nb // 8) * 8
         raw = blocks.reshape(n, nb, BLOCK_BYTES[block_type])
 
@@ -113,7 +147,6 @@ class GGUFMatrix:
         self.d = halves(0)
         self.m = halves(2) if block_type == "Q4_1" else None
         self.qs = _transpose_groups(raw[..., {"Q4_1": 4, "Q8_0": 2, "Q5_0": 6}[block_type]:])
-        self.qh = None
         if block_type == "Q5_0":                          # bit i of a block's qh: code i's fifth bit
             qh = raw[..., 2:6].flatten().clone().view(torch.int32).view(n, nb, 1)
             bits = ((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8)          # [N, nb, 32]
@@ -121,8 +154,6 @@ class GGUFMatrix:
             by_byte = torch.stack([_transpose_groups(bits[..., :16].contiguous()),
                                    _transpose_groups(bits[..., 16:].contiguous())], dim=-1)
             self.qh = _pack_fifth_bits(by_byte, nb)
-        self.block_type, self.n, self.k = block_type, n, k
-        self._file_order: torch.Tensor | None = None      # dequantize_rows' gather index, made on first use
 
     @property
     def type_code(self) -> int:
@@ -131,6 +162,16 @@ class GGUFMatrix:
     def blocks(self) -> torch.Tensor:
         """The file's blocks again, uint8 [N, K / 32 * block bytes]."""
         nb = self.k // BLOCK
+        if self.block_type == "Q4_K":
+            nsb = self.k // SUPER
+            packed = _untranspose_groups(self.qs, nb)                                   # [N, nb, 16]
+            codes = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(self.n, nsb, 4, 2, 32)
+            qs = codes[..., 0, :] | (codes[..., 1, :] << 4)                              # [N, nsb, 4, 32]
+            scm = self.sc.reshape(self.n, nsb, 16)
+            return torch.cat([self.d[..., None].contiguous().view(torch.uint8),
+                              self.m[..., None].contiguous().view(torch.uint8),
+                              _q4k_pack_scales(scm[..., :8], scm[..., 8:]), qs.reshape(self.n, nsb, 128)],
+                             dim=-1).reshape(self.n, -1)
         fields = [self.d[:, :nb, None].contiguous().view(torch.uint8)]
         if self.m is not None:
             fields.append(self.m[:, :nb, None].contiguous().view(torch.uint8))
@@ -144,12 +185,12 @@ class GGUFMatrix:
 
     @property
     def nbytes(self) -> int:
-        return self.qs.nbytes + self.d.nbytes + sum(x.nbytes for x in (self.m, self.qh) if x is not None)
+        return self.qs.nbytes + self.d.nbytes + sum(x.nbytes for x in (self.m, self.qh, self.sc) if x is not None)
 
-    def _pointers(self) -> tuple[int, int, int, int]:
-        """qs, d, m (0 without), qh (0 without): the kernel's arrays."""
-        return (self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr() if self.m is not None else 0,
-                self.qh.data_ptr() if self.qh is not None else 0)
+    def _pointers(self) -> tuple[int, int, int, int, int]:
+        """qs, d, m, qh, sc (0 for those it has not): the kernel's arrays."""
+        return (self.qs.data_ptr(), self.d.data_ptr(), *(x.data_ptr() if x is not None else 0
+                                                          for x in (self.m, self.qh, self.sc)))
 
     def dequantize(self) -> torch.Tensor:
         """The weights as float32 [N, K], exactly as ggml dequantizes them."""
@@ -162,12 +203,12 @@ class GGUFMatrix:
         if available() and ids.device.type == "cpu":
             ids = ids.to(torch.int64).contiguous()         # checked in C++: IndexError outside [0, N)
             out = torch.empty(len(ids), self.k, dtype=torch.float32)
-            qs, d, m, qh = self._pointers()
+            qs, d, m, qh, sc = self._pointers()
             cpu_module().gguf_dequantize_rows(self.type_code, qs, d, m, self.n, self.k, ids.data_ptr(), len(ids),
-                                              out.data_ptr(), qh)
+                                              out.data_ptr(), qh, sc)
             return out
-        if self.block_type == "Q5_0":                      # rare (a Q5_0 embedding): from the file's blocks
-            return reference.gguf_dequantize(self.blocks()[ids], "Q5_0", self.k)
+        if self.block_type in ("Q5_0", "Q4_K"):            # rare (such an embedding): from the file's blocks
+            return reference.gguf_dequantize(self.blocks()[ids], self.block_type, self.k)
         nb = self.k // BLOCK
         if self._file_order is None:                        # codes position in a regrouped row, in file order
             row_bytes = self.qs.shape[1]
@@ -191,8 +232,8 @@ class GGUFMatrix:
             return reference.gguf_gemv(x, self.blocks(), self.block_type, self.k)
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.n, dtype=torch.float32)
-        qs, d, m, qh = self._pointers()
-        cpu_module().gguf_gemv(self.type_code, qs, d, m, self.n, self.k, x.data_ptr(), x.shape[0], y.data_ptr(), qh)
+        qs, d, m, qh, sc = self._pointers()
+        cpu_module().gguf_gemv(self.type_code, qs, d, m, self.n, self.k, x.data_ptr(), x.shape[0], y.data_ptr(), qh, sc)
         return y
 
 

@@ -1,21 +1,16 @@
-"""GGUF block types the GEMV kernels do not multiply, rewritten at load into two they do (kernels.gguf:
-Q4_1, Q8_0 and Q5_0 natively), one 32-weight block for each 32 weights, so the same products run:
+"""GGUF block types the GEMV kernels do not multiply as stored (kernels.gguf: Q4_1, Q8_0, Q5_0 and Q4_K are),
+rewritten at load into one they do, one 32-weight block for each 32 weights, so the same products run:
 
-- Q4_K -> Q4_1: a Q4_K super-block of 256 holds 8 sub-blocks of 32 with 4-bit codes, weight = d * sc * q -
-  dmin * m (6-bit sc and m, fp16 d and dmin). Each sub-block becomes a Q4_1 block with the same codes, scale
-  fp16(d * sc) and offset fp16(-dmin * m): the two products rounded to fp16 (11 significant bits), at most
-  2^-11 of the sub-block's scale and offset; 5 bits a weight instead of 4.5.
 - Q6_K -> Q8_0: a Q6_K super-block has 16 sub-blocks of 16 with their own int8 scales, which no 32-weight
   block holds, so its weights (as ggml dequantizes them) are quantized again to Q8_0: 8 bits over each 32
   weights' largest, at most half a step off plus the fp16 rounding of the scale (0.56 of largest / 127);
-  8.5 bits a weight instead of 6.56.
-
-llama.cpp's own kernels multiply these types directly; writing kernels for them is the next step where the
-bytes matter (Gemma 3 270M: its Q6_K projections read 1.3x their file's bytes this way, its Q4_K 1.1x).
-
+  8.5 bits a weight instead of 6.56. llama.cpp multiplies Q6_K directly (a kernel of its own is what is
+  left: Gemma 3 270M's Q6_K projections read 1.3x their file's bytes this way).
 - Q5_0 -> Q8_0, only where a fused projection joins Q5_0 and Q8_0 tensors (Gemma 3's Q|K|V: Q and K Q5_0,
   V Q8_0), exactly: codes q - 16 widened to int8 with the same scale are the same weights (8.5 bits a
-  weight instead of 5.5). Elsewhere Q5_0 runs on its own kernel (csrc/cpu/gguf_gemv.h)."""
+  weight instead of 5.5). Elsewhere Q5_0 runs on its own kernel (csrc/cpu/gguf_gemv.h).
+
+Q4_K was converted to Q4_1 (its sub-block scale and offset rounded to fp16) until its own kernel."""
 
 from __future__ import annotations
 
@@ -23,8 +18,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-NATIVE = ("Q4_1", "Q8_0", "Q5_0")                               # the types kernels.GGUFMatrix multiplies
-CONVERTED = {"Q4_K": "Q4_1", "Q6_K": "Q8_0"}                    # file type -> the kernel type it becomes
+NATIVE = ("Q4_1", "Q8_0", "Q5_0", "Q4_K")                       # the types kernels.GGUFMatrix multiplies
+CONVERTED = {"Q6_K": "Q8_0"}                                    # file type -> the kernel type it becomes
 
 
 def kernel_type(file_type: str) -> str:
@@ -71,21 +66,6 @@ def convert(raw: np.ndarray, file_type: str, k: int, to: str | None = None) -> t
         raise ValueError(f"GGUF type {file_type} cannot be converted to {to}")
     if file_type in NATIVE:
         return raw, file_type
-    if file_type == "Q4_K":
-        from gguf.quants import Q4_K
-
-        blocks = raw.reshape(n * (k // 256), 144)
-        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)       # [B, 1]
-        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])                         # [B, 8] each, sub-block order
-        scale = (d * sc.astype(np.float32)).astype(np.float16)              # the one rounding
-        offset = (-(dmin * mn.astype(np.float32))).astype(np.float16)
-        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        codes = (qs & 15).reshape(-1, 8, 32)                                 # sub-block 2c: low nibbles of chunk c
-        packed = codes[..., :16] | (codes[..., 16:] << 4)                    # Q4_1: value i low, i + 16 high
-        out = np.concatenate([scale.reshape(-1, 8, 1).view(np.uint8).reshape(-1, 8, 2),
-                              offset.reshape(-1, 8, 1).view(np.uint8).reshape(-1, 8, 2), packed], axis=2)
-        return out.reshape(n, -1), "Q4_1"
     if file_type == "Q6_K":
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize, quantize

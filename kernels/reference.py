@@ -103,6 +103,17 @@ def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.T
     elif block_type == "Q8_0":
         m = torch.zeros_like(d)
         q = raw[..., 2:34].contiguous().view(torch.int8).float()
+    elif block_type == "Q4_K":                      # super-blocks of 256: weight = d * sc * q - dmin * m per 32
+        raw = blocks.reshape(n, k // 256, 144)
+        sd = raw[..., 0:2].contiguous().view(torch.float16).float()                  # [N, nsb, 1]
+        smin = raw[..., 2:4].contiguous().view(torch.float16).float()
+        p = raw[..., 4:16]
+        sc = torch.cat([p[..., 0:4] & 0x3F, (p[..., 8:12] & 0x0F) | ((p[..., 0:4] >> 2) & 0x30)], dim=-1)
+        mn = torch.cat([p[..., 4:8] & 0x3F, (p[..., 8:12] >> 4) | ((p[..., 4:8] >> 2) & 0x30)], dim=-1)
+        d = (sd * sc.float()).reshape(n, nb)
+        m = -(smin * mn.float()).reshape(n, nb)
+        chunks = raw[..., 16:].reshape(n, k // 256, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(2, 1)
+        q = (chunks & 15).reshape(n, nb, 32).float()
     elif block_type == "Q5_0":                      # weight = d * (q - 16), q's fifth bit j in qh's bit j
         m = torch.zeros_like(d)
         qs, qh = raw[..., 6:22], raw[..., 2:6].flatten().clone().view(torch.int32).view(n, nb, 1)

@@ -52,9 +52,9 @@ ACTIVATIONS = ("silu", "gelu_tanh")          # csrc/cpu/layer_stack.h Activation
 
 def _projection(mod, m: Matrix):
     if isinstance(m, Int8Matrix):
-        return mod.Projection(0, m.wq.data_ptr(), m.w_scale.data_ptr(), 0, 0, 0)
-    qs, d, offsets, qh = m._pointers()
-    return mod.Projection(1 + m.type_code, qs, 0, d, offsets, qh)
+        return mod.Projection(0, m.wq.data_ptr(), m.w_scale.data_ptr(), 0, 0, 0, 0)
+    qs, d, offsets, qh, sc = m._pointers()
+    return mod.Projection(1 + m.type_code, qs, 0, d, offsets, qh, sc)
 
 
 def _vector(w: torch.Tensor | None, size: int, what: str) -> int:

@@ -25,7 +25,8 @@ template <typename T>
 T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 void check_block_type(int block_type) {
-    if (block_type < 0 || block_type > 2) throw py::value_error("block type must be 0 (Q4_1), 1 (Q8_0) or 2 (Q5_0)");
+    if (block_type < 0 || block_type > 3)
+        throw py::value_error("block type must be 0 (Q4_1), 1 (Q8_0), 2 (Q5_0) or 3 (Q4_K)");
 }
 
 }  // namespace
@@ -41,12 +42,12 @@ PYBIND11_MODULE(_C, m) {
     });
     // quantized decoder layers, one call per step: the layers' pointers are bound once (kernels.LayerStack)
     py::class_<strata::cpu::Projection>(m, "Projection")
-        .def(py::init([](int kind, uintptr_t w, uintptr_t scale, uintptr_t d, uintptr_t m, uintptr_t qh) {
-            if (kind < 0 || kind > 3)
-                throw py::value_error("projection kind must be 0 (int8), 1 (Q4_1), 2 (Q8_0) or 3 (Q5_0)");
+        .def(py::init([](int kind, uintptr_t w, uintptr_t scale, uintptr_t d, uintptr_t m, uintptr_t qh, uintptr_t sc) {
+            if (kind < 0 || kind > 4)
+                throw py::value_error("projection kind must be 0 (int8), 1 (Q4_1), 2 (Q8_0), 3 (Q5_0) or 4 (Q4_K)");
             return strata::cpu::Projection{static_cast<strata::cpu::Projection::Kind>(kind), ptr<const void>(w),
                                            ptr<const float>(scale), ptr<const uint16_t>(d), ptr<const uint16_t>(m),
-                                           ptr<const uint8_t>(qh)};
+                                           ptr<const uint8_t>(qh), ptr<const uint8_t>(sc)};
         }));
     py::class_<strata::cpu::StackLayer>(m, "StackLayer")
         .def(py::init([](uintptr_t attn_norm, uintptr_t ffn_norm, const strata::cpu::Projection& qkv,
@@ -135,26 +136,26 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "gguf_gemv",
         [](int block_type, uintptr_t qs, uintptr_t d, uintptr_t m_offsets, int64_t n, int64_t k, uintptr_t x, int64_t m,
-           uintptr_t y, uintptr_t qh) {
+           uintptr_t y, uintptr_t qh, uintptr_t sc) {
             check_block_type(block_type);
             py::gil_scoped_release release;
             const strata::cpu::BlockMatrix w{static_cast<strata::cpu::BlockType>(block_type), ptr<const uint8_t>(qs),
                                              ptr<const uint16_t>(d), ptr<const uint16_t>(m_offsets), n, k,
-                                             ptr<const uint8_t>(qh)};
+                                             ptr<const uint8_t>(qh), ptr<const uint8_t>(sc)};
             strata::cpu::gguf_gemv(w, ptr<const float>(x), m, ptr<float>(y));
         });
     m.def(
         "gguf_dequantize_rows",   // a few rows, microseconds: the GIL is kept (handing it over would let the
                                   // event loop hold it for a whole switch interval)
         [](int block_type, uintptr_t qs, uintptr_t d, uintptr_t m_offsets, int64_t n, int64_t k, uintptr_t ids,
-           int64_t count, uintptr_t out, uintptr_t qh) {
+           int64_t count, uintptr_t out, uintptr_t qh, uintptr_t sc) {
             check_block_type(block_type);
             const int64_t* rows = ptr<const int64_t>(ids);
             for (int64_t r = 0; r < count; ++r)
                 if (rows[r] < 0 || rows[r] >= n) throw py::index_error("row ids must be in [0, " + std::to_string(n) + ")");
             const strata::cpu::BlockMatrix w{static_cast<strata::cpu::BlockType>(block_type), ptr<const uint8_t>(qs),
                                              ptr<const uint16_t>(d), ptr<const uint16_t>(m_offsets), n, k,
-                                             ptr<const uint8_t>(qh)};
+                                             ptr<const uint8_t>(qh), ptr<const uint8_t>(sc)};
             strata::cpu::gguf_dequantize_rows(w, rows, count, ptr<float>(out));
         });
     m.def(

@@ -9,11 +9,12 @@
 // The activations are quantized once per call to int8 per 32-value block (llama.cpp's Q8_1: codes, scale
 // and the sum of the quantized values). Each weight vector is loaded once per group and multiplied with
 // every activation row: unsigned by signed byte products summed exactly into int32 (AVX2: maddubs + madd;
-// AVX-VNNI and AVX512-VNNI: vpdpbusd; gguf_gemv_simd.inc). Q4_1's nibbles are unsigned as they are; for Q8_0 AVX2
-// multiplies |w| by x carrying w's sign, VNNI the codes biased to unsigned (x + 128) by w, then takes
-// 128 * sum(w) off. A group's eight sums are converted once, and one FMA
-// applies the eight blocks' scales (d * dx, converted from fp16 eight at a time), another the Q4_1
-// offsets (m * sx), in the same order for every row count and at every instruction-set level. Output
+// AVX-VNNI and AVX512-VNNI: vpdpbusd; gguf_gemv_simd.inc). Q4_1's and Q4_K's nibbles are unsigned as they
+// are, Q5_0's with their fifth bits ORed in (0..31); for Q8_0 AVX2 multiplies |w| by x carrying w's sign,
+// VNNI the codes biased to unsigned (x + 128) by w, then takes 128 * sum(w) off. A group's eight sums are
+// converted once, and one FMA applies the eight blocks' scales (d * dx: fp16 d converted eight at a time,
+// Q4_K's d * sc from its super-block), another the offsets times the activation blocks' sums (Q4_1: m;
+// Q5_0: -16 d; Q4_K: -dmin * m_b), in the same order for every row count and at every instruction-set level. Output
 // channels are split over OpenMP threads. Without AVX2 a scalar loop computes the same sums. From 4 rows
 // an AVX512-VNNI CPU multiplies in tiles instead (gguf_gemv_simd.inc: 512-bit products, the same sums and
 // float operations, so the same bits), over panels of rows x chunks of channels; other levels take more
@@ -96,7 +97,7 @@ inline int32_t weight_code(const BlockMatrix& w, int64_t j, int64_t b, int64_t i
     const uint8_t byte = w.qs[j * nb * qb + g * qb + p];
     if (w.type == BlockType::kQ8_0) return static_cast<int8_t>(byte);
     const int32_t nibble = i < 16 ? byte & 15 : byte >> 4;
-    if (w.type == BlockType::kQ4_1) return nibble;
+    if (w.type != BlockType::kQ5_0) return nibble;
     return nibble | fifth_bit(w, j, g, in_group, p, i >= 16) << 4;          // Q5_0: unsigned, 0..31
 }
 
@@ -111,6 +112,13 @@ void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const 
                 const int8_t* xr = xq + r * stride;
                 int32_t dot = 0;
                 for (int64_t i = 0; i < kBlock; ++i) dot += weight_code(w, j, b, i) * xr[code_index(b, i, nb)];
+                if (w.type == BlockType::kQ4_K) {
+                    const uint8_t* scm = w.sc + (j * nb + b / kGroup * kGroup) * 2 + b % kGroup;
+                    const int64_t sb = j * (nb / kGroup) + b / kGroup;
+                    total += half_to_float(w.d[sb]) * static_cast<float>(scm[0]) * dx[r * nbp + b] * static_cast<float>(dot);
+                    total -= half_to_float(w.m[sb]) * static_cast<float>(scm[kGroup]) * sx[r * nbp + b];
+                    continue;
+                }
                 const float d = half_to_float(w.d[j * nbp + b]);
                 total += d * dx[r * nbp + b] * static_cast<float>(dot);
                 if (w.type == BlockType::kQ4_1) total += half_to_float(w.m[j * nbp + b]) * sx[r * nbp + b];
@@ -207,12 +215,13 @@ struct RowsKernel {
 
 // the kernel of one level for each type: Q8_0 with VNNI takes the codes biased to unsigned (its weights are
 // the signed operand); Q4_1's and Q5_0's codes are unsigned already
-template <RowsFn Q4, RowsFn Q8, RowsFn Q5, bool kBiasedQ8>
+template <RowsFn Q4, RowsFn Q8, RowsFn Q5, RowsFn Q4K, bool kBiasedQ8>
 RowsKernel for_type(BlockType t) {
     switch (t) {
         case BlockType::kQ4_1: return {Q4, false};
         case BlockType::kQ8_0: return {Q8, kBiasedQ8};
-        default: return {Q5, false};
+        case BlockType::kQ5_0: return {Q5, false};
+        default: return {Q4K, false};
     }
 }
 
@@ -220,13 +229,14 @@ RowsKernel pick_rows(BlockType t) {
     switch (active_isa()) {
         case Isa::kAvx512Vnni:
             return for_type<vnni::channel_range<BlockType::kQ4_1>, vnni::channel_range<BlockType::kQ8_0>,
-                            vnni::channel_range<BlockType::kQ5_0>, true>(t);
+                            vnni::channel_range<BlockType::kQ5_0>, vnni::channel_range<BlockType::kQ4_K>, true>(t);
         case Isa::kAvxVnni:
             return for_type<avxvnni::channel_range<BlockType::kQ4_1>, avxvnni::channel_range<BlockType::kQ8_0>,
-                            avxvnni::channel_range<BlockType::kQ5_0>, true>(t);
+                            avxvnni::channel_range<BlockType::kQ5_0>, avxvnni::channel_range<BlockType::kQ4_K>,
+                            true>(t);
         case Isa::kAvx2:
             return for_type<avx2::channel_range<BlockType::kQ4_1>, avx2::channel_range<BlockType::kQ8_0>,
-                            avx2::channel_range<BlockType::kQ5_0>, false>(t);
+                            avx2::channel_range<BlockType::kQ5_0>, avx2::channel_range<BlockType::kQ4_K>, false>(t);
         default: return {rows_scalar, false};
     }
 }
@@ -290,12 +300,13 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
     constexpr int64_t chunk = 32;                 // output channels per OpenMP task
     const int64_t chunks = (w.n + chunk - 1) / chunk;
     const bool parallel = w.n * w.k >= (int64_t{1} << 15) && chunks > 1;
-    // Q5_0 has no tiles yet: its rows go 8 at a time through the per-channel code (the same bits)
-    if (m >= kTileMinRows && active_isa() == Isa::kAvx512Vnni && w.type != BlockType::kQ5_0) {
+    if (m >= kTileMinRows && active_isa() == Isa::kAvx512Vnni) {
         // tiles (gguf_gemv_simd.inc), over panels of rows x chunks of channels: a thread takes whole
         // panels' worth of consecutive tasks, so a panel's codes stay in its L2 while the weights pass
-        const auto range = w.type == BlockType::kQ4_1 ? vnni::tile_range<BlockType::kQ4_1>
-                                                      : vnni::tile_range<BlockType::kQ8_0>;
+        const auto range = w.type == BlockType::kQ4_1   ? vnni::tile_range<BlockType::kQ4_1>
+                           : w.type == BlockType::kQ8_0 ? vnni::tile_range<BlockType::kQ8_0>
+                           : w.type == BlockType::kQ5_0 ? vnni::tile_range<BlockType::kQ5_0>
+                                                        : vnni::tile_range<BlockType::kQ4_K>;
         constexpr int64_t panel = 128;
         const int64_t panels = (m + panel - 1) / panel;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -333,6 +344,12 @@ void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t coun
                 } else if (w.type == BlockType::kQ5_0) {
                     for (int64_t i = 0; i < kBlock; ++i)
                         o[i] = static_cast<float>(weight_code(w, j, b, i) - 16) * d;
+                } else if (w.type == BlockType::kQ4_K) {      // ggml: d1 = d * sc, m1 = dmin * m, q * d1 - m1
+                    const uint8_t* scm = w.sc + (j * nb + g) * 2 + (b - g);
+                    const int64_t sb = j * (nb / kGroup) + g / kGroup;
+                    const float d1 = half_to_float(w.d[sb]) * static_cast<float>(scm[0]);
+                    const float m1 = half_to_float(w.m[sb]) * static_cast<float>(scm[kGroup]);
+                    for (int64_t i = 0; i < kBlock; ++i) o[i] = static_cast<float>(weight_code(w, j, b, i)) * d1 - m1;
                 } else {                                     // word t: values 4t..4t+3 low, 16+4t.. high nibbles
                     const float m = half_to_float(w.m[j * nbp + b]);
                     for (int64_t i = 0; i < 16; ++i) {

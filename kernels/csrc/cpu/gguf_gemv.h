@@ -26,7 +26,15 @@ namespace strata::cpu {
 //         has two 32-bit masks at 8t: bit p of the first is the fifth bit of byte p's low nibble, bit p of
 //         the second that of its high nibble
 // so a vector's 64 fifth bits expand to bytes with one shuffle and compare. 22 bytes a block, the file's.
-enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2 };
+//
+// Q4_K = super-blocks of 256 weights (K a multiple of 256): fp16 d and dmin, 6-bit scale sc_b and min m_b
+// per 32-weight block b, 4-bit codes (weight i of block b = d * sc_b * q_i - dmin * m_b). The codes are
+// stored as Q4_1's (value i in the low nibble, i + 16 in the high one; qs regrouped the same, a group being
+// one super-block), and
+//   d, m  [N, K / 256] fp16 bits: each super-block's d and dmin
+//   sc    [N, K / 32 * 2] bytes: per super-block its 8 scales, then its 8 mins (6-bit values, unpacked)
+// 148 bytes a super-block against the file's 144 (its 6-bit fields packed in 12 bytes).
+enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_K = 3 };
 
 struct BlockMatrix {
     BlockType type;
@@ -35,6 +43,7 @@ struct BlockMatrix {
     const uint16_t* m;       // Q4_1 only
     int64_t n, k;            // K a multiple of 32
     const uint8_t* qh = nullptr;   // Q5_0 only
+    const uint8_t* sc = nullptr;   // Q4_K only
 };
 
 inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
@@ -55,12 +64,12 @@ inline int64_t qh_row_bytes(int64_t k) { return padded_blocks(k) * 4; }
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx);
 
 // y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1,
-// + (-16 d_nb) * sx_rb for Q5_0 with its unsigned codes q),
+// + (-16 d_nb) * sx_rb for Q5_0 with its unsigned codes q; Q4_K: d_nb = d * sc_b, the offset - dmin * m_b),
 // the block dot products exact in int32.
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y);
 
 // out [count, K] float32 = rows ids[0..count) of W, as ggml dequantizes them (Q4_1: q * d + m, Q8_0 and
-// Q5_0: q * d, Q5_0's q = its 5-bit code - 16,
+// Q5_0: q * d, Q5_0's q = its 5-bit code - 16, Q4_K: q * (d * sc) - dmin * m,
 // each product and sum rounded once): an embedding lookup straight from the blocks. ids must be in [0, N).
 void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
 

@@ -17,11 +17,10 @@ void project(const Projection& p, const float* x, int64_t m, int64_t n, int64_t 
         case Projection::kInt8: int8_linear(x, static_cast<const int8_t*>(p.w), p.scale, m, n, k, y); return;
         case Projection::kQ4_1:
         case Projection::kQ8_0:
-        case Projection::kQ5_0: {
-            const BlockType type = p.kind == Projection::kQ4_1   ? BlockType::kQ4_1
-                                   : p.kind == Projection::kQ8_0 ? BlockType::kQ8_0
-                                                                 : BlockType::kQ5_0;
-            const BlockMatrix w{type, static_cast<const uint8_t*>(p.w), p.d, p.m, n, k, p.qh};
+        case Projection::kQ5_0:
+        case Projection::kQ4_K: {
+            const BlockType type = static_cast<BlockType>(p.kind - 1);      // the kinds follow BlockType's order
+            const BlockMatrix w{type, static_cast<const uint8_t*>(p.w), p.d, p.m, n, k, p.qh, p.sc};
             gguf_gemv(w, x, m, y);
             return;
         }

@@ -10,12 +10,13 @@ namespace strata::cpu {
 
 // A projection W [N, K] (one row per output channel) in one of the quantized formats.
 struct Projection {
-    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ5_0 = 3 } kind;
-    const void* w;           // kInt8: int8 codes [N, K]; kQ4_1 / kQ8_0 / kQ5_0: the blocks' qs (gguf_gemv.h)
+    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ5_0 = 3, kQ4_K = 4 } kind;
+    const void* w;           // kInt8: int8 codes [N, K]; the GGUF kinds: the blocks' qs (gguf_gemv.h)
     const float* scale;      // kInt8: float32 [N]
-    const uint16_t* d;       // kQ4_1 / kQ8_0 / kQ5_0: block scales [N, nbp] (fp16 bits)
-    const uint16_t* m;       // kQ4_1: block offsets [N, nbp]
-    const uint8_t* qh;       // kQ5_0: the fifth bits [N, nbp * 4]
+    const uint16_t* d;       // the GGUF kinds: block scales (fp16 bits; gguf_gemv.h)
+    const uint16_t* m;       // kQ4_1: block offsets; kQ4_K: super-block mins
+    const uint8_t* qh;       // kQ5_0: the fifth bits
+    const uint8_t* sc;       // kQ4_K: the blocks' scales and mins
 };
 
 // One layer: RMSNorm weights float32 [hidden]; projections qkv [H*D + 2*KVH*D, hidden] (Q, K, V rows),
