@@ -1,9 +1,10 @@
-"""Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1, Q8_0, Q5_0 and Q4_K, llama.cpp's
-layouts, regrouped at load with the same bytes): the C++ kernel for the few rows of a decode step (activations quantized to int8 per 32-value
-block as llama.cpp's Q8_1, +0.5% perplexity on SmolLM2; exact integer block sums with AVX2 maddubs), the
-torch reference elsewhere or when STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a
-weight), its embedding / tied LM head Q8_0, so a decode step reads ~85 MB instead of 540 MB in float32,
-and the weights are exactly the file's."""
+"""Matrix-vector products straight from a GGUF file's quantized blocks (Q4_1, Q8_0, Q5_0, Q4_K and Q6_K,
+llama.cpp's layouts, regrouped at load with the same bytes): the C++ kernel for the few rows of a decode step
+and the many of a prefill chunk (activations quantized to int8 per 32-value block as llama.cpp's Q8_1, +0.5%
+perplexity on SmolLM2; exact integer block sums), the torch reference elsewhere or when
+STRATA_KERNELS=reference. Weights keep the file's bytes: SmolLM2's projections are Q4_1 (5 bits a weight),
+its embedding / tied LM head Q8_0, so a decode step reads ~85 MB instead of 540 MB in float32, and the
+weights are exactly the file's."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from kernels import reference
 from kernels._loader import available, cpu_module
 
 BLOCK = 32
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q4_K": 18}     # per 32 weights (Q4_K: 144 a 256)
-_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1, "Q5_0": 2, "Q4_K": 3}       # csrc/cpu/gguf_gemv.h BlockType
+BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34, "Q5_0": 22, "Q4_K": 18, "Q6_K": 26.25}   # per 32 weights (K: a 256's / 8)
+SUPER_BYTES = {"Q4_K": 144, "Q6_K": 210}  # a K-quant super-block's bytes
+_TYPE_CODE = {"Q4_1": 0, "Q8_0": 1, "Q5_0": 2, "Q4_K": 3, "Q6_K": 4}       # csrc/cpu/gguf_gemv.h BlockType
 SUPER = 256                               # a K-quant super-block's weights
 
 
@@ -116,16 +118,19 @@ class GGUFMatrix:
             raise ValueError(f"block_type must be one of {sorted(BLOCK_BYTES)}, got {block_type!r}")
         if k % BLOCK or k == 0:
             raise ValueError(f"K must be a positive multiple of {BLOCK}, got {k}")
-        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != k // BLOCK * BLOCK_BYTES[block_type]:
-            raise ValueError(f"blocks must be uint8 [N, {k // BLOCK * BLOCK_BYTES[block_type]}] for K = {k}, "
-                             f"got {blocks.dtype} {tuple(blocks.shape)}")
+        if block_type in SUPER_BYTES and k % SUPER:
+            raise ValueError(f"{block_type} rows are whole super-blocks: K must be a multiple of {SUPER}, got {k}")
+        row_bytes = int(k // BLOCK * BLOCK_BYTES[block_type])
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != row_bytes:
+            raise ValueError(f"blocks must be uint8 [N, {row_bytes}] for K = {k}, got {blocks.dtype} {tuple(blocks.shape)}")
         n, nb = blocks.shape[0], k // BLOCK
         self.block_type, self.n, self.k = block_type, n, k
         self._file_order: torch.Tensor | None = None      # dequantize_rows' gather index, made on first use
         self.qh = self.sc = None
+        if block_type == "Q6_K":
+            self._init_q6k(blocks.reshape(n, k // SUPER, 210))
+            return
         if block_type == "Q4_K":
-            if k % SUPER:
-                raise ValueError(f"Q4_K rows are whole super-blocks: K must be a multiple of {SUPER}, got {k}")
             raw = blocks.reshape(n, k // SUPER, 144)
             self.d = raw[..., 0:2].contiguous().view(torch.int16).squeeze(-1).contiguous()
             self.m = raw[..., 2:4].contiguous().view(torch.int16).squeeze(-1).contiguous()
@@ -155,6 +160,40 @@ class GGUFMatrix:
                                    _transpose_groups(bits[..., 16:].contiguous())], dim=-1)
             self.qh = _pack_fifth_bits(by_byte, nb)
 
+    def _init_q6k(self, raw: torch.Tensor) -> None:
+        """Q6_K super-blocks [N, K/256, 210] (ql 128, qh 64, int8 scales 16, fp16 d) → csrc/cpu/gguf_gemv.h's layout."""
+        n, nsb, nb = raw.shape[0], raw.shape[1], self.k // BLOCK
+        codes = (reference._q6k_fields(raw.reshape(n, -1), self.k)[0] + 32).to(torch.uint8)  # [N, K/16, 16] 0..63
+        blocks = codes.reshape(n, nb, 32)
+        low, high = blocks & 15, blocks >> 4
+        self.qs = _transpose_groups(low[..., :16] | (low[..., 16:] << 4))           # Q4_1's nibble order
+        # per code byte: the high 2 bits of its low nibble's value, then of its high nibble's (4 bits)
+        per_byte = _transpose_groups(high[..., :16] | (high[..., 16:] << 2))        # [N, nb * 16]
+        vectors = per_byte.reshape(n, nb // 8, 4, 2, 16)                             # group, vector, half, byte
+        self.qh = (vectors[..., 0, :] | (vectors[..., 1, :] << 4)).reshape(n, nb * 8).contiguous()
+        sc = raw[..., 192:208].reshape(n, nsb, 8, 2)                                 # blocks' (sc_a, sc_b)
+        self.sc = torch.cat([sc[..., 0], sc[..., 1]], dim=-1).reshape(n, nb * 2).contiguous()
+        self.d = raw[..., 208:210].contiguous().view(torch.int16).squeeze(-1).contiguous()
+        self.m = None
+
+    def _q6k_blocks(self) -> torch.Tensor:
+        """The inverse of _init_q6k: the file's 210-byte super-blocks."""
+        n, nb = self.n, self.k // BLOCK
+        nsb = nb // 8
+        packed = _untranspose_groups(self.qs, nb)                                    # [N, nb, 16]
+        low = torch.cat([packed & 15, packed >> 4], dim=-1)                          # [N, nb, 32]
+        v = self.qh.reshape(n, nb // 8, 4, 16)
+        per_byte = torch.stack([v & 15, v >> 4], dim=3).reshape(n, nb * 16)
+        pb = _untranspose_groups(per_byte, nb)                                       # [N, nb, 16]
+        high = torch.cat([pb & 3, pb >> 2], dim=-1)
+        codes = (low | (high << 4)).reshape(n, nsb, 2, 128)                           # halves of 128
+        ql = (codes[..., :64] & 15) | ((codes[..., 64:] & 15) << 4)                  # [N, nsb, 2, 64]
+        top = (codes >> 4).reshape(n, nsb, 2, 4, 32)
+        qh = top[..., 0, :] | (top[..., 1, :] << 2) | (top[..., 2, :] << 4) | (top[..., 3, :] << 6)
+        sc = self.sc.reshape(n, nsb, 2, 8).transpose(2, 3).reshape(n, nsb, 16)
+        return torch.cat([ql.reshape(n, nsb, 128), qh.reshape(n, nsb, 64), sc,
+                          self.d[..., None].contiguous().view(torch.uint8)], dim=-1).reshape(n, -1)
+
     @property
     def type_code(self) -> int:
         return _TYPE_CODE[self.block_type]
@@ -162,6 +201,8 @@ class GGUFMatrix:
     def blocks(self) -> torch.Tensor:
         """The file's blocks again, uint8 [N, K / 32 * block bytes]."""
         nb = self.k // BLOCK
+        if self.block_type == "Q6_K":
+            return self._q6k_blocks()
         if self.block_type == "Q4_K":
             nsb = self.k // SUPER
             packed = _untranspose_groups(self.qs, nb)                                   # [N, nb, 16]
@@ -207,7 +248,7 @@ class GGUFMatrix:
             cpu_module().gguf_dequantize_rows(self.type_code, qs, d, m, self.n, self.k, ids.data_ptr(), len(ids),
                                               out.data_ptr(), qh, sc)
             return out
-        if self.block_type in ("Q5_0", "Q4_K"):            # rare (such an embedding): from the file's blocks
+        if self.block_type in ("Q5_0", "Q4_K", "Q6_K"):    # rare (such an embedding): from the file's blocks
             return reference.gguf_dequantize(self.blocks()[ids], self.block_type, self.k)
         nb = self.k // BLOCK
         if self._file_order is None:                        # codes position in a regrouped row, in file order

@@ -90,10 +90,46 @@ def paged_attention_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return paged_attention(q, k_pool, v_pool, block_table, context_lens, None, scale, block_size)
 
 
-def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """blocks uint8 [N, K/32 * bytes] → codes [N, K/32, 32] (float), d and m [N, K/32] (float32; m = 0 for Q8_0
-    and Q5_0, whose codes are its 5-bit ones - 16)."""
+def _q6k_fields(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q6_K super-blocks (ql 128, qh 64, int8 scales 16, fp16 d: 210 bytes a 256 weights) → codes q - 32
+    [N, K/16, 16], scales [N, K/16] and d [N, K/256, 1] (float32; ggml's order: per half of 128, value r's low
+    4 bits in ql[r % 64], low nibble for r < 64; its high 2 in qh[r % 32] at bit 2 * (r // 32))."""
+    n = blocks.shape[0]
+    raw = blocks.reshape(n, k // 256, 210)
+    ql = raw[..., :128].reshape(n, -1, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(2, 1)
+    qh = raw[..., 128:192].reshape(n, -1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
+    q6 = (ql & 15).reshape(n, -1, 2, 128) | ((qh & 3).reshape(n, -1, 2, 128) << 4)
+    sc = raw[..., 192:208].contiguous().view(torch.int8).float().reshape(n, k // 16)
+    d = raw[..., 208:210].contiguous().view(torch.float16).float()
+    return q6.reshape(n, k // 16, 16).float() - 32, sc, d
+
+
+def _q4k_fields(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks (fp16 d, dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles: 144 a 256 weights)
+    → codes [N, K/32, 32], d * sc and -(dmin * m) [N, K/32] (float32, as ggml computes them)."""
     n, nb = blocks.shape[0], k // 32
+    raw = blocks.reshape(n, k // 256, 144)
+    sd = raw[..., 0:2].contiguous().view(torch.float16).float()                      # [N, nsb, 1]
+    smin = raw[..., 2:4].contiguous().view(torch.float16).float()
+    p = raw[..., 4:16]
+    sc = torch.cat([p[..., 0:4] & 0x3F, (p[..., 8:12] & 0x0F) | ((p[..., 0:4] >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([p[..., 4:8] & 0x3F, (p[..., 8:12] >> 4) | ((p[..., 4:8] >> 2) & 0x30)], dim=-1)
+    chunks = raw[..., 16:].reshape(n, k // 256, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(2, 1)
+    q = (chunks & 15).reshape(n, nb, 32).float()
+    return q, (sd * sc.float()).reshape(n, nb), -(smin * mn.float()).reshape(n, nb)
+
+
+def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """blocks uint8 [N, K/32 * bytes] → codes [N, K/32, 32] (float), d and m [N, K/32] (float32; m = 0 for Q8_0,
+    Q5_0 and Q6_K: Q5_0's codes are its 5-bit ones - 16, Q6_K's its scale * (6-bit code - 32), d its
+    super-block's)."""
+    n, nb = blocks.shape[0], k // 32
+    if block_type == "Q4_K":
+        return _q4k_fields(blocks, k)
+    if block_type == "Q6_K":
+        q6, sc, sd = _q6k_fields(blocks, k)
+        d = sd.expand(n, k // 256, 8).reshape(n, nb)
+        return (q6 * sc[..., None]).reshape(n, nb, 32), d, torch.zeros_like(d)          # exact integers
     raw = blocks.reshape(n, nb, -1)
     d = raw[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
     if block_type == "Q4_1":
@@ -103,17 +139,6 @@ def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.T
     elif block_type == "Q8_0":
         m = torch.zeros_like(d)
         q = raw[..., 2:34].contiguous().view(torch.int8).float()
-    elif block_type == "Q4_K":                      # super-blocks of 256: weight = d * sc * q - dmin * m per 32
-        raw = blocks.reshape(n, k // 256, 144)
-        sd = raw[..., 0:2].contiguous().view(torch.float16).float()                  # [N, nsb, 1]
-        smin = raw[..., 2:4].contiguous().view(torch.float16).float()
-        p = raw[..., 4:16]
-        sc = torch.cat([p[..., 0:4] & 0x3F, (p[..., 8:12] & 0x0F) | ((p[..., 0:4] >> 2) & 0x30)], dim=-1)
-        mn = torch.cat([p[..., 4:8] & 0x3F, (p[..., 8:12] >> 4) | ((p[..., 4:8] >> 2) & 0x30)], dim=-1)
-        d = (sd * sc.float()).reshape(n, nb)
-        m = -(smin * mn.float()).reshape(n, nb)
-        chunks = raw[..., 16:].reshape(n, k // 256, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(2, 1)
-        q = (chunks & 15).reshape(n, nb, 32).float()
     elif block_type == "Q5_0":                      # weight = d * (q - 16), q's fifth bit j in qh's bit j
         m = torch.zeros_like(d)
         qs, qh = raw[..., 6:22], raw[..., 2:6].flatten().clone().view(torch.int32).view(n, nb, 1)
@@ -125,7 +150,12 @@ def _gguf_fields(blocks: torch.Tensor, block_type: str, k: int) -> tuple[torch.T
 
 
 def gguf_dequantize(blocks: torch.Tensor, block_type: str, k: int) -> torch.Tensor:
-    """GGUF Q4_1 / Q8_0 / Q5_0 blocks [N, K/32 * bytes] → float32 [N, K]: d * q + m per weight (ggml's order)."""
+    """GGUF Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K blocks [N, K/32 * bytes] → float32 [N, K]: d * q + m per weight
+    (ggml's order; Q6_K: (d * sc) * (q - 32))."""
+    if block_type == "Q6_K":
+        q6, sc, sd = _q6k_fields(blocks, k)
+        n = blocks.shape[0]
+        return ((sd.expand(n, k // 256, 16).reshape(n, k // 16) * sc)[..., None] * q6).reshape(n, k)
     q, d, m = _gguf_fields(blocks, block_type, k)
     return (q * d[..., None] + m[..., None]).reshape(blocks.shape[0], k)
 

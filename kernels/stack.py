@@ -1,5 +1,5 @@
 """The decoder layers of a Llama-family model (llama, qwen2, qwen3, gemma3) with quantized projections (int8
-W8A8 as kernels.Int8Matrix, or a GGUF file's Q4_1 / Q8_0 / Q5_0 blocks as kernels.GGUFMatrix) in one C++
+W8A8 as kernels.Int8Matrix, or a GGUF file's Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K blocks as kernels.GGUFMatrix) in one C++
 call per step, for steps of a few rows (single-stream decode, small batches, speculative verification): the
 kernels a Python forward would call one by one (add + RMSNorm, quantized GEMV, QKV bias, Q/K head norms,
 rotary, reshape-and-cache, paged attention with its window, SiLU- or GELU-and-mul, Gemma's output norms), in

@@ -25,8 +25,8 @@ template <typename T>
 T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 void check_block_type(int block_type) {
-    if (block_type < 0 || block_type > 3)
-        throw py::value_error("block type must be 0 (Q4_1), 1 (Q8_0), 2 (Q5_0) or 3 (Q4_K)");
+    if (block_type < 0 || block_type > 4)
+        throw py::value_error("block type must be 0 (Q4_1), 1 (Q8_0), 2 (Q5_0), 3 (Q4_K) or 4 (Q6_K)");
 }
 
 }  // namespace
@@ -43,8 +43,8 @@ PYBIND11_MODULE(_C, m) {
     // quantized decoder layers, one call per step: the layers' pointers are bound once (kernels.LayerStack)
     py::class_<strata::cpu::Projection>(m, "Projection")
         .def(py::init([](int kind, uintptr_t w, uintptr_t scale, uintptr_t d, uintptr_t m, uintptr_t qh, uintptr_t sc) {
-            if (kind < 0 || kind > 4)
-                throw py::value_error("projection kind must be 0 (int8), 1 (Q4_1), 2 (Q8_0), 3 (Q5_0) or 4 (Q4_K)");
+            if (kind < 0 || kind > 5)
+                throw py::value_error("projection kind must be 0 (int8), 1 (Q4_1), 2 (Q8_0), 3 (Q5_0), 4 (Q4_K) or 5 (Q6_K)");
             return strata::cpu::Projection{static_cast<strata::cpu::Projection::Kind>(kind), ptr<const void>(w),
                                            ptr<const float>(scale), ptr<const uint16_t>(d), ptr<const uint16_t>(m),
                                            ptr<const uint8_t>(qh), ptr<const uint8_t>(sc)};

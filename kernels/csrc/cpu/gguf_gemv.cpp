@@ -101,6 +101,17 @@ inline int32_t weight_code(const BlockMatrix& w, int64_t j, int64_t b, int64_t i
     return nibble | fifth_bit(w, j, g, in_group, p, i >= 16) << 4;          // Q5_0: unsigned, 0..31
 }
 
+// Q6_K: the 6-bit code (0..63) of value i of block b (gguf_gemv.h: groups are whole super-blocks)
+inline int32_t q6_code(const BlockMatrix& w, int64_t j, int64_t b, int64_t i) {
+    const int64_t nb = w.k / kBlock, g = b / kGroup * kGroup;
+    const int64_t p = ((i % 16 / 4) * kGroup + b - g) * 4 + i % 4;           // the byte's place in the group's qs
+    const uint8_t byte = w.qs[j * nb * 16 + g * 16 + p];
+    const int32_t nibble = i < 16 ? byte & 15 : byte >> 4;
+    const uint8_t high = w.qh[j * nb * 8 + g * 8 + p / 32 * 16 + p % 16];
+    const int32_t bits = p % 32 < 16 ? high & 15 : high >> 4;                 // byte p's 4 high bits
+    return nibble | (i < 16 ? bits & 3 : bits >> 2) << 4;
+}
+
 // ---- scalar (any x86-64)
 void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const float* sx, int64_t rows,
                  int64_t n0, int64_t n1, float* y) {
@@ -110,6 +121,14 @@ void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const 
             float total = 0.f;
             for (int64_t b = 0; b < nb; ++b) {
                 const int8_t* xr = xq + r * stride;
+                if (w.type == BlockType::kQ6_K) {
+                    int32_t half[2] = {0, 0};
+                    for (int64_t i = 0; i < kBlock; ++i) half[i / 16] += (q6_code(w, j, b, i) - 32) * xr[code_index(b, i, nb)];
+                    const auto* sc = reinterpret_cast<const int8_t*>(w.sc) + (j * nb + b / kGroup * kGroup) * 2 + b % kGroup;
+                    const float d = half_to_float(w.d[j * (nb / kGroup) + b / kGroup]);
+                    total += d * dx[r * nbp + b] * static_cast<float>(sc[0] * half[0] + sc[kGroup] * half[1]);
+                    continue;
+                }
                 int32_t dot = 0;
                 for (int64_t i = 0; i < kBlock; ++i) dot += weight_code(w, j, b, i) * xr[code_index(b, i, nb)];
                 if (w.type == BlockType::kQ4_K) {
@@ -214,29 +233,23 @@ struct RowsKernel {
 };
 
 // the kernel of one level for each type: Q8_0 with VNNI takes the codes biased to unsigned (its weights are
-// the signed operand); Q4_1's and Q5_0's codes are unsigned already
-template <RowsFn Q4, RowsFn Q8, RowsFn Q5, RowsFn Q4K, bool kBiasedQ8>
+// the signed operand), as Q6_K's (its codes - 32); Q4_1's, Q5_0's and Q4_K's codes are unsigned already
+template <template <BlockType> class Range, bool kVnni>
 RowsKernel for_type(BlockType t) {
     switch (t) {
-        case BlockType::kQ4_1: return {Q4, false};
-        case BlockType::kQ8_0: return {Q8, kBiasedQ8};
-        case BlockType::kQ5_0: return {Q5, false};
-        default: return {Q4K, false};
+        case BlockType::kQ4_1: return {Range<BlockType::kQ4_1>::fn, false};
+        case BlockType::kQ8_0: return {Range<BlockType::kQ8_0>::fn, kVnni};
+        case BlockType::kQ5_0: return {Range<BlockType::kQ5_0>::fn, false};
+        case BlockType::kQ4_K: return {Range<BlockType::kQ4_K>::fn, false};
+        default: return {Range<BlockType::kQ6_K>::fn, kVnni};       // signed weights: codes biased with VNNI
     }
 }
 
 RowsKernel pick_rows(BlockType t) {
     switch (active_isa()) {
-        case Isa::kAvx512Vnni:
-            return for_type<vnni::channel_range<BlockType::kQ4_1>, vnni::channel_range<BlockType::kQ8_0>,
-                            vnni::channel_range<BlockType::kQ5_0>, vnni::channel_range<BlockType::kQ4_K>, true>(t);
-        case Isa::kAvxVnni:
-            return for_type<avxvnni::channel_range<BlockType::kQ4_1>, avxvnni::channel_range<BlockType::kQ8_0>,
-                            avxvnni::channel_range<BlockType::kQ5_0>, avxvnni::channel_range<BlockType::kQ4_K>,
-                            true>(t);
-        case Isa::kAvx2:
-            return for_type<avx2::channel_range<BlockType::kQ4_1>, avx2::channel_range<BlockType::kQ8_0>,
-                            avx2::channel_range<BlockType::kQ5_0>, avx2::channel_range<BlockType::kQ4_K>, false>(t);
+        case Isa::kAvx512Vnni: return for_type<vnni::Range, true>(t);
+        case Isa::kAvxVnni: return for_type<avxvnni::Range, true>(t);
+        case Isa::kAvx2: return for_type<avx2::Range, false>(t);
         default: return {rows_scalar, false};
     }
 }
@@ -306,7 +319,8 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
         const auto range = w.type == BlockType::kQ4_1   ? vnni::tile_range<BlockType::kQ4_1>
                            : w.type == BlockType::kQ8_0 ? vnni::tile_range<BlockType::kQ8_0>
                            : w.type == BlockType::kQ5_0 ? vnni::tile_range<BlockType::kQ5_0>
-                                                        : vnni::tile_range<BlockType::kQ4_K>;
+                           : w.type == BlockType::kQ4_K ? vnni::tile_range<BlockType::kQ4_K>
+                                                        : vnni::tile_range<BlockType::kQ6_K>;
         constexpr int64_t panel = 128;
         const int64_t panels = (m + panel - 1) / panel;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -344,6 +358,11 @@ void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t coun
                 } else if (w.type == BlockType::kQ5_0) {
                     for (int64_t i = 0; i < kBlock; ++i)
                         o[i] = static_cast<float>(weight_code(w, j, b, i) - 16) * d;
+                } else if (w.type == BlockType::kQ6_K) {      // ggml: (d * sc) * (q - 32)
+                    const auto* sc = reinterpret_cast<const int8_t*>(w.sc) + (j * nb + g) * 2 + (b - g);
+                    const float d6 = half_to_float(w.d[j * (nb / kGroup) + g / kGroup]);
+                    for (int64_t i = 0; i < kBlock; ++i)
+                        o[i] = d6 * static_cast<float>(sc[i < 16 ? 0 : kGroup]) * static_cast<float>(q6_code(w, j, b, i) - 32);
                 } else if (w.type == BlockType::kQ4_K) {      // ggml: d1 = d * sc, m1 = dmin * m, q * d1 - m1
                     const uint8_t* scm = w.sc + (j * nb + g) * 2 + (b - g);
                     const int64_t sb = j * (nb / kGroup) + g / kGroup;

@@ -34,7 +34,16 @@ namespace strata::cpu {
 //   d, m  [N, K / 256] fp16 bits: each super-block's d and dmin
 //   sc    [N, K / 32 * 2] bytes: per super-block its 8 scales, then its 8 mins (6-bit values, unpacked)
 // 148 bytes a super-block against the file's 144 (its 6-bit fields packed in 12 bytes).
-enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_K = 3 };
+//
+// Q6_K = super-blocks of 256 weights: fp16 d, an int8 scale per 16 weights, 6-bit codes (weight i = d *
+// sc_{i / 16} * (q_i - 32)). A 32-weight block b holds two scales: sc_a for its values 0..15, sc_b for 16..31.
+// The codes' low 4 bits are stored as Q4_1's nibbles (qs, regrouped the same; a group is a super-block), and
+//   qh    [N, K / 32 * 8] bytes: their high 2 bits, per group 16 bytes for each of the 4 vectors of its qs:
+//         byte i holds, for the vector's bytes i and 16 + i, 4 bits each (low nibble's 2 bits, then high's)
+//   sc    [N, K / 32 * 2] int8: per super-block the 8 blocks' sc_a, then their sc_b
+//   d     [N, K / 256] fp16 bits
+// 210 bytes a super-block, the file's.
+enum class BlockType : int { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_K = 3, kQ6_K = 4 };
 
 struct BlockMatrix {
     BlockType type;
@@ -42,8 +51,8 @@ struct BlockMatrix {
     const uint16_t* d;
     const uint16_t* m;       // Q4_1 only
     int64_t n, k;            // K a multiple of 32
-    const uint8_t* qh = nullptr;   // Q5_0 only
-    const uint8_t* sc = nullptr;   // Q4_K only
+    const uint8_t* qh = nullptr;   // Q5_0: fifth bits; Q6_K: high bits
+    const uint8_t* sc = nullptr;   // Q4_K: scales and mins; Q6_K: scales (int8)
 };
 
 inline int64_t padded_blocks(int64_t k) { return (k / 32 + 7) / 8 * 8; }
@@ -64,12 +73,13 @@ inline int64_t qh_row_bytes(int64_t k) { return padded_blocks(k) * 4; }
 void quantize_blocks_q8(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* sx);
 
 // y [M, N] float32 = x [M, K] · Wᵀ: y[r, n] = sum_b d_nb * dx_rb * (q_nb · xq_rb) (+ m_nb * sx_rb for Q4_1,
-// + (-16 d_nb) * sx_rb for Q5_0 with its unsigned codes q; Q4_K: d_nb = d * sc_b, the offset - dmin * m_b),
+// + (-16 d_nb) * sx_rb for Q5_0 with its unsigned codes q; Q4_K: d_nb = d * sc_b, the offset - dmin * m_b;
+// Q6_K: d * dx_rb * (sc_a (q - 32) · xq over values 0..15 + sc_b (q - 32) · xq over 16..31), exact integers),
 // the block dot products exact in int32.
 void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y);
 
 // out [count, K] float32 = rows ids[0..count) of W, as ggml dequantizes them (Q4_1: q * d + m, Q8_0 and
-// Q5_0: q * d, Q5_0's q = its 5-bit code - 16, Q4_K: q * (d * sc) - dmin * m,
+// Q5_0: q * d, Q5_0's q = its 5-bit code - 16, Q4_K: q * (d * sc) - dmin * m, Q6_K: (d * sc) * (q - 32),
 // each product and sum rounded once): an embedding lookup straight from the blocks. ids must be in [0, N).
 void gguf_dequantize_rows(const BlockMatrix& w, const int64_t* ids, int64_t count, float* out);
 

@@ -18,7 +18,8 @@ void project(const Projection& p, const float* x, int64_t m, int64_t n, int64_t 
         case Projection::kQ4_1:
         case Projection::kQ8_0:
         case Projection::kQ5_0:
-        case Projection::kQ4_K: {
+        case Projection::kQ4_K:
+        case Projection::kQ6_K: {
             const BlockType type = static_cast<BlockType>(p.kind - 1);      // the kinds follow BlockType's order
             const BlockMatrix w{type, static_cast<const uint8_t*>(p.w), p.d, p.m, n, k, p.qh, p.sc};
             gguf_gemv(w, x, m, y);

@@ -10,13 +10,13 @@ namespace strata::cpu {
 
 // A projection W [N, K] (one row per output channel) in one of the quantized formats.
 struct Projection {
-    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ5_0 = 3, kQ4_K = 4 } kind;
+    enum Kind : int { kInt8 = 0, kQ4_1 = 1, kQ8_0 = 2, kQ5_0 = 3, kQ4_K = 4, kQ6_K = 5 } kind;
     const void* w;           // kInt8: int8 codes [N, K]; the GGUF kinds: the blocks' qs (gguf_gemv.h)
     const float* scale;      // kInt8: float32 [N]
     const uint16_t* d;       // the GGUF kinds: block scales (fp16 bits; gguf_gemv.h)
     const uint16_t* m;       // kQ4_1: block offsets; kQ4_K: super-block mins
-    const uint8_t* qh;       // kQ5_0: the fifth bits
-    const uint8_t* sc;       // kQ4_K: the blocks' scales and mins
+    const uint8_t* qh;       // kQ5_0: the fifth bits; kQ6_K: the high bits
+    const uint8_t* sc;       // kQ4_K: the blocks' scales and mins; kQ6_K: their scales
 };
 
 // One layer: RMSNorm weights float32 [hidden]; projections qkv [H*D + 2*KVH*D, hidden] (Q, K, V rows),

@@ -5,12 +5,13 @@ The model never quantizes itself.
 - "int8": W8A8 with SmoothQuant (calibrated on fixed prompts) for the block projections, weight-only int8
   for the LM head (its activations stay float32: W8A8 there cost more quality than it saved time;
   weight-only keeps the logits close and reads a quarter of the bytes).
-- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 / Q5_0 / Q4_K blocks, at
-  every row count: rows are reordered and concatenated exactly as the dense weights were (Q/K un-permuted,
-  Q|K|V and gate|up fused), so the weights are the same numbers, 5 (Q4_1), 8.5 (Q8_0), 5.5 (Q5_0) or 4.5
-  (Q4_K) bits each. The token embedding is read from its blocks too; no float32 copy of a quantized weight
-  is kept. Q6_K blocks are converted at load to Q8_0 (kernels/gguf_convert.py: within 0.4% of a block's
-  largest weight); projections of other types are dequantized at load, with a log line.
+- "gguf": every projection (and the LM head) multiplies the file's own Q4_1 / Q8_0 / Q5_0 / Q4_K / Q6_K
+  blocks, at every row count: rows are reordered and concatenated exactly as the dense weights were (Q/K
+  un-permuted, Q|K|V and gate|up fused), so the weights are the same numbers, 5 (Q4_1), 8.5 (Q8_0), 5.5
+  (Q5_0), 4.5 (Q4_K) or 6.6 (Q6_K) bits each. A fused projection of mixed types is rewritten into Q8_0
+  (kernels/gguf_convert.py: Q5_0 exactly, the others within 0.56 of a step). The token embedding is read
+  from its blocks too; no float32 copy of a quantized weight is kept. Projections of other types are
+  dequantized at load, with a log line.
 - "auto" (the default) is decided before loading by `auto_quantization`: "gguf" on CPU where the file's
   projections are all blocks the kernels multiply, else dense.
 
@@ -53,8 +54,7 @@ def projection_groups(model_class: Any, gguf: GGUFFile) -> list[list[tuple[str, 
 
 def on_kernels(gguf: GGUFFile, sources: list[tuple[str, int | None]]) -> bool:
     """Whether the "gguf" pass multiplies these tensors' blocks: all of one block type the kernels know, as
-    stored or converted at load (kernels.gguf_convert: Q6_K as Q8_0, and Q5_0 as Q8_0 where fused with
-    Q8_0). Others (float tensors, other types, fused projections of kernel types with no common
+    stored or, for a fused projection of mixed types, rewritten into Q8_0 at load (kernels.gguf_convert). Others (float tensors, other types, fused projections of kernel types with no common
     one) stay dense."""
     return fused_kernel_type(gguf.tensor_type(name) for name, _ in sources) is not None
 
