@@ -318,9 +318,9 @@ void gguf_gemv(const BlockMatrix& w, const float* x, int64_t m, float* y) {
         // panels' worth of consecutive tasks, so a panel's codes stay in its L2 while the weights pass
         const auto range = w.type == BlockType::kQ4_1   ? vnni::tile_range<BlockType::kQ4_1>
                            : w.type == BlockType::kQ8_0 ? vnni::tile_range<BlockType::kQ8_0>
-                           : w.type == BlockType::kQ5_0 ? vnni::tile_range<BlockType::kQ5_0>
+                           : w.type == BlockType::kQ5_0 ? vnni::tile_range_expanded<BlockType::kQ5_0>
                            : w.type == BlockType::kQ4_K ? vnni::tile_range<BlockType::kQ4_K>
-                                                        : vnni::tile_range<BlockType::kQ6_K>;
+                                                        : vnni::tile_range_expanded<BlockType::kQ6_K>;
         constexpr int64_t panel = 128;
         const int64_t panels = (m + panel - 1) / panel;
 #pragma omp parallel for schedule(static) if (parallel)
