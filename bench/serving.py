@@ -459,9 +459,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-path", type=Path, default=None,
                    help="the GGUF every system serves (default: Strata's, $STRATA_MODEL_PATH or SmolLM2); its "
-                        "architecture picks the targets (gemma3: issue 22's)")
+                        "architecture picks the targets (gemma3: issue 22's) and the results' name "
+                        "(bench/results/serving_<architecture>.json unless --out)")
     smoke.add_args(p, "serving")
     a = p.parse_args(argv)
+    if a.model_path is not None and a.out is None and not a.smoke:
+        # another model's results go beside SmolLM2's, never over them: serving_<architecture>.json
+        from services.inference.models.gguf_file import GGUFFile
+        a.out = smoke.RESULTS / f"serving_{GGUFFile(a.model_path).architecture}.json"
     if a.smoke and not a.strata_args:
         a.strata_args = [DEFAULT_STRATA_CONFIGS[0]]       # the defaults only
     smoke.resolve(a, concurrency=[1, 2], prompt_len=16, output_len=8, repeats=1, prefill_prompts=2, prefill_batch=2)
