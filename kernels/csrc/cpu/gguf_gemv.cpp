@@ -153,6 +153,10 @@ void rows_scalar(const BlockMatrix& w, const int8_t* xq, const float* dx, const 
 // explicitly (x1.04-1.15 single-stream decode here, in alternating runs of one process).
 constexpr int64_t kPrefetchBytes = 3072;
 
+inline void prefetch_row(const uint8_t* row, int64_t row_bytes) {
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + o), _MM_HINT_T0);
+}
+
 inline void prefetch_ahead(const uint8_t* row, int64_t row_bytes) {
     const uint8_t* ahead = row + (kPrefetchBytes + row_bytes - 1) / row_bytes * row_bytes;
     for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + o), _MM_HINT_T0);
