@@ -18,13 +18,20 @@ from kernels.gguf import BLOCK_BYTES, GGUFMatrix, gguf_gemv
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels not built (make install)")
 
 
+TYPES = ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q6_K")                 # rows of whole 256-weight super-blocks
+
+
+def cases(shapes: list[tuple[int, ...]]) -> list[tuple]:
+    """(block_type, *shape) for every type and shape its rows can hold (a shape's last number is K)."""
+    return [(t, *shape) for t in TYPES for shape in shapes if t not in K_QUANTS or shape[-1] % 256 == 0]
+
+
 def random_blocks(n: int, k: int, block_type: str, seed: int) -> torch.Tensor:
     """Valid random blocks: small positive fp16 scales (Q4_1 offsets negative, as real weights have); Q4_K
-    super-blocks with random 6-bit scales and mins (a test skips a K that is not whole super-blocks)."""
+    super-blocks with random scales (Q4_K: 6-bit scales and mins; Q6_K: int8 scales; K whole super-blocks)."""
     g = torch.Generator().manual_seed(seed)
-    if block_type in ("Q4_K", "Q6_K"):
-        if k % 256:
-            pytest.skip("K-quant rows are whole super-blocks of 256")
+    if block_type in K_QUANTS:
         size = 144 if block_type == "Q4_K" else 210
         raw = torch.randint(0, 256, (n, k // 256, size), generator=g, dtype=torch.uint8)
         scales = (torch.rand(n, k // 256, 2, generator=g) * 0.002 + 1e-4).half()
@@ -43,9 +50,9 @@ def random_blocks(n: int, k: int, block_type: str, seed: int) -> torch.Tensor:
     return raw.reshape(n, -1)
 
 
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16, 37, 128])    # row groups of 8, remainders, prefill chunks
-@pytest.mark.parametrize("n,k", [(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96), (33, 256), (40, 288)])
+@pytest.mark.parametrize("block_type,n,k", cases([(1, 32), (7, 64), (960, 576), (576, 1536), (130, 96), (33, 256),
+                                                  (40, 288)]))
 # channel tails; groups of 8 blocks: shorter than one, whole, and short last groups
 def test_matches_the_reference_arithmetic(block_type, m, n, k):
     blocks = random_blocks(n, k, block_type, seed=n + k)
@@ -56,8 +63,8 @@ def test_matches_the_reference_arithmetic(block_type, m, n, k):
     torch.testing.assert_close(y, reference.gguf_gemv(x, blocks, block_type, k), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
-@pytest.mark.parametrize("n,k", [(300, 576), (301, 96), (33, 320), (35, 640), (7, 160), (64, 1536), (33, 512)])
+@pytest.mark.parametrize("block_type,n,k", cases([(300, 576), (301, 96), (33, 320), (35, 640), (7, 160), (64, 1536),
+                                                  (33, 512)]))
 # groups of 8 blocks: whole ones with a short packed last one (2 or 4 blocks), a short masked one (3, 5),
 # whole ones only; odd channel counts (a tile's last channel alone)
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, n, k):
@@ -74,12 +81,13 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(block_type, n, k):
         assert torch.equal(gguf_gemv(x[:m], blocks, block_type), alone[:m]), m
 
 
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("block_type", TYPES)
 def test_the_product_is_close_to_float32_over_the_dequantized_weights(block_type):
     """Activation quantization per 32-value block costs well under 1% of the output's scale."""
-    blocks = random_blocks(512, 576, block_type, seed=3)
-    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(4))
-    exact = x @ reference.gguf_dequantize(blocks, block_type, 576).T
+    k = 768 if block_type in K_QUANTS else 576
+    blocks = random_blocks(512, k, block_type, seed=3)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(4))
+    exact = x @ reference.gguf_dequantize(blocks, block_type, k).T
     err = (gguf_gemv(x, blocks, block_type) - exact).abs().max() / exact.abs().max()
     assert err < 0.01, float(err)
 
@@ -139,9 +147,8 @@ def isa():
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("m", [1, 5, 8, 9])
-@pytest.mark.parametrize("n,k", [(70, 576), (40, 288), (33, 256), (9, 64)])
+@pytest.mark.parametrize("block_type,n,k", cases([(70, 576), (40, 288), (33, 256), (9, 64), (21, 512)]))
 def test_every_instruction_set_level_matches_the_reference(isa, level, block_type, m, n, k):
     isa(level)
     assert kernels.cpu_isa() == level
@@ -152,8 +159,7 @@ def test_every_instruction_set_level_matches_the_reference(isa, level, block_typ
 
 
 @pytest.mark.skipif(len([lvl for lvl in LEVELS if lvl != "scalar"]) < 2, reason="this CPU has one SIMD level")
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
-@pytest.mark.parametrize("k", [576, 1536, 96, 512])
+@pytest.mark.parametrize("block_type,k", cases([(576,), (1536,), (96,), (512,)]))
 @pytest.mark.parametrize("m", [3, 9])
 def test_the_simd_levels_give_the_same_bits(isa, block_type, k, m):
     """The SIMD levels (AVX2, AVX-VNNI, AVX512-VNNI) compute the same exact integer block sums and then the same
@@ -186,8 +192,8 @@ def test_the_level_can_be_capped_from_the_environment():
     assert bad.returncode != 0 and "STRATA_CPU_ISA must be one of" in bad.stderr
 
 
-@pytest.mark.parametrize("block_type", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"])
-@pytest.mark.parametrize("k", [576, 96, 320, 512])                # whole groups, a short packed one, a masked one
+# whole groups with a short packed one, a short packed one alone, a masked one, whole super-blocks
+@pytest.mark.parametrize("block_type,k", cases([(576,), (96,), (320,), (512,)]))
 def test_rows_dequantize_as_the_whole_matrix_does(block_type, k, monkeypatch):
     """An embedding lookup from the blocks (GGUFMatrix.dequantize_rows: the C++ kernel, or torch ops where
     the kernels are off) gives exactly ggml's rows; a row id outside the table is an IndexError."""
