@@ -100,6 +100,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.spec_decode
 	$(BIN)/python -m bench.guardrails
 	$(BIN)/python -m bench.hardening
+	$(BIN)/python -m bench.multi_model
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

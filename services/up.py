@@ -1,8 +1,12 @@
 """`strata up`: the whole suite on one machine, on its embedded defaults.
 
-Starts redis-server as a child on a free port (unless --redis-url / REDIS_URL names one), N inference
-replicas, the cache, the router (given every replica) and the gateway, each as `strata serve …` in its
-own process; waits until each reports SERVING on grpc.health.v1 (the first run loads the model and the
+Starts redis-server as a child on a free port (unless --redis-url / REDIS_URL names one), the inference
+replicas of every model it serves, the cache, the router (given every replica) and the gateway, each as
+`strata serve …` in its own process. The models: those of --models-file (deploy/models.toml is the default
+suite, annotated), else every installed model of the default suite (SmolLM2-135M-Instruct and Gemma 3 270M,
+`strata models` lists what is installed), --models picking among them, --replicas each. The plan is written
+to the run directory as models.yaml, which the router (fallbacks) and the gateway (prices, tiers, routing)
+read; waits until each reports SERVING on grpc.health.v1 (the first run loads the model and the
 embedding model: progress is printed while it waits); creates a first API key; prints the endpoints;
 streams every service's JSON log lines prefixed with its name; stops everything (gateway first, Redis
 last) on Ctrl-C or SIGTERM. A service that exits early stops the others and `up` fails with its log tail.
@@ -27,11 +31,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from services.common import models_file
 from services.common.config import env
+from services.common.models_file import ModelSpec, ModelsFile
 
 DEFAULT_PORTS = {"gateway": (50051, 9051), "cache": (50071, 9071), "router": (50081, 9081), "inference": (50061, 9061)}
 HEALTH_NAMES = {"gateway": "strata.v1.Gateway", "cache": "strata.v1.SemanticCache", "router": "strata.v1.Router",
@@ -39,7 +45,13 @@ HEALTH_NAMES = {"gateway": "strata.v1.Gateway", "cache": "strata.v1.SemanticCach
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--replicas", type=int, default=int(env("STRATA_UP_REPLICAS", "1")), help="inference replicas")
+    p.add_argument("--models-file", type=Path, default=env("STRATA_MODELS_FILE", "") or None, metavar="FILE",
+                   help="the models to serve, their files, replicas, prices and tiers, and the routing between them "
+                        "(TOML or YAML; deploy/models.toml). Default: the default suite's installed models")
+    p.add_argument("--models", default=env("STRATA_UP_MODELS", ""), metavar="NAME[,NAME]",
+                   help="serve only these of the suite's models (names as `strata models` or the models file gives them)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="inference replicas per model (default: the models file's, else 1; env STRATA_UP_REPLICAS)")
     p.add_argument("--redis-url", default=env("REDIS_URL", ""), help="use this Redis instead of starting one")
     p.add_argument("--host", default="127.0.0.1", help="address the services bind (0.0.0.0 to expose them)")
     p.add_argument("--free-ports", action="store_true",
@@ -101,12 +113,7 @@ def _port_busy(port: int) -> bool:
 def _secrets(root: Path) -> dict[str, str]:
     """STRATA_KEY_PEPPER and STRATA_ADMIN_TOKEN: the environment's, else the ones this checkout made once."""
     path = root / "secrets.env"
-    saved: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            k, _, v = line.partition("=")
-            if k.strip():
-                saved[k.strip()] = v.strip()
+    saved = _read_env_file(path)
     out = {"STRATA_KEY_PEPPER": os.environ.get("STRATA_KEY_PEPPER") or saved.get("STRATA_KEY_PEPPER", ""),
            "STRATA_ADMIN_TOKEN": os.environ.get("STRATA_ADMIN_TOKEN") or saved.get("STRATA_ADMIN_TOKEN", "")}
     if not saved and not (os.environ.get("STRATA_KEY_PEPPER") and os.environ.get("STRATA_ADMIN_TOKEN")):
@@ -119,14 +126,87 @@ def _secrets(root: Path) -> dict[str, str]:
     return out
 
 
+# the default suite: every one of these that is installed, in this order (the first is the default model)
+DEFAULT_SUITE = (
+    ModelSpec("SmolLM2-135M-Instruct", "", usd_per_1k_prompt_tokens=0.01,
+              usd_per_1k_completion_tokens=0.02, fallbacks=("gemma-3-270m",)),
+    ModelSpec("gemma-3-270m", "gemma-3-270m-q4_k_m", usd_per_1k_prompt_tokens=0.02,
+              usd_per_1k_completion_tokens=0.04),
+)
+
+
+def resolve_file(spec: ModelSpec) -> Path | None:
+    """The GGUF file of a models-file entry: "" = the default model; a path; else an installed model whose name
+    or file stem it is (case-insensitive). None: not installed."""
+    from services.inference.models.catalog import installed_models
+
+    if spec.file and Path(spec.file).expanduser().is_file():
+        return Path(spec.file).expanduser()
+    want = spec.file.lower()
+    for e in installed_models():
+        if e.error or not e.path:
+            continue
+        if (not spec.file and e.default) or (spec.file and want in (e.name.lower(), Path(e.path).stem.lower())):
+            return Path(e.path)
+    return None
+
+
+def suite_models(a: argparse.Namespace) -> tuple[ModelsFile, dict[str, Path]]:
+    """The models file `up` serves (--models-file, else the installed part of the default suite, both narrowed
+    by --models and with --replicas applied) and each model's file."""
+    picked = [m.strip() for m in (a.models or "").split(",") if m.strip()]
+    replicas = a.replicas if a.replicas is not None else (int(env("STRATA_UP_REPLICAS", "0")) or None)
+    if replicas is not None and replicas < 1:
+        raise SystemExit("--replicas must be >= 1")
+    try:
+        if a.models_file:
+            mf = models_file.load(a.models_file)
+            specs = list(mf.models)
+        else:
+            mf = None
+            specs = [m for m in DEFAULT_SUITE if resolve_file(m) is not None or m is DEFAULT_SUITE[0]]
+    except models_file.ModelsFileError as exc:
+        raise SystemExit(f"--models-file: {exc}") from None
+    if picked:
+        unknown = [m for m in picked if m not in {s.name for s in specs}]
+        if unknown:
+            raise SystemExit(f"--models: {', '.join(unknown)} not in the suite ({', '.join(s.name for s in specs)})")
+        specs = [s for s in specs if s.name in picked]
+    names = {s.name for s in specs}
+    specs = [replace(s, fallbacks=tuple(f for f in s.fallbacks if f in names),
+                     replicas=replicas if replicas is not None else s.replicas) for s in specs]
+    files: dict[str, Path] = {}
+    for s in specs:
+        if s.replicas == 0:
+            continue
+        path = resolve_file(s)
+        if path is None:
+            raise SystemExit(f"model {s.name!r}: file {s.file or '(the default model)'!r} is not installed "
+                             "(`make install`; `strata models` lists the installed ones) nor a path to a GGUF file")
+        files[s.name] = path
+    try:
+        if mf is None:
+            return ModelsFile(tuple(specs)), files
+        keep = lambda m: m in names  # noqa: E731
+        return replace(mf, models=tuple(specs), auto=tuple(r for r in mf.auto if keep(r.model)),
+                       auto_default=mf.auto_default if keep(mf.auto_default) else "",
+                       cascades={k: c for k, c in mf.cascades.items() if keep(k) and keep(c.to)},
+                       splits={k: sp for k, sp in mf.splits.items() if all(map(keep, sp.weights))}), files
+    except models_file.ModelsFileError as exc:
+        raise SystemExit(f"--models: {exc}") from None
+
+
 def plan(a: argparse.Namespace) -> list[Child]:
     """The children in start order (Redis, replicas, cache, router, gateway)."""
-    if a.replicas < 1:
-        raise SystemExit("--replicas must be >= 1")
+    mf, files = suite_models(a)
+    a.run_dir.mkdir(parents=True, exist_ok=True)
+    suite_file = (a.run_dir / "models.yaml").resolve()
+    models_file.dump(mf, suite_file)
+    served = [(m, files[m.name]) for m in mf.models for _ in range(m.replicas)]
     ports: dict[str, tuple[int, int]] = {}
     for kind in ("gateway", "cache", "router"):
         ports[kind] = (_free_port(), _free_port()) if a.free_ports else DEFAULT_PORTS[kind]
-    for i in range(a.replicas):
+    for i in range(len(served)):
         g, m = DEFAULT_PORTS["inference"]
         ports[f"inference-{i}"] = (_free_port(), _free_port()) if a.free_ports else (g + i, m + i)
     if not a.free_ports:
@@ -147,10 +227,12 @@ def plan(a: argparse.Namespace) -> list[Child]:
     host = a.host
     dial = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     replicas = []
-    for i in range(a.replicas):
+    for i, (spec, path) in enumerate(served):
         port, mport = ports[f"inference-{i}"]
         args = [*cli, "inference", "--host", host, "--port", str(port), "--metrics-port", str(mport),
-                "--replica-id", f"inference-{i}"] + (["--dtype", a.dtype] if a.dtype else [])
+                "--replica-id", f"inference-{i}", "--model-path", str(path), "--model-name", spec.name] \
+            + (["--quantization", spec.quantization] if spec.quantization else []) \
+            + (["--dtype", a.dtype] if a.dtype else [])
         children.append(Child(f"inference-{i}", "inference", args, port, mport))
         replicas.append(f"{dial}:{port}")
     port, mport = ports["cache"]
@@ -159,12 +241,14 @@ def plan(a: argparse.Namespace) -> list[Child]:
     cache = f"{dial}:{port}"
     port, mport = ports["router"]
     children.append(Child("router", "router", [*cli, "router", "--host", host, "--port", str(port), "--metrics-port",
-                                               str(mport), *sum((["--backend", r] for r in replicas), [])], port, mport))
+                                               str(mport), "--models-file", str(suite_file),
+                                               *sum((["--backend", r] for r in replicas), [])], port, mport))
     router = f"{dial}:{port}"
     port, mport = ports["gateway"]
     children.append(Child("gateway", "gateway", [*cli, "gateway", "--host", host, "--port", str(port), "--metrics-port",
                                                  str(mport), "--redis-url", redis_url, "--router", router,
-                                                 "--cache", cache, "--plaintext"], port, mport))   # a local run
+                                                 "--cache", cache, "--models-file", str(suite_file),
+                                                 "--plaintext"], port, mport))   # a local run
     return children
 
 
@@ -339,14 +423,23 @@ def run(a: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
+def read_secrets(run_dir: Path | None = None) -> dict[str, str]:
+    """The secrets.env `strata up` keeps beside its run directory (empty when there is none)."""
+    path = (run_dir or Path(env("STRATA_RUN_DIR", ".strata/run"))).parent / "secrets.env"
+    return _read_env_file(path)
+
+
 def read_run_env(run_dir: Path | None = None) -> dict[str, str]:
     """The `env` file of the latest `strata up` (empty when there is none)."""
-    path = (run_dir or Path(env("STRATA_RUN_DIR", ".strata/run"))) / "env"
+    return _read_env_file((run_dir or Path(env("STRATA_RUN_DIR", ".strata/run"))) / "env")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     out = {}
     for line in path.read_text().splitlines():
         k, _, v = line.partition("=")
-        if k:
+        if k.strip():
             out[k.strip()] = v.strip()
     return out

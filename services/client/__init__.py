@@ -15,6 +15,7 @@ from services.client.errors import (
     AuthError,
     CallTimeoutError,
     InvalidRequestError,
+    NotFoundError,
     RateLimitedError,
     ServiceUnavailableError,
     StrataClientError,
@@ -25,5 +26,5 @@ from services.client.retry import RetryPolicy
 from services.client.sync_client import StrataClient
 
 __all__ = ["AsyncStrataClient", "AuthError", "CachePolicy", "CallTimeoutError", "Chunk", "InvalidRequestError",
-           "Message", "Prompt", "RateLimitedError", "Result", "RetryPolicy", "Sampling", "ServiceUnavailableError",
+           "Message", "NotFoundError", "Prompt", "RateLimitedError", "Result", "RetryPolicy", "Sampling", "ServiceUnavailableError",
            "Source", "StrataClient", "StrataClientError", "Usage"]

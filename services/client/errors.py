@@ -24,8 +24,12 @@ class AuthError(StrataClientError):
 
 
 class InvalidRequestError(StrataClientError):
-    """INVALID_ARGUMENT: the request itself is wrong (unknown model, max_tokens out of range, a bad
-    role...); do not retry."""
+    """INVALID_ARGUMENT: the request itself is wrong (max_tokens out of range, a bad role, chat messages to
+    a completions-only model...); do not retry."""
+
+
+class NotFoundError(InvalidRequestError):
+    """NOT_FOUND: the model named is not served (ListModels lists those that are); do not retry."""
 
 
 class RateLimitedError(StrataClientError):
@@ -49,6 +53,7 @@ _BY_CODE: dict[grpc.StatusCode, type[StrataClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.PERMISSION_DENIED: AuthError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: CallTimeoutError,
 }

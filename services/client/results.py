@@ -20,6 +20,8 @@ class Source:
     model: str
     replica: str                     # inference replica id (kind "model"), else ""
     entry_id: str                    # cache entry id (kind "cache_*"), else ""
+    route: str = ""                  # how the gateway chose the model: named, default, auto:<rule>, split:<name>,
+                                     # cascade:<first model>; " fallback:<model>" when the router fell back
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +61,7 @@ def _usage(u: common_pb2.Usage) -> Usage:
 
 
 def _source(s: common_pb2.Source) -> Source:
-    return Source(common_pb2.Source.Kind.Name(s.kind).removeprefix("KIND_").lower(), s.model, s.replica, s.entry_id)
+    return Source(common_pb2.Source.Kind.Name(s.kind).removeprefix("KIND_").lower(), s.model, s.replica, s.entry_id, s.route)
 
 
 def result_from_proto(r: gateway_pb2.GatewayResponse) -> Result:

@@ -114,6 +114,10 @@ class GatewayMetrics(ServiceMetrics):
         self.tokens = Counter("strata:gateway_tokens", "Tokens charged to keys", ["kind"], registry=r)
         self.guardrails = Counter("strata:guardrail_events", "PII found and injection screens triggered",
                                   ["event"], registry=r)
+        self.shed = Counter("strata:gateway_shed", "Requests refused because their model was overloaded, by tier",
+                            ["tier", "model"], registry=r)
+        self.routed = Counter("strata:gateway_routed", "Requests let in, by model and how it was chosen "
+                              "(named, default, auto, split, cascade)", ["model", "route"], registry=r)
 
 
 class RouterMetrics(ServiceMetrics):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from services.common.errors import InvalidArgumentError
-from services.gateway.config import GatewayConfig
+from services.gateway.config import GatewayConfig, ModelPrice
+from services.gateway.directory import ModelDirectory, ModelState
 from services.gateway.errors import store_unavailable
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.limits import Limits
@@ -11,9 +14,26 @@ from services.gateway.stages.auth import Authenticator
 from services.gateway.usage import DayUsage, UsageStore, is_utc_day, utc_day
 
 
+@dataclass(frozen=True, slots=True)
+class ModelListing:
+    name: str
+    price: ModelPrice
+    tiers: tuple[str, ...]                # empty: every tier
+    fallbacks: tuple[str, ...]
+    state: ModelState | None              # None: the router has not said (no answer, or no replica of it)
+
+
 class GatewayAdmin:
-    def __init__(self, config: GatewayConfig, keys: KeyStore, usage: UsageStore, authenticator: Authenticator) -> None:
+    def __init__(self, config: GatewayConfig, keys: KeyStore, usage: UsageStore, authenticator: Authenticator,
+                 directory: ModelDirectory | None = None) -> None:
         self.config, self.keys, self.usage, self.authenticator = config, keys, usage, authenticator
+        self.directory = directory
+
+    def models(self) -> list[ModelListing]:
+        """Every configured model: price, tiers, fallbacks, and its replicas as the router last reported them."""
+        return [ModelListing(name, price, self.config.model_tiers.get(name, ()), self.config.fallbacks.get(name, ()),
+                             self.directory.get(name) if self.directory is not None else None)
+                for name, price in self.config.models.items()]
 
     async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float,
                          tier: str = "") -> tuple[str, ApiKey]:
@@ -21,6 +41,9 @@ class GatewayAdmin:
         unknown = [m for m in models if m not in self.config.models]
         if unknown:
             raise InvalidArgumentError(f"unknown models: {', '.join(unknown)}")
+        if tier and tier not in self.config.tiers:
+            raise InvalidArgumentError(f"unknown tier {tier!r}: one of {', '.join(self.config.tiers)} "
+                                       f"('' = {self.config.default_tier})")
         with store_unavailable("create a key"):
             return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier)
 

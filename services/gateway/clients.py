@@ -16,13 +16,14 @@ import grpc
 
 from services.common import telemetry
 from services.common.errors import DeadlineExceededError, UpstreamError
-from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2_grpc
+from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2, router_pb2_grpc
 from services.common.retry_after import retry_after_s
 from services.common.tls import PLAINTEXT, TlsConfig
 from services.gateway.backends import Answer, CacheHit, CacheQuery, ModelChunk, ModelRequest
 from services.gateway.errors import CapacityError
 from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, sampling_to_pb, set_input,
                                         source_from_pb, usage_from_pb, usage_to_pb)
+from services.gateway.directory import ReplicaView
 from services.gateway.types import Finish, SourceKind
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,12 @@ class Downstream:
         except grpc.aio.AioRpcError as exc:
             log.warning("cache store failed", extra={"code": exc.code().name})
             return False
+
+    async def replicas(self) -> list[ReplicaView]:
+        """The router's replicas (ListBackends), for the gateway's model directory."""
+        out = await self.router.ListBackends(router_pb2.ListBackendsRequest(), timeout=1.0)
+        return [ReplicaView(b.model, b.healthy, b.chat, b.load.pending_tokens, b.load.num_waiting, b.load.num_running)
+                for b in out.backends]
 
     async def generate(self, request: ModelRequest, timeout_s: float | None) -> AsyncIterator[ModelChunk]:
         call = self.router.Generate(model_request_to_pb(request), timeout=timeout_s, metadata=telemetry.outgoing())

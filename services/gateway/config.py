@@ -1,12 +1,12 @@
 """The gateway's configuration: served models and their prices, request bounds, guardrail modes,
-limits behaviour, `auto` rules and cascades."""
+limits behaviour, tiers, `auto` rules, splits and cascades (from a models file: services.common.models_file)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from services.gateway.selection import AutoRule, Cascade
+from services.common.models_file import DEFAULT_TIERS, AutoRule, Cascade, ModelsFile, Split, TierSpec
 
 PII_MODES = ("off", "redact", "block")
 INJECTION_MODES = ("allow", "flag", "block")
@@ -42,6 +42,11 @@ class GatewayConfig:
     auto_rules: tuple[AutoRule, ...] = () # model "auto": the first matching rule picks the model
     auto_default: str = ""                # ... else this one ("" = the first configured model)
     cascades: Mapping[str, Cascade] = field(default_factory=dict)   # unary Generate only
+    splits: Mapping[str, Split] = field(default_factory=dict)       # a name -> models by weight
+    tiers: Mapping[str, TierSpec] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    default_tier: str = "standard"        # a key created without a tier (and one whose tier is gone)
+    model_tiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # model -> tiers allowed (absent: all)
+    fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)     # as the router has them (ListModels)
 
     def __post_init__(self) -> None:
         if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
@@ -52,10 +57,33 @@ class GatewayConfig:
             raise ValueError("auth_failures_per_minute must be >= 0 (0 = no limit)")
         if self.max_in_flight < 0:
             raise ValueError("max_in_flight must be >= 0 (0 = no cap)")
-        named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades)
+        named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades) \
+            + [m for s in self.splits.values() for m in s.weights] + list(self.model_tiers)
         unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
         if unknown:
-            raise ValueError(f"auto rules and cascades name unconfigured models: {', '.join(unknown)}")
+            raise ValueError(f"auto rules, splits and cascades name unconfigured models: {', '.join(unknown)}")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
+        taken = sorted(set(self.splits) & ({"auto"} | set(self.models)))
+        if taken:
+            raise ValueError(f"split names that are also models or 'auto': {', '.join(taken)}")
+
+    @classmethod
+    def from_models_file(cls, mf: ModelsFile, **settings) -> GatewayConfig:
+        """Models, prices, tiers and routing from a models file; `settings`: the rest of the fields."""
+        return cls(models={m.name: ModelPrice(m.usd_per_1k_prompt_tokens, m.usd_per_1k_completion_tokens) for m in mf.models},
+                   auto_rules=mf.auto, auto_default=mf.auto_default, cascades=dict(mf.cascades), splits=dict(mf.splits),
+                   tiers=dict(mf.tiers), default_tier=mf.default_tier,
+                   model_tiers={m.name: m.tiers for m in mf.models if m.tiers},
+                   fallbacks={m.name: m.fallbacks for m in mf.models if m.fallbacks}, **settings)
+
+    def tier(self, name: str) -> TierSpec:
+        """A key's tier: its own when configured, else the default tier."""
+        return self.tiers.get(name) or self.tiers[self.default_tier]
+
+    def tier_allows(self, tier: str, model: str) -> bool:
+        allowed = self.model_tiers.get(model)
+        return not allowed or tier in allowed
 
     @property
     def first_model(self) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from services.common import aio, telemetry
+from services.common import aio, models_file, telemetry
 from services.common.config import add_metrics_arg, env
 from services.common.metrics import GatewayMetrics, gauge
 from services.common.logs import setup_logging
@@ -18,6 +18,7 @@ from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_arg
 from services.gateway.admin import GatewayAdmin
 from services.gateway.clients import Downstream
 from services.gateway.config import INJECTION_MODES, PII_MODES, GatewayConfig, ModelPrice
+from services.gateway.directory import ModelDirectory
 from services.gateway.keys import KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.service import Gateway
@@ -48,8 +49,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=env("STRATA_ROUTER_ADDRESS", "127.0.0.1:50081"), help="router host:port")
     p.add_argument("--cache", default=env("STRATA_CACHE_ADDRESS", "127.0.0.1:50071"),
                    help="semantic cache host:port ('' = no cache)")
+    p.add_argument("--models-file", default=env("STRATA_MODELS_FILE", ""), metavar="FILE",
+                   help="models, prices, tiers, auto rules, splits and cascades (TOML or YAML; deploy/models.toml)")
     p.add_argument("--models", default=env("STRATA_GATEWAY_MODELS", ""),
-                   help='JSON {"model": [usd per 1k prompt tokens, usd per 1k completion tokens]}')
+                   help='without --models-file: JSON {"model": [usd per 1k prompt tokens, usd per 1k completion tokens]}')
     p.add_argument("--pii", choices=PII_MODES, default=env("STRATA_GATEWAY_PII", d.pii_mode))
     p.add_argument("--redact-responses", action="store_true")
     p.add_argument("--injection", choices=INJECTION_MODES, default=env("STRATA_GATEWAY_INJECTION", d.injection_mode))
@@ -74,6 +77,8 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
     if len(pepper) < 16:
         raise SystemExit("set STRATA_KEY_PEPPER (a secret of 16+ characters) for the API key hashes")
     models = GatewayConfig().models
+    if a.models and a.models_file:
+        raise SystemExit("--models and --models-file: give one (the file has the prices)")
     if a.models:
         try:
             models = {k: ModelPrice(float(v[0]), float(v[1])) for k, v in json.loads(a.models).items()}
@@ -83,11 +88,14 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
     if not tls.serves_tls and not a.plaintext:
         raise SystemExit("the gateway's public port serves TLS: give --tls-cert and --tls-key (STRATA_TLS_CERT, "
                          "STRATA_TLS_KEY), or --plaintext (STRATA_GATEWAY_PLAINTEXT=1) for a local run")
+    settings = dict(pii_mode=a.pii, redact_responses=a.redact_responses, injection_mode=a.injection,
+                    injection_similarity=a.injection_similarity, limits_fail_open=a.limits_fail == "open",
+                    auth_failures_per_minute=a.auth_failures_per_minute, max_in_flight=a.max_in_flight)
     try:
-        gateway = GatewayConfig(models=models, pii_mode=a.pii, redact_responses=a.redact_responses,
-                                injection_mode=a.injection, injection_similarity=a.injection_similarity,
-                                limits_fail_open=a.limits_fail == "open",
-                                auth_failures_per_minute=a.auth_failures_per_minute, max_in_flight=a.max_in_flight)
+        if a.models_file:
+            gateway = GatewayConfig.from_models_file(models_file.load(a.models_file), **settings)
+        else:
+            gateway = GatewayConfig(models=models, **settings)
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
     return GatewayServiceConfig(
@@ -118,8 +126,10 @@ class GatewayService:
             similarity = InjectionSimilarity(embedder.embed, self.batcher.embed, g.injection_similarity)
         self.metrics, tracer = GatewayMetrics(), telemetry.tracer("gateway")
         keys, self.usage = KeyStore(self.redis, config.key_pepper), UsageStore(self.redis)
-        self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics)
-        self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator)
+        self.directory = ModelDirectory(self.down.replicas)
+        self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics,
+                               self.directory)
+        self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory)
         servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.admin, config.admin_token, tracer)
         self.metrics.collect_with(lambda: [gauge("strata:gateway_in_flight", "Requests this gateway is carrying now",
                                                  self.gateway.in_flight)])
@@ -131,7 +141,9 @@ class GatewayService:
         self._stopped = False
 
     async def start(self) -> int:
-        return await self.server.start()
+        port = await self.server.start()
+        self.directory.start()
+        return port
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._stopped:

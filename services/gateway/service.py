@@ -22,6 +22,7 @@ from services.common.errors import ResourceExhaustedError, StrataError, Unavaila
 from services.common.metrics import GatewayMetrics
 from services.gateway.backends import Backends
 from services.gateway.config import GatewayConfig
+from services.gateway.directory import ModelDirectory
 from services.gateway.errors import CapacityError
 from services.gateway.guardrails import InjectionSimilarity
 from services.gateway.keys import KeyStore
@@ -39,13 +40,15 @@ from services.gateway.usage import UsageStore
 class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
                  backends: Backends, similarity: InjectionSimilarity | None = None,
-                 tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None) -> None:
+                 tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None,
+                 directory: ModelDirectory | None = None) -> None:
         self.config = config
         self.tracer = tracer or telemetry.tracer("gateway")
         self.metrics = metrics or GatewayMetrics()
         self.authenticator = Authenticator(config, keys)
+        self.directory = directory           # the models' replicas, capabilities and load (None: not known)
         self.admit = Admit(config, self.authenticator, Guard(config, similarity), limiter, usage, self.tracer,
-                           self.metrics)
+                           self.metrics, directory)
         self.cache = CacheStage(backends, self.tracer, config.replay_chunk_words)
         self.route = Route(backends, self.tracer, config.cascades.keys(), config.redact_responses)
         self.settle = Settle(config, limiter, usage, self.metrics, self.cache)
@@ -83,7 +86,8 @@ class Gateway:
                     yield chunk
                 # settle
                 usage = gen.final.usage
-                await self.settle.charge(a, usage.prompt_tokens, usage.completion_tokens)
+                await self.settle.charge(a, usage.prompt_tokens, usage.completion_tokens,
+                                         answered_by=gen.final.source.model)
                 settled = True
                 await self.settle.answered(a, gen)
             finally:
@@ -106,19 +110,25 @@ class Gateway:
     async def generate(self, request: Request, bearer: str, client: str = "",
                        timeout_s: float | None = None) -> Result:
         """Unary: the whole answer. A configured cascade re-asks its larger model once when the model's
-        answer has a mean token log-probability under the threshold (cached answers are never re-asked)."""
+        answer has a mean token log-probability under the threshold (cached answers are never re-asked, nor
+        a chat request to a larger model that serves completions only). The answer's source then says
+        `cascade:<first model>` and its flags `cascade:<first>-><larger>`; both answers are charged."""
         out = await _collect(self.stream(request, bearer, client, timeout_s))
         first = out.finish
         cascade = self.config.cascades.get(first.source.model)
         if (cascade is not None and first.source.kind is SourceKind.MODEL and first.mean_logprob is not None
-                and first.mean_logprob < cascade.min_mean_logprob):
+                and first.mean_logprob < cascade.min_mean_logprob
+                and self.admit.able(cascade.to, request.messages is not None)):
             out = await _collect(self.stream(replace(request, model=cascade.to), bearer, client, timeout_s))
             flags = (*out.finish.flags, f"cascade:{first.source.model}->{cascade.to}")
-            out = replace(out, finish=replace(out.finish, flags=flags))
+            source = replace(out.finish.source, route=f"cascade:{first.source.model}")
+            out = replace(out, finish=replace(out.finish, flags=flags, source=source))
         return out
 
     async def close(self) -> None:
         await self.settle.close()
+        if self.directory is not None:
+            await self.directory.close()
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Result:

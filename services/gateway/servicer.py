@@ -125,7 +125,13 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     @map_errors
     async def ListModels(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
-        return gateway_pb2.ListModelsResponse(models=[
-            gateway_pb2.ModelPrice(name=n, usd_per_1k_prompt_tokens=p.usd_per_1k_prompt_tokens,
-                                   usd_per_1k_completion_tokens=p.usd_per_1k_completion_tokens)
-            for n, p in self.admin.config.models.items()])
+        out = gateway_pb2.ListModelsResponse()
+        for m in self.admin.models():
+            st = m.state
+            out.models.add(name=m.name, usd_per_1k_prompt_tokens=m.price.usd_per_1k_prompt_tokens,
+                           usd_per_1k_completion_tokens=m.price.usd_per_1k_completion_tokens, tiers=m.tiers,
+                           fallbacks=m.fallbacks, state="unknown" if st is None else st.state,
+                           replicas=st.replicas if st else 0, healthy_replicas=st.healthy if st else 0,
+                           chat=bool(st and st.chat), pending_tokens=st.pending_tokens if st else 0,
+                           waiting=st.waiting if st else 0, running=st.running if st else 0)
+        return out

@@ -79,12 +79,12 @@ def usage_to_pb(u: Usage) -> common_pb2.Usage:
 
 
 def source_from_pb(s: common_pb2.Source) -> Source:
-    return Source(_KIND.get(s.kind, SourceKind.NONE), s.model, s.replica, s.entry_id)
+    return Source(_KIND.get(s.kind, SourceKind.NONE), s.model, s.replica, s.entry_id, s.route)
 
 
 def source_to_pb(s: Source) -> common_pb2.Source:
     return common_pb2.Source(kind=_KIND_PB.get(s.kind, common_pb2.Source.KIND_UNSPECIFIED), model=s.model,
-                             replica=s.replica, entry_id=s.entry_id)
+                             replica=s.replica, entry_id=s.entry_id, route=s.route)
 
 
 def finish_reason_from_pb(value: int) -> FinishReason | None:

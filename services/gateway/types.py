@@ -103,6 +103,7 @@ class Source:
     model: str = ""
     replica: str = ""                     # inference replica id (MODEL)
     entry_id: str = ""                    # cache entry id (CACHE_*)
+    route: str = ""                       # how the gateway chose the model (named, default, auto:<rule>, ...)
 
 
 @dataclass(slots=True)

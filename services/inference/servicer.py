@@ -211,7 +211,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             vocab_size=hp.vocab_size, dtype=cfg.model.dtype, block_size=cfg.cache.block_size,
             num_kv_blocks=self.llm.num_kv_blocks, eos_token_id=self.llm.tokenizer.eos_token_id,
             replica=self.replica_id, num_layers=hp.num_layers, hidden_size=hp.hidden_size,
-            quantization=cfg.model.quantization or "")
+            quantization=cfg.model.quantization or "", chat=self.llm.tokenizer.chat_template is not None)
 
     @map_errors
     async def GetLoad(self, request: inference_pb2.GetLoadRequest,

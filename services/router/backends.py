@@ -45,6 +45,7 @@ class Backend:
         self.load = inference_pb2.Load()
         self.replica = ""
         self.model: str | None = None   # the model it serves (GetModelInfo), once known
+        self.chat = False               # that model has a chat template (GetModelInfo)
         self.in_flight = 0
         self.sent_tokens = 0        # estimated tokens routed here since the last load report
         self.routed = 0
@@ -71,7 +72,7 @@ class Backend:
                     if serving:   # (re)learn the served model: a restart may bring another one
                         info = await self.stub.GetModelInfo(inference_pb2.GetModelInfoRequest(),
                                                             timeout=self.config.load_timeout_s)
-                        self.model = info.model
+                        self.model, self.chat = info.model, info.chat
                     self._set_healthy(serving)
             except grpc.aio.AioRpcError:
                 pass

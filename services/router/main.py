@@ -8,7 +8,7 @@ import logging
 
 from grpc_health.v1 import health_pb2
 
-from services.common import aio, telemetry
+from services.common import aio, models_file, telemetry
 from services.common.aio import cancel_and_wait
 from services.common.config import add_metrics_arg, env
 from services.common.metrics import RouterMetrics, gauge
@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="A/B split: requests for NAME go to the models by weight (repeat for more names)")
     p.add_argument("--fallback", action="append", default=[], metavar="MODEL=OTHER[,OTHER]",
                    help="models to try, in order, when MODEL's replicas cannot start an answer")
+    p.add_argument("--models-file", default=env("STRATA_MODELS_FILE", ""), metavar="FILE",
+                   help="the suite's models file (TOML or YAML): its models' fallbacks (a --fallback for the same "
+                        "model wins)")
     add_tls_args(p)
 
 
@@ -76,8 +79,15 @@ def config_from_args(a: argparse.Namespace) -> RouterConfig:
     if a.max_attempts < 1 or a.failure_threshold < 1 or a.failure_window_s <= 0 or a.open_cooldown_s < 0 \
             or a.load_interval_s <= 0:
         raise SystemExit("--max-attempts and --failure-threshold must be >= 1; the intervals > 0")
+    fallbacks: dict[str, list[str]] = {}
+    if a.models_file:
+        try:
+            fallbacks = {m.name: list(m.fallbacks) for m in models_file.load(a.models_file).models if m.fallbacks}
+        except models_file.ModelsFileError as exc:
+            raise SystemExit(f"--models-file: {exc}") from None
+    fallbacks.update(parse_fallbacks(a.fallback))
     return RouterConfig(backends=backends, policy=a.policy, max_attempts=a.max_attempts,
-                        splits=parse_splits(a.split), fallbacks=parse_fallbacks(a.fallback), discover_url=a.discover,
+                        splits=parse_splits(a.split), fallbacks=fallbacks, discover_url=a.discover,
                         backend=BackendConfig(load_interval_s=a.load_interval_s, failure_threshold=a.failure_threshold,
                                               failure_window_s=a.failure_window_s, open_cooldown_s=a.open_cooldown_s,
                                               tls=tls_from_args(a)))

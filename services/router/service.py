@@ -158,14 +158,26 @@ class Router:
             await asyncio.sleep(0.1)
         await b.close()
 
-    def resolve(self, name: str) -> str:
-        """The served model for a requested name: a weighted draw when the name is a split."""
+    def resolve(self, name: str, chat: bool = False) -> str:
+        """The served model for a requested name: a weighted draw when the name is a split (for a chat
+        request, among the split's models that serve chat, when any does)."""
         weights = self.config.splits.get(name)
-        return split_pick(weights) if weights else name
+        if not weights:
+            return name
+        if chat:
+            able = {m: w for m, w in weights.items() if self.serves_chat(m) is not False and w > 0}
+            weights = able or weights
+        return split_pick(weights)
+
+    def serves_chat(self, model: str) -> bool | None:
+        """Whether `model`'s replicas serve chat messages: None while none of them has said (GetModelInfo)."""
+        known = [b.chat for b in self.backends.values() if b.model == model]
+        return any(known) if known else None
 
     def choose(self, req: inference_pb2.GenerateRequest, exclude: set[str]) -> Backend | None:
+        chat = req.HasField("messages")        # a chat request never goes to a replica known to serve completions only
         up = [b for b in self.backends.values() if b.healthy and b.address not in exclude and b.circuit.state != "open"
-              and (not req.model or b.model == req.model)]
+              and (not req.model or b.model == req.model) and (not chat or b.chat or b.model is None)]
         prefix = affinity_key(req) if self.picker.policy == "prefix_affinity" else ""
         while up:
             c = self.picker.pick([Candidate(b.address, b.pending_tokens, b.in_flight) for b in up], prefix)
@@ -199,12 +211,20 @@ class Router:
             raise InvalidArgumentError("one of prompt, messages or prompt_token_ids is required")
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
-        queue, visited, errors, reasons = [self.resolve(req.model)], [], [], set()
+        chat = req.HasField("messages")
+        queue, visited, errors, reasons = [self.resolve(req.model, chat)], [], [], set()
         while queue:
             model = queue.pop(0)
             if model in visited:
                 continue
             visited.append(model)
+            if chat and model and self.serves_chat(model) is False:
+                if len(visited) == 1:
+                    raise InvalidArgumentError(f"model {model!r} has no chat template: it serves completions only "
+                                               "(send a prompt, not messages)")
+                errors.append(f"{model}: serves completions only")    # a fallback unable to take chat: skipped
+                queue += [self.resolve(m, chat) for m in self.config.fallbacks.get(model, ())]
+                continue
             if len(visited) > 1:
                 self.metrics.fallbacks.inc()
             attempt = inference_pb2.GenerateRequest()
@@ -222,7 +242,7 @@ class Router:
                     raise
                 errors.append(f"{model or 'any model'}: {exc}")
                 reasons.add(exc.reason if isinstance(exc, _ModelUnavailable) else "down")
-            queue += [self.resolve(m) for m in self.config.fallbacks.get(model, ())]
+            queue += [self.resolve(m, chat) for m in self.config.fallbacks.get(model, ())]
         message = "; ".join(errors) + (f" (models tried: {', '.join(visited)})" if len(visited) > 1 else "")
         if reasons == {"full"}:
             raise ResourceExhaustedError(f"every replica is at capacity: {message}", retry_after_s=FULL_RETRY_AFTER_S)

@@ -15,6 +15,7 @@ _CIRCUIT = {CLOSED: router_pb2.CIRCUIT_STATE_CLOSED, OPEN: router_pb2.CIRCUIT_ST
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     SERVICE = "strata.v1.Router"
+    UNTRACED = frozenset({"ListBackends"})      # polled by every gateway (its model directory)
 
     def __init__(self, router: Router) -> None:
         self.tracer = router.tracer
@@ -29,5 +30,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListBackends(self, request, context: grpc.aio.ServicerContext):
         return router_pb2.ListBackendsResponse(policy=self.router.picker.policy, backends=[
             router_pb2.Backend(address=b.address, replica=b.replica, healthy=b.healthy, circuit=_CIRCUIT[b.circuit.state],
-                               load=b.load, in_flight=b.in_flight, routed=b.routed, failures=b.failures)
+                               load=b.load, in_flight=b.in_flight, routed=b.routed, failures=b.failures,
+                               model=b.model or "", chat=b.chat)
             for b in self.router.backends.values()])

@@ -194,7 +194,7 @@ def test_compose_addresses_point_at_services_and_their_ports():
 
     router_env, gateway_env = compose_env(strata["router"]), compose_env(strata["gateway"])
     backends = router_env["STRATA_ROUTER_BACKENDS"].split(",")
-    assert backends == ["inference-1:50061", "inference-2:50061"]
+    assert backends == ["inference-1:50061", "inference-2:50061", "inference-gemma:50061"]
     for address in [*backends, gateway_env["STRATA_ROUTER_ADDRESS"], gateway_env["STRATA_CACHE_ADDRESS"]]:
         host, port = address.split(":")
         assert port == grpc_port_of(host), address
@@ -293,7 +293,7 @@ def test_autoscalers_and_disruption_budgets_target_existing_workloads(overlay):
     docs = render(overlay)
     deployments = by_kind(docs, "Deployment")
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == {"gateway", "router", "inference"}
+    assert set(hpas) == {"gateway", "router", "inference", "inference-gemma"}
     for hpa in hpas.values():
         target = hpa["spec"]["scaleTargetRef"]["name"]
         assert target in deployments and "replicas" not in deployments[target]["spec"], target
@@ -332,6 +332,33 @@ def test_network_policies_deny_by_default_and_open_only_the_request_path(overlay
     assert sources("redis") == {"gateway", "cache", "router", "inference"}
     metrics = policies["metrics-from-prometheus"]["spec"]["ingress"]
     assert [p["port"] for rule in metrics for p in rule["ports"]] == ["metrics"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_model_has_its_own_inference_deployment_and_service(overlay):
+    """SmolLM2 (the image's default model) and Gemma 3 270M (STRATA_MODEL_PATH / STRATA_MODEL_NAME from
+    ConfigMap strata-inference-gemma): selectors apart, so neither Deployment adopts the other's pods, and
+    every inference pod patched alike by the overlay (image, probes, resources)."""
+    docs = render(overlay)
+    deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    smol, gemma = deployments["inference"], deployments["inference-gemma"]
+    assert smol["spec"]["selector"]["matchLabels"]["strata.dev/model"] != gemma["spec"]["selector"]["matchLabels"]["strata.dev/model"]
+    env = container_env(docs, gemma["spec"]["template"]["spec"]["containers"][0])
+    assert (env["STRATA_MODEL_PATH"], env["STRATA_MODEL_NAME"]) == ("/opt/strata/models/gemma-3-270m-q4_k_m.gguf", "gemma-3-270m")
+    assert "STRATA_MODEL_PATH" not in container_env(docs, smol["spec"]["template"]["spec"]["containers"][0])
+    assert services["inference-gemma"]["spec"]["selector"].items() <= gemma["spec"]["template"]["metadata"]["labels"].items()
+    strip = lambda d: {k: v for k, v in d["spec"]["template"]["spec"]["containers"][0].items() if k not in ("envFrom",)}  # noqa: E731
+    assert strip(smol) == strip(gemma)
+
+
+def test_compose_serves_gemma_beside_smollm2_and_gives_the_models_file_to_router_and_gateway():
+    strata = compose_strata_services()
+    gemma = compose_env(strata["inference-gemma"])
+    assert (gemma["STRATA_MODEL_PATH"], gemma["STRATA_MODEL_NAME"]) == ("/opt/strata/models/gemma-3-270m-q4_k_m.gguf",
+                                                                     "gemma-3-270m")
+    assert compose_env(strata["router"])["STRATA_MODELS_FILE"] == compose_env(strata["gateway"])["STRATA_MODELS_FILE"] \
+        == "/opt/strata/models.toml"
+    assert "COPY deploy/models.toml /opt/strata/models.toml" in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_gpu_overlay_puts_inference_on_a_gpu_node_with_the_cuda_image():

@@ -211,14 +211,15 @@ def secrets(tmp_path_factory) -> dict[str, Path]:
 
 def parsed_at_start(kind: str, secret_dir: Path) -> argparse.Namespace:
     """`strata serve <the container's args>` parsed in the rendered environment, as the container does (the
-    Secret's mount point mapped to `secret_dir`)."""
+    Secret's mount point mapped to `secret_dir`, the image's models file to deploy/models.toml, its source)."""
     from services.cli import build_parser
 
     docs = tls_docs()
     container, _ = strata_containers(docs)[kind]
     with pytest.MonkeyPatch.context() as m:
         for var, value in container_env(docs, container).items():
-            m.setenv(var, value.replace(TLS_DIR, str(secret_dir)))
+            m.setenv(var, value.replace(TLS_DIR, str(secret_dir)).replace("/opt/strata/models.toml",
+                                                                           str(DEPLOY / "models.toml")))
         return build_parser().parse_args(["serve", *container["args"]])
 
 

@@ -56,9 +56,13 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
-    up = Up(tmp_path / "run", "--replicas", "2")
+    """The default suite: SmolLM2-135M-Instruct (chat) and Gemma 3 270M pretrained (completions only), one
+    replica each (inference-0, inference-1)."""
+    up = Up(tmp_path / "run")
     try:
-        up.wait_ready(300)
+        up.wait_ready(420)
+        plan = json.loads((tmp_path / "run" / "models.yaml").read_text())
+        assert [(m["name"], m["replicas"]) for m in plan["models"]] == [("SmolLM2-135M-Instruct", 1), ("gemma-3-270m", 1)]
         text = "\n".join(up.lines)
         assert "API key (tenant 'local'): sk-strata-" in text
         run_env = dict(line.split("=", 1) for line in (tmp_path / "run" / "env").read_text().splitlines())
@@ -68,7 +72,7 @@ def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
         chat = up.strata("chat", "Name a colour.", "--max-tokens", "8", "--temperature", "0")
         assert chat.returncode == 0, chat.stdout + chat.stderr
         assert chat.stdout.strip(), chat.stderr
-        assert "model (inference-" in chat.stderr and " completion tokens]" in chat.stderr
+        assert "model SmolLM2-135M-Instruct (inference-0), default;" in chat.stderr and " completion tokens]" in chat.stderr
 
         again = up.strata("chat", "Name a colour.", "--max-tokens", "8", "--temperature", "0")
         assert again.returncode == 0 and again.stdout == chat.stdout
@@ -79,6 +83,15 @@ def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
         assert status.stdout.count("SERVING") == 3
         assert "inference-0" in status.stdout and "inference-1" in status.stdout
         assert "circuit closed" in status.stdout and "entries 1" in status.stdout
+        smol = next(line for line in status.stdout.splitlines() if "model SmolLM2-135M-Instruct" in line)
+        gemma = next(line for line in status.stdout.splitlines() if "model gemma-3-270m" in line)
+        assert "serving, 1/1 replicas, chat + completions" in smol and "$0.01/$0.02 per 1k" in smol, smol
+        assert "serving, 1/1 replicas, completions only" in gemma and "$0.02/$0.04 per 1k" in gemma, gemma
+        raw = up.strata("chat", "--raw", "--model", "gemma-3-270m", "The capital of France is", "--max-tokens", "4",
+                        "--temperature", "0")
+        assert raw.returncode == 0 and raw.stdout.strip() and "model gemma-3-270m" in raw.stderr, raw.stderr
+        refused = up.strata("chat", "--model", "gemma-3-270m", "Hi", "--max-tokens", "2")
+        assert refused.returncode != 0 and "INVALID_ARGUMENT" in refused.stderr and "no chat template" in refused.stderr
 
         # the first chat's trace: four processes, one trace, linked through gRPC metadata
         deadline = time.monotonic() + 10
@@ -118,7 +131,8 @@ def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
 
 
 def test_strata_up_fails_fast_with_the_log_tail_when_a_service_cannot_start(tmp_path):
-    up = Up(tmp_path / "run", "--redis-url", "redis://127.0.0.1:1/0", "--replicas", "1", "--dtype", "float64")
+    up = Up(tmp_path / "run", "--redis-url", "redis://127.0.0.1:1/0", "--models", "SmolLM2-135M-Instruct",
+            "--dtype", "float64")
     assert up.proc.wait(120) == 1
     time.sleep(0.2)
     text = "\n".join(up.lines)

@@ -16,6 +16,7 @@ from services.client import (
     CallTimeoutError,
     Chunk,
     InvalidRequestError,
+    NotFoundError,
     RateLimitedError,
     Result,
     RetryPolicy,
@@ -172,7 +173,8 @@ async def test_request_errors_are_typed_and_the_key_never_shows(stack, flavor):
         await generate(flavor, target, key, "Hi", model="SmolLM2-large", max_tokens=2)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "may not use model" in err.value.details
     _, error = await stream(flavor, target, key, "Hi", model="gpt-9", max_tokens=2)
-    assert isinstance(error, InvalidRequestError) and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(error, NotFoundError) and isinstance(error, InvalidRequestError)
+    assert error.code == grpc.StatusCode.NOT_FOUND
 
 
 @FLAVORS

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from services.common.models_file import DEFAULT_TIERS
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.usage import utc_day
 from tests.conftest import assert_all_blocks_free
@@ -64,7 +65,7 @@ int64_limits = mostly(st.sampled_from([0, 0, 1000, 10**9]),
                       st.one_of(st.integers(-2**63, 2**63 - 1), st.sampled_from([-1, 1, 3])))
 budgets = mostly(st.sampled_from([0.0, 5.0, 1e6]), st.one_of(st.floats(), st.sampled_from(
     [math.nan, math.inf, -math.inf, -0.0, -1.0, 5e-324, 1e-9, 1e308])))
-tiers = mostly(st.sampled_from(["", "free", "pro"]), st.one_of(texts, st.sampled_from(["t" * 64, "t" * 65, MARK])))
+tiers = mostly(st.sampled_from(["", "free", "premium", "pro"]), st.one_of(texts, st.sampled_from(["t" * 64, "t" * 65, MARK])))
 create_key_requests = st.builds(
     gateway_pb2.CreateKeyRequest, tenant=tenants, models=model_lists, budget_usd=budgets, tier=tiers,
     limits=st.builds(gateway_pb2.KeyLimits, requests_per_minute=int32_limits, tokens_per_minute=int64_limits,
@@ -118,7 +119,7 @@ def creatable(req: gateway_pb2.CreateKeyRequest) -> bool:
     lim = req.limits
     return (TENANT_RULE.fullmatch(req.tenant) is not None and set(req.models) <= {MODEL}
             and min(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests) >= 0
-            and math.isfinite(req.budget_usd) and req.budget_usd >= 0 and len(req.tier) <= 64)
+            and math.isfinite(req.budget_usd) and req.budget_usd >= 0 and req.tier in ("", *DEFAULT_TIERS))
 
 
 def room_for_two_requests(req: gateway_pb2.CreateKeyRequest) -> bool:

@@ -85,7 +85,7 @@ async def test_keys_are_required_checked_and_revocable(stack):
     assert (await gw.Generate(ask("Hi"), metadata=auth(resp.key))).usage.completion_tokens == 6
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.Generate(gateway_pb2.GatewayRequest(model="gpt-9", prompt="x"), metadata=auth(resp.key))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model 'gpt-9'" in err.value.details()
     await admin.RevokeKey(gateway_pb2.RevokeKeyRequest(key_id=resp.key_id), metadata=auth(ADMIN))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.Generate(ask("Hi"), metadata=auth(resp.key))
@@ -265,28 +265,28 @@ async def two_tiers(redis_url, make_engine, embedder):
 
 
 async def test_auto_picks_a_model_by_rules_and_the_keys_tier(two_tiers, redis_url):
-    from services.gateway.selection import AutoRule
+    from services.common.models_file import AutoRule
 
-    rules = (AutoRule("smol-exact", has_code=True), AutoRule("smol-exact", min_prompt_chars=300),
-             AutoRule("smol-exact", tiers=("pro",)))
+    rules = (AutoRule("smol-exact", "code", has_code=True), AutoRule("smol-exact", "long", min_prompt_chars=300),
+             AutoRule("smol-exact", "premium", tiers=("premium",)))
     _, gw, admin = await two_tiers.gateway(redis_url, two_tiers.router_address, "", models=two_tiers.prices,
                                            auto_rules=rules, auto_default="smol-fast")
     free = await new_key(admin, tier="free")
-    pro = await new_key(admin, tier="pro")
+    pro = await new_key(admin, tier="premium")
 
-    async def model_for(text: str, key: str) -> str:
+    async def model_for(text: str, key: str) -> tuple[str, str]:
         out = await gw.Generate(gateway_pb2.GatewayRequest(model="auto", prompt=text, sampling=common_pb2.SamplingParams(
             temperature=0.0, max_tokens=2)), metadata=auth(key))
-        return out.source.model
-    assert await model_for("Hello there", free) == "smol-fast"
-    assert await model_for("def add(a, b):\n    return a + b\n# explain", free) == "smol-exact"
-    assert await model_for("tell me more " * 30, free) == "smol-exact"
-    assert await model_for("Hello there", pro) == "smol-exact"
+        return out.source.model, out.source.route
+    assert await model_for("Hello there", free) == ("smol-fast", "auto:default")
+    assert await model_for("def add(a, b):\n    return a + b\n# explain", free) == ("smol-exact", "auto:code")
+    assert await model_for("tell me more " * 30, free) == ("smol-exact", "auto:long")
+    assert await model_for("Hello there", pro) == ("smol-exact", "auto:premium")
 
 
 @pytest.mark.parametrize("threshold, expected", [(0.0, "smol-exact"), (-1000.0, "smol-fast")])
 async def test_cascade_reasks_the_larger_model_when_the_answer_is_unsure(two_tiers, redis_url, threshold, expected):
-    from services.gateway.selection import Cascade
+    from services.common.models_file import Cascade
 
     _, gw, admin = await two_tiers.gateway(redis_url, two_tiers.router_address, "", models=two_tiers.prices,
                                            cascades={"smol-fast": Cascade("smol-exact", threshold)})
@@ -296,6 +296,7 @@ async def test_cascade_reasks_the_larger_model_when_the_answer_is_unsure(two_tie
                             metadata=auth(key))
     assert out.source.model == expected and out.usage.completion_tokens >= 1
     assert ("cascade:smol-fast->smol-exact" in out.flags) == (expected == "smol-exact")
+    assert out.source.route == ("cascade:smol-fast" if expected == "smol-exact" else "named")
     if expected == "smol-fast":
         assert out.HasField("mean_logprob") and out.mean_logprob < 0
 

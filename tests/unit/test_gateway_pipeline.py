@@ -4,51 +4,60 @@ request the adapter builds from what the pipeline asks is the caller's sampling 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import AsyncIterator
 
 import pytest
 
-from services.common.errors import ResourceExhaustedError, UnauthenticatedError
+from services.common.errors import (InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError,
+                                    UnauthenticatedError)
+from services.common.models_file import DEFAULT_TIERS, AutoRule, Cascade, Split
 from services.common.pb import common_pb2, inference_pb2
 from services.gateway.backends import Answer, CacheHit, CacheQuery, ModelChunk, ModelRequest
 from services.gateway.clients import model_request_to_pb
 from services.gateway.config import GatewayConfig, ModelPrice
+from services.gateway.directory import ModelDirectory, ReplicaView
 from services.gateway.keys import ApiKey
-from services.gateway.selection import Cascade
 from services.gateway.service import Gateway
 from services.gateway.translate import sampling_from_pb
 from services.gateway.types import (CachePolicy, Finish, FinishReason, Message, Request, Sampling, Source,
                                     SourceKind, Usage)
 
 KEY = "sk-strata-good"
+# the default tiers without their rate limits (no limit store here)
+TIERS = {n: replace(t, requests_per_minute=0, tokens_per_minute=0) for n, t in DEFAULT_TIERS.items()}
 
 
 class Keys:
     prefix, redis = "strata:gw:", None
 
-    def __init__(self) -> None:
-        self.lookups = 0
+    def __init__(self, tier: str = "") -> None:
+        self.lookups, self.tier = 0, tier
 
     async def authenticate(self, bearer: str) -> ApiKey:
         self.lookups += 1
         if bearer != KEY:
             raise UnauthenticatedError("invalid API key")
-        return ApiKey("0123456789ab", "acme")
+        return ApiKey("0123456789ab", "acme", tier=self.tier)
 
 
 class Ledger:
     def __init__(self) -> None:
         self.records: list[tuple] = []
 
+        self.spend: list[float] = []
+
     async def record(self, key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered=True) -> None:
         self.records.append((prompt_tokens, completion_tokens, cache_hit, answered))
+        self.spend.append(spend_usd)
 
 
 class InMemoryBackends:
     """A cache holding at most one answer, and a router answering every request with `words`."""
 
-    def __init__(self, words: list[str], logprob: float = -0.1, hit: CacheHit | None = None) -> None:
-        self.words, self.logprob, self.hit = words, logprob, hit
+    def __init__(self, words: list[str], logprob: float = -0.1, hit: CacheHit | None = None,
+                 answered_by: str = "") -> None:
+        self.words, self.logprob, self.hit, self.answered_by = words, logprob, hit, answered_by
         self.asked: list[ModelRequest] = []
         self.stored: list[tuple[CacheQuery, Answer]] = []
 
@@ -63,15 +72,27 @@ class InMemoryBackends:
         self.asked.append(request)
         for i, w in enumerate(self.words):
             last = i == len(self.words) - 1
-            finish = Finish(FinishReason.STOP, Usage(3, len(self.words)), Source(SourceKind.MODEL, request.model, "r-1"))
+            finish = Finish(FinishReason.STOP, Usage(3, len(self.words)),
+                            Source(SourceKind.MODEL, self.answered_by or request.model, "r-1"))
             lp = [self.logprob] if request.sampling.logprobs is not None else []
             yield ModelChunk(w, (i,), 3 if i == 0 else 0, lp, finish if last else None)
 
 
-def gateway(backends: InMemoryBackends, **config) -> tuple[Gateway, Ledger, Keys]:
-    usage, keys = Ledger(), Keys()
-    cfg = GatewayConfig(models={"small": ModelPrice(), "large": ModelPrice()}, **config)
-    return Gateway(cfg, keys, None, usage, backends), usage, keys
+def gateway(backends: InMemoryBackends, tier: str = "", directory: ModelDirectory | None = None,
+            **config) -> tuple[Gateway, Ledger, Keys]:
+    usage, keys = Ledger(), Keys(tier)
+    config.setdefault("models", {"small": ModelPrice(), "large": ModelPrice()})
+    config.setdefault("tiers", TIERS)
+    return Gateway(GatewayConfig(**config), keys, None, usage, backends, directory=directory), usage, keys
+
+
+async def directory(**load: tuple[bool, int]) -> ModelDirectory:
+    """The router's view: model -> (serves chat, requests queued), one healthy replica each."""
+    async def fetch() -> list[ReplicaView]:
+        return [ReplicaView(m, True, chat, waiting * 100, waiting, 1) for m, (chat, waiting) in load.items()]
+    d = ModelDirectory(fetch)
+    await d.refresh()
+    return d
 
 
 def ask(text: str = "Say hi", **kw) -> Request:
@@ -85,7 +106,7 @@ async def test_a_streamed_answer_ends_with_its_source_and_is_charged_and_stored(
     chunks = [c async for c in gw.stream(ask("Mail jane.doe@example.com"), KEY)]
     assert "".join(c.text for c in chunks) == "Hello there" and [c.finish is None for c in chunks] == [True, False]
     last = chunks[-1].finish
-    assert last.source == Source(SourceKind.MODEL, "small", "r-1") and last.flags == ("pii:EMAIL",)
+    assert last.source == Source(SourceKind.MODEL, "small", "r-1", route="named") and last.flags == ("pii:EMAIL",)
     assert usage.records == [(3, 2, False, True)]
     query, answer = down.stored[0]
     assert query.messages == (Message("user", "Mail [EMAIL]"),) and answer.text == "Hello there"
@@ -110,7 +131,8 @@ async def test_a_cache_hit_is_replayed_in_word_chunks_and_costs_no_model_tokens(
     gw, usage, _ = gateway(down, replay_chunk_words=4)
     chunks = [c async for c in gw.stream(ask(), KEY)]
     assert [c.text for c in chunks] == ["one two three four ", "five six"] and not down.asked
-    assert chunks[-1].finish == Finish(FinishReason.STOP, Usage(), Source(SourceKind.CACHE_SEMANTIC, "small", entry_id="e-1"))
+    assert chunks[-1].finish == Finish(FinishReason.STOP, Usage(), Source(SourceKind.CACHE_SEMANTIC, "small", entry_id="e-1",
+                                                                         route="named"))
     assert usage.records == [(0, 0, True, True)]
     bypass = await gw.generate(ask(cache_policy=CachePolicy.BYPASS), KEY)
     assert bypass.finish.source.kind is SourceKind.MODEL and not down.stored
@@ -135,3 +157,61 @@ async def test_past_max_in_flight_a_request_is_refused_before_its_key_is_looked_
     assert keys.lookups == 1
     await first.aclose()
     assert gw.in_flight == 0
+
+
+async def test_the_model_is_resolved_by_name_default_auto_or_split_and_an_unknown_name_is_not_found():
+    """"large" serves completions only (no chat template): chat never goes there unless named, which is refused."""
+    d = await directory(small=(True, 0), large=(False, 0))
+    cfg = dict(models={"large": ModelPrice(), "small": ModelPrice()}, auto_rules=(AutoRule("large", "long", min_prompt_chars=20),),
+               splits={"ab": Split({"large": 1.0, "small": 1.0}, sticky="key")})
+    gw, _, _ = gateway(InMemoryBackends(["x"]), directory=d, **cfg)
+    prompt = lambda model: Request(model=model, prompt="a long enough prompt to match", sampling=Sampling(max_tokens=2))  # noqa: E731
+    assert (await gw.generate(prompt(""), KEY)).finish.source.route == "default"
+    assert (await gw.generate(prompt(""), KEY)).finish.source.model == "large"          # the first model
+    assert (await gw.generate(ask(model=""), KEY)).finish.source.model == "small"       # the first able to chat
+    auto = (await gw.generate(prompt("auto"), KEY)).finish.source
+    assert (auto.model, auto.route) == ("large", "auto:long")
+    auto = (await gw.generate(ask("a long enough chat message to match", model="auto"), KEY)).finish.source
+    assert (auto.model, auto.route) == ("small", "auto:default")                        # the rule's model cannot chat
+    split = {(await gw.generate(prompt("ab"), KEY)).finish.source.model for _ in range(8)}
+    assert len(split) == 1                                                              # sticky per key
+    assert {(await gw.generate(ask(model="ab"), KEY)).finish.source.route for _ in range(4)} == {"split:ab"}
+    with pytest.raises(InvalidArgumentError, match="no chat template"):
+        await gw.generate(ask(model="large"), KEY)
+    with pytest.raises(NotFoundError, match="unknown model 'gpt-9'"):
+        await gw.generate(ask(model="gpt-9"), KEY)
+
+
+async def test_the_tier_caps_the_priority_and_the_models_a_key_may_use():
+    down = InMemoryBackends(["x"])
+    gw, _, _ = gateway(down, tier="free", model_tiers={"large": ("premium",)})
+    await gw.generate(ask(priority=-5), KEY)
+    await gw.generate(ask(priority=20), KEY)
+    assert [r.priority for r in down.asked] == [10, 20]                 # free: nothing sooner than 10
+    with pytest.raises(PermissionDeniedError, match="not open to the 'free' tier"):
+        await gw.generate(ask(model="large"), KEY)
+    premium, _, _ = gateway(down, tier="premium", model_tiers={"large": ("premium",)})
+    await premium.generate(ask(model="large", priority=-5), KEY)
+    assert down.asked[-1].priority == -5 and down.asked[-1].model == "large"
+
+
+async def test_an_overloaded_model_refuses_the_lowest_tiers_first_with_retry_after():
+    d = await directory(small=(True, 8), large=(True, 40))     # queued: 8 on small, 40 on large
+    for tier, refused in (("free", {"small", "large"}), ("standard", {"large"}), ("premium", set())):
+        gw, _, _ = gateway(InMemoryBackends(["x"]), tier=tier, directory=d)
+        for model in ("small", "large"):
+            if model in refused:
+                with pytest.raises(ResourceExhaustedError, match="overloaded") as err:
+                    await gw.generate(ask(model=model), KEY)
+                assert err.value.retry_after_s == 1.0
+            else:
+                assert (await gw.generate(ask(model=model), KEY)).text == "x"
+        assert gw.metrics.shed.labels(tier, "large")._value.get() == (1 if "large" in refused else 0)
+
+
+async def test_an_answer_is_charged_at_the_price_of_the_model_that_gave_it():
+    prices = {"small": ModelPrice(1.0, 1.0), "large": ModelPrice(10.0, 10.0)}
+    gw, usage, _ = gateway(InMemoryBackends(["a", "b"], answered_by="large"), models=prices)
+    out = await gw.generate(ask(), KEY)                          # the router fell back to "large"
+    assert out.finish.source.route == "named fallback:large"
+    assert usage.spend == [pytest.approx((3 + 2) * 10.0 / 1000)]

@@ -147,6 +147,32 @@ def test_waiting_requests_are_admitted_by_priority_then_arrival():
     assert admitted == ["high_first", "high_second", "mid", "low"]
 
 
+def test_a_more_urgent_request_takes_the_place_of_the_least_urgent_one_in_a_full_batch():
+    sched = make_scheduler(max_num_seqs=2)
+    add(sched, make_request("free-a", priority=10), make_request("free-b", priority=10))
+    step(sched)
+    add(sched, make_request("equal", priority=10))
+    step(sched)                                        # equal priority: no one is displaced
+    assert ids(sched.running) == ["free-a", "free-b"] and ids(sched.waiting) == ["equal"]
+    add(sched, make_request("premium", priority=-10))
+    out = step(sched)
+    assert ids(out.preempted) == ["free-b"]            # the least urgent, latest running request
+    assert ids(sched.running) == ["free-a", "premium"] and chunks(out) == [("premium", 0, 4, True)]
+    assert ids(sched.waiting) == ["free-b", "equal"]   # recomputed later, before the later arrival
+    assert_block_accounting_is_consistent(sched)
+
+
+def test_a_request_more_urgent_than_every_running_one_gets_a_step_to_itself():
+    sched = make_scheduler(max_num_seqs=8)
+    add(sched, make_request("free-a", priority=10), make_request("free-b", priority=10))
+    step(sched)
+    add(sched, make_request("standard", 8, priority=0), make_request("free-c", priority=10))
+    assert chunks(step(sched)) == [("standard", 0, 8, True)]          # the batch waits this one step
+    assert [c[0] for c in chunks(step(sched))] == ["standard", "free-a", "free-b", "free-c"]
+    add(sched, make_request("equal", priority=0))                       # not more urgent than "standard"
+    assert "free-a" in [c[0] for c in chunks(step(sched))]
+
+
 def test_admitted_request_is_running_and_remembers_its_prefix_hit():
     sched = make_scheduler(block_size=4)
     prompt = list(range(10))

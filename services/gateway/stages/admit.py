@@ -1,5 +1,7 @@
-"""The admit stage: API key → validation (`auto` resolved) → guardrails → budget → limits reserved
-(estimated prompt + max_tokens). What it returns is all a later stage may use of the request."""
+"""The admit stage: API key → validation (the model resolved: named, `auto` or a split; its tier and
+capability checked; the priority capped by the tier) → shedding (the model's load against the tier's
+thresholds: before the screens, so that a refusal under load costs little) → guardrails → budget → limits reserved (estimated prompt + max_tokens; the key's limits, else its
+tier's). What it returns is all a later stage may use of the request."""
 
 from __future__ import annotations
 
@@ -10,13 +12,16 @@ from dataclasses import dataclass
 from opentelemetry import trace
 
 from services.common import telemetry
-from services.common.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError, UnavailableError
+from services.common.errors import (InvalidArgumentError, NotFoundError, PermissionDeniedError, ResourceExhaustedError,
+                                    UnavailableError)
+from services.common.models_file import TierSpec
 from services.common.metrics import GatewayMetrics
 from services.gateway.config import GatewayConfig
+from services.gateway.directory import ModelDirectory
 from services.gateway.errors import REDIS_ERRORS
 from services.gateway.keys import ApiKey
 from services.gateway.limits import Limits, RateLimiter, Reservation
-from services.gateway.selection import select_model
+from services.gateway.selection import select_model, sticky_pick
 from services.gateway.stages.auth import Authenticator
 from services.gateway.stages.guard import Guard
 from services.gateway.types import Request
@@ -24,6 +29,13 @@ from services.gateway.usage import UsageStore
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
+SHED_RETRY_AFTER_S = 1.0
+
+
+class ShedError(ResourceExhaustedError):
+    """The model is overloaded and the key's tier is among those refused first."""
+
+    limit = "shed"
 
 
 @dataclass(slots=True)
@@ -35,44 +47,76 @@ class Admission:
     key: ApiKey
     model: str                        # resolved: a configured model the key may use
     max_tokens: int                   # resolved: the request's, or the default
+    route: str                        # how the model was chosen: named, default, auto:<rule>, split:<name>
+    tier: str                         # the key's tier as configured (the default tier for none)
+    priority: int                     # the request's, raised to its tier's floor
     flags: tuple[str, ...]            # guardrail findings
     reservation: Reservation | None   # None: the key has no limits, or the limit store was away (fail-open)
 
 
 class Admit:
     def __init__(self, config: GatewayConfig, auth: Authenticator, guard: Guard, limiter: RateLimiter,
-                 usage: UsageStore, tracer: trace.Tracer, metrics: GatewayMetrics) -> None:
+                 usage: UsageStore, tracer: trace.Tracer, metrics: GatewayMetrics,
+                 directory: ModelDirectory | None = None) -> None:
         self.config, self.auth, self.guard, self.limiter, self.usage = config, auth, guard, limiter, usage
-        self.tracer, self.metrics = tracer, metrics
+        self.tracer, self.metrics, self.directory = tracer, metrics, directory
 
     async def __call__(self, request: Request, bearer: str, client: str) -> Admission:
         with telemetry.child_span(self.tracer, "auth") as span:
             key = await self.auth.authenticate(bearer, client)
             span.set_attribute("strata.key_id", key.key_id)
+        tier = self.config.tier(key.tier)
         with telemetry.child_span(self.tracer, "guardrails") as span:
-            model, max_tokens = self._validate(request, key)
+            model, route, max_tokens = self._validate(request, key, tier)
+            priority = max(request.priority, tier.priority_floor)
+            self._shed(model, tier, span)         # before the screens: a refusal under load costs little
             request, flags = await self.guard(request)
-            span.set_attributes({"strata.model": model, "strata.flags": flags})
+            span.set_attributes({"strata.model": model, "strata.route": route, "strata.tier": tier.name,
+                                 "strata.priority": priority, "strata.flags": flags})
             for f in flags:
                 self.metrics.guardrails.labels(f).inc()
+        self.metrics.routed.labels(model, route.split(":")[0]).inc()
         with telemetry.child_span(self.tracer, "limits") as span:
             await self._check_budget(key)
             tokens = request.num_chars // 4 + 1 + max_tokens      # estimated prompt tokens + max_tokens
             span.set_attribute("strata.reserved_tokens", tokens)
-            reservation = await self._reserve(key, tokens)
-        return Admission(uuid.uuid4().hex, request, key, model, max_tokens, tuple(flags), reservation)
+            reservation = await self._reserve(key, tier, tokens)
+        return Admission(uuid.uuid4().hex, request, key, model, max_tokens, route, tier.name, priority, tuple(flags),
+                         reservation)
 
-    def _validate(self, request: Request, key: ApiKey) -> tuple[str, int]:
-        model = request.model or self.config.first_model
+    def able(self, model: str, chat: bool) -> bool:
+        """Whether `model` can take the request as far as the gateway knows (unknown: yes)."""
+        return not chat or self.directory is None or self.directory.serves_chat(model) is not False
+
+    def _validate(self, request: Request, key: ApiKey, tier: TierSpec) -> tuple[str, str, int]:
+        """(the model, how it was chosen, max_tokens)."""
+        chat = request.messages is not None
+        usable = lambda m: key.allows(m) and self.config.tier_allows(tier.name, m) and self.able(m, chat)  # noqa: E731
+        model, route = request.model, "named"
+        if not model:                         # the first configured model able to take the request
+            model, route = next((m for m in self.config.models if usable(m)), self.config.first_model), "default"
         if model == "auto":
-            model = select_model(self.config.auto_rules, self.config.auto_default or self.config.first_model,
-                                 request.text(), key.tier)
+            default = self.config.auto_default or self.config.first_model
+            if not usable(default):           # the default unable (a chat request to a completions model): the first able
+                default = next((m for m in self.config.models if usable(m)), default)
+            model, rule = select_model(self.config.auto_rules, default, request.text(), tier.name, usable)
+            route = f"auto:{rule}"
+        elif model in self.config.splits:
+            split = self.config.splits[model]
+            weights = {m: w for m, w in split.weights.items() if usable(m) and w > 0} or split.weights
+            sticky = {"key": key.key_id, "conversation": _conversation(request)}.get(split.sticky, "")
+            model, route = sticky_pick(weights, sticky), f"split:{model}"
         if model not in self.config.models:
-            raise InvalidArgumentError(f"unknown model {model!r}; ListModels lists the served models")
+            raise NotFoundError(f"unknown model {model!r}; ListModels lists the served models")
         if not key.allows(model):
             raise PermissionDeniedError(f"this API key may not use model {model!r}")
+        if not self.config.tier_allows(tier.name, model):
+            raise PermissionDeniedError(f"model {model!r} is not open to the {tier.name!r} tier")
         if not (request.prompt or request.messages):
             raise InvalidArgumentError("a prompt or at least one message is required")
+        if not self.able(model, chat):
+            raise InvalidArgumentError(f"model {model!r} has no chat template: it serves completions only "
+                                       "(send a prompt, not messages)")
         if request.num_chars > self.config.max_prompt_chars:
             raise InvalidArgumentError(f"the prompt is longer than {self.config.max_prompt_chars} characters")
         for m in request.messages or ():
@@ -83,7 +127,17 @@ class Admit:
             max_tokens = self.config.default_max_tokens
         if not 1 <= max_tokens <= self.config.max_tokens_limit:
             raise InvalidArgumentError(f"max_tokens must be in [1, {self.config.max_tokens_limit}]")
-        return model, max_tokens
+        return model, route, max_tokens
+
+    def _shed(self, model: str, tier: TierSpec, span) -> None:
+        """RESOURCE_EXHAUSTED with retry-after when the model's load passes the tier's thresholds."""
+        state = self.directory.get(model) if self.directory is not None else None
+        if state is None or not tier.sheds(state.waiting, state.pending_tokens):
+            return
+        span.set_attribute("strata.shed", True)
+        self.metrics.shed.labels(tier.name, model).inc()
+        raise ShedError(f"model {model!r} is overloaded ({state.waiting} requests queued, {state.pending_tokens} tokens "
+                        f"pending): {tier.name!r}-tier requests are refused until it drains", retry_after_s=SHED_RETRY_AFTER_S)
 
     async def _check_budget(self, key: ApiKey) -> None:
         if key.budget_usd <= 0:
@@ -97,14 +151,26 @@ class Admit:
         if spent >= key.budget_usd:
             raise ResourceExhaustedError(f"the key's budget of ${key.budget_usd:.2f} is spent (${spent:.4f})")
 
-    async def _reserve(self, key: ApiKey, tokens: int) -> Reservation | None:
-        if key.limits == Limits():
+    async def _reserve(self, key: ApiKey, tier: TierSpec, tokens: int) -> Reservation | None:
+        own = key.limits                      # a key's own non-zero limits win over its tier's
+        limits = Limits(own.requests_per_minute or tier.requests_per_minute, own.tokens_per_minute or tier.tokens_per_minute,
+                        own.tokens_per_day or tier.tokens_per_day, own.concurrent_requests or tier.concurrent_requests)
+        if limits == Limits():
             return None
         try:
-            return await self.limiter.reserve(key.key_id, key.limits, tokens)
+            return await self.limiter.reserve(key.key_id, limits, tokens)
         except REDIS_ERRORS:
             if self.config.limits_fail_open:
                 log.warning("limit store unreachable: admitting without limits (fail-open)")
                 return None
             raise UnavailableError("cannot check rate limits right now (limit store unreachable)") from None
 
+
+
+def _conversation(request: Request) -> str:
+    """A conversation's sticky key: its first user message (a shared system prompt says nothing of which
+    conversation it is), else its first message; a prompt's first 256 characters."""
+    if request.messages:
+        first = next((m for m in request.messages if m.role == "user"), request.messages[0])
+        return f"{first.role}\n{first.content}"
+    return request.prompt[:256]

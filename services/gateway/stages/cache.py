@@ -47,7 +47,7 @@ class CacheStage:
         for piece in pieces[:-1]:
             yield Chunk(a.request_id, piece, ())
         finish = Finish(hit.finish_reason or FinishReason.STOP, Usage(),      # no model tokens were spent
-                        Source(hit.kind, a.model, entry_id=hit.entry_id), a.flags)
+                        Source(hit.kind, a.model, entry_id=hit.entry_id, route=a.route), a.flags)
         yield Chunk(a.request_id, pieces[-1], hit.token_ids, finish)
 
     async def store(self, a: Admission, answer: Answer) -> None:

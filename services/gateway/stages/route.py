@@ -58,9 +58,10 @@ class Route:
         if a.model in self.cascades and logprobs is None:
             logprobs = 0                          # the chosen tokens' log-probabilities, for the cascade
         request = ModelRequest(a.request_id, a.model, a.request.prompt, a.request.messages,
-                               replace(sampling, max_tokens=a.max_tokens, logprobs=logprobs), a.request.priority)
+                               replace(sampling, max_tokens=a.max_tokens, logprobs=logprobs), a.priority)
         route = telemetry.child_span(self.tracer, "router.generate", kind=SpanKind.CLIENT,
-                                     attributes={"strata.model": a.model, "strata.request_id": a.request_id})
+                                     attributes={"strata.model": a.model, "strata.route": a.route,
+                                                 "strata.request_id": a.request_id})
         with route as span:
             async for c in self.backends.generate(request, timeout_s):
                 gen.prompt_tokens = gen.prompt_tokens or c.prompt_tokens
@@ -74,7 +75,8 @@ class Route:
                 if finish is not None:
                     gen.finish = finish
                     gen.prompt_tokens = finish.usage.prompt_tokens
-                    finish = replace(finish, flags=a.flags, mean_logprob=gen.mean_logprob)
+                    finish = replace(finish, flags=a.flags, mean_logprob=gen.mean_logprob,
+                                     source=replace(finish.source, route=route_of(a, finish.source.model)))
                 if not self.redact_responses:
                     yield Chunk(a.request_id, c.text, c.token_ids, finish)
             if gen.finish is not None:
@@ -83,4 +85,10 @@ class Route:
         if self.redact_responses:
             red = redact("".join(gen.text))
             flags = a.flags + tuple(f"pii_out:{k}" for k in red.found)
-            yield Chunk(a.request_id, red.text, gen.token_ids, replace(final, flags=flags, mean_logprob=gen.mean_logprob))
+            yield Chunk(a.request_id, red.text, gen.token_ids, replace(final, flags=flags, mean_logprob=gen.mean_logprob,
+                        source=replace(final.source, route=route_of(a, final.source.model))))
+
+
+def route_of(a: Admission, answered_by: str) -> str:
+    """How the answering model was chosen: the admission's route, and the router's fallback when it answered."""
+    return a.route if not answered_by or answered_by == a.model else f"{a.route} fallback:{answered_by}"

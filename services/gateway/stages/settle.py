@@ -27,11 +27,13 @@ class Settle:
         self._background: set[asyncio.Task] = set()
 
     async def charge(self, a: Admission, prompt_tokens: int, completion_tokens: int, cache_hit: bool = False,
-                     count: bool = True) -> None:
+                     count: bool = True, answered_by: str = "") -> None:
         """Record the usage and end the reservation; `count` False for a request that failed or was cut
-        short (its tokens are charged, it is not counted among the requests)."""
+        short (its tokens are charged, it is not counted among the requests). Charged at the price of the
+        model that answered (`answered_by`: a router fallback's), else of the admitted one."""
         if count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
-            cost = self.config.models[a.model].cost(prompt_tokens, completion_tokens)
+            price = self.config.models.get(answered_by) or self.config.models[a.model]
+            cost = price.cost(prompt_tokens, completion_tokens)
             await self.usage.record(a.key.key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count)
         r = a.reservation
         if r is not None:

@@ -3,7 +3,12 @@
 Each step has one token budget shared by running requests (decodes, unfinished prompt chunks)
 and waiting ones (chunked prefill), `max_num_seqs` running at most. Waiting requests are taken by
 (priority, arrival). When KV blocks run out, the lowest-priority, latest running request is
-preempted: its blocks are freed and it is recomputed later (its full blocks may still be cached).
+preempted: its blocks are freed and it is recomputed later (its full blocks may still be cached). When
+the batch is full (`max_num_seqs` running) and a waiting request has a strictly more urgent priority than
+the least urgent running one, that one is preempted the same way to make room (vLLM's priority policy):
+the gateway caps the priority a key's tier may ask for, so only a higher tier can do this to a lower one.
+A waiting request strictly more urgent than every running one is scheduled in a step of its own (its first
+prompt chunk, with any waiting request as urgent), so that its first token does not wait on the batch.
 """
 
 from __future__ import annotations
@@ -79,9 +84,21 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=lambda r: r.sort_key)
 
+        # a full batch: more urgent waiting requests take the places of the least urgent running ones
+        while (self.waiting and len(self.running) >= self.config.max_num_seqs
+               and self.waiting[0].priority < self.running[-1].priority):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+        by_priority = len(out.preempted)
+        # a waiting request more urgent than every running one gets a step to itself (with any others that
+        # urgent): its first token does not wait on the running batch's work, which waits one step instead
+        floor = self.running[0].priority if self.running else None
+        urgent = bool(self.waiting and floor is not None and self.waiting[0].priority < floor)
+
         # running requests: decodes (with their proposals, if any) and unfinished prompt chunks
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and not urgent:
             req = self.running[i]
             pending = req.num_tokens - req.num_computed_tokens
             if pending != 1:
@@ -99,9 +116,12 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # waiting requests (none while this step had to preempt)
-        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+        # waiting requests (none while this step had to preempt for KV blocks)
+        while self.waiting and budget > 0 and len(out.preempted) == by_priority \
+                and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if urgent and req.priority >= floor:
+                break
             computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_hit = len(computed) * self.kv.block_size
             num_new = min(req.num_tokens - req.num_computed_tokens - num_hit, budget)

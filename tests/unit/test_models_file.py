@@ -1,0 +1,73 @@
+"""The models file (services/common/models_file.py): deploy/models.toml is the suite `strata up` serves by
+default, a file reads the same as TOML or YAML and round-trips through what `up` writes, and every mistake is
+refused with where and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common import models_file
+from services.common.models_file import DEFAULT_TIERS, ModelsFileError, parse
+from services.up import DEFAULT_SUITE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_deploy_models_toml_is_the_default_suite():
+    mf = models_file.load(ROOT / "deploy" / "models.toml")
+    assert mf.models == DEFAULT_SUITE and dict(mf.tiers) == dict(DEFAULT_TIERS) and mf.default_tier == "standard"
+
+
+def test_toml_and_yaml_read_alike_and_what_up_writes_reads_back(tmp_path):
+    toml = tmp_path / "m.toml"
+    toml.write_text('[[models]]\nname = "a"\nusd_per_1k_prompt_tokens = 0.5\nfallbacks = ["b"]\n'
+                    '[[models]]\nname = "b"\nreplicas = 2\ntiers = ["premium"]\n'
+                    '[[auto]]\nname = "code"\nmodel = "b"\nhas_code = true\n'
+                    '[cascades.a]\nto = "b"\nmin_mean_logprob = -2\n'
+                    '[splits.ab]\nweights = { a = 3, b = 1 }\nsticky = "conversation"\n')
+    yaml = tmp_path / "m.yaml"
+    yaml.write_text("models:\n  - {name: a, usd_per_1k_prompt_tokens: 0.5, fallbacks: [b]}\n"
+                    "  - {name: b, replicas: 2, tiers: [premium]}\n"
+                    "auto: [{name: code, model: b, has_code: true}]\n"
+                    "cascades: {a: {to: b, min_mean_logprob: -2}}\n"
+                    "splits: {ab: {weights: {a: 3, b: 1}, sticky: conversation}}\n")
+    a, b = models_file.load(toml), models_file.load(yaml)
+    assert a == b and a.model("b").replicas == 2 and a.model("b").allows("premium") and not a.model("b").allows("free")
+    assert a.cascades["a"].to == "b" and a.splits["ab"].weights == {"a": 3.0, "b": 1.0} and a.auto[0].has_code is True
+    models_file.dump(a, tmp_path / "written.yaml")
+    assert models_file.load(tmp_path / "written.yaml") == a
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({}, "names no model"),
+    ({"models": [{"name": "a", "price": 1}]}, "unknown field(s) price"),
+    ({"models": [{"name": "a"}], "extra": 1}, "unknown top-level key(s): extra"),
+    ({"models": [{"name": "a"}, {"name": "a"}]}, "named twice"),
+    ({"models": [{"name": "a", "fallbacks": ["a"]}]}, "falls back to itself"),
+    ({"models": [{"name": "a", "fallbacks": ["zz"]}]}, "fallbacks: unknown 'zz'"),
+    ({"models": [{"name": "a", "tiers": ["gold"]}]}, "tiers: unknown 'gold'"),
+    ({"models": [{"name": "a", "replicas": 1.5}]}, "replicas: expected a whole number"),
+    ({"models": [{"name": "a", "usd_per_1k_prompt_tokens": -1}]}, "prices must be finite and >= 0"),
+    ({"models": [{"name": "a"}], "default_tier": "gold"}, "default_tier 'gold'"),
+    ({"models": [{"name": "a"}], "tiers": {"free": {"shed_waiting": -1}}, "default_tier": "free"}, "must be >= 0"),
+    ({"models": [{"name": "a"}], "auto": [{"model": "zz"}]}, "auto rule 'zz': unknown 'zz'"),
+    ({"models": [{"name": "a"}], "cascades": {"a": {"to": "a"}}}, "re-asks itself"),
+    ({"models": [{"name": "a"}], "splits": {"s": {"weights": {"a": 0}}}}, "positive sum"),
+    ({"models": [{"name": "a"}], "splits": {"s": {"weights": {"a": 1}, "sticky": "ip"}}}, "sticky must be one of"),
+    ({"models": [{"name": "auto"}]}, "taken by 'auto'"),
+])
+def test_mistakes_are_refused_saying_where_and_why(raw, message):
+    with pytest.raises(ModelsFileError) as err:
+        parse(raw)
+    assert message in str(err.value)
+
+
+def test_a_file_that_does_not_parse_names_itself(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[models]\nname = ")
+    with pytest.raises(ModelsFileError, match="bad.toml: TOMLDecodeError"):
+        models_file.load(bad)
+    with pytest.raises(ModelsFileError, match="cannot read the models file"):
+        models_file.load(tmp_path / "missing.toml")
