@@ -72,8 +72,9 @@ class Cluster:
     def __init__(self, run_dir: Path, max_queued: int, gateway_max_in_flight: int, circuit_cooldown_s: float) -> None:
         os.environ.setdefault("STRATA_KEY_PEPPER", PEPPER)
         os.environ.setdefault("STRATA_ADMIN_TOKEN", ADMIN)
-        a = argparse.Namespace(replicas=2, redis_url="", host="127.0.0.1", free_ports=True, run_dir=run_dir,
-                               startup_timeout=600.0, quiet=True, dtype=None)
+        a = argparse.Namespace(models_file=None, models="SmolLM2-135M-Instruct", replicas=2, redis_url="",
+                               host="127.0.0.1", free_ports=True, run_dir=run_dir, startup_timeout=600.0, quiet=True,
+                               dtype=None)
         self.suite = Suite(a)
         self.admin_token = self.suite.env["STRATA_ADMIN_TOKEN"]
         for c in self.suite.children:

@@ -164,11 +164,20 @@ class StrataSuite:
 
         from services.up import Suite
 
+        from services.common import models_file
+        from services.common.models_file import ModelSpec, ModelsFile
+        from services.inference.config import DEFAULT_MODEL_NAME
+
         self.run_dir = Path(tempfile.mkdtemp(prefix="strata-bench-suite-")) / "run"
         os.environ.setdefault("STRATA_KEY_PEPPER", "bench-serving-pepper-0123456789abcdef")
         os.environ.setdefault("STRATA_ADMIN_TOKEN", "bench-serving-admin-token")
-        a = argparse.Namespace(replicas=1, redis_url="", host="127.0.0.1", free_ports=True, run_dir=self.run_dir,
-                               startup_timeout=start_timeout_s, quiet=True, dtype=dtype)
+        # one model: the benchmark's (STRATA_MODEL_PATH, else the default), named as a replica names it
+        path = os.environ.get("STRATA_MODEL_PATH", "")
+        suite_file = self.run_dir.parent / "models.yaml"
+        models_file.dump(ModelsFile((ModelSpec(Path(path).stem if path else DEFAULT_MODEL_NAME, path),)), suite_file)
+        a = argparse.Namespace(models_file=suite_file, models="", replicas=None, redis_url="", host="127.0.0.1",
+                               free_ports=True, run_dir=self.run_dir, startup_timeout=start_timeout_s, quiet=True,
+                               dtype=dtype)
         self.suite = Suite(a)
         for c in self.suite.children:
             if c.kind == "inference":
@@ -199,8 +208,8 @@ class StrataSuite:
         admin = (("authorization", f"Bearer {self.suite.env['STRATA_ADMIN_TOKEN']}"),)
         async with grpc.aio.insecure_channel(self.address) as ch:
             stub = gateway_pb2_grpc.GatewayAdminStub(ch)
-            self.key = (await stub.CreateKey(gateway_pb2.CreateKeyRequest(tenant="bench-serving"), metadata=admin,
-                                             timeout=10)).key      # no limits, no budget
+            self.key = (await stub.CreateKey(gateway_pb2.CreateKeyRequest(tenant="bench-serving", tier="premium"),
+                                             metadata=admin, timeout=10)).key   # no limits, no budget, never shed
             models = await stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=admin, timeout=10)
             self.model = models.models[0].name
 

@@ -164,7 +164,12 @@ def suite_models(a: argparse.Namespace) -> tuple[ModelsFile, dict[str, Path]]:
             specs = list(mf.models)
         else:
             mf = None
-            specs = [m for m in DEFAULT_SUITE if resolve_file(m) is not None or m is DEFAULT_SUITE[0]]
+            specs = list(DEFAULT_SUITE)
+            if not picked:                    # the default suite: what is installed of it (the first always)
+                missing = [m.name for m in specs[1:] if resolve_file(m) is None]
+                if missing:
+                    print(f">> not installed, not served: {', '.join(missing)} (`make install` installs them)", flush=True)
+                specs = [m for m in specs if m.name not in missing]
     except models_file.ModelsFileError as exc:
         raise SystemExit(f"--models-file: {exc}") from None
     if picked:

@@ -15,8 +15,8 @@ router's `--models-file` read the same file; deploy/models.toml is the suite's d
     [tiers.free]
     priority_floor = 10                   # the soonest priority its requests may ask for (lower asks are raised)
     requests_per_minute = 60              # limits for its keys (a key's own non-zero limits win)
-    shed_waiting = 4                      # refused while the model has this many requests queued (0 = never)
-    shed_pending_tokens = 0               # ... or this many pending tokens (0 = never)
+    shed_waiting = 4                      # refused while the model has this many requests queued per replica
+    shed_pending_tokens = 0               # ... or this many pending tokens per replica (0 = never, both)
 
     default_tier = "standard"             # a key created without a tier
 
@@ -80,10 +80,10 @@ class TierSpec:
     tokens_per_minute: int = 0
     tokens_per_day: int = 0
     concurrent_requests: int = 0
-    shed_waiting: int = 0                 # refused while the model has this many requests queued (0 = never)
-    shed_pending_tokens: int = 0          # refused while the model has this many tokens pending (0 = never)
+    shed_waiting: int = 0                 # refused while the model has this many requests queued per healthy
+    shed_pending_tokens: int = 0          # replica, or this many tokens pending per replica (0 = never)
 
-    def sheds(self, waiting: int, pending_tokens: int) -> bool:
+    def sheds(self, waiting: float, pending_tokens: float) -> bool:
         return bool((self.shed_waiting and waiting >= self.shed_waiting)
                     or (self.shed_pending_tokens and pending_tokens >= self.shed_pending_tokens))
 

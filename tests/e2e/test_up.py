@@ -150,7 +150,7 @@ def test_a_restarted_service_appends_to_its_log_and_the_supervisor_keeps_one_fil
     add_args(parser)
     suite = Suite(parser.parse_args(["--free-ports", "--quiet", "--redis-url", "redis://127.0.0.1:1/0",
                                      "--run-dir", str(tmp_path / "run")]))
-    suite.run_dir.mkdir(parents=True)
+    suite.run_dir.mkdir(parents=True, exist_ok=True)
     router = next(c for c in suite.children if c.kind == "router")
     router.args = ["sh", "-c", "echo started $$; exec sleep 60"]
     log = suite.run_dir / "router.log"

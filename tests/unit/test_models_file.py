@@ -71,3 +71,31 @@ def test_a_file_that_does_not_parse_names_itself(tmp_path):
         models_file.load(bad)
     with pytest.raises(ModelsFileError, match="cannot read the models file"):
         models_file.load(tmp_path / "missing.toml")
+
+
+def suite(*argv: str):
+    import argparse
+
+    from services.up import add_args, suite_models
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    return suite_models(parser.parse_args(list(argv)))
+
+
+def test_up_serves_the_installed_default_suite_and_narrows_it_by_name():
+    mf, files = suite()
+    assert [(m.name, m.replicas) for m in mf.models] == [("SmolLM2-135M-Instruct", 1), ("gemma-3-270m", 1)]
+    assert files["gemma-3-270m"].name == "gemma-3-270m-q4_k_m.gguf" and files["SmolLM2-135M-Instruct"].is_file()
+    mf, files = suite("--models", "SmolLM2-135M-Instruct", "--replicas", "2")
+    assert [(m.name, m.replicas, m.fallbacks) for m in mf.models] == [("SmolLM2-135M-Instruct", 2, ())]   # no unserved fallback
+    with pytest.raises(SystemExit, match="--models: nope not in the suite"):
+        suite("--models", "nope")
+    with pytest.raises(SystemExit, match="--replicas must be >= 1"):
+        suite("--replicas", "0")
+
+
+def test_up_refuses_a_models_file_whose_model_is_not_installed(tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text('[[models]]\nname = "x"\nfile = "no-such-model"\n')
+    with pytest.raises(SystemExit, match="model 'x': file 'no-such-model' is not installed"):
+        suite("--models-file", str(f))

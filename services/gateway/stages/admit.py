@@ -132,7 +132,8 @@ class Admit:
     def _shed(self, model: str, tier: TierSpec, span) -> None:
         """RESOURCE_EXHAUSTED with retry-after when the model's load passes the tier's thresholds."""
         state = self.directory.get(model) if self.directory is not None else None
-        if state is None or not tier.sheds(state.waiting, state.pending_tokens):
+        replicas = max(1, state.healthy) if state is not None else 1          # thresholds are per replica
+        if state is None or not tier.sheds(state.waiting / replicas, state.pending_tokens / replicas):
             return
         span.set_attribute("strata.shed", True)
         self.metrics.shed.labels(tier.name, model).inc()
