@@ -21,7 +21,7 @@ while --free-clients free-tier keys (bench/load.py, a process of their own) keep
 32-token completions, each retrying after the retry-after it is given (at most 0.25 s). Every free request is counted as answered, refused (RESOURCE_EXHAUSTED with
 retry-after) or other (lost: must be 0).
 
-JSON + PNG in bench/results/ (--out moves both). --smoke: a few prompts and seconds, the JSON only.
+JSON + PNG in bench/results/ (--out moves both). --smoke: a few prompts and seconds, the JSON only, with SmolLM2's file behind both names (no Gemma to load).
 """
 
 from __future__ import annotations
@@ -59,12 +59,13 @@ NOTES = ("SmolLM2-135M-Instruct and Gemma 3 270M pretrained are both far below t
 class Suite:
     """`strata up` with the default suite and a cascade, in a process group of its own."""
 
-    def __init__(self, run_dir: Path, threshold: float) -> None:
+    def __init__(self, run_dir: Path, threshold: float, smoke: bool = False) -> None:
         self.run_dir = run_dir
-        models = ROOT / "deploy" / "models.toml"
+        models = (ROOT / "deploy" / "models.toml").read_text()
+        if smoke:   # the same names, both served by SmolLM2's file: no second model to load for a smoke run
+            models = models.replace('file = "gemma-3-270m-q4_k_m"', 'file = ""')
         self.models_file = run_dir / "models.toml"
-        self.models_file.write_text(models.read_text() + f'\n[cascades.{SMALL}]\nto = "{LARGE}"\n'
-                                    f"min_mean_logprob = {threshold}\n")
+        self.models_file.write_text(models + f'\n[cascades.{SMALL}]\nto = "{LARGE}"\nmin_mean_logprob = {threshold}\n')
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("STRATA_", "OTEL_"))}
         self.env.update({"STRATA_RUN_DIR": str(run_dir / "run"), "STRATA_TRACE_FILE": "off",
                          "STRATA_KEY_PEPPER": "bench-pepper-0123456789abcdef", "STRATA_ADMIN_TOKEN": "bench-admin"})
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ttft-samples", type=int, default=10)
     smoke.add_args(p, "multi_model")
     a = smoke.resolve(p.parse_args(argv), num_prompts=3, free_clients=4, load_seconds=2.0, ttft_samples=2)
-    with tempfile.TemporaryDirectory(prefix="strata-multi-model-") as tmp, Suite(Path(tmp), a.threshold) as suite:
+    with tempfile.TemporaryDirectory(prefix="strata-multi-model-") as tmp, \
+            Suite(Path(tmp), a.threshold, a.smoke) as suite:
         print(f">> suite up: {SMALL} and {LARGE}; measuring", flush=True)
         measured = asyncio.run(measure(a, suite))
     result = {"config": {"threshold": a.threshold, "prompts": str(PROMPTS.relative_to(ROOT)), "max_tokens": MAX_TOKENS,

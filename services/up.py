@@ -138,11 +138,20 @@ DEFAULT_SUITE = (
 def resolve_file(spec: ModelSpec) -> Path | None:
     """The GGUF file of a models-file entry: "" = the default model; a path; else an installed model whose name
     or file stem it is (case-insensitive). None: not installed."""
-    from services.inference.models.catalog import installed_models
+    from services.inference.models.catalog import installed_models, models_dir
+    from services.inference.models.gguf_file import default_model_path
 
     if spec.file and Path(spec.file).expanduser().is_file():
         return Path(spec.file).expanduser()
     want = spec.file.lower()
+    try:                                  # by path first: reading a header to learn its name can take seconds
+        if not want:
+            return default_model_path()
+        by_stem = [p for p in sorted(models_dir().glob("*.gguf")) if p.stem.lower() == want]
+        if by_stem:
+            return by_stem[0]
+    except FileNotFoundError:
+        return None
     for e in installed_models():
         if e.error or not e.path:
             continue

@@ -83,15 +83,20 @@ def test_the_kernel_multiplies_converted_blocks_as_gguf_dequantize_and_matmul(ki
     assert float((got - want).abs().max()) <= 0.05 * float(want.std())
 
 
-@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.3.ffn_down.weight",
-                                  "blk.17.ffn_up.weight"])
-def test_the_gemma3_files_tensors(name):
-    """Q5_0, Q4_K, Q6_K and Q5_0 tensors of the real file: multiplied as stored, gguf's weights exactly."""
+@pytest.fixture(scope="module")
+def gemma_file():
+    """The real file, opened once (its header holds 262k tokens: seconds to read)."""
     if not GEMMA.is_file():
         pytest.fail(f"{GEMMA} missing: `make install` assembles it")
     from services.inference.models.gguf_file import GGUFFile
+    return GGUFFile(GEMMA)
 
-    t = GGUFFile(GEMMA).raw_tensor(name)
+
+@pytest.mark.parametrize("name", ["blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.3.ffn_down.weight",
+                                  "blk.17.ffn_up.weight"])
+def test_the_gemma3_files_tensors(name, gemma_file):
+    """Q5_0, Q4_K, Q6_K and Q5_0 tensors of the real file: multiplied as stored, gguf's weights exactly."""
+    t = gemma_file.raw_tensor(name)
     k = int(t.shape[0])
     want = dequantize(t.data, t.tensor_type).reshape(-1, k)
     blocks, kernel_type = convert(np.asarray(t.data), t.tensor_type.name, k)

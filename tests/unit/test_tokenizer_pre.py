@@ -49,7 +49,7 @@ def write_with_pre(source: GGUFFile, path, pre: str) -> None:
     writer.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # shared with test_tokenizer_corpus: built once (20 s)
 def tokenizers(tmp_path_factory):
     """pre -> (ours, transformers')"""
     source = GGUFFile(default_model_path())
