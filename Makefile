@@ -77,7 +77,8 @@ up: install
 	$(BIN)/strata up $(UP_ARGS)
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@# the 25 slowest tests are listed at the end: the CI run has a time budget (25 min with the install)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 # the bench extra builds llama-cpp-python from source (several minutes); only `make bench` needs it
 $(BENCH_STAMP): $(STAMP)

@@ -10,7 +10,6 @@ import pytest
 from services.inference.models import catalog
 from services.inference.models.gguf_file import GGUFFile, default_model_path
 from services.inference.models.tokenizer import IncrementalDetokenizer, Tokenizer
-from tests.unit.test_tokenizer_pre import tokenizers  # noqa: F401 - the fixture of the rewritten vocabularies
 from tests.unit.tokenizer_corpus import corpus
 
 transformers = pytest.importorskip("transformers")
@@ -45,7 +44,7 @@ def test_smollm2_byte_level():
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
-def test_byte_level_with_other_splits(tokenizers, pre):  # noqa: F811
+def test_byte_level_with_other_splits(tokenizers, pre):
     ours, theirs = tokenizers[pre]
     assert_same_as_transformers(ours, theirs, CORPUS)
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.inference.models.gguf_file import GGUFFile, default_model_path
-from services.inference.models.tokenizer import Tokenizer
+from services.inference.models.gguf_file import GGUFFile
 from tests.unit.test_tokenizer import TEXTS
 
 transformers = pytest.importorskip("transformers")
@@ -47,19 +46,6 @@ def write_with_pre(source: GGUFFile, path, pre: str) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-@pytest.fixture(scope="session")   # shared with test_tokenizer_corpus: built once (20 s)
-def tokenizers(tmp_path_factory):
-    """pre -> (ours, transformers')"""
-    source = GGUFFile(default_model_path())
-    out = {}
-    for pre in ("llama-bpe", "qwen2", "smollm"):
-        directory = tmp_path_factory.mktemp(pre)
-        write_with_pre(source, directory / "tok.gguf", pre)
-        out[pre] = (Tokenizer.from_gguf(GGUFFile(directory / "tok.gguf")),
-                    transformers.AutoTokenizer.from_pretrained(str(directory), gguf_file="tok.gguf"))
-    return out
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm"])
