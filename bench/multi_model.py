@@ -16,12 +16,14 @@ figures the table gives, for a sweep of thresholds, the fraction escalated, accu
 against always asking Gemma, and the time to the answer; the live cascade calls check the row at
 --threshold.
 
-Premium under load: a premium key's time to first token (a 2-token chat to SmolLM2, streamed) idle, then
-while --free-clients free-tier keys (bench/load.py, a process of their own) keep SmolLM2 saturated with
-32-token completions, each retrying after the retry-after it is given (at most 0.25 s). Every free request is counted as answered, refused (RESOURCE_EXHAUSTED with
-retry-after) or other (lost: must be 0).
+Premium under load: a premium key's time to first token (a 2-token chat to SmolLM2, streamed) idle
+(--ttft-samples), then while --free-clients free-tier keys (bench/load.py, a process of their own) keep
+SmolLM2 saturated with 32-token completions, each retrying after the retry-after it is given (at most
+0.25 s). Every free request is counted as answered, refused (RESOURCE_EXHAUSTED with retry-after) or other
+(lost: must be 0).
 
-JSON + PNG in bench/results/ (--out moves both). --smoke: a few prompts and seconds, the JSON only, with SmolLM2's file behind both names (no Gemma to load).
+JSON + PNG in bench/results/ (--out moves both). --smoke: a few prompts and seconds, the JSON only, with
+SmolLM2's file behind both names (no Gemma to load).
 """
 
 from __future__ import annotations
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=10_000, help="the first N labelled prompts")
     p.add_argument("--free-clients", type=int, default=16)
     p.add_argument("--load-seconds", type=float, default=20.0)
-    p.add_argument("--ttft-samples", type=int, default=10)
+    p.add_argument("--ttft-samples", type=int, default=20, help="premium requests measured idle (10x as many at most "
+                                                                    "under load)")
     smoke.add_args(p, "multi_model")
     a = smoke.resolve(p.parse_args(argv), num_prompts=3, free_clients=4, load_seconds=2.0, ttft_samples=2)
     with tempfile.TemporaryDirectory(prefix="strata-multi-model-") as tmp, \

@@ -15,8 +15,9 @@ router's `--models-file` read the same file; deploy/models.toml is the suite's d
     [tiers.free]
     priority_floor = 10                   # the soonest priority its requests may ask for (lower asks are raised)
     requests_per_minute = 60              # limits for its keys (a key's own non-zero limits win)
-    shed_waiting = 4                      # refused while the model has this many requests queued per replica
-    shed_pending_tokens = 0               # ... or this many pending tokens per replica (0 = never, both)
+    shed_waiting = 4                      # refused while the model has this many requests queued per replica,
+    shed_in_flight = 6                    # ... or this many in flight (running or queued) per replica,
+    shed_pending_tokens = 0               # ... or this many pending tokens per replica (0 = never, each)
 
     default_tier = "standard"             # a key created without a tier
 
@@ -81,11 +82,16 @@ class TierSpec:
     tokens_per_day: int = 0
     concurrent_requests: int = 0
     shed_waiting: int = 0                 # refused while the model has this many requests queued per healthy
-    shed_pending_tokens: int = 0          # replica, or this many tokens pending per replica (0 = never)
+    shed_pending_tokens: int = 0          # replica, or this many tokens pending per replica, or this many
+    shed_in_flight: int = 0               # requests in flight (running or queued) per replica (0 = never, each)
 
-    def sheds(self, waiting: float, pending_tokens: float) -> bool:
+    def sheds(self, waiting: float, pending_tokens: float, in_flight: float = 0.0) -> bool:
+        """Whether the tier is refused at this load (per healthy replica). In flight bounds the batch: on a
+        CPU a step's time grows with each request in it, and every request arriving, whatever its priority,
+        waits for the step in flight before its own (docs/architecture.md, "Tiers and shedding")."""
         return bool((self.shed_waiting and waiting >= self.shed_waiting)
-                    or (self.shed_pending_tokens and pending_tokens >= self.shed_pending_tokens))
+                    or (self.shed_pending_tokens and pending_tokens >= self.shed_pending_tokens)
+                    or (self.shed_in_flight and in_flight >= self.shed_in_flight))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +120,8 @@ class Split:
 
 # the suite's defaults when no file is given: three tiers, premium first under load
 DEFAULT_TIERS: Mapping[str, TierSpec] = {
-    "free": TierSpec("free", priority_floor=10, requests_per_minute=60, tokens_per_minute=20_000, shed_waiting=4),
+    "free": TierSpec("free", priority_floor=10, requests_per_minute=60, tokens_per_minute=20_000, shed_waiting=4,
+                     shed_in_flight=6),
     "standard": TierSpec("standard", priority_floor=0, shed_waiting=32),
     "premium": TierSpec("premium", priority_floor=-10),
 }
@@ -178,7 +185,7 @@ def check(mf: ModelsFile) -> None:
         raise ModelsFileError(f"default_tier {mf.default_tier!r} is not a configured tier ({', '.join(mf.tiers)})")
     for t in mf.tiers.values():
         if min(t.requests_per_minute, t.tokens_per_minute, t.tokens_per_day, t.concurrent_requests,
-               t.shed_waiting, t.shed_pending_tokens) < 0:
+               t.shed_waiting, t.shed_pending_tokens, t.shed_in_flight) < 0:
             raise ModelsFileError(f"tier {t.name!r}: limits and shedding thresholds must be >= 0 (0 = none)")
     for r in mf.auto:
         _known(f"auto rule {r.name or r.model!r}", (r.model,), names)

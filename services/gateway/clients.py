@@ -195,7 +195,8 @@ class Downstream:
     async def replicas(self) -> list[ReplicaView]:
         """The router's replicas (ListBackends), for the gateway's model directory."""
         out = await self.router.ListBackends(router_pb2.ListBackendsRequest(), timeout=1.0)
-        return [ReplicaView(b.model, b.healthy, b.chat, b.load.pending_tokens, b.load.num_waiting, b.load.num_running)
+        return [ReplicaView(b.model, b.healthy, b.chat, b.load.pending_tokens, b.load.num_waiting, b.load.num_running,
+                            b.in_flight)
                 for b in out.backends]
 
     async def generate(self, request: ModelRequest, timeout_s: float | None) -> AsyncIterator[ModelChunk]:

@@ -237,10 +237,11 @@ async def test_under_a_saturating_free_load_premium_keeps_its_first_token_time_a
     token is measured idle and then under that load. Every free request ends answered in full or refused with
     RESOURCE_EXHAUSTED and a retry-after.
 
-    The issue asks for premium within 2x of idle. Here, with every service and the engine's two OpenMP threads
-    on this host's two cores, the ratio of medians measured 1.4-2.2x over runs (bench.multi_model, services in
-    their own processes: 2.0-2.3x): the first token waits for the step in flight and for CPU, so 2x is not
-    reliably met on this host and the test holds 3x (docs: README, "Tiers")."""
+    The issue asks for premium within 2x of idle. bench.multi_model measures it on real services (`strata
+    up`, each in its own process, the default tiers: free shed at 6 in flight per replica): 1.16-1.73x over
+    ten runs. Here the gateway, the router and both engines share this test's process and its GIL, and the
+    free load's process and the engine's two OpenMP threads share the host's two cores: 1.4-2.2x over runs,
+    so the test holds 3x (docs/architecture.md, "Tiers and shedding")."""
     gw, admin = await suite.gateway()
     free_keys = [(await new_key(admin, tenant=f"free{i}", tier="free"))[0] for i in range(12)]
     premium, _ = await new_key(admin, tenant="vip", tier="premium")
@@ -264,12 +265,12 @@ async def test_under_a_saturating_free_load_premium_keeps_its_first_token_time_a
         "--model", "smol", "--seconds", "5", "--max-tokens", "24", "--max-wait-s", "0.2",
         stdout=asyncio.subprocess.PIPE, cwd=ROOT)
     assert (await load.stdout.readline()).startswith(b"load started")
-    await asyncio.sleep(1.5)                                   # saturated: 2 running, the queue at the shed mark
+    await asyncio.sleep(1.5)                                   # saturated: 2 running, free requests shed
     state = {m.name: m for m in (await admin.ListModels(gateway_pb2.ListModelsRequest(), metadata=auth(ADMIN))).models}
     loaded_all = await ttfts(11)
     loaded = statistics.median(loaded_all)
     outcomes = json.loads((await load.communicate())[0].decode().splitlines()[-1])
-    assert state["smol"].running + state["smol"].waiting >= 3, state["smol"]   # 2 running at most, and a queue
+    assert state["smol"].running == 2, state["smol"]          # saturated: both of its slots busy
     assert outcomes["other"] == 0 and outcomes["answered"] >= 4 and outcomes["refused"] >= 4, outcomes
     assert loaded <= 3 * idle, (loaded, idle, outcomes, idle_all, loaded_all)
 

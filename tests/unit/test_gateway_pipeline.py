@@ -209,6 +209,33 @@ async def test_an_overloaded_model_refuses_the_lowest_tiers_first_with_retry_aft
         assert gw.metrics.shed.labels(tier, "large")._value.get() == (1 if "large" in refused else 0)
 
 
+async def test_requests_let_in_since_the_last_view_count_as_in_flight_so_a_burst_is_shed_at_the_limit():
+    """A view is up to a poll old: free callers refused together retry together, and a stale view showing an
+    idle model let them all in at once. What admission let in since the poll counts until a view includes it."""
+    in_flight = {"n": 0}
+
+    async def fetch() -> list[ReplicaView]:
+        return [ReplicaView("small", True, True, 0, 0, 0, in_flight["n"])]
+    d = ModelDirectory(fetch)
+    await d.refresh()
+    limit = TIERS["free"].shed_in_flight
+    assert limit > 0
+    gw, _, _ = gateway(InMemoryBackends(["x"]), tier="free", directory=d)
+    for _ in range(limit):
+        assert (await gw.generate(ask(), KEY)).text == "x"      # each answered at once: the router's count is 0
+    with pytest.raises(ResourceExhaustedError, match=f"{limit} requests in flight"):
+        await gw.generate(ask(), KEY)
+    in_flight["n"] = 2                                             # a new view: the router counts 2 in flight
+    await d.refresh()
+    assert d.get("small").in_flight == 2
+    for _ in range(limit - 2):
+        await gw.generate(ask(), KEY)
+    with pytest.raises(ResourceExhaustedError, match="overloaded"):
+        await gw.generate(ask(), KEY)
+    premium, _, _ = gateway(InMemoryBackends(["x"]), tier="premium", directory=d)
+    assert (await premium.generate(ask(), KEY)).text == "x"       # higher tiers are still served
+
+
 async def test_an_answer_is_charged_at_the_price_of_the_model_that_gave_it():
     prices = {"small": ModelPrice(1.0, 1.0), "large": ModelPrice(10.0, 10.0)}
     gw, usage, _ = gateway(InMemoryBackends(["a", "b"], answered_by="large"), models=prices)

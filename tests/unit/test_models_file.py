@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common import models_file
-from services.common.models_file import DEFAULT_TIERS, ModelsFileError, parse
+from services.common.models_file import DEFAULT_TIERS, ModelsFileError, TierSpec, parse
 from services.up import DEFAULT_SUITE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,7 @@ def test_toml_and_yaml_read_alike_and_what_up_writes_reads_back(tmp_path):
     ({"models": [{"name": "a", "usd_per_1k_prompt_tokens": -1}]}, "prices must be finite and >= 0"),
     ({"models": [{"name": "a"}], "default_tier": "gold"}, "default_tier 'gold'"),
     ({"models": [{"name": "a"}], "tiers": {"free": {"shed_waiting": -1}}, "default_tier": "free"}, "must be >= 0"),
+    ({"models": [{"name": "a"}], "tiers": {"free": {"shed_in_flight": -2}}, "default_tier": "free"}, "must be >= 0"),
     ({"models": [{"name": "a"}], "auto": [{"model": "zz"}]}, "auto rule 'zz': unknown 'zz'"),
     ({"models": [{"name": "a"}], "cascades": {"a": {"to": "a"}}}, "re-asks itself"),
     ({"models": [{"name": "a"}], "splits": {"s": {"weights": {"a": 0}}}}, "positive sum"),
@@ -99,3 +100,10 @@ def test_up_refuses_a_models_file_whose_model_is_not_installed(tmp_path):
     f.write_text('[[models]]\nname = "x"\nfile = "no-such-model"\n')
     with pytest.raises(SystemExit, match="model 'x': file 'no-such-model' is not installed"):
         suite("--models-file", str(f))
+
+
+def test_a_tier_sheds_at_any_of_its_thresholds_per_replica():
+    t = TierSpec("t", shed_waiting=4, shed_pending_tokens=500, shed_in_flight=6)
+    assert not t.sheds(3, 499, 5)
+    assert t.sheds(4, 0, 0) and t.sheds(0, 500, 0) and t.sheds(0, 0, 6)
+    assert not TierSpec("never").sheds(10**6, 10**9, 10**6)           # 0 = never, each

@@ -1,7 +1,7 @@
 """The admit stage: API key → validation (the model resolved: named, `auto` or a split; its tier and
 capability checked; the priority capped by the tier) → shedding (the model's load against the tier's
-thresholds: before the screens, so that a refusal under load costs little) → guardrails → budget → limits reserved (estimated prompt + max_tokens; the key's limits, else its
-tier's). What it returns is all a later stage may use of the request."""
+thresholds: before the screens, so that a refusal under load costs little) → guardrails → budget → limits
+reserved (estimated prompt + max_tokens; the key's limits, else its tier's). What it returns is all a later stage may use of the request."""
 
 from __future__ import annotations
 
@@ -92,19 +92,21 @@ class Admit:
         """(the model, how it was chosen, max_tokens)."""
         chat = request.messages is not None
         usable = lambda m: key.allows(m) and self.config.tier_allows(tier.name, m) and self.able(m, chat)  # noqa: E731
+        first_usable = lambda fallback: next((m for m in self.config.models if usable(m)), fallback)  # noqa: E731
         model, route = request.model, "named"
         if not model:                         # the first configured model able to take the request
-            model, route = next((m for m in self.config.models if usable(m)), self.config.first_model), "default"
+            model, route = first_usable(self.config.first_model), "default"
         if model == "auto":
             default = self.config.auto_default or self.config.first_model
             if not usable(default):           # the default unable (a chat request to a completions model): the first able
-                default = next((m for m in self.config.models if usable(m)), default)
+                default = first_usable(default)
             model, rule = select_model(self.config.auto_rules, default, request.text(), tier.name, usable)
             route = f"auto:{rule}"
         elif model in self.config.splits:
             split = self.config.splits[model]
             weights = {m: w for m, w in split.weights.items() if usable(m) and w > 0} or split.weights
-            sticky = {"key": key.key_id, "conversation": _conversation(request)}.get(split.sticky, "")
+            sticky = (key.key_id if split.sticky == "key" else
+                      _conversation(request) if split.sticky == "conversation" else "")
             model, route = sticky_pick(weights, sticky), f"split:{model}"
         if model not in self.config.models:
             raise NotFoundError(f"unknown model {model!r}; ListModels lists the served models")
@@ -133,12 +135,16 @@ class Admit:
         """RESOURCE_EXHAUSTED with retry-after when the model's load passes the tier's thresholds."""
         state = self.directory.get(model) if self.directory is not None else None
         replicas = max(1, state.healthy) if state is not None else 1          # thresholds are per replica
-        if state is None or not tier.sheds(state.waiting / replicas, state.pending_tokens / replicas):
+        if state is None or not tier.sheds(state.waiting / replicas, state.pending_tokens / replicas,
+                                           state.in_flight / replicas):
+            if self.directory is not None:
+                self.directory.admitted(model)
             return
         span.set_attribute("strata.shed", True)
         self.metrics.shed.labels(tier.name, model).inc()
-        raise ShedError(f"model {model!r} is overloaded ({state.waiting} requests queued, {state.pending_tokens} tokens "
-                        f"pending): {tier.name!r}-tier requests are refused until it drains", retry_after_s=SHED_RETRY_AFTER_S)
+        raise ShedError(f"model {model!r} is overloaded ({state.in_flight} requests in flight, {state.waiting} queued, "
+                        f"{state.pending_tokens} tokens pending): {tier.name!r}-tier requests are refused until it "
+                        "drains", retry_after_s=SHED_RETRY_AFTER_S)
 
     async def _check_budget(self, key: ApiKey) -> None:
         if key.budget_usd <= 0:
@@ -165,7 +171,6 @@ class Admit:
                 log.warning("limit store unreachable: admitting without limits (fail-open)")
                 return None
             raise UnavailableError("cannot check rate limits right now (limit store unreachable)") from None
-
 
 
 def _conversation(request: Request) -> str:
