@@ -47,6 +47,7 @@ class Gateway:
         self.args = [sys.executable, "-m", "services.cli", "serve", "gateway", "--port", str(self.port),
                      "--redis-url", f"redis://127.0.0.1:{redis_port}/0", "--cache", f"127.0.0.1:{cache_port}",
                      "--router", f"127.0.0.1:{free_port()}",          # never called: every request is a hit
+                     "--http-port", "-1",                               # the gRPC path is what is measured
                      "--plaintext"]                                     # a local run: no certificates
         self.log = tempfile.NamedTemporaryFile("w+", prefix="strata-gateway-bench-", suffix=".log", delete=False)
 

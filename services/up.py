@@ -39,6 +39,7 @@ from services.common import models_file
 from services.common.config import env
 from services.common.models_file import ModelSpec, ModelsFile
 
+DEFAULT_HTTP_PORT = 8000                # the gateway's OpenAI-compatible HTTP API
 DEFAULT_PORTS = {"gateway": (50051, 9051), "cache": (50071, 9071), "router": (50081, 9081), "inference": (50061, 9061)}
 HEALTH_NAMES = {"gateway": "strata.v1.Gateway", "cache": "strata.v1.SemanticCache", "router": "strata.v1.Router",
                 "inference": "strata.v1.Inference"}
@@ -70,6 +71,7 @@ class Child:
     args: list[str]
     port: int
     metrics_port: int = -1
+    http_port: int = -1       # the gateway's OpenAI-compatible HTTP port
     proc: subprocess.Popen | None = None
     log: TextIO | None = None          # opened by the first start; a restart appends to it
     pump: threading.Thread | None = None
@@ -220,11 +222,13 @@ def plan(a: argparse.Namespace) -> list[Child]:
     ports: dict[str, tuple[int, int]] = {}
     for kind in ("gateway", "cache", "router"):
         ports[kind] = (_free_port(), _free_port()) if a.free_ports else DEFAULT_PORTS[kind]
+    http_port = _free_port() if a.free_ports else DEFAULT_HTTP_PORT
     for i in range(len(served)):
         g, m = DEFAULT_PORTS["inference"]
         ports[f"inference-{i}"] = (_free_port(), _free_port()) if a.free_ports else (g + i, m + i)
     if not a.free_ports:
-        busy = sorted(f"{n} {p}" for n, pair in ports.items() for p in pair if _port_busy(p))
+        busy = sorted(f"{n} {p}" for n, pair in [*ports.items(), ("gateway HTTP", (http_port,))] for p in pair
+                      if _port_busy(p))
         if busy:
             raise SystemExit(f"ports in use: {', '.join(busy)} (another `strata up`?); --free-ports picks free ones")
     cli = [sys.executable, "-m", "services.cli", "serve"]
@@ -260,9 +264,9 @@ def plan(a: argparse.Namespace) -> list[Child]:
     router = f"{dial}:{port}"
     port, mport = ports["gateway"]
     children.append(Child("gateway", "gateway", [*cli, "gateway", "--host", host, "--port", str(port), "--metrics-port",
-                                                 str(mport), "--redis-url", redis_url, "--router", router,
-                                                 "--cache", cache, "--models-file", str(suite_file),
-                                                 "--plaintext"], port, mport))   # a local run
+                                                 str(mport), "--http-port", str(http_port), "--redis-url", redis_url,
+                                                 "--router", router, "--cache", cache, "--models-file", str(suite_file),
+                                                 "--plaintext"], port, mport, http_port))   # a local run
     return children
 
 
@@ -398,6 +402,7 @@ async def _up(suite: Suite) -> int:
     gw = next(c for c in suite.children if c.kind == "gateway")
     dial = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
     (suite.run_dir / "env").write_text(f"STRATA_GATEWAY_ADDRESS={dial}:{gw.port}\nSTRATA_API_KEY={key}\n"
+                                       f"STRATA_HTTP_ADDRESS=http://{dial}:{gw.http_port}\n"
                                        + "".join(f"STRATA_{c.name.upper().replace('-', '_')}_ADDRESS={dial}:{c.port}\n"
                                                  for c in suite.children if c.kind not in ("gateway", "redis")))
     os.chmod(suite.run_dir / "env", 0o600)
@@ -406,6 +411,7 @@ async def _up(suite: Suite) -> int:
     width = max(len(r[0]) for r in rows)
     suite.say("\n".join([f">> Strata is up in {time.monotonic() - t0:.1f} s",
                          *(f"   {n:<{width}}  {addr:<22} {m}" for n, addr, m in rows),
+                         f"   OpenAI-compatible HTTP API: http://{dial}:{gw.http_port}/v1",
                          f"   API key (tenant 'local'): {key}",
                          f"   admin token: in {suite.run_dir.parent / 'secrets.env'} (or STRATA_ADMIN_TOKEN)",
                          f"   traces: {suite.env.get('STRATA_TRACE_FILE') or os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT')}",

@@ -45,6 +45,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=env("STRATA_GATEWAY_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("STRATA_GATEWAY_PORT", "50051")))
     add_metrics_arg(p, "GATEWAY", 9051)
+    p.add_argument("--http-port", type=int, default=int(env("STRATA_GATEWAY_HTTP_PORT", "8000") or 8000),
+                   help="the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+                        "/healthz, /readyz): 0 = a free port, -1 = off (default 8000; HTTPS with the gRPC port's "
+                        "TLS settings; env STRATA_GATEWAY_HTTP_PORT)")
     p.add_argument("--redis-url", default=env("REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--router", default=env("STRATA_ROUTER_ADDRESS", "127.0.0.1:50081"), help="router host:port")
     p.add_argument("--cache", default=env("STRATA_CACHE_ADDRESS", "127.0.0.1:50071"),
@@ -107,7 +111,8 @@ class GatewayService:
     """Gateway + gRPC server; used by the CLI and the tests (port 0)."""
 
     def __init__(self, config: GatewayServiceConfig, host: str = "127.0.0.1", port: int = 0, embedder=None,
-                 metrics_port: int = -1) -> None:
+                 metrics_port: int = -1, http_port: int = -1) -> None:
+        """http_port: the OpenAI-compatible HTTP face's port (0 = a free one, -1 = none)."""
         from services.common.pb import gateway_pb2_grpc
         from services.gateway.servicer import GatewayAdminServicer, GatewayServicer
 
@@ -138,17 +143,28 @@ class GatewayService:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
             gateway_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
         self.server = GrpcServer(register, SERVICE_NAMES, host, port, self.metrics, metrics_port, config.tls)
+        self.http = None
+        self.http_port = -1
+        if http_port >= 0:
+            from services.gateway.http import HttpFrontDoor, HttpServer
+
+            self.http = HttpServer(HttpFrontDoor(self.gateway, ready=lambda: self.directory.known), host, http_port,
+                                   config.tls)
         self._stopped = False
 
     async def start(self) -> int:
         port = await self.server.start()
         self.directory.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._stopped:
             return
         self._stopped = True
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.gateway.close()
         await self.usage.close()
@@ -159,9 +175,10 @@ class GatewayService:
 
 
 async def serve(a: argparse.Namespace) -> None:
-    service = GatewayService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port)
+    service = GatewayService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port, http_port=a.http_port)
     port = await service.start()
     log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache,
+                                     "http": f"{a.host}:{service.http_port}" if service.http_port >= 0 else "off",
                                      "tls": "mutual" if service.server.tls.client_ca_file else
                                      "on" if service.server.tls.serves_tls else "off (--plaintext)"})
     try:

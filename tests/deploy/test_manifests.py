@@ -244,14 +244,17 @@ def test_overlay_has_each_service_with_its_account_probes_and_ports(overlay):
         env, pod = container_env(docs, container), dep["spec"]["template"]
         prefix = f"STRATA_{kind.upper()}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": port, "metrics": metrics_port}, kind
+        http = {"http": 8000} if kind == "gateway" else {}              # the OpenAI-compatible HTTP API
+        assert ports == {"grpc": port, "metrics": metrics_port, **http}, kind
+        if http:
+            assert env["STRATA_GATEWAY_HTTP_PORT"] == "8000"
         assert (env[f"{prefix}_HOST"], env[f"{prefix}_PORT"], env[f"{prefix}_METRICS_PORT"]) == \
             ("0.0.0.0", str(port), str(metrics_port)), kind
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(metrics_port), kind
         assert pod["spec"]["serviceAccountName"] in accounts, kind
         svc = services[kind]
         assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), kind
-        assert {p["port"] for p in svc["spec"]["ports"]} == {port, metrics_port}, kind
+        assert {p["port"] for p in svc["spec"]["ports"]} == {port, metrics_port, *http.values()}, kind
 
 
 @pytest.mark.parametrize("overlay", PLAIN_OVERLAYS)

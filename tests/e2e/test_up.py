@@ -93,6 +93,18 @@ def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
         refused = up.strata("chat", "--model", "gemma-3-270m", "Hi", "--max-tokens", "2")
         assert refused.returncode != 0 and "INVALID_ARGUMENT" in refused.stderr and "no chat template" in refused.stderr
 
+        # the OpenAI HTTP API at the address `up` printed, with the official package (the suite's own processes)
+        import openai
+        assert f"OpenAI-compatible HTTP API: {run_env['STRATA_HTTP_ADDRESS']}/v1" in text
+        client = openai.OpenAI(base_url=run_env["STRATA_HTTP_ADDRESS"] + "/v1", api_key=run_env["STRATA_API_KEY"],
+                               max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list().data} == {"SmolLM2-135M-Instruct", "gemma-3-270m"}
+        done = client.completions.create(model="gemma-3-270m", prompt="The capital of France is", max_tokens=4,
+                                         temperature=0)
+        assert done.choices[0].text == raw.stdout[:-1] and done.model == "gemma-3-270m", (done, raw.stdout)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}])
+
         # the first chat's trace: four processes, one trace, linked through gRPC metadata
         deadline = time.monotonic() + 10
         while True:

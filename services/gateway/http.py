@@ -1,0 +1,453 @@
+"""The gateway's OpenAI-compatible HTTP face (Starlette on uvicorn), beside its gRPC port:
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /healthz   GET /readyz
+
+It runs the gateway's own pipeline (`Gateway.stream` / `Gateway.generate`), as the gRPC servicer does: the
+key from `Authorization: Bearer`, validation, guardrails, limits, budgets, cache, routing, usage, and a
+SERVER span continuing the caller's W3C `traceparent`. Streaming is server-sent events as OpenAI sends
+them (a role delta, content deltas, a last chunk with `finish_reason`, the usage chunk when
+`stream_options.include_usage`, then `data: [DONE]`). Errors are OpenAI's body (`{"error": {"message",
+"type", "param", "code"}}`) with 400, 401, 403, 404, 429 (and `Retry-After`), 503 or 504; one raised after
+a stream began arrives as a last `data: {"error": ...}` event.
+
+Strata's own fields go in an extension object, `"strata": {"cache_policy": "use" | "bypass" | "refresh",
+"priority": int, "allow_sampled_cache": bool, "top_k": int, "min_p": float, "repetition_penalty": float}`,
+and every answer carries `"strata": {"source": {...}, "flags": [...]}`. Fields this face does not serve yet
+(`tools`, `response_format`, `n` > 1, `logprobs`, ...) are a 400 that names them, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, AsyncIterator
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from services.common import telemetry
+from services.common.errors import StrataError
+from services.common.tls import PLAINTEXT, TlsConfig
+from services.gateway.service import Gateway
+from services.gateway.types import CachePolicy, Chunk, Finish, FinishReason, Message, Request, Sampling
+
+log = logging.getLogger(__name__)
+
+# gRPC status -> (HTTP status, OpenAI error type)
+_STATUS = {"INVALID_ARGUMENT": (400, "invalid_request_error"), "FAILED_PRECONDITION": (400, "invalid_request_error"),
+           "OUT_OF_RANGE": (400, "invalid_request_error"), "UNAUTHENTICATED": (401, "authentication_error"),
+           "PERMISSION_DENIED": (403, "permission_error"), "NOT_FOUND": (404, "not_found_error"),
+           "RESOURCE_EXHAUSTED": (429, "rate_limit_error"), "UNAVAILABLE": (503, "service_unavailable"),
+           "DEADLINE_EXCEEDED": (504, "timeout"), "CANCELLED": (499, "cancelled")}
+_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
+           FinishReason.ERROR: "error"}
+_POLICIES = {p.value: p for p in CachePolicy}
+# accepted and ignored: what they ask for is what Strata does anyway
+_NEUTRAL = {"stream_options", "user", "n", "parallel_tool_calls", "service_tier", "store", "metadata"}
+_UNSERVED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
+             "logit_bias", "echo", "best_of", "suffix", "prediction", "audio", "modalities")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param, self.headers = status, kind, message, param, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, headers=self.headers)
+
+
+def _bad(message: str, param: str | None = None) -> HttpError:
+    return HttpError(400, "invalid_request_error", message, param)
+
+
+def http_error(exc: BaseException) -> HttpError:
+    """A domain error as OpenAI's status and body; anything else is a 500 saying nothing of its inside."""
+    if isinstance(exc, HttpError):
+        return exc
+    if isinstance(exc, StrataError):
+        status, kind = _STATUS.get(exc.status, (500, "api_error"))
+        headers = {}
+        retry = getattr(exc, "retry_after_s", None)
+        if status == 429 and retry is not None:
+            headers["Retry-After"] = str(max(1, round(retry)))
+        return HttpError(status, kind, str(exc), headers=headers)
+    log.exception("unexpected error in the HTTP front door")
+    return HttpError(500, "api_error", "internal error")
+
+
+# ---- request bodies
+
+def _get(body: dict, name: str, kinds: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None or value is default:
+        return value
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise _bad(f"'{name}' must be {_kind_name(kinds)}", name)
+    if not isinstance(value, kinds):
+        raise _bad(f"'{name}' must be {_kind_name(kinds)}", name)
+    return value
+
+
+def _kind_name(kinds: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array", dict: "an object"}
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds if not (k is int and float in kinds)))
+
+
+def _served(name: str, value: Any) -> bool:
+    """Whether an _UNSERVED field's value asks for nothing beyond plain text (its default)."""
+    if value is None or value is False or value == [] or value == {} or value == 0:
+        return True
+    if name == "tool_choice":
+        return value in ("none", "auto")
+    return name == "response_format" and isinstance(value, dict) and value.get("type") == "text"
+
+
+def _check_fields(body: dict, known: set[str]) -> None:
+    for name in _UNSERVED:
+        if not _served(name, body.get(name)):
+            raise _bad(f"'{name}' is not served by this endpoint yet", name)
+    if (n := body.get("n")) not in (None, 1):
+        raise _bad("'n' must be 1 (several samples per request are not served yet)", "n")
+    unknown = sorted(set(body) - known - _NEUTRAL - set(_UNSERVED))
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r}", unknown[0])
+
+
+_SAMPLING = {"model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+             "presence_penalty", "frequency_penalty", "strata"}
+
+
+def _sampling(body: dict) -> Sampling:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = (stop,)
+    elif stop is None:
+        stop = ()
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 4:
+        raise _bad("'stop' must be a string or up to 4 strings", "stop")
+    ext = _extension(body)
+    max_tokens = _get(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", int)
+    number = (int, float)
+    return Sampling(temperature=_float(_get(body, "temperature", number)), top_p=_float(_get(body, "top_p", number)),
+                    seed=_get(body, "seed", int), max_tokens=max_tokens, stop=tuple(stop),
+                    presence_penalty=_float(_get(body, "presence_penalty", number)),
+                    frequency_penalty=_float(_get(body, "frequency_penalty", number)),
+                    top_k=_get(ext, "top_k", int), min_p=_float(_get(ext, "min_p", number)),
+                    repetition_penalty=_float(_get(ext, "repetition_penalty", number)))
+
+
+def _float(v: Any) -> float | None:
+    if v is None:
+        return None
+    if not math.isfinite(v):                # Python's json reads NaN and Infinity
+        raise _bad("numbers must be finite")
+    return float(v)
+
+
+_EXTENSION = {"cache_policy", "priority", "allow_sampled_cache", "top_k", "min_p", "repetition_penalty"}
+
+
+def _extension(body: dict) -> dict:
+    ext = body.get("strata")
+    if ext is None:
+        return {}
+    if not isinstance(ext, dict):
+        raise _bad("'strata' must be an object", "strata")
+    unknown = sorted(set(ext) - _EXTENSION)
+    if unknown:
+        raise _bad(f"unknown field 'strata.{unknown[0]}' (known: {', '.join(sorted(_EXTENSION))})", "strata")
+    return ext
+
+
+def _request(body: dict, *, chat: bool) -> Request:
+    ext = _extension(body)
+    policy = _get(ext, "cache_policy", str, "use")
+    if policy not in _POLICIES:
+        raise _bad(f"'strata.cache_policy' must be one of {', '.join(_POLICIES)}", "strata")
+    model = _get(body, "model", str)
+    if not model:
+        raise _bad("'model' is required (GET /v1/models lists them; \"auto\" lets the gateway choose)", "model")
+    common = {"model": model, "sampling": _sampling(body), "cache_policy": _POLICIES[policy],
+              "priority": _get(ext, "priority", int, 0),
+              "allow_sampled_cache": bool(_get(ext, "allow_sampled_cache", bool, False))}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty array", "messages")
+        return Request(messages=tuple(_message(m, i) for i, m in enumerate(messages)), **common)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("'prompt' must be a non-empty string (one prompt per request)", "prompt")
+    return Request(prompt=prompt, **common)
+
+
+def _message(m: Any, i: int) -> Message:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise _bad(f"'{param}' must be an object", param)
+    role, content = m.get("role"), m.get("content")
+    if role == "developer":                 # OpenAI's newer name for the system role
+        role = "system"
+    if not isinstance(role, str):
+        raise _bad(f"'{param}.role' must be a string", param)
+    if isinstance(content, list):           # content parts: text only
+        texts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise _bad(f"'{param}.content' parts must be text parts", param)
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise _bad(f"'{param}.content' must be a string or an array of text parts", param)
+    return Message(role, content)
+
+
+# ---- answers
+
+def _usage(f: Finish) -> dict[str, int]:
+    u = f.usage
+    out = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+           "total_tokens": u.prompt_tokens + u.completion_tokens}
+    if u.cached_prompt_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": u.cached_prompt_tokens}
+    return out
+
+
+def _strata(f: Finish) -> dict[str, Any]:
+    s = f.source
+    out: dict[str, Any] = {"source": {"kind": s.kind.value, "model": s.model, "replica": s.replica,
+                                      "entry_id": s.entry_id, "route": s.route}, "flags": list(f.flags)}
+    if f.mean_logprob is not None:
+        out["mean_logprob"] = f.mean_logprob
+    return out
+
+
+class HttpFrontDoor:
+    def __init__(self, gateway: Gateway, ready=lambda: True) -> None:
+        self.gateway, self.ready, self.tracer = gateway, ready, gateway.tracer
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ], exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    async def _not_found(self, request: HttpRequest, exc: Exception) -> Response:
+        return HttpError(404, "not_found_error", f"no route {request.method} {request.url.path}").response()
+
+    async def _not_allowed(self, request: HttpRequest, exc: Exception) -> Response:
+        return HttpError(405, "invalid_request_error", f"{request.method} is not allowed on {request.url.path}").response()
+
+    async def healthz(self, request: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: HttpRequest) -> Response:
+        ok = bool(self.ready())
+        return JSONResponse({"status": "ready" if ok else "not ready"}, 200 if ok else 503)
+
+    async def models(self, request: HttpRequest) -> Response:
+        # the served names are not a secret, but only a caller with a key sees them (as the other endpoints)
+        try:
+            await self.gateway.authenticator.authenticate(_bearer(request), _client(request))
+        except Exception as exc:  # noqa: BLE001 - answered as OpenAI's error
+            return http_error(exc).response()
+        created = int(time.time())
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                                         "owned_by": "strata"} for name in self.gateway.config.models]})
+
+    async def _body(self, http: HttpRequest) -> Any:
+        """The JSON body, read up to a bound (a prompt of the gateway's most characters, each escaped into
+        up to 6 bytes, plus room for the rest): a larger one is a 413 before it is all in memory."""
+        limit = 6 * self.gateway.config.max_prompt_chars + (1 << 20)
+        if int(http.headers.get("content-length") or 0) > limit:
+            raise HttpError(413, "invalid_request_error", f"the body is larger than {limit} bytes")
+        data = bytearray()
+        async for part in http.stream():
+            data += part
+            if len(data) > limit:
+                raise HttpError(413, "invalid_request_error", f"the body is larger than {limit} bytes")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _bad("the body is not JSON") from None
+
+    async def chat(self, request: HttpRequest) -> Response:
+        return await self._answer(request, chat=True)
+
+    async def completions(self, request: HttpRequest) -> Response:
+        return await self._answer(request, chat=False)
+
+    async def _answer(self, http: HttpRequest, *, chat: bool) -> Response:
+        route = "/v1/chat/completions" if chat else "/v1/completions"
+        ctx = telemetry.context_from_traceparent(http.headers.get("traceparent", ""))
+        span = self.tracer.start_span(f"POST {route}", context=ctx, kind=SpanKind.SERVER,
+                                      attributes={"http.request.method": "POST", "http.route": route})
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                body = await self._body(http)
+                if not isinstance(body, dict):
+                    raise _bad("the body must be a JSON object")
+                _check_fields(body, _SAMPLING | ({"messages"} if chat else {"prompt"}))
+                request = _request(body, chat=chat)
+                stream = _get(body, "stream", bool, False)
+                usage_chunk = bool(stream and isinstance(body.get("stream_options"), dict)
+                                   and body["stream_options"].get("include_usage"))
+                if stream:
+                    chunks = self.gateway.stream(request, _bearer(http), _client(http))
+                    try:
+                        first = await anext(chunks)        # errors before the first chunk get their status
+                    except BaseException:
+                        await chunks.aclose()
+                        raise
+                    span.set_attribute("http.response.status_code", 200)
+
+                    async def close() -> None:
+                        await chunks.aclose()              # a caller gone: the request is aborted downstream
+                        if span.is_recording():
+                            span.end()
+                    return _EventStream(self._events(span, first, chunks, chat, request.model, usage_chunk), close)
+                result = await self.gateway.generate(request, _bearer(http), _client(http))
+        except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
+            err = http_error(exc)
+            span.set_attributes({"http.response.status_code": err.status, "error.type": err.kind})
+            span.set_status(Status(StatusCode.ERROR, err.kind))
+            span.end()
+            return err.response()
+        f = result.finish
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+        created, rid = int(time.time()), result.request_id
+        choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH[f.reason], "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": result.text}
+            kind, prefix = "chat.completion", "chatcmpl-"
+        else:
+            choice["text"] = result.text
+            kind, prefix = "text_completion", "cmpl-"
+        return JSONResponse({"id": prefix + rid, "object": kind, "created": created, "model": f.source.model or
+                             request.model, "choices": [choice], "usage": _usage(f), "strata": _strata(f)})
+
+    async def _events(self, span: trace.Span, first: Chunk, rest: AsyncIterator[Chunk], chat: bool, model: str,
+                      usage_chunk: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        prefix, kind = ("chatcmpl-", "chat.completion.chunk") if chat else ("cmpl-", "text_completion")
+        rid = prefix + first.request_id
+
+        def event(choices: list, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                          "choices": choices, **extra}, separators=(",", ":")) + "\n\n"
+
+        def piece(text: str, finish: Finish | None) -> dict:
+            reason = None if finish is None else _FINISH[finish.reason]
+            if chat:
+                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
+                        "logprobs": None}
+            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                if chat:
+                    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                  "logprobs": None}])
+                chunk: Chunk | None = first
+                while chunk is not None:
+                    f = chunk.finish
+                    if f is not None:
+                        model = f.source.model or model
+                        if chunk.text:
+                            yield event([piece(chunk.text, None)])
+                        yield event([piece("", f)], strata=_strata(f))
+                        if usage_chunk:
+                            yield event([], usage=_usage(f))
+                    elif chunk.text:
+                        yield event([piece(chunk.text, None)])
+                    chunk = await anext(rest, None)
+                yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - after the status line: the error is the stream's last event
+            err = http_error(exc)
+            span.set_attributes({"error.type": err.kind})
+            span.set_status(Status(StatusCode.ERROR, err.kind))
+            yield "data: " + json.dumps(err.body()) + "\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events that close the gateway's stream however the response ends: finished, failed, or
+    the caller gone (even before the first event was sent, when the events' own generator never started),
+    so that the request is aborted downstream and its slot and KV blocks come back at once."""
+
+    def __init__(self, events: AsyncIterator[str], close) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._close = close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._close()
+
+
+def _bearer(request: HttpRequest) -> str:
+    value = request.headers.get("authorization", "")
+    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+
+
+def _client(request: HttpRequest) -> str:
+    """What failed key attempts are counted by: the peer's address, as the gRPC face names it."""
+    host = request.client.host if request.client else ""
+    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}" if host else ""
+
+
+class HttpServer:
+    """uvicorn serving the front door inside the gateway's event loop; port 0 picks a free one. HTTPS with
+    the gRPC port's certificate where that serves TLS, requiring client certificates where it does."""
+
+    def __init__(self, door: HttpFrontDoor, host: str, port: int, tls: TlsConfig = PLAINTEXT) -> None:
+        import ssl
+
+        import uvicorn
+
+        certs = {}
+        if tls.serves_tls:
+            certs = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+            if tls.client_ca_file:
+                certs |= {"ssl_ca_certs": tls.client_ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        self.config = uvicorn.Config(door.app, host=host, port=port, log_level="warning", access_log=False,
+                                     lifespan="off", timeout_graceful_shutdown=2, **certs)
+        self.server = uvicorn.Server(self.config)
+        self._task = None
+
+    async def start(self) -> int:
+        import asyncio
+
+        self.server.config.setup_event_loop = lambda: None          # noqa: E731 - the running loop is ours
+        self._task = asyncio.create_task(self.server.serve(), name="gateway-http")
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()                                  # raises why it could not start
+                raise RuntimeError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.01)
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self.server.should_exit = True
+            await self._task
+            self._task = None

@@ -1,0 +1,244 @@
+"""The gateway's OpenAI-compatible HTTP face, called with the official `openai` package (sync and async)
+and plain HTTP, over real sockets: gateway (HTTP port 0) → router → SmolLM2 replica, with Redis and the
+cache. The answers are the gRPC face's, streamed as OpenAI streams them; errors are OpenAI's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.main import GatewayService, GatewayServiceConfig
+from tests.integration.downstream import running_downstream
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+ADMIN, PEPPER = "admin-token-for-tests", "pepper-for-tests-0123456789"
+MODEL = "SmolLM2-135M-Instruct"
+BYPASS = {"strata": {"cache_policy": "bypass"}}
+
+
+@pytest.fixture()
+async def suite(redis_url, make_engine, embedder):
+    async with running_downstream(redis_url, make_engine("float32"), embedder) as down:
+        svc = GatewayService(GatewayServiceConfig(GatewayConfig(), redis_url, down.router_address, down.cache_address,
+                                                  PEPPER, ADMIN), embedder=embedder, http_port=0)
+        port = await svc.start()
+        ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        admin = gateway_pb2_grpc.GatewayAdminStub(ch)
+
+        async def new_key(**kw) -> str:
+            kw.setdefault("tenant", "acme")
+            return (await admin.CreateKey(gateway_pb2.CreateKeyRequest(**kw),
+                                          metadata=(("authorization", f"Bearer {ADMIN}"),))).key
+        try:
+            yield SimpleNamespace(base=f"http://127.0.0.1:{svc.http_port}", key=await new_key(), new_key=new_key,
+                                  grpc=gateway_pb2_grpc.GatewayStub(ch), replica=down.replica, router=down.router)
+        finally:
+            await ch.close()
+            await svc.stop(0)
+
+
+def clients(suite, key: str | None = None) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+    kw = {"base_url": suite.base + "/v1", "api_key": key or suite.key, "max_retries": 0, "timeout": 60}
+    return openai.OpenAI(**kw), openai.AsyncOpenAI(**kw)
+
+
+async def test_sdk_chat_and_completions_sync_and_async_answer_as_the_grpc_face_does(suite):
+    sync, aclient = clients(suite)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    # the sync client blocks: it runs on a thread while this loop serves the suite
+    chat = await asyncio.to_thread(sync.chat.completions.create, model=MODEL, messages=messages, max_tokens=6,
+                                   temperature=0, extra_body=BYPASS)
+    rpc = await suite.grpc.Generate(gateway_pb2.GatewayRequest(
+        model=MODEL, messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content="Name a colour.")]),
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=6), cache_policy=common_pb2.CACHE_POLICY_BYPASS),
+        metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert chat.object == "chat.completion" and chat.model == MODEL and chat.id.startswith("chatcmpl-")
+    choice = chat.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == rpc.text
+    assert choice.finish_reason == ("length" if rpc.usage.completion_tokens == 6 else "stop")
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (rpc.usage.prompt_tokens, rpc.usage.completion_tokens)
+    assert chat.model_extra["strata"]["source"]["kind"] == "model"
+
+    done = await aclient.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                                            temperature=0, extra_body=BYPASS)
+    assert done.object == "text_completion" and done.choices[0].text and done.usage.completion_tokens <= 5
+    assert MODEL in [m.id for m in (await aclient.models.list()).data]
+    await aclient.close()
+    sync.close()
+
+
+async def test_a_stream_is_openais_events_and_equals_the_whole_answer(suite):
+    _, aclient = clients(suite)
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "Write a short poem about rain."}],
+          "max_tokens": 12, "temperature": 0, "extra_body": BYPASS}
+    whole = await aclient.chat.completions.create(**kw)
+    events = [c async for c in await aclient.chat.completions.create(stream=True,
+                                                                     stream_options={"include_usage": True}, **kw)]
+    assert events[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in events if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c for c in events if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert len({c.id for c in events}) == 1
+
+    async with httpx.AsyncClient(base_url=suite.base, timeout=60) as http:     # the wire: SSE, then [DONE]
+        async with http.stream("POST", "/v1/completions", headers={"Authorization": f"Bearer {suite.key}"},
+                               json={"model": MODEL, "prompt": "One, two,", "max_tokens": 4, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in r.aiter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+    await aclient.close()
+
+
+async def test_errors_are_openais_status_and_body(suite):
+    _, bad = clients(suite, key="sk-not-a-key")
+    with pytest.raises(openai.AuthenticationError):
+        await bad.models.list()
+    _, aclient = clients(suite)
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        await aclient.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="'tools' is not served"):
+        await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match="unknown field 'strata.speed'"):
+        await aclient.completions.create(model=MODEL, prompt="hi", extra_body={"strata": {"speed": 1}})
+    limited = await suite.new_key(limits=gateway_pb2.KeyLimits(requests_per_minute=1))
+    _, once = clients(suite, key=limited)
+    await once.completions.create(model=MODEL, prompt="hi", max_tokens=1, extra_body=BYPASS)
+    with pytest.raises(openai.RateLimitError) as err:
+        await once.completions.create(model=MODEL, prompt="hi", max_tokens=1, extra_body=BYPASS)
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.body["type"] == "rate_limit_error" and err.value.body["message"]
+    async with httpx.AsyncClient(base_url=suite.base) as http:
+        r = await http.post("/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {suite.key}"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        assert (await http.get("/v1/nothing")).status_code == 404
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        for _ in range(100):                     # ready once the gateway has the router's view of the models
+            if (r := await http.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert r.status_code == 200
+    for c in (bad, aclient, once):
+        await c.close()
+
+
+async def test_a_call_continues_the_callers_w3c_trace_through_every_service(suite):
+    from tests.integration.test_observability import _new_spans, _trace_file_size
+
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    before = _trace_file_size()
+    async with httpx.AsyncClient(base_url=suite.base, timeout=60) as http:
+        r = await http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 3, **BYPASS,
+                                                          "messages": [{"role": "user", "content": "Hi"}]},
+                            headers={"Authorization": f"Bearer {suite.key}", "traceparent": f"00-{trace_id}-{parent}-01"})
+    assert r.status_code == 200, r.text
+    spans = [s for s in _new_spans(before) if s["trace_id"] == trace_id]
+    root = [s for s in spans if s["name"] == "POST /v1/chat/completions"]
+    assert len(root) == 1 and root[0]["parent_span_id"] == parent and root[0]["kind"] == "server"
+    assert root[0]["attributes"]["http.response.status_code"] == 200
+    assert {"strata-gateway", "strata-router", "strata-inference"} <= {s["service"] for s in spans}
+    assert not any("Hi" in json.dumps(s["attributes"]) for s in spans)       # no prompt text in the spans
+
+
+BAD_BODIES = [
+    [], "text", 3, None, {}, {"model": MODEL}, {"model": 5, "messages": [{"role": "user", "content": "hi"}]},
+    {"model": MODEL, "messages": []}, {"model": MODEL, "messages": "hi"}, {"model": MODEL, "messages": [3]},
+    {"model": MODEL, "messages": [{"role": 1, "content": "hi"}]}, {"model": MODEL, "messages": [{"role": "user"}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+    {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -3},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 7},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": []},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": {"cache_policy": "always"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": {"priority": "first"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": 100}},
+    {"model": MODEL, "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_000_000}]},
+]
+
+
+async def test_every_malformed_body_is_a_400_with_openais_error_and_nothing_breaks(suite):
+    async with httpx.AsyncClient(base_url=suite.base, timeout=60,
+                                 headers={"Authorization": f"Bearer {suite.key}"}) as http:
+        for body in BAD_BODIES:
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400, (body if len(str(body)) < 300 else "long", r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"], error
+        for body in ({"model": MODEL, "prompt": ""}, {"model": MODEL, "prompt": ["a", "b"]}, {"prompt": "hi"}):
+            r = await http.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["message"], r.text
+        r = await http.post("/v1/completions", content=b'{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL.encode())
+        assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+        r = await http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, **BYPASS,
+                                                          "messages": [{"role": "user", "content": "still there?"}]})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+async def test_a_body_past_the_bound_is_a_413_before_it_is_read_whole(suite):
+    async with httpx.AsyncClient(base_url=suite.base, timeout=60,
+                                 headers={"Authorization": f"Bearer {suite.key}"}) as http:
+        async def chunks():
+            yield b'{"model": "x", "prompt": "'
+            for _ in range(64):
+                yield b"a" * (1 << 20)             # 64 MiB, sent without a Content-Length
+        r = await http.post("/v1/completions", content=chunks())
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_streaming_callers_hanging_up_leave_no_blocks_or_engine_work(suite):
+    """Eight streaming callers hang up: after the headers, after 1 to 3 events, or before any answer. The
+    replica ends with no request running or waiting and every KV block free, the router with nothing in
+    flight."""
+    from tests.integration.test_inference_grpc import wait_all_blocks_free
+
+    body = {"model": MODEL, "max_tokens": 60, "stream": True, **BYPASS,
+            "messages": [{"role": "user", "content": "Count slowly from one to fifty."}]}
+
+    async def caller(events: int) -> None:
+        async with httpx.AsyncClient(base_url=suite.base, timeout=60,
+                                     headers={"Authorization": f"Bearer {suite.key}"}) as http:
+            if events < 0:                                  # gone before the answer starts
+                task = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return
+            async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                got = 0
+                async for line in r.aiter_lines():
+                    got += line.startswith("data: ")
+                    if got > events:
+                        break
+    await asyncio.gather(*(caller(n) for n in (0, 1, 2, 3, -1, 0, 2, -1)))
+    await wait_all_blocks_free(suite.replica)
+    for _ in range(100):
+        if all(b.in_flight == 0 for b in suite.router.router.backends.values()):
+            break
+        await asyncio.sleep(0.05)
+    assert all(b.in_flight == 0 for b in suite.router.router.backends.values())
