@@ -202,6 +202,7 @@ class Load:
         self.stopping = False       # callers finish the call they are in, then stop
         self.bypass_cache = bypass_cache
         self.max_tokens = (8, 24)   # answer lengths drawn per call; the replica-kill window asks for longer ones
+        self.ignore_eos = False     # True: every answer runs to its max_tokens (the limit probes)
 
     def request(self):
         from services.common.pb import common_pb2, gateway_pb2
@@ -210,7 +211,8 @@ class Load:
             text = self.rng.choice(REPEATED)
         else:
             text = f"Give me one tip about {self.rng.choice(TOPICS)} (note {uuid.uuid4().hex[:8]})."
-        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=self.rng.randint(*self.max_tokens))
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=self.rng.randint(*self.max_tokens),
+                                             ignore_eos=self.ignore_eos)
         return gateway_pb2.GatewayRequest(model=MODEL, sampling=sampling, messages=common_pb2.ChatMessages(
             messages=[common_pb2.ChatMessage(role="user", content=text)]),
             cache_policy=common_pb2.CACHE_POLICY_BYPASS if self.bypass_cache else common_pb2.CACHE_POLICY_UNSPECIFIED)
@@ -392,6 +394,8 @@ async def faults(cluster: Cluster, a: argparse.Namespace) -> dict:
     # (fail-open admits all), and after (enforced again, and no slot lost to a reconcile Redis missed)
     limited, _ = await new_key(gateway, cluster.admin_token, "faults-limited", concurrent_requests=2)
     probe = Load(gateway, limited, a.deadline_s, seed=4, bypass_cache=True)
+    # the probe's calls must overlap: an answer ending at an early EOS let the third in (a flake, 2026-12-03)
+    probe.max_tokens, probe.ignore_eos = (64, 64), True
     probes: dict[str, dict] = {}
     events: list[dict] = []
     circuit: list[tuple[float, float | None, float | None]] = []     # (t, circuit state, healthy) of inference-1
