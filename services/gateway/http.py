@@ -129,7 +129,7 @@ _SAMPLING = {"model", "stream", "max_tokens", "max_completion_tokens", "temperat
              "presence_penalty", "frequency_penalty", "strata"}
 
 
-def _sampling(body: dict) -> Sampling:
+def _sampling(body: dict, ext: dict) -> Sampling:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = (stop,)
@@ -137,7 +137,6 @@ def _sampling(body: dict) -> Sampling:
         stop = ()
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)) or len(stop) > 4:
         raise _bad("'stop' must be a string or up to 4 strings", "stop")
-    ext = _extension(body)
     max_tokens = _get(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", int)
@@ -181,7 +180,7 @@ def _request(body: dict, *, chat: bool) -> Request:
     model = _get(body, "model", str)
     if not model:
         raise _bad("'model' is required (GET /v1/models lists them; \"auto\" lets the gateway choose)", "model")
-    common = {"model": model, "sampling": _sampling(body), "cache_policy": _POLICIES[policy],
+    common = {"model": model, "sampling": _sampling(body, ext), "cache_policy": _POLICIES[policy],
               "priority": _get(ext, "priority", int, 0),
               "allow_sampled_cache": bool(_get(ext, "allow_sampled_cache", bool, False))}
     if chat:

@@ -70,6 +70,8 @@ class Admit:
             model, route, max_tokens = self._validate(request, key, tier)
             priority = max(request.priority, tier.priority_floor)
             self._shed(model, tier, span)         # before the screens: a refusal under load costs little
+            if self.directory is not None:
+                self.directory.admitted(model)    # in flight until the next view of the model includes it
             request, flags = await self.guard(request)
             span.set_attributes({"strata.model": model, "strata.route": route, "strata.tier": tier.name,
                                  "strata.priority": priority, "strata.flags": flags})
@@ -137,8 +139,6 @@ class Admit:
         replicas = max(1, state.healthy) if state is not None else 1          # thresholds are per replica
         if state is None or not tier.sheds(state.waiting / replicas, state.pending_tokens / replicas,
                                            state.in_flight / replicas):
-            if self.directory is not None:
-                self.directory.admitted(model)
             return
         span.set_attribute("strata.shed", True)
         self.metrics.shed.labels(tier.name, model).inc()
