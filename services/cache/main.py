@@ -90,6 +90,7 @@ class CacheService:
         yield counter("strata:cache_misses", "Lookups that missed", c.misses)
         yield counter("strata:cache_stores", "Answers stored", c.stores)
         yield counter("strata:cache_evictions", "Entries evicted at the size cap", c.evictions)
+        yield counter("strata:cache_embedded_texts", "Texts embedded for Embed callers", c.embedded)
         yield gauge("strata:cache_index_entries", "Entries in this replica's similarity index",
                     sum(len(i) for i in cache.indexes.values()))
         yield gauge("strata:cache_redis_up", "1 when Redis is reachable", float(cache.redis_ok))

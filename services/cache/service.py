@@ -28,6 +28,7 @@ from services.embedding.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+MAX_EMBED_TEXTS = 2048        # texts in one Embed call (OpenAI's bound for one embeddings request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,7 @@ class Counters:
     misses: int = 0
     stores: int = 0
     evictions: int = 0
+    embedded: int = 0         # texts embedded for Embed callers (not lookups)
 
 
 class SemanticCacheService:
@@ -223,6 +225,27 @@ class SemanticCacheService:
     def _semantic_ok(self, key: CacheKey) -> bool:
         """Questions longer than the embedding model's window would be compared by their start only."""
         return self.embedder.fits(key.question)
+
+    async def embed(self, texts: Sequence[str], truncate: bool = False) -> tuple[np.ndarray, list[int]]:
+        """The texts' embeddings ([n, dim] float32, unit rows) and the tokens the model read of each, through the
+        lookups' micro-batcher (so callers' texts and lookups share forward passes). A text past the model's
+        window is INVALID_ARGUMENT unless `truncate` (then it is cut there, as sentence-transformers does)."""
+        if not 1 <= len(texts) <= MAX_EMBED_TEXTS:
+            raise InvalidArgumentError(f"embed 1 to {MAX_EMBED_TEXTS} texts, not {len(texts)}")
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidArgumentError(f"text {i} is empty")
+        window = self.embedder.max_seq_len
+        counts = (self.embedder.count_tokens(texts) if len(texts) <= 8
+                  else await asyncio.to_thread(self.embedder.count_tokens, texts))
+        if not truncate:
+            over = next((i for i, n in enumerate(counts) if n > window), None)
+            if over is not None:
+                raise InvalidArgumentError(f"text {over} has {counts[over]} tokens; the embedding model reads at most "
+                                           f"{window} (ask to truncate to cut it there)")
+        vectors = await asyncio.gather(*(self.batcher.embed(t) for t in texts))
+        self.counters.embedded += len(texts)
+        return np.stack(vectors).astype(np.float32, copy=False), [min(n, window) for n in counts]
 
     async def lookup(self, q: Query, semantic: bool = True, min_similarity: float | None = None,
                      allow_sampled: bool = False) -> LookupResult:

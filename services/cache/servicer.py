@@ -20,6 +20,7 @@ from services.common.errors import InvalidArgumentError, StrataError
 from services.common.grpc_errors import Undecodable, bounded_details, map_errors
 from services.common.metrics import CacheMetrics
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
+from services.embedding import MODEL_NAME as EMBEDDING_MODEL
 
 _REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos")
 _SAMPLING_OPTIONAL = tuple(k for k in ANSWER_FIELDS if k not in _REPEATED_OR_PLAIN)   # proto3 `optional` fields
@@ -160,6 +161,13 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
     async def Invalidate(self, request: cache_pb2.InvalidateRequest,
                          context: grpc.aio.ServicerContext) -> cache_pb2.InvalidateResponse:
         return cache_pb2.InvalidateResponse(deleted=await self.service.invalidate(request.namespace, request.model))
+
+    @map_errors
+    async def Embed(self, request: cache_pb2.EmbedTextsRequest,
+                    context: grpc.aio.ServicerContext) -> cache_pb2.EmbedTextsResponse:
+        vectors, tokens = await self.service.embed(list(request.texts), request.truncate)
+        return cache_pb2.EmbedTextsResponse(model=EMBEDDING_MODEL, dim=vectors.shape[1],
+                                            vectors=vectors.astype("<f4", copy=False).tobytes(), tokens=tokens)
 
     @map_errors
     async def Stats(self, request: cache_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> cache_pb2.CacheStats:

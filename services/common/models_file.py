@@ -34,6 +34,11 @@ router's `--models-file` read the same file; deploy/models.toml is the suite's d
     weights = { "SmolLM2-135M-Instruct" = 0.9, "gemma-3-270m" = 0.1 }
     sticky = "key"                        # none | key | conversation
 
+    [embedding]                           # the Embed RPC and /v1/embeddings (the semantic cache's MiniLM)
+    name = "all-MiniLM-L6-v2"
+    usd_per_1k_tokens = 0.0
+    tiers = []
+
 Everything is checked when the file is read: unknown fields, unknown models or tiers named anywhere, bad
 numbers, fallback cycles are allowed (the router tries each model once) but a model may not fall back to itself.
 """
@@ -95,6 +100,18 @@ class TierSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingSpec:
+    """The embedding model (served by the semantic cache): its name for callers, price and tiers."""
+
+    name: str = "all-MiniLM-L6-v2"       # services.embedding.MODEL_NAME (services.common imports no service)
+    usd_per_1k_tokens: float = 0.0
+    tiers: tuple[str, ...] = ()           # empty: every tier
+
+    def allows(self, tier: str) -> bool:
+        return not self.tiers or tier in self.tiers
+
+
+@dataclass(frozen=True, slots=True)
 class AutoRule:
     """Model "auto": a rule picks `model` when all its conditions hold."""
 
@@ -136,6 +153,7 @@ class ModelsFile:
     auto_default: str = ""                # "" = the first model
     cascades: Mapping[str, Cascade] = field(default_factory=dict)
     splits: Mapping[str, Split] = field(default_factory=dict)
+    embedding: EmbeddingSpec = EmbeddingSpec()
 
     def __post_init__(self) -> None:
         check(self)
@@ -159,7 +177,7 @@ class ModelsFile:
         return {"models": [plain(m) for m in self.models], "tiers": {n: plain(t) for n, t in self.tiers.items()},
                 "default_tier": self.default_tier, "auto": [plain(r) for r in self.auto],
                 "auto_default": self.auto_default, "cascades": {n: plain(c) for n, c in self.cascades.items()},
-                "splits": {n: plain(s) for n, s in self.splits.items()}}
+                "splits": {n: plain(s) for n, s in self.splits.items()}, "embedding": plain(self.embedding)}
 
 
 def check(mf: ModelsFile) -> None:
@@ -202,6 +220,12 @@ def check(mf: ModelsFile) -> None:
             raise ModelsFileError(f"split {split_name!r} needs non-negative weights with a positive sum")
         if s.sticky not in STICKY:
             raise ModelsFileError(f"split {split_name!r}: sticky must be one of {', '.join(STICKY)}")
+    e = mf.embedding
+    if not e.name or e.name in reserved or e.name in names:
+        raise ModelsFileError(f"embedding model name {e.name!r} is empty or taken by a model, 'auto' or a split")
+    if not (math.isfinite(e.usd_per_1k_tokens) and e.usd_per_1k_tokens >= 0):
+        raise ModelsFileError("embedding: usd_per_1k_tokens must be finite and >= 0")
+    _known("embedding tiers", e.tiers, mf.tiers)
 
 
 def _known(where: str, named, known) -> None:
@@ -251,7 +275,8 @@ def parse(raw: Mapping[str, Any]) -> ModelsFile:
     """A models file from its parsed TOML/YAML/JSON."""
     if not isinstance(raw, Mapping):
         raise ModelsFileError("the models file must be a table (mapping) at its top")
-    unknown = sorted(set(raw) - {"models", "tiers", "default_tier", "auto", "auto_default", "cascades", "splits"})
+    unknown = sorted(set(raw) - {"models", "tiers", "default_tier", "auto", "auto_default", "cascades", "splits",
+                                 "embedding"})
     if unknown:
         raise ModelsFileError(f"unknown top-level key(s): {', '.join(unknown)}")
     models = tuple(_build(ModelSpec, m, f"models[{i}]") for i, m in enumerate(raw.get("models") or ()))
@@ -260,8 +285,9 @@ def parse(raw: Mapping[str, Any]) -> ModelsFile:
     auto = tuple(_build(AutoRule, r, f"auto[{i}]") for i, r in enumerate(raw.get("auto") or ()))
     cascades = {str(n): _build(Cascade, c, f"cascades.{n}") for n, c in (raw.get("cascades") or {}).items()}
     splits = {str(n): _build(Split, s, f"splits.{n}") for n, s in (raw.get("splits") or {}).items()}
+    embedding = _build(EmbeddingSpec, raw.get("embedding") or {}, "embedding")
     return ModelsFile(models, tiers, str(raw.get("default_tier", "standard")), auto, str(raw.get("auto_default", "")),
-                      cascades, splits)
+                      cascades, splits, embedding)
 
 
 def load(path: str | Path) -> ModelsFile:

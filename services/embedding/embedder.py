@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-EMBEDDING_DIM = 384
+from services.embedding import EMBEDDING_DIM, MODEL_NAME  # noqa: F401 - the model's name and width
+
 MAX_SEQ_LEN = 256   # sentence-transformers' max_seq_length for this model: longer texts are truncated
 
 
@@ -90,6 +91,10 @@ class MiniLMEmbedder:
     def num_tokens(self, text: str) -> int:
         """Tokens the model sees for `text` (with [CLS]/[SEP], before truncation)."""
         return len(self._counter.encode(text).ids)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """`num_tokens` of each text, tokenized as one batch (the tokenizer's own threads)."""
+        return [len(e.ids) for e in self._counter.encode_batch(list(texts))]
 
     def fits(self, text: str) -> bool:
         """Whether the model sees all of `text`. Without tokenizing when it is short: every WordPiece token

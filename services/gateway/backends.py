@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol, Sequence
 
+import numpy as np
+
 from services.gateway.types import Finish, FinishReason, Message, Sampling, SourceKind, Usage
 
 
@@ -64,6 +66,15 @@ class ModelChunk:
     finish: Finish | None                 # the last chunk only: reason, usage and source (no flags)
 
 
+@dataclass(slots=True)
+class Embedded:
+    """Texts' embeddings as the cache's model made them."""
+
+    model: str
+    vectors: np.ndarray                   # [n, dim] float32, unit rows, in the texts' order
+    tokens: Sequence[int]                 # tokens the model read of each text
+
+
 class Backends(Protocol):
     async def find(self, query: CacheQuery, allow_sampled: bool) -> CacheHit | None:
         """A cached answer, or None (a miss, or the cache failed or is not configured)."""
@@ -73,3 +84,7 @@ class Backends(Protocol):
 
     def generate(self, request: ModelRequest, timeout_s: float | None) -> AsyncIterator[ModelChunk]:
         """The model's answer as the router streams it."""
+
+    async def embed(self, texts: Sequence[str], truncate: bool, timeout_s: float | None) -> Embedded:
+        """The texts' embeddings from the cache's model (UNAVAILABLE when no cache is configured; the cache's
+        own status otherwise, e.g. INVALID_ARGUMENT for a text past the model's window)."""

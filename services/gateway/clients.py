@@ -10,16 +10,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 import grpc
+import numpy as np
 
 from services.common import telemetry
-from services.common.errors import DeadlineExceededError, UpstreamError
+from services.common.errors import DeadlineExceededError, UnavailableError, UpstreamError
 from services.common.pb import cache_pb2, cache_pb2_grpc, inference_pb2, router_pb2, router_pb2_grpc
 from services.common.retry_after import retry_after_s
 from services.common.tls import PLAINTEXT, TlsConfig
-from services.gateway.backends import Answer, CacheHit, CacheQuery, ModelChunk, ModelRequest
+from services.gateway.backends import Answer, CacheHit, CacheQuery, Embedded, ModelChunk, ModelRequest
 from services.gateway.errors import CapacityError
 from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, sampling_to_pb, set_input,
                                         source_from_pb, usage_from_pb, usage_to_pb)
@@ -27,6 +28,7 @@ from services.gateway.directory import ReplicaView
 from services.gateway.types import Finish, SourceKind
 
 log = logging.getLogger(__name__)
+EMBED_TIMEOUT_S = 30.0        # an Embed call without a deadline of its own (2048 texts take seconds on a CPU)
 
 
 class LookupPipe:
@@ -191,6 +193,21 @@ class Downstream:
         except grpc.aio.AioRpcError as exc:
             log.warning("cache store failed", extra={"code": exc.code().name})
             return False
+
+    async def embed(self, texts: Sequence[str], truncate: bool, timeout_s: float | None) -> Embedded:
+        if self.cache is None:
+            raise UnavailableError("embeddings are served by the semantic cache's model, and no cache is configured")
+        try:
+            out = await self.cache.Embed(cache_pb2.EmbedTextsRequest(texts=texts, truncate=truncate),
+                                         timeout=timeout_s or EMBED_TIMEOUT_S, metadata=telemetry.outgoing())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError("deadline exceeded while embedding") from None
+            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise UpstreamError(exc.code().name, exc.details() or exc.code().name) from None
+            raise UnavailableError(f"the embedding model (in the semantic cache) is unavailable: {exc.code().name}") from None
+        vectors = np.frombuffer(out.vectors, "<f4").reshape(len(texts), out.dim)
+        return Embedded(out.model, vectors, tuple(out.tokens))
 
     async def replicas(self) -> list[ReplicaView]:
         """The router's replicas (ListBackends), for the gateway's model directory."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from services.common.models_file import DEFAULT_TIERS, AutoRule, Cascade, ModelsFile, Split, TierSpec
+from services.common.models_file import DEFAULT_TIERS, AutoRule, Cascade, EmbeddingSpec, ModelsFile, Split, TierSpec
 
 PII_MODES = ("off", "redact", "block")
 INJECTION_MODES = ("allow", "flag", "block")
@@ -47,6 +47,7 @@ class GatewayConfig:
     default_tier: str = "standard"        # a key created without a tier (and one whose tier is gone)
     model_tiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # model -> tiers allowed (absent: all)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)     # as the router has them (ListModels)
+    embedding: EmbeddingSpec = EmbeddingSpec()   # the Embed RPC's model (the semantic cache's): name, price, tiers
 
     def __post_init__(self) -> None:
         if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
@@ -62,9 +63,11 @@ class GatewayConfig:
         unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})
         if unknown:
             raise ValueError(f"auto rules, splits and cascades name unconfigured models: {', '.join(unknown)}")
+        if self.embedding.name in self.models:
+            raise ValueError(f"the embedding model's name {self.embedding.name!r} is also a generation model's")
         if self.default_tier not in self.tiers:
             raise ValueError(f"default_tier {self.default_tier!r} is not a configured tier")
-        taken = sorted(set(self.splits) & ({"auto"} | set(self.models)))
+        taken = sorted(set(self.splits) & ({"auto", self.embedding.name} | set(self.models)))
         if taken:
             raise ValueError(f"split names that are also models or 'auto': {', '.join(taken)}")
 
@@ -75,7 +78,8 @@ class GatewayConfig:
                    auto_rules=mf.auto, auto_default=mf.auto_default, cascades=dict(mf.cascades), splits=dict(mf.splits),
                    tiers=dict(mf.tiers), default_tier=mf.default_tier,
                    model_tiers={m.name: m.tiers for m in mf.models if m.tiers},
-                   fallbacks={m.name: m.fallbacks for m in mf.models if m.fallbacks}, **settings)
+                   fallbacks={m.name: m.fallbacks for m in mf.models if m.fallbacks}, embedding=mf.embedding,
+                   **settings)
 
     def tier(self, name: str) -> TierSpec:
         """A key's tier: its own when configured, else the default tier."""

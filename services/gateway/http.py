@@ -1,8 +1,9 @@
 """The gateway's OpenAI-compatible HTTP face (Starlette on uvicorn), beside its gRPC port:
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /healthz   GET /readyz
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/embeddings   GET /v1/models
+    GET /healthz   GET /readyz
 
-It runs the gateway's own pipeline (`Gateway.stream` / `Gateway.generate`), as the gRPC servicer does: the
+It runs the gateway's own pipeline (`Gateway.stream` / `Gateway.generate` / `Gateway.embed`), as the gRPC servicer does: the
 key from `Authorization: Bearer`, validation, guardrails, limits, budgets, cache, routing, usage, and a
 SERVER span continuing the caller's W3C `traceparent`. Streaming is server-sent events as OpenAI sends
 them (a role delta, content deltas, a last chunk with `finish_reason`, the usage chunk when
@@ -12,12 +13,15 @@ a stream began arrives as a last `data: {"error": ...}` event.
 
 Strata's own fields go in an extension object, `"strata": {"cache_policy": "use" | "bypass" | "refresh",
 "priority": int, "allow_sampled_cache": bool, "top_k": int, "min_p": float, "repetition_penalty": float}`,
-and every answer carries `"strata": {"source": {...}, "flags": [...]}`. Fields this face does not serve yet
+and every answer carries `"strata": {"source": {...}, "flags": [...]}`. Embeddings take `"strata": {"truncate":
+bool}` (cut texts past the model's 256-token window instead of a 400) and `encoding_format` float or base64
+(little-endian float32, what the openai SDK asks for by default); `dimensions` may only be the model's own. Fields this face does not serve yet
 (`tools`, `response_format`, `n` > 1, `logprobs`, ...) are a 400 that names them, never silently dropped.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -34,6 +38,7 @@ from starlette.routing import Route
 from services.common import telemetry
 from services.common.errors import StrataError
 from services.common.tls import PLAINTEXT, TlsConfig
+from services.embedding import EMBEDDING_DIM
 from services.gateway.service import Gateway
 from services.gateway.types import CachePolicy, Chunk, Finish, FinishReason, Message, Request, Sampling
 
@@ -217,6 +222,37 @@ def _message(m: Any, i: int) -> Message:
     return Message(role, content)
 
 
+_EMBED_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "strata"}
+EMBED_BODY_LIMIT = 16 << 20            # 2048 texts of a few thousand characters each
+
+
+def _embed_request(body: dict, model_name: str) -> tuple[list[str], str, bool]:
+    """(texts, encoding format, truncate) of an embeddings body; the model is checked by the gateway."""
+    unknown = sorted(set(body) - _EMBED_FIELDS)
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r}", unknown[0])
+    if not _get(body, "model", str):
+        raise _bad(f"'model' is required (the embedding model is {model_name!r})", "model")
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if isinstance(texts, list) and texts and all(isinstance(t, int) and not isinstance(t, bool) for t in texts) \
+            or isinstance(texts, list) and any(isinstance(t, list) for t in texts):
+        raise _bad("token-id input is not served: send the text (a string or an array of strings)", "input")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise _bad("'input' must be a non-empty string or a non-empty array of strings", "input")
+    encoding = _get(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise _bad("'encoding_format' must be float or base64", "encoding_format")
+    dims = _get(body, "dimensions", int)
+    if dims is not None and dims != EMBEDDING_DIM:
+        raise _bad(f"'dimensions' must be {EMBEDDING_DIM}: {model_name} cannot shorten its vectors", "dimensions")
+    ext = body.get("strata") or {}
+    if not isinstance(ext, dict) or set(ext) - {"truncate"}:
+        raise _bad("'strata' takes only 'truncate' (a boolean) here", "strata")
+    return texts, encoding, bool(_get(ext, "truncate", bool, False))
+
+
 # ---- answers
 
 def _usage(f: Finish) -> dict[str, int]:
@@ -243,6 +279,7 @@ class HttpFrontDoor:
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -268,13 +305,14 @@ class HttpFrontDoor:
         except Exception as exc:  # noqa: BLE001 - answered as OpenAI's error
             return http_error(exc).response()
         created = int(time.time())
+        names = [*self.gateway.config.models, self.gateway.config.embedding.name]
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                                         "owned_by": "strata"} for name in self.gateway.config.models]})
+                                                         "owned_by": "strata"} for name in names]})
 
-    async def _body(self, http: HttpRequest) -> Any:
-        """The JSON body, read up to a bound (a prompt of the gateway's most characters, each escaped into
-        up to 6 bytes, plus room for the rest): a larger one is a 413 before it is all in memory."""
-        limit = 6 * self.gateway.config.max_prompt_chars + (1 << 20)
+    async def _body(self, http: HttpRequest, limit: int = 0) -> Any:
+        """The JSON body, read up to a bound (by default a prompt of the gateway's most characters, each
+        escaped into up to 6 bytes, plus room for the rest): a larger one is a 413 before it is all in memory."""
+        limit = limit or 6 * self.gateway.config.max_prompt_chars + (1 << 20)
         if int(http.headers.get("content-length") or 0) > limit:
             raise HttpError(413, "invalid_request_error", f"the body is larger than {limit} bytes")
         data = bytearray()
@@ -293,11 +331,44 @@ class HttpFrontDoor:
     async def completions(self, request: HttpRequest) -> Response:
         return await self._answer(request, chat=False)
 
+    def _span(self, http: HttpRequest, route: str) -> trace.Span:
+        """The request's SERVER span, continuing the caller's W3C trace."""
+        ctx = telemetry.context_from_traceparent(http.headers.get("traceparent", ""))
+        return self.tracer.start_span(f"POST {route}", context=ctx, kind=SpanKind.SERVER,
+                                      attributes={"http.request.method": "POST", "http.route": route})
+
+    @staticmethod
+    def _failed(span: trace.Span, exc: BaseException) -> Response:
+        err = http_error(exc)
+        span.set_attributes({"http.response.status_code": err.status, "error.type": err.kind})
+        span.set_status(Status(StatusCode.ERROR, err.kind))
+        span.end()
+        return err.response()
+
+    async def embeddings(self, http: HttpRequest) -> Response:
+        span = self._span(http, "/v1/embeddings")
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                body = await self._body(http, EMBED_BODY_LIMIT)
+                if not isinstance(body, dict):
+                    raise _bad("the body must be a JSON object")
+                texts, encoding, truncate = _embed_request(body, self.gateway.config.embedding.name)
+                out = await self.gateway.embed(body["model"], texts, _bearer(http), _client(http), truncate)
+        except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
+            return self._failed(span, exc)
+        span.set_attribute("http.response.status_code", 200)
+        span.end()
+        if encoding == "base64":
+            rows = [base64.b64encode(v.astype("<f4", copy=False).tobytes()).decode() for v in out.vectors]
+        else:
+            rows = out.vectors.tolist()
+        return JSONResponse({"object": "list", "model": out.model,
+                             "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+                             "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens}})
+
     async def _answer(self, http: HttpRequest, *, chat: bool) -> Response:
         route = "/v1/chat/completions" if chat else "/v1/completions"
-        ctx = telemetry.context_from_traceparent(http.headers.get("traceparent", ""))
-        span = self.tracer.start_span(f"POST {route}", context=ctx, kind=SpanKind.SERVER,
-                                      attributes={"http.request.method": "POST", "http.route": route})
+        span = self._span(http, route)
         try:
             with trace.use_span(span, end_on_exit=False):
                 body = await self._body(http)
@@ -324,11 +395,7 @@ class HttpFrontDoor:
                     return _EventStream(self._events(span, first, chunks, chat, request.model, usage_chunk), close)
                 result = await self.gateway.generate(request, _bearer(http), _client(http))
         except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
-            err = http_error(exc)
-            span.set_attributes({"http.response.status_code": err.status, "error.type": err.kind})
-            span.set_status(Status(StatusCode.ERROR, err.kind))
-            span.end()
-            return err.response()
+            return self._failed(span, exc)
         f = result.finish
         span.set_attribute("http.response.status_code", 200)
         span.end()

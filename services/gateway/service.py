@@ -12,8 +12,10 @@ router, Redis and the logs get the redacted prompt. A stream that ends early is 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from typing import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Sequence
+
+import numpy as np
 
 from opentelemetry import trace
 
@@ -37,6 +39,19 @@ from services.gateway.types import Chunk, Request, Result, SourceKind
 from services.gateway.usage import UsageStore
 
 
+EMBEDDING_SOURCE = "embedding"          # the metrics' source label of Embed calls
+
+
+@dataclass(slots=True)
+class Embeddings:
+    """An Embed call's answer."""
+
+    request_id: str
+    model: str
+    vectors: np.ndarray                   # [n, dim] float32, unit rows, in the input's order
+    prompt_tokens: int                    # every token the model read (what the key is charged)
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
                  backends: Backends, similarity: InjectionSimilarity | None = None,
@@ -52,6 +67,7 @@ class Gateway:
         self.cache = CacheStage(backends, self.tracer, config.replay_chunk_words)
         self.route = Route(backends, self.tracer, config.cascades.keys(), config.redact_responses)
         self.settle = Settle(config, limiter, usage, self.metrics, self.cache)
+        self.backends = backends
         self.in_flight = 0
 
     async def stream(self, request: Request, bearer: str, client: str = "",
@@ -124,6 +140,46 @@ class Gateway:
             source = replace(out.finish.source, route=f"cascade:{first.source.model}")
             out = replace(out, finish=replace(out.finish, flags=flags, source=source))
         return out
+
+    async def embed(self, model: str, texts: Sequence[str], bearer: str, client: str = "", truncate: bool = False,
+                    timeout_s: float | None = None) -> Embeddings:
+        """Sentence embeddings from the semantic cache's model: capacity, then the key, its models and tier, the
+        input's bounds, the budget and the limits (Admit.embedding), then the model, then usage (the tokens the
+        model read, at the embedding model's price). Counted in the metrics with source "embedding"."""
+        t0 = time.perf_counter()
+        code = "OK"
+        self.in_flight += 1
+        try:
+            cap = self.config.max_in_flight
+            if cap and self.in_flight > cap:
+                raise CapacityError(f"the gateway is at capacity ({cap} requests in flight)", retry_after_s=1.0)
+            a = await self.admit.embedding(model, texts, bearer, client)
+            charged = False
+            try:
+                with telemetry.child_span(self.tracer, "embed") as span:
+                    span.set_attribute("strata.inputs", len(texts))
+                    out = await self.backends.embed(texts, truncate, timeout_s)
+                    tokens = sum(out.tokens)
+                    span.set_attribute("strata.tokens", tokens)
+                await self.settle.charge_embedding(a, tokens)
+                charged = True
+            finally:
+                if not charged:               # failed: nothing used, the reservation ends
+                    await self.settle.charge_embedding(a, 0, count=False)
+            return Embeddings(a.request_id, a.model, out.vectors, tokens)
+        except StrataError as exc:
+            code = exc.status
+            if isinstance(exc, ResourceExhaustedError):
+                self.metrics.ratelimit_rejections.labels(getattr(exc, "limit", "budget")).inc()
+            raise
+        except BaseException:
+            code = "CANCELLED"
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.requests.labels(code, EMBEDDING_SOURCE).inc()
+            if code == "OK":
+                self.metrics.latency.labels(EMBEDDING_SOURCE).observe(time.perf_counter() - t0)
 
     async def close(self) -> None:
         await self.settle.close()

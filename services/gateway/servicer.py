@@ -84,6 +84,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                context.time_remaining()):
             yield chunk_to_pb(chunk)
 
+    @map_errors
+    async def Embed(self, request: gateway_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.EmbedResponse:
+        out = await self.gateway.embed(request.model, list(request.input), bearer(context), client_address(context),
+                                       request.truncate, context.time_remaining())
+        return gateway_pb2.EmbedResponse(request_id=out.request_id, model=out.model,
+                                         embeddings=[gateway_pb2.Embedding(values=v.tolist()) for v in out.vectors],
+                                         usage=common_pb2.Usage(prompt_tokens=out.prompt_tokens))
+
 
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     SERVICE = "strata.v1.GatewayAdmin"

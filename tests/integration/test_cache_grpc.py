@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -309,6 +310,30 @@ async def test_concurrent_lookups_are_micro_batched(start_replica, workers):
     assert len(results) == 32
     items, batches = batcher.items - before_items, batcher.batches - before_batches
     assert items == 32 and batches < 32, (items, batches)
+
+
+async def test_embed_answers_the_lookups_model_batched_with_them_and_refuses_what_it_cannot_read(start_replica, embedder):
+    r = await start_replica()
+    await store(r, query("What is the capital of Spain?"), "Madrid")
+    batcher = r.svc.cache.batcher
+    before_batches, before_items = batcher.batches, batcher.items
+    texts = [f"text number {i}" for i in range(40)]
+    outs = await asyncio.gather(r.stub.Embed(cache_pb2.EmbedTextsRequest(texts=texts)),
+                                *(lookup(r, query(f"Question {i}: the capital of Spain?")) for i in range(8)))
+    out = outs[0]
+    vectors = np.frombuffer(out.vectors, "<f4").reshape(40, out.dim)
+    assert out.model == "all-MiniLM-L6-v2" and out.dim == 384
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)
+    assert list(out.tokens) == [embedder.num_tokens(t) for t in texts]
+    items, batches = batcher.items - before_items, batcher.batches - before_batches
+    assert items == 48 and batches < 48, (items, batches)       # the texts and the lookups share forward passes
+    for texts, message in (([], "embed 1 to 2048 texts, not 0"), (["ok"] * 2049, "not 2049"),
+                           (["ok", ""], "text 1 is empty"), (["word " * 300], "text 0 has 302 tokens")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await r.stub.Embed(cache_pb2.EmbedTextsRequest(texts=texts))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    cut = await r.stub.Embed(cache_pb2.EmbedTextsRequest(texts=["word " * 300], truncate=True))
+    assert list(cut.tokens) == [256]
 
 
 async def test_lookup_stream_answers_each_id_and_a_bad_request_does_not_end_the_stream(start_replica):

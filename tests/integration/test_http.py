@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import grpc
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -33,13 +34,21 @@ async def suite(redis_url, make_engine, embedder):
         ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         admin = gateway_pb2_grpc.GatewayAdminStub(ch)
 
+        key_ids: dict[str, str] = {}
+
         async def new_key(**kw) -> str:
             kw.setdefault("tenant", "acme")
-            return (await admin.CreateKey(gateway_pb2.CreateKeyRequest(**kw),
-                                          metadata=(("authorization", f"Bearer {ADMIN}"),))).key
+            out = await admin.CreateKey(gateway_pb2.CreateKeyRequest(**kw), metadata=(("authorization", f"Bearer {ADMIN}"),))
+            key_ids[out.key] = out.key_id
+            return out.key
+
+        async def usage(key: str) -> gateway_pb2.GetUsageResponse:
+            return await admin.GetUsage(gateway_pb2.GetUsageRequest(key_id=key_ids[key]),
+                                        metadata=(("authorization", f"Bearer {ADMIN}"),))
         try:
             yield SimpleNamespace(base=f"http://127.0.0.1:{svc.http_port}", key=await new_key(), new_key=new_key,
-                                  grpc=gateway_pb2_grpc.GatewayStub(ch), replica=down.replica, router=down.router)
+                                  usage=usage, grpc=gateway_pb2_grpc.GatewayStub(ch), replica=down.replica,
+                                  router=down.router)
         finally:
             await ch.close()
             await svc.stop(0)
@@ -242,3 +251,81 @@ async def test_streaming_callers_hanging_up_leave_no_blocks_or_engine_work(suite
             break
         await asyncio.sleep(0.05)
     assert all(b.in_flight == 0 for b in suite.router.router.backends.values())
+
+
+EMBEDDER = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def sentence_transformers_model():
+    st = pytest.importorskip("sentence_transformers")
+    from services.embedding.embedder import default_model_dir
+
+    return st.SentenceTransformer(str(default_model_dir()), device="cpu")
+
+
+async def test_embeddings_with_the_sdk_and_grpc_equal_sentence_transformers(suite, sentence_transformers_model,
+                                                                            embedder):
+    texts = ["How do I learn Python?", "What is the capital of France?", "Ünïcödé and emoji 🙂", "a"]
+    ref = sentence_transformers_model.encode(texts, convert_to_numpy=True)
+    tokens = sum(embedder.num_tokens(t) for t in texts)
+    sync, aclient = clients(suite)
+    # the SDK asks for base64 unless told: little-endian float32
+    out = await asyncio.to_thread(sync.embeddings.create, model=EMBEDDER, input=texts)
+    assert out.model == EMBEDDER and [d.index for d in out.data] == [0, 1, 2, 3]
+    np.testing.assert_allclose(np.array([d.embedding for d in out.data]), ref, atol=1e-5)
+    assert out.usage.prompt_tokens == out.usage.total_tokens == tokens
+    one = await aclient.embeddings.create(model=EMBEDDER, input=texts[0], encoding_format="float", dimensions=384)
+    np.testing.assert_allclose(one.data[0].embedding, ref[0], atol=1e-5)
+    rpc = await suite.grpc.Embed(gateway_pb2.EmbedRequest(input=texts),       # no model: the embedding model
+                                 metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert rpc.model == EMBEDDER and rpc.usage.prompt_tokens == tokens and rpc.usage.completion_tokens == 0
+    np.testing.assert_allclose(np.array([list(e.values) for e in rpc.embeddings]), ref, atol=1e-5)
+
+    # a text past the model's 256-token window is a 400 unless the caller asks to cut it, as sentence-transformers does
+    long = "word " * 300
+    with pytest.raises(openai.BadRequestError, match="text 1 has 302 tokens"):
+        await aclient.embeddings.create(model=EMBEDDER, input=["short", long])
+    cut = await aclient.embeddings.create(model=EMBEDDER, input=[long], extra_body={"strata": {"truncate": True}})
+    np.testing.assert_allclose(cut.data[0].embedding, sentence_transformers_model.encode([long])[0], atol=1e-5)
+    assert cut.usage.prompt_tokens == 256
+    assert EMBEDDER in [m.id for m in (await aclient.models.list()).data]
+    await aclient.close()
+    sync.close()
+
+
+async def test_embeddings_take_the_keys_models_limits_and_usage(suite):
+    _, aclient = clients(suite)
+    for model, error in ((MODEL, "a generation model"), ("text-embedding-3-small", "unknown embedding model")):
+        with pytest.raises(openai.NotFoundError, match=error):
+            await aclient.embeddings.create(model=model, input="hi")
+    for kw, error in (({"input": []}, "'input' must be"), ({"input": [1, 2, 3]}, "token-id input"),
+                      ({"input": [[1, 2]]}, "token-id input"), ({"input": ["ok", ""]}, "input 1 is empty"),
+                      ({"input": "hi", "dimensions": 128}, "'dimensions' must be 384"),
+                      ({"input": ["x"] * 2049}, "1 to 2048 texts")):
+        with pytest.raises(openai.BadRequestError, match=error):
+            await aclient.embeddings.create(model=EMBEDDER, **kw)
+    async with httpx.AsyncClient(base_url=suite.base, timeout=60) as http:
+        r = await http.post("/v1/embeddings", json={"model": EMBEDDER, "input": "hi", "encoding_format": "hex"},
+                            headers={"Authorization": f"Bearer {suite.key}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "encoding_format"
+        r = await http.post("/v1/embeddings", json={"model": EMBEDDER, "input": "hi"})
+        assert r.status_code == 401
+
+    gen_only = await suite.new_key(models=[MODEL])              # a key limited to a generation model
+    with pytest.raises(openai.PermissionDeniedError):
+        await clients(suite, key=gen_only)[1].embeddings.create(model=EMBEDDER, input="hi")
+    limited = await suite.new_key(tenant="metered", limits=gateway_pb2.KeyLimits(requests_per_minute=2))
+    _, metered = clients(suite, key=limited)
+    first = await metered.embeddings.create(model=EMBEDDER, input=["one text", "and another"])
+    await metered.embeddings.create(model=EMBEDDER, input="a third")
+    with pytest.raises(openai.RateLimitError) as err:
+        await metered.embeddings.create(model=EMBEDDER, input="a fourth")
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    used = await suite.usage(limited)          # two answered calls, charged the tokens the model read
+    assert used.requests == 2 and used.completion_tokens == 0
+    assert used.prompt_tokens == first.usage.prompt_tokens + (await suite.grpc.Embed(
+        gateway_pb2.EmbedRequest(model=EMBEDDER, input=["a third"]),
+        metadata=(("authorization", f"Bearer {suite.key}"),))).usage.prompt_tokens
+    for c in (aclient, metered):
+        await c.close()

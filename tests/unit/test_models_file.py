@@ -26,16 +26,19 @@ def test_toml_and_yaml_read_alike_and_what_up_writes_reads_back(tmp_path):
                     '[[models]]\nname = "b"\nreplicas = 2\ntiers = ["premium"]\n'
                     '[[auto]]\nname = "code"\nmodel = "b"\nhas_code = true\n'
                     '[cascades.a]\nto = "b"\nmin_mean_logprob = -2\n'
-                    '[splits.ab]\nweights = { a = 3, b = 1 }\nsticky = "conversation"\n')
+                    '[splits.ab]\nweights = { a = 3, b = 1 }\nsticky = "conversation"\n'
+                    '[embedding]\nname = "minilm"\nusd_per_1k_tokens = 0.001\ntiers = ["premium"]\n')
     yaml = tmp_path / "m.yaml"
     yaml.write_text("models:\n  - {name: a, usd_per_1k_prompt_tokens: 0.5, fallbacks: [b]}\n"
                     "  - {name: b, replicas: 2, tiers: [premium]}\n"
                     "auto: [{name: code, model: b, has_code: true}]\n"
                     "cascades: {a: {to: b, min_mean_logprob: -2}}\n"
-                    "splits: {ab: {weights: {a: 3, b: 1}, sticky: conversation}}\n")
+                    "splits: {ab: {weights: {a: 3, b: 1}, sticky: conversation}}\n"
+                    "embedding: {name: minilm, usd_per_1k_tokens: 0.001, tiers: [premium]}\n")
     a, b = models_file.load(toml), models_file.load(yaml)
     assert a == b and a.model("b").replicas == 2 and a.model("b").allows("premium") and not a.model("b").allows("free")
     assert a.cascades["a"].to == "b" and a.splits["ab"].weights == {"a": 3.0, "b": 1.0} and a.auto[0].has_code is True
+    assert a.embedding.name == "minilm" and a.embedding.allows("premium") and not a.embedding.allows("free")
     models_file.dump(a, tmp_path / "written.yaml")
     assert models_file.load(tmp_path / "written.yaml") == a
 
@@ -58,6 +61,10 @@ def test_toml_and_yaml_read_alike_and_what_up_writes_reads_back(tmp_path):
     ({"models": [{"name": "a"}], "splits": {"s": {"weights": {"a": 0}}}}, "positive sum"),
     ({"models": [{"name": "a"}], "splits": {"s": {"weights": {"a": 1}, "sticky": "ip"}}}, "sticky must be one of"),
     ({"models": [{"name": "auto"}]}, "taken by 'auto'"),
+    ({"models": [{"name": "a"}], "embedding": {"name": "a"}}, "embedding model name 'a' is empty or taken"),
+    ({"models": [{"name": "a"}], "embedding": {"usd_per_1k_tokens": -1}}, "usd_per_1k_tokens must be finite"),
+    ({"models": [{"name": "a"}], "embedding": {"tiers": ["gold"]}}, "embedding tiers: unknown 'gold'"),
+    ({"models": [{"name": "a"}], "embedding": {"dim": 3}}, "embedding: unknown field(s) dim"),
 ])
 def test_mistakes_are_refused_saying_where_and_why(raw, message):
     with pytest.raises(ModelsFileError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Sequence
 
 from opentelemetry import trace
 
@@ -30,6 +31,7 @@ from services.gateway.usage import UsageStore
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 SHED_RETRY_AFTER_S = 1.0
+MAX_EMBED_INPUTS = 2048               # texts in one Embed call (OpenAI's bound)
 
 
 class ShedError(ResourceExhaustedError):
@@ -52,6 +54,16 @@ class Admission:
     priority: int                     # the request's, raised to its tier's floor
     flags: tuple[str, ...]            # guardrail findings
     reservation: Reservation | None   # None: the key has no limits, or the limit store was away (fail-open)
+
+
+@dataclass(slots=True)
+class EmbedAdmission:
+    """An Embed call let in."""
+
+    request_id: str
+    key: ApiKey
+    model: str                        # the embedding model's configured name
+    reservation: Reservation | None
 
 
 class Admit:
@@ -85,6 +97,38 @@ class Admit:
             reservation = await self._reserve(key, tier, tokens)
         return Admission(uuid.uuid4().hex, request, key, model, max_tokens, route, tier.name, priority, tuple(flags),
                          reservation)
+
+    async def embedding(self, model: str, texts: Sequence[str], bearer: str, client: str) -> EmbedAdmission:
+        """An Embed call let in: the key, its models and tier, the input's bounds, the budget, and the limits
+        reserved for the texts' estimated tokens. No shedding (the cache's model is not a replica's) and no
+        guardrail (redacting a text would change its vector; it goes to the cache's model and nowhere else)."""
+        with telemetry.child_span(self.tracer, "auth") as span:
+            key = await self.auth.authenticate(bearer, client)
+            span.set_attribute("strata.key_id", key.key_id)
+        tier = self.config.tier(key.tier)
+        spec = self.config.embedding
+        model = model or spec.name
+        if model != spec.name:
+            hint = " (a generation model; embeddings come from the embedding model)" if model in self.config.models else ""
+            raise NotFoundError(f"unknown embedding model {model!r}{hint}; this suite embeds with {spec.name!r}")
+        if not key.allows(model):
+            raise PermissionDeniedError(f"this API key may not use model {model!r}")
+        if not spec.allows(tier.name):
+            raise PermissionDeniedError(f"model {model!r} is not open to the {tier.name!r} tier")
+        if not 1 <= len(texts) <= MAX_EMBED_INPUTS:
+            raise InvalidArgumentError(f"the input must hold 1 to {MAX_EMBED_INPUTS} texts, not {len(texts)}")
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidArgumentError(f"input {i} is empty")
+            if len(t) > self.config.max_prompt_chars:
+                raise InvalidArgumentError(f"input {i} is longer than {self.config.max_prompt_chars} characters")
+        self.metrics.routed.labels(model, "named").inc()
+        with telemetry.child_span(self.tracer, "limits") as span:
+            await self._check_budget(key)
+            tokens = sum(len(t) // 4 + 2 for t in texts)          # estimated, reconciled with the model's count
+            span.set_attribute("strata.reserved_tokens", tokens)
+            reservation = await self._reserve(key, tier, tokens)
+        return EmbedAdmission(uuid.uuid4().hex, key, model, reservation)
 
     def able(self, model: str, chat: bool) -> bool:
         """Whether `model` can take the request as far as the gateway knows (unknown: yes)."""

@@ -11,7 +11,7 @@ from services.common.metrics import GatewayMetrics
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import REDIS_ERRORS
 from services.gateway.limits import RateLimiter, Reservation
-from services.gateway.stages.admit import Admission
+from services.gateway.stages.admit import Admission, EmbedAdmission
 from services.gateway.stages.cache import CacheStage
 from services.gateway.stages.route import Generation
 from services.gateway.usage import UsageStore
@@ -31,11 +31,20 @@ class Settle:
         """Record the usage and end the reservation; `count` False for a request that failed or was cut
         short (its tokens are charged, it is not counted among the requests). Charged at the price of the
         model that answered (`answered_by`: a router fallback's), else of the admitted one."""
+        price = self.config.models.get(answered_by) or self.config.models[a.model]
+        await self._record(a.key.key_id, a.reservation, prompt_tokens, completion_tokens,
+                           price.cost(prompt_tokens, completion_tokens), cache_hit, count)
+
+    async def charge_embedding(self, a: EmbedAdmission, tokens: int, count: bool = True) -> None:
+        """An Embed call's tokens, at the embedding model's price, as prompt tokens."""
+        self.metrics.tokens.labels("embedding").inc(tokens)
+        await self._record(a.key.key_id, a.reservation, tokens, 0,
+                           tokens * self.config.embedding.usd_per_1k_tokens / 1000, False, count)
+
+    async def _record(self, key_id: str, r: Reservation | None, prompt_tokens: int, completion_tokens: int,
+                      cost: float, cache_hit: bool, count: bool) -> None:
         if count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
-            price = self.config.models.get(answered_by) or self.config.models[a.model]
-            cost = price.cost(prompt_tokens, completion_tokens)
-            await self.usage.record(a.key.key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count)
-        r = a.reservation
+            await self.usage.record(key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count)
         if r is not None:
             try:
                 await self.limiter.reconcile(r, prompt_tokens + completion_tokens)
