@@ -102,6 +102,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.guardrails
 	$(BIN)/python -m bench.hardening
 	$(BIN)/python -m bench.multi_model
+	$(BIN)/python -m bench.structured
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

@@ -30,6 +30,7 @@ ANSWER_FIELDS: dict[str, Any] = {
     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": None, "max_tokens": None, "min_tokens": 0,
     "stop": (), "stop_token_ids": (), "ignore_eos": False, "logprobs": None,
+    "response_format": None,   # structured output: {"type", "spec", "strict"}; a JSON request never gets free text
 }
 
 

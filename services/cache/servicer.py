@@ -22,7 +22,7 @@ from services.common.metrics import CacheMetrics
 from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
 from services.embedding import MODEL_NAME as EMBEDDING_MODEL
 
-_REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos")
+_REPEATED_OR_PLAIN = ("stop", "stop_token_ids", "ignore_eos", "response_format")
 _SAMPLING_OPTIONAL = tuple(k for k in ANSWER_FIELDS if k not in _REPEATED_OR_PLAIN)   # proto3 `optional` fields
 log = logging.getLogger(__name__)
 _LAYER = {"exact": cache_pb2.CACHE_LAYER_EXACT, "semantic": cache_pb2.CACHE_LAYER_SEMANTIC}
@@ -33,6 +33,9 @@ def query_from_proto(q: cache_pb2.CacheQuery) -> Query:
     sampling["stop"] = list(q.sampling.stop)
     sampling["stop_token_ids"] = list(q.sampling.stop_token_ids)
     sampling["ignore_eos"] = q.sampling.ignore_eos
+    f = q.sampling.response_format
+    if f.type:                                  # TYPE_TEXT (0) is free text, as unset
+        sampling["response_format"] = {"type": f.type, "spec": f.spec, "strict": f.strict}
     kind = q.WhichOneof("input")
     if kind == "prompt":
         return Query(q.namespace, q.model, prompt=q.prompt, sampling=sampling)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict
 
@@ -34,9 +35,32 @@ class Sampling(TypedDict, total=False):
     stop_token_ids: Sequence[int]
     ignore_eos: bool
     logprobs: int                   # top-n per token, 0..20
+    response_format: str | Mapping[str, object]   # structured output: "json_object", or {"type": "json_schema",
+    # "schema": {...} or its JSON text, "strict": bool}, {"type": "regex", "regex": ...}, {"type": "grammar",
+    # "grammar": "root ::= ..."}; OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}} too
 
 
 SAMPLING_FIELDS = frozenset(Sampling.__annotations__)
+_FORMAT = common_pb2.ResponseFormat
+
+
+def response_format(value: object) -> common_pb2.ResponseFormat:
+    """The ResponseFormat message of a `response_format` argument (see Sampling); ValueError if malformed."""
+    if value in ("json_object", {"type": "json_object"}):
+        return _FORMAT(type=_FORMAT.TYPE_JSON_OBJECT)
+    if value in ("text", {"type": "text"}):
+        return _FORMAT(type=_FORMAT.TYPE_TEXT)
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if kind == "json_schema":
+        inner = value.get("json_schema", value)
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if isinstance(schema, Mapping):
+            schema = json.dumps(schema)
+        if isinstance(schema, str):
+            return _FORMAT(type=_FORMAT.TYPE_JSON_SCHEMA, spec=schema, strict=bool(inner.get("strict", False)))
+    if kind in ("regex", "grammar") and isinstance(value.get(kind), str):
+        return _FORMAT(type=_FORMAT.TYPE_REGEX if kind == "regex" else _FORMAT.TYPE_GRAMMAR, spec=value[kind])
+    raise ValueError(f"response_format must be 'json_object' or a json_schema, regex or grammar mapping, not {value!r:.200}")
 
 
 def sampling_params(sampling: Mapping[str, object]) -> common_pb2.SamplingParams:
@@ -48,6 +72,8 @@ def sampling_params(sampling: Mapping[str, object]) -> common_pb2.SamplingParams
     fields = dict(sampling)
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
+    if "response_format" in fields:
+        fields["response_format"] = response_format(fields["response_format"])
     return common_pb2.SamplingParams(**fields)
 
 

@@ -12,7 +12,7 @@ from typing import AsyncIterator, Protocol, Sequence
 
 import numpy as np
 
-from services.gateway.types import Finish, FinishReason, Message, Sampling, SourceKind, Usage
+from services.gateway.types import Finish, FinishReason, Message, Sampling, SourceKind, ToolCall, Tools, Usage
 
 
 @dataclass(slots=True)
@@ -53,6 +53,7 @@ class ModelRequest:
     messages: tuple[Message, ...] | None  # instead of the prompt
     sampling: Sampling                    # max_tokens always set
     priority: int
+    tools: Tools | None = None            # chat only: the functions the model may call
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class ModelChunk:
     prompt_tokens: int                    # the prompt's length in tokens, on the first chunk (else 0)
     logprobs: Sequence[float]             # the chosen tokens' log-probabilities, when asked for
     finish: Finish | None                 # the last chunk only: reason, usage and source (no flags)
+    tool_calls: tuple[ToolCall, ...] = () # calls completed in this chunk
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from services.common.tls import PLAINTEXT, TlsConfig
 from services.gateway.backends import Answer, CacheHit, CacheQuery, Embedded, ModelChunk, ModelRequest
 from services.gateway.errors import CapacityError
 from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, sampling_to_pb, set_input,
-                                        source_from_pb, usage_from_pb, usage_to_pb)
+                                        source_from_pb, tool_calls_from_pb, usage_from_pb, usage_to_pb)
 from services.gateway.directory import ReplicaView
 from services.gateway.types import Finish, SourceKind
 
@@ -124,7 +124,7 @@ def query_to_pb(q: CacheQuery) -> cache_pb2.CacheQuery:
 def model_request_to_pb(r: ModelRequest) -> inference_pb2.GenerateRequest:
     out = inference_pb2.GenerateRequest(request_id=r.request_id, model=r.model, sampling=sampling_to_pb(r.sampling),
                                         priority=r.priority)
-    set_input(out, r.prompt, r.messages)
+    set_input(out, r.prompt, r.messages, r.tools)
     return out
 
 
@@ -139,7 +139,8 @@ def model_chunk_from_pb(c: inference_pb2.GenerateChunk) -> ModelChunk:
     if c.finish_reason:                   # the last chunk
         finish = Finish(finish_reason_from_pb(c.finish_reason), usage_from_pb(c.usage), source_from_pb(c.source))
     return ModelChunk(c.text, tuple(c.token_ids), len(c.prompt_token_ids),
-                      [lp.logprob for lp in c.logprobs] if c.logprobs else (), finish)
+                      [lp.logprob for lp in c.logprobs] if c.logprobs else (), finish,
+                      tuple(tool_calls_from_pb(c.tool_calls)) if c.tool_calls else ())
 
 
 class Downstream:

@@ -16,7 +16,8 @@ Strata's own fields go in an extension object, `"strata": {"cache_policy": "use"
 and every answer carries `"strata": {"source": {...}, "flags": [...]}`. Embeddings take `"strata": {"truncate":
 bool}` (cut texts past the model's 256-token window instead of a 400) and `encoding_format` float or base64
 (little-endian float32, what the openai SDK asks for by default); `dimensions` may only be the model's own. Fields this face does not serve yet
-(`tools`, `response_format`, `n` > 1, `logprobs`, ...) are a 400 that names them, never silently dropped.
+(`tools`, `n` > 1, `logprobs`, ...) are a 400 that names them, never silently dropped. `response_format`
+(json_object, json_schema, and Strata's regex and grammar) constrains decoding in the replica.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from services.common.errors import StrataError
 from services.common.tls import PLAINTEXT, TlsConfig
 from services.embedding import EMBEDDING_DIM
 from services.gateway.service import Gateway
-from services.gateway.types import CachePolicy, Chunk, Finish, FinishReason, Message, Request, Sampling
+from services.gateway.types import (CachePolicy, Chunk, Finish, FinishReason, Message, Request, ResponseFormat, Sampling,
+                                    Tool, ToolCall, Tools)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,11 @@ _STATUS = {"INVALID_ARGUMENT": (400, "invalid_request_error"), "FAILED_PRECONDIT
            "RESOURCE_EXHAUSTED": (429, "rate_limit_error"), "UNAVAILABLE": (503, "service_unavailable"),
            "DEADLINE_EXCEEDED": (504, "timeout"), "CANCELLED": (499, "cancelled")}
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
-           FinishReason.ERROR: "error"}
+           FinishReason.ERROR: "error", FinishReason.TOOL_CALLS: "tool_calls"}
 _POLICIES = {p.value: p for p in CachePolicy}
 # accepted and ignored: what they ask for is what Strata does anyway
-_NEUTRAL = {"stream_options", "user", "n", "parallel_tool_calls", "service_tier", "store", "metadata"}
-_UNSERVED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
+_NEUTRAL = {"stream_options", "user", "n", "service_tier", "store", "metadata"}
+_UNSERVED = ("functions", "function_call", "logprobs", "top_logprobs",
              "logit_bias", "echo", "best_of", "suffix", "prediction", "audio", "modalities")
 
 
@@ -112,11 +114,7 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
 
 def _served(name: str, value: Any) -> bool:
     """Whether an _UNSERVED field's value asks for nothing beyond plain text (its default)."""
-    if value is None or value is False or value == [] or value == {} or value == 0:
-        return True
-    if name == "tool_choice":
-        return value in ("none", "auto")
-    return name == "response_format" and isinstance(value, dict) and value.get("type") == "text"
+    return value is None or value is False or value == [] or value == {} or value == 0
 
 
 def _check_fields(body: dict, known: set[str]) -> None:
@@ -131,7 +129,10 @@ def _check_fields(body: dict, known: set[str]) -> None:
 
 
 _SAMPLING = {"model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-             "presence_penalty", "frequency_penalty", "strata"}
+             "presence_penalty", "frequency_penalty", "response_format", "strata"}
+
+
+_TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
 
 
 def _sampling(body: dict, ext: dict) -> Sampling:
@@ -151,7 +152,35 @@ def _sampling(body: dict, ext: dict) -> Sampling:
                     presence_penalty=_float(_get(body, "presence_penalty", number)),
                     frequency_penalty=_float(_get(body, "frequency_penalty", number)),
                     top_k=_get(ext, "top_k", int), min_p=_float(_get(ext, "min_p", number)),
-                    repetition_penalty=_float(_get(ext, "repetition_penalty", number)))
+                    repetition_penalty=_float(_get(ext, "repetition_penalty", number)),
+                    response_format=_response_format(body.get("response_format")))
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    """OpenAI's `response_format` ({"type": "text" | "json_object"}, or {"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}), plus Strata's {"type": "regex", "regex": ...} and {"type": "grammar",
+    "grammar": ...} (EBNF, as xgrammar reads it). The replica compiles the format: one it cannot read is a
+    400 with the grammar engine's message."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind == "json_schema":
+        js = value.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise _bad("'response_format.json_schema.schema' must be a JSON Schema object", "response_format")
+        strict = js.get("strict") or False
+        if not isinstance(strict, bool):
+            raise _bad("'response_format.json_schema.strict' must be a boolean", "response_format")
+        return ResponseFormat("json_schema", json.dumps(js["schema"]), strict)
+    if kind in ("regex", "grammar") and isinstance(value.get(kind), str) and value[kind]:
+        return ResponseFormat(kind, value[kind])
+    raise _bad("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"}, {\"type\": "
+               "\"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}, or Strata's {\"type\": \"regex\", "
+               "\"regex\": ...} or {\"type\": \"grammar\", \"grammar\": ...}", "response_format")
 
 
 def _float(v: Any) -> float | None:
@@ -192,13 +221,54 @@ def _request(body: dict, *, chat: bool) -> Request:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("'messages' must be a non-empty array", "messages")
-        return Request(messages=tuple(_message(m, i) for i, m in enumerate(messages)), **common)
+        return Request(messages=tuple(_message(m, i) for i, m in enumerate(messages)), tools=_tools(body), **common)
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            raise _bad(f"'{name}' needs chat messages (/v1/chat/completions)", name)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise _bad("'prompt' must be a non-empty string (one prompt per request)", "prompt")
     return Request(prompt=prompt, **common)
+
+
+def _tools(body: dict) -> Tools | None:
+    """OpenAI's `tools` (functions), `tool_choice` and `parallel_tool_calls`; None when none is given."""
+    tools, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
+    if tools is None and choice is None and parallel is None:
+        return None
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise _bad("'tools' must be an array of function tools", "tools")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}", "tools")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise _bad(f"'tools[{i}].function.parameters' must be a JSON Schema object", "tools")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise _bad(f"'tools[{i}].function.description' must be a string", "tools")
+        out.append(Tool(fn["name"], description, json.dumps(params) if params is not None else ""))
+    function = ""
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}}", "tool_choice")
+        choice, function = "function", fn["name"]
+    elif choice not in ("none", "auto", "required"):
+        raise _bad("'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": "
+                   "{\"name\": ...}}", "tool_choice")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _bad("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    return Tools(tuple(out), choice, function, parallel)
 
 
 def _message(m: Any, i: int) -> Message:
@@ -210,6 +280,28 @@ def _message(m: Any, i: int) -> Message:
         role = "system"
     if not isinstance(role, str):
         raise _bad(f"'{param}.role' must be a string", param)
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls:
+        if not isinstance(calls, list):
+            raise _bad(f"'{param}.tool_calls' must be an array", param)
+        parsed = []
+        for c in calls:
+            fn = c.get("function") if isinstance(c, dict) else None
+            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and isinstance(fn.get("arguments"), str)
+                    and isinstance(c.get("id", ""), str)):
+                raise _bad(f"'{param}.tool_calls' entries must be {{\"id\", \"type\": \"function\", \"function\": "
+                           "{\"name\", \"arguments\": a JSON string}}", param)
+            parsed.append(ToolCall(c.get("id", ""), fn["name"], fn["arguments"]))
+        return Message(role, _content(content if content is not None else "", param), tuple(parsed))
+    if role == "tool":
+        call_id = m.get("tool_call_id", "")
+        if not isinstance(call_id, str):
+            raise _bad(f"'{param}.tool_call_id' must be a string", param)
+        return Message(role, _content(content, param), (), call_id)
+    return Message(role, _content(content, param))
+
+
+def _content(content: Any, param: str) -> str:
     if isinstance(content, list):           # content parts: text only
         texts = []
         for part in content:
@@ -219,7 +311,7 @@ def _message(m: Any, i: int) -> Message:
         content = "".join(texts)
     if not isinstance(content, str):
         raise _bad(f"'{param}.content' must be a string or an array of text parts", param)
-    return Message(role, content)
+    return content
 
 
 _EMBED_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "strata"}
@@ -262,6 +354,10 @@ def _usage(f: Finish) -> dict[str, int]:
     if u.cached_prompt_tokens:
         out["prompt_tokens_details"] = {"cached_tokens": u.cached_prompt_tokens}
     return out
+
+
+def _call(c: ToolCall) -> dict[str, Any]:
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
 
 
 def _strata(f: Finish) -> dict[str, Any]:
@@ -374,7 +470,7 @@ class HttpFrontDoor:
                 body = await self._body(http)
                 if not isinstance(body, dict):
                     raise _bad("the body must be a JSON object")
-                _check_fields(body, _SAMPLING | ({"messages"} if chat else {"prompt"}))
+                _check_fields(body, _SAMPLING | _TOOLS | ({"messages"} if chat else {"prompt"}))
                 request = _request(body, chat=chat)
                 stream = _get(body, "stream", bool, False)
                 usage_chunk = bool(stream and isinstance(body.get("stream_options"), dict)
@@ -403,6 +499,9 @@ class HttpFrontDoor:
         choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH[f.reason], "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": result.text}
+            if result.tool_calls:
+                choice["message"] = {"role": "assistant", "content": result.text or None,
+                                     "tool_calls": [_call(c) for c in result.tool_calls]}
             kind, prefix = "chat.completion", "chatcmpl-"
         else:
             choice["text"] = result.text
@@ -433,7 +532,12 @@ class HttpFrontDoor:
                     yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                   "logprobs": None}])
                 chunk: Chunk | None = first
+                calls = 0                          # a call's index in the answer, as OpenAI numbers deltas
                 while chunk is not None:
+                    for c in chunk.tool_calls:
+                        yield event([{"index": 0, "delta": {"tool_calls": [{"index": calls, **_call(c)}]},
+                                      "finish_reason": None, "logprobs": None}])
+                        calls += 1
                     f = chunk.finish
                     if f is not None:
                         model = f.source.model or model

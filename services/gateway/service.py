@@ -188,13 +188,14 @@ class Gateway:
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Result:
-    request_id, text, token_ids, finish = "", [], [], None
+    request_id, text, token_ids, calls, finish = "", [], [], [], None
     async for c in chunks:
         request_id = c.request_id
         text.append(c.text)
         token_ids.extend(c.token_ids)
+        calls.extend(c.tool_calls)
         if c.finish is not None:
             finish = c.finish
     if finish is None:
         raise UnavailableError("the answer ended without its final chunk")
-    return Result(request_id, "".join(text), token_ids, finish)
+    return Result(request_id, "".join(text), token_ids, finish, tuple(calls))

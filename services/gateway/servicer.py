@@ -16,7 +16,7 @@ from services.gateway.admin import GatewayAdmin
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
 from services.gateway.translate import (finish_reason_to_pb, messages_from_pb, sampling_from_pb, source_to_pb,
-                                        usage_to_pb)
+                                        tool_calls_to_pb, tools_from_pb, usage_to_pb)
 from services.gateway.types import CachePolicy, Chunk, Finish, Request, Result
 
 # an unknown value (proto3 enums are open) skips the lookup and stores the answer, as REFRESH does
@@ -39,9 +39,10 @@ def client_address(context: grpc.aio.ServicerContext) -> str:
 
 
 def request_from_pb(r: gateway_pb2.GatewayRequest) -> Request:
-    return Request(r.model, r.prompt, messages_from_pb(r.messages) if r.HasField("messages") else None,
+    chat = r.HasField("messages")
+    return Request(r.model, r.prompt, messages_from_pb(r.messages) if chat else None,
                    sampling_from_pb(r.sampling), _POLICY.get(r.cache_policy, CachePolicy.REFRESH), r.priority,
-                   r.allow_sampled_cache)
+                   r.allow_sampled_cache, tools_from_pb(r.messages) if chat else None)
 
 
 def _finish_fields(f: Finish) -> dict[str, Any]:
@@ -53,15 +54,16 @@ def _finish_fields(f: Finish) -> dict[str, Any]:
 
 
 def chunk_to_pb(c: Chunk) -> gateway_pb2.GatewayChunk:
+    calls = {"tool_calls": tool_calls_to_pb(c.tool_calls)} if c.tool_calls else {}
     if c.finish is None:
-        return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids)
+        return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids, **calls)
     return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids,
-                                    **_finish_fields(c.finish))
+                                    **_finish_fields(c.finish), **calls)
 
 
 def result_to_pb(r: Result) -> gateway_pb2.GatewayResponse:
     return gateway_pb2.GatewayResponse(request_id=r.request_id, text=r.text, token_ids=r.token_ids,
-                                       **_finish_fields(r.finish))
+                                       tool_calls=tool_calls_to_pb(r.tool_calls), **_finish_fields(r.finish))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

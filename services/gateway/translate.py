@@ -12,16 +12,24 @@ from dataclasses import fields
 from typing import Any
 
 from services.common.pb import common_pb2
-from services.gateway.types import FinishReason, Message, Sampling, Source, SourceKind, Usage
+from services.gateway.types import (FinishReason, Message, ResponseFormat, Sampling, Source, SourceKind, Tool, ToolCall,
+                                    Tools, Usage)
 
 _SAMPLING_FIELDS = tuple(f.name for f in fields(Sampling))
 _MEMO_SIZE = 1024                     # distinct sampling settings remembered; then all forgotten at once
 _FINISH = {common_pb2.FINISH_REASON_STOP: FinishReason.STOP, common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
-           common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT, common_pb2.FINISH_REASON_ERROR: FinishReason.ERROR}
+           common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT, common_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
+           common_pb2.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS}
+_CHOICE = {common_pb2.ToolChoice.MODE_AUTO: "auto", common_pb2.ToolChoice.MODE_NONE: "none",
+           common_pb2.ToolChoice.MODE_REQUIRED: "required", common_pb2.ToolChoice.MODE_FUNCTION: "function"}
+_CHOICE_PB = {v: k for k, v in _CHOICE.items()}
 _FINISH_PB = {v: k for k, v in _FINISH.items()}
 _KIND = {common_pb2.Source.KIND_MODEL: SourceKind.MODEL, common_pb2.Source.KIND_CACHE_EXACT: SourceKind.CACHE_EXACT,
          common_pb2.Source.KIND_CACHE_SEMANTIC: SourceKind.CACHE_SEMANTIC}
 _KIND_PB = {v: k for k, v in _KIND.items()}
+_FORMAT = {common_pb2.ResponseFormat.TYPE_JSON_OBJECT: "json_object", common_pb2.ResponseFormat.TYPE_JSON_SCHEMA: "json_schema",
+           common_pb2.ResponseFormat.TYPE_REGEX: "regex", common_pb2.ResponseFormat.TYPE_GRAMMAR: "grammar"}
+_FORMAT_PB = {v: k for k, v in _FORMAT.items()}
 # each distinct setting a caller sends is translated once; its message is found again by identity, not
 # equality (0.0 == -0.0, yet the cache keys tell them apart)
 _interned: dict[bytes, Sampling] = {}
@@ -37,7 +45,8 @@ def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
             _interned.clear()
             _pb_of.clear()
         present = s.ListFields()      # only the fields that are set: optional ones by presence
-        out = _interned[raw] = Sampling(**{f.name: tuple(v) if f.is_repeated else v for f, v in present})
+        out = _interned[raw] = Sampling(**{f.name: tuple(v) if f.is_repeated else
+                                           format_from_pb(v) if f.name == "response_format" else v for f, v in present})
         _pb_of[id(out)] = (out, _sampling_pb(out))
     return out
 
@@ -50,15 +59,46 @@ def sampling_to_pb(s: Sampling) -> common_pb2.SamplingParams:
 
 
 def _sampling_pb(s: Sampling) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(**{n: v for n in _SAMPLING_FIELDS if (v := getattr(s, n)) is not None})
+    return common_pb2.SamplingParams(**{n: format_to_pb(v) if n == "response_format" else v
+                                        for n in _SAMPLING_FIELDS if (v := getattr(s, n)) is not None})
+
+
+def format_from_pb(f: common_pb2.ResponseFormat) -> ResponseFormat | None:
+    """None for free text; an unknown type is kept by its number, for the replica to refuse."""
+    if f.type == common_pb2.ResponseFormat.TYPE_TEXT:
+        return None
+    return ResponseFormat(_FORMAT.get(f.type, str(f.type)), f.spec, f.strict)
+
+
+def format_to_pb(f: ResponseFormat) -> common_pb2.ResponseFormat:
+    kind = _FORMAT_PB.get(f.kind)
+    return common_pb2.ResponseFormat(type=kind if kind is not None else int(f.kind), spec=f.spec, strict=f.strict)
 
 
 def messages_from_pb(m: common_pb2.ChatMessages) -> tuple[Message, ...]:
-    return tuple([Message(x.role, x.content) for x in m.messages])
+    return tuple([Message(x.role, x.content, tuple(tool_calls_from_pb(x.tool_calls)), x.tool_call_id)
+                  if x.tool_calls or x.tool_call_id else Message(x.role, x.content) for x in m.messages])
 
 
-def set_input(message: Any, prompt: str, messages: tuple[Message, ...] | None) -> None:
-    """Fill the `input` oneof (prompt or messages) of a CacheQuery or GenerateRequest."""
+def tools_from_pb(m: common_pb2.ChatMessages) -> Tools | None:
+    """None when the conversation offers no tools and leaves the choice alone."""
+    if not m.tools and not m.HasField("tool_choice") and not m.HasField("parallel_tool_calls"):
+        return None
+    return Tools(tuple(Tool(t.name, t.description, t.parameters) for t in m.tools),
+                 _CHOICE.get(m.tool_choice.mode, str(m.tool_choice.mode)), m.tool_choice.function,
+                 m.parallel_tool_calls if m.HasField("parallel_tool_calls") else None)
+
+
+def tool_calls_from_pb(calls) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments) for c in calls]
+
+
+def tool_calls_to_pb(calls) -> list[common_pb2.ToolCall]:
+    return [common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
+def set_input(message: Any, prompt: str, messages: tuple[Message, ...] | None, tools: Tools | None = None) -> None:
+    """Fill the `input` oneof (prompt or messages, with the tools offered) of a CacheQuery or GenerateRequest."""
     if messages is None:
         message.prompt = prompt
         return
@@ -66,7 +106,18 @@ def set_input(message: Any, prompt: str, messages: tuple[Message, ...] | None) -
     chat.SetInParent()                # chat input even when the list is empty
     add = chat.messages.add
     for m in messages:
-        add(role=m.role, content=m.content)
+        if m.tool_calls or m.tool_call_id:
+            add(role=m.role, content=m.content, tool_calls=tool_calls_to_pb(m.tool_calls), tool_call_id=m.tool_call_id)
+        else:
+            add(role=m.role, content=m.content)
+    if tools is not None:
+        for t in tools.tools:
+            chat.tools.add(name=t.name, description=t.description, parameters=t.parameters)
+        mode = _CHOICE_PB.get(tools.choice)
+        chat.tool_choice.mode = mode if mode is not None else int(tools.choice)
+        chat.tool_choice.function = tools.function
+        if tools.parallel is not None:
+            chat.parallel_tool_calls = tools.parallel
 
 
 def usage_from_pb(u: common_pb2.Usage) -> Usage:

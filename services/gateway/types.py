@@ -28,6 +28,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"         # max_tokens or the context window
     ABORT = "abort"           # cancelled by the caller or its deadline
     ERROR = "error"           # failed inside the server
+    TOOL_CALLS = "tool_calls" # ended after calling tools
 
 
 class SourceKind(enum.StrEnum):
@@ -39,10 +40,47 @@ class SourceKind(enum.StrEnum):
     NONE = "none"             # a downstream that did not say
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str            # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: str = ""      # the arguments' JSON Schema, as JSON text ("" = none)
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """The functions a conversation offers the model, and how it may use them (the replica renders, constrains
+    and parses; services/inference/tools.py)."""
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"      # auto | none | required | function
+    function: str = ""        # choice "function": its name
+    parallel: bool | None = None   # None: the default (several calls allowed)
+
+
 @dataclass(slots=True)
 class Message:
-    role: str                 # "system", "user" or "assistant" (checked at admission)
+    role: str                 # "system", "user", "assistant" or "tool" (checked at admission)
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()   # assistant: the calls it made
+    tool_call_id: str = ""    # tool: the call this is the result of
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """Structured output: the answer is constrained to `kind` ("json_object", "json_schema", "regex" or
+    "grammar"); `spec` is the schema (JSON text), regex or EBNF grammar; the replica compiles and checks it."""
+
+    kind: str
+    spec: str = ""
+    strict: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +101,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None           # top-n log-probabilities per token; unset = none
+    response_format: ResponseFormat | None = None   # structured output; None = free text
 
 
 @dataclass(slots=True)
@@ -76,6 +115,12 @@ class Request:
     cache_policy: CachePolicy = CachePolicy.USE
     priority: int = 0                               # lower = sooner, passed down to the engine
     allow_sampled_cache: bool = False               # also cache / serve from cache when temperature > 0
+    tools: Tools | None = None                      # chat only: functions the model may call
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or calls and their results in the history: such a request bypasses the cache."""
+        return self.tools is not None or any(m.tool_calls or m.role == "tool" for m in self.messages or ())
 
     def text(self, role: str | None = None) -> str:
         """The prompt, or the messages' contents (of `role` only, when given) joined by newlines."""
@@ -125,6 +170,7 @@ class Chunk:
     text: str
     token_ids: Sequence[int]
     finish: Finish | None = None          # the last chunk only
+    tool_calls: tuple[ToolCall, ...] = () # calls completed in this chunk (their text is not in `text`)
 
 
 @dataclass(slots=True)
@@ -135,3 +181,4 @@ class Result:
     text: str
     token_ids: Sequence[int]
     finish: Finish
+    tool_calls: tuple[ToolCall, ...] = ()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
+from typing import Sequence
 
 import grpc
 from opentelemetry import trace
@@ -16,40 +18,71 @@ from services.common.metrics import InferenceMetrics
 from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.outputs import RequestOutput
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import ResponseFormat, SamplingParams
+from services.inference.tools import ROLES as TOOL_ROLES, Conversation, Tool, ToolCall, ToolCallParser, parse_parameters
 
 _OPTIONAL_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                       "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
-_ROLES = ("system", "user", "assistant")
+_FORMATS = {common_pb2.ResponseFormat.TYPE_JSON_OBJECT: "json_object", common_pb2.ResponseFormat.TYPE_JSON_SCHEMA: "json_schema",
+            common_pb2.ResponseFormat.TYPE_REGEX: "regex", common_pb2.ResponseFormat.TYPE_GRAMMAR: "grammar"}
 _MAX_CHARS_PER_TOKEN = 128   # cheap pre-check before tokenizing a huge prompt
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
     "error": common_pb2.FINISH_REASON_ERROR,
+    "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
 }
+_TOOL_CHOICE = {common_pb2.ToolChoice.MODE_AUTO: "auto", common_pb2.ToolChoice.MODE_NONE: "none",
+                common_pb2.ToolChoice.MODE_REQUIRED: "required", common_pb2.ToolChoice.MODE_FUNCTION: "function"}
 
 
 def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
     fields = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
     return SamplingParams(**fields, stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids),
-                          ignore_eos=sp.ignore_eos)
+                          ignore_eos=sp.ignore_eos, response_format=format_from_proto(sp.response_format))
 
 
-def messages_from_proto(msgs: common_pb2.ChatMessages) -> list[dict[str, str]]:
+def format_from_proto(f: common_pb2.ResponseFormat) -> ResponseFormat | None:
+    if f.type == common_pb2.ResponseFormat.TYPE_TEXT:
+        return None
+    kind = _FORMATS.get(f.type)
+    if kind is None:
+        raise InvalidArgumentError(f"unknown response_format type {f.type}")
+    return ResponseFormat(kind, f.spec, f.strict)
+
+
+def conversation_from_proto(msgs: common_pb2.ChatMessages) -> Conversation:
+    """The conversation and its tools, checked (INVALID_ARGUMENT naming what is wrong)."""
     if not msgs.messages:
         raise InvalidArgumentError("messages is empty")
-    out = []
+    out: list[dict] = []
     for i, m in enumerate(msgs.messages):
-        if m.role not in _ROLES:
-            raise InvalidArgumentError(f"messages[{i}].role must be one of {', '.join(_ROLES)}; got {m.role!r}")
-        out.append({"role": m.role, "content": m.content})
-    return out
+        if m.role not in TOOL_ROLES:
+            raise InvalidArgumentError(f"messages[{i}].role must be one of {', '.join(TOOL_ROLES)}; got {m.role!r}")
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidArgumentError(f"messages[{i}]: only an assistant message carries tool_calls")
+        message: dict = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in m.tool_calls]
+        if m.role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    choice = _TOOL_CHOICE.get(msgs.tool_choice.mode)
+    if choice is None:
+        raise InvalidArgumentError(f"unknown tool_choice mode {msgs.tool_choice.mode}")
+    conversation = Conversation(out, [Tool(t.name, t.description, parse_parameters(t.name, t.parameters))
+                                      for t in msgs.tools], choice, msgs.tool_choice.function,
+                                msgs.parallel_tool_calls if msgs.HasField("parallel_tool_calls") else True)
+    conversation.check()
+    return conversation
 
 
 def chunk_from_output(out: RequestOutput, first: bool, prompt_token_ids: list[int], model: str,
-                      replica: str) -> inference_pb2.GenerateChunk:
+                      replica: str, tool_calls: Sequence[ToolCall] = ()) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text)
+    for c in tool_calls:
+        chunk.tool_calls.add(id=c.id, name=c.name, arguments=c.arguments)
     for lp in out.logprobs:
         chunk.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
                            top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
@@ -157,7 +190,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.tracer = tracer or telemetry.tracer("inference")
         self.metrics = metrics or InferenceMetrics()
 
-    async def _prompt_token_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+    async def _prompt_token_ids(self, request: inference_pb2.GenerateRequest,
+                                conversation: Conversation | None) -> list[int]:
         kind = request.WhichOneof("input")
         if request.prompt_token_ids:
             if kind is not None:
@@ -168,7 +202,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if kind == "prompt":
             text = request.prompt
         else:
-            text = self.llm.render_chat(messages_from_proto(request.messages))
+            assert conversation is not None
+            with_tools = self.llm.tokenizer.template_renders_tools
+            text = self.llm.render_chat(conversation.template_messages(with_tools),
+                                        [t.openai() for t in conversation.tools] if with_tools and
+                                        conversation.offers_tools else None)
         if len(text) > self.llm.max_model_len * _MAX_CHARS_PER_TOKEN:
             raise InvalidArgumentError(f"prompt is far longer than the context window ({self.llm.max_model_len} tokens)")
         return await asyncio.to_thread(self.llm.tokenizer.encode, text)
@@ -176,14 +214,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     @map_errors
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         arrival = time.monotonic()
-        prompt_ids = await self._prompt_token_ids(request)
+        conversation = (conversation_from_proto(request.messages) if request.WhichOneof("input") == "messages"
+                        and not request.prompt_token_ids else None)
+        prompt_ids = await self._prompt_token_ids(request, conversation)
         params = sampling_from_proto(request.sampling)
+        parser = None
+        if conversation is not None and conversation.offers_tools:    # the answer is constrained to the calls' syntax
+            if params.response_format is not None:
+                raise InvalidArgumentError("tools and response_format together are not served: give one")
+            params = replace(params, response_format=ResponseFormat("structural_tag", conversation.structural_tag()))
+            parser = ToolCallParser()
         request_id = request.request_id or uuid.uuid4().hex
         model = self.llm.config.model.model_name
         trace.get_current_span().set_attributes({"strata.request_id": request_id, "strata.replica": self.replica_id,
                                                  "strata.prompt_tokens": len(prompt_ids)})
         timing = _Timing(arrival)
         held: list[RequestOutput] = []            # outputs not yet sent (--stream-interval > 1)
+        held_calls: list[ToolCall] = []
         held_tokens, sent = 0, 0
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
@@ -191,14 +238,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                                   num_speculative_tokens=speculative_from_proto(request)):
                 if out.finish_reason == "error":
                     raise RuntimeError(out.error or "engine error")
+                if parser is not None:             # calls out of the text, as they complete
+                    out.text, calls = parser.feed(out.text)
+                    held_calls += calls
+                    if out.finished:
+                        out.text += parser.finish()
+                        if parser.calls and out.finish_reason == "stop":
+                            out.finish_reason = "tool_calls"
                 timing.output(out, self.metrics)
                 held.append(out)
                 held_tokens += len(out.new_token_ids)
                 if sent and not out.finished and held_tokens < self.stream_interval:
                     continue
                 yield chunk_from_output(held[0] if len(held) == 1 else merge_outputs(held), sent == 0, prompt_ids,
-                                        model, self.replica_id)
-                held, held_tokens, sent = [], 0, sent + 1
+                                        model, self.replica_id, held_calls)
+                held, held_calls, held_tokens, sent = [], [], 0, sent + 1
         finally:
             timing.finish(self.tracer, self.metrics)
 

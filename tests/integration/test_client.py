@@ -333,6 +333,16 @@ async def test_the_request_carries_the_key_and_only_the_arguments_passed(flaky, 
     await generate(flavor, target, "sk-strata-abc", "Hi")
     assert gw.requests[1].prompt == "Hi" and not gw.requests[1].HasField("sampling")
     assert gw.requests[1].cache_policy == common_pb2.CACHE_POLICY_UNSPECIFIED
+    fmt = common_pb2.ResponseFormat
+    for given, expected in (("json_object", fmt(type=fmt.TYPE_JSON_OBJECT)),
+                            ({"type": "json_schema", "schema": {"type": "object"}, "strict": True},
+                             fmt(type=fmt.TYPE_JSON_SCHEMA, spec='{"type": "object"}', strict=True)),
+                            ({"type": "json_schema", "json_schema": {"name": "x", "schema": '{"type": "string"}'}},
+                             fmt(type=fmt.TYPE_JSON_SCHEMA, spec='{"type": "string"}')),
+                            ({"type": "regex", "regex": "[ab]+"}, fmt(type=fmt.TYPE_REGEX, spec="[ab]+")),
+                            ({"type": "grammar", "grammar": 'root ::= "x"'}, fmt(type=fmt.TYPE_GRAMMAR, spec='root ::= "x"'))):
+        await generate(flavor, target, "sk-strata-abc", "Hi", response_format=given)
+        assert gw.requests[-1].sampling.response_format == expected, given
 
 
 async def test_bad_arguments_fail_before_any_call():
@@ -341,5 +351,7 @@ async def test_bad_arguments_fail_before_any_call():
             c.generate("Hi", tempreature=0.0)
         with pytest.raises(ValueError, match="cache must be one of"):
             c.stream("Hi", cache="sometimes")
+        with pytest.raises(ValueError, match="response_format must be"):
+            c.generate("Hi", response_format={"type": "json_schema"})
     with pytest.raises(ValueError):
         StrataClient("127.0.0.1:1", "")

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import grpc
 import httpx
+import jsonschema
 import numpy as np
 import openai
+import pydantic
 import pytest
 
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -118,9 +120,8 @@ async def test_errors_are_openais_status_and_body(suite):
         await aclient.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=0)
-    with pytest.raises(openai.BadRequestError, match="'tools' is not served"):
-        await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match="'logprobs' is not served"):
+        await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True)
     with pytest.raises(openai.BadRequestError, match="unknown field 'strata.speed'"):
         await aclient.completions.create(model=MODEL, prompt="hi", extra_body={"strata": {"speed": 1}})
     limited = await suite.new_key(limits=gateway_pb2.KeyLimits(requests_per_minute=1))
@@ -182,7 +183,13 @@ BAD_BODIES = [
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": []},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": {"cache_policy": "always"}},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": {"priority": "first"}},
-    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": "json"},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+     "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "grammar", "grammar": ""}},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50": 100}},
     {"model": MODEL, "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
@@ -329,3 +336,139 @@ async def test_embeddings_take_the_keys_models_limits_and_usage(suite):
         metadata=(("authorization", f"Bearer {suite.key}"),))).usage.prompt_tokens
     for c in (aclient, metered):
         await c.close()
+
+
+class Person(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=120)
+
+
+async def test_structured_output_through_the_sdk_grpc_and_the_cache(suite):
+    """response_format constrains decoding in the replica: the SDK's `parse` (a strict json_schema from a
+    pydantic model), json_object, and gRPC's regex; a schema the grammar engine cannot read is a 400 with its
+    message; the format is part of the cache key, so a cached free-text answer never answers a JSON request."""
+    sync, aclient = clients(suite)
+    messages = [{"role": "user", "content": "Describe a person."}]
+    parsed = await asyncio.to_thread(sync.chat.completions.parse, model=MODEL, messages=messages, max_tokens=64,
+                                     temperature=0, response_format=Person, extra_body=BYPASS)
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and parsed.choices[0].finish_reason == "stop"
+
+    schema = {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                          "minItems": 1, "maxItems": 3}},
+              "required": ["colors"], "additionalProperties": False}
+    out = await aclient.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name some colours."}], max_tokens=48, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "colours", "schema": schema}},
+        extra_body=BYPASS)
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    rpc = await suite.grpc.Generate(gateway_pb2.GatewayRequest(
+        model=MODEL, prompt="Is the sky blue?", cache_policy=common_pb2.CACHE_POLICY_BYPASS,
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=16, response_format=common_pb2.ResponseFormat(
+            type=common_pb2.ResponseFormat.TYPE_REGEX, spec="(Yes|No)[.!]"))),
+        metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert rpc.text in ("Yes.", "No.", "Yes!", "No!") and rpc.finish_reason == common_pb2.FINISH_REASON_STOP
+
+    for bad, message in (({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}},
+                          'Unsupported type "objec"'),
+                         ({"type": "regex", "regex": "[a-"}, "Unclosed '\\['"),
+                         ({"type": "json_schema", "json_schema": {"name": "x"}}, "must be a JSON Schema object"),
+                         ({"type": "xml"}, "'response_format' must be")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            await aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, response_format=bad)
+
+    # the cache: a free answer stored, then the same question asking for JSON is answered by the model, and
+    # that answer (stored under its own key) is what the JSON question gets from the cache next
+    question = [{"role": "user", "content": "Tell me about the moon in one sentence."}]
+    kw = {"model": MODEL, "messages": question, "max_tokens": 24, "temperature": 0}
+    free = await aclient.chat.completions.create(**kw)
+    again = await aclient.chat.completions.create(**kw)
+    assert again.model_extra["strata"]["source"]["kind"] == "cache_exact"
+    as_json = await aclient.chat.completions.create(response_format={"type": "json_object"}, **kw)
+    assert as_json.model_extra["strata"]["source"]["kind"] == "model"
+    assert as_json.choices[0].message.content != free.choices[0].message.content
+    assert as_json.choices[0].message.content.startswith("{")
+    json_again = await aclient.chat.completions.create(response_format={"type": "json_object"}, **kw)
+    assert json_again.model_extra["strata"]["source"]["kind"] == "cache_exact"
+    assert json_again.choices[0].message.content == as_json.choices[0].message.content
+    await aclient.close()
+    sync.close()
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+async def test_a_tool_loop_with_the_sdk_call_result_and_final_answer(suite):
+    """OpenAI's tool contract on a real suite: a required call (constrained, so it parses), its result in a
+    tool message, then the final answer; a named function; streamed tool_call deltas; the gRPC shape."""
+    _, aclient = clients(suite)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # one call: with parallel calls allowed this 135M model goes on calling the same function to max_tokens
+    first = await aclient.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                                  tool_choice="required", parallel_tool_calls=False, max_tokens=64,
+                                                  temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})}]
+    final = await aclient.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, TIME],
+                                                  max_tokens=48, temperature=0)
+    answer = final.choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.content and not answer.message.tool_calls
+
+    named = await aclient.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi!"}], tools=[WEATHER, TIME], max_tokens=64,
+        temperature=0, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    calls = named.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["get_time"] and named.choices[0].finish_reason == "tool_calls"
+    json.loads(calls[0].function.arguments)
+
+    stream = await aclient.chat.completions.create(model=MODEL, messages=messages[:1], tools=[WEATHER],
+                                                   tool_choice="required", max_tokens=64, temperature=0, stream=True,
+                                                   parallel_tool_calls=False)
+    deltas = [c async for c in stream]
+    streamed = [tc for c in deltas if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert len(streamed) == 1 and streamed[0].index == 0 and streamed[0].function.name == "get_weather"
+    assert deltas[-1].choices[0].finish_reason == "tool_calls"
+
+    tool = common_pb2.Tool(name="get_weather", parameters=json.dumps(WEATHER["function"]["parameters"]))
+    rpc = await suite.grpc.Generate(gateway_pb2.GatewayRequest(
+        model=MODEL, messages=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role="user", content="Weather in Rome?")], tools=[tool],
+            tool_choice=common_pb2.ToolChoice(mode=common_pb2.ToolChoice.MODE_REQUIRED), parallel_tool_calls=False),
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=64)),
+        metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert rpc.finish_reason == common_pb2.FINISH_REASON_TOOL_CALLS and rpc.tool_calls[0].name == "get_weather"
+    assert "<tool_call>" not in rpc.text and isinstance(json.loads(rpc.tool_calls[0].arguments)["city"], str)
+    await aclient.close()
+
+
+async def test_bad_tool_requests_are_400s_naming_what_is_wrong(suite):
+    _, aclient = clients(suite)
+    hi = [{"role": "user", "content": "hi"}]
+    for kw, message in (
+            ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "must be 1-64 of"),
+            ({"tools": [WEATHER, WEATHER]}, "two tools have the same name"),
+            ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
+            ({"tool_choice": "required"}, "needs tools"),
+            ({"tools": [WEATHER], "tool_choice": "sometimes"}, "'tool_choice' must be"),
+            ({"tools": [{"type": "retrieval"}]}, "'tools\\[0\\]' must be"),
+            ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "tools and response_format together"),
+            ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
+              "tool_choice": "required"}, 'Unsupported type "objec"')):
+        with pytest.raises(openai.BadRequestError, match=message):
+            await aclient.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, **kw)
+    with pytest.raises(openai.BadRequestError, match="needs chat messages"):
+        await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tools": [WEATHER]})
+    await aclient.close()

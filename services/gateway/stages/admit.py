@@ -29,7 +29,7 @@ from services.gateway.types import Request
 from services.gateway.usage import UsageStore
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHED_RETRY_AFTER_S = 1.0
 MAX_EMBED_INPUTS = 2048               # texts in one Embed call (OpenAI's bound)
 
@@ -169,7 +169,7 @@ class Admit:
             raise InvalidArgumentError(f"the prompt is longer than {self.config.max_prompt_chars} characters")
         for m in request.messages or ():
             if m.role not in ROLES:
-                raise InvalidArgumentError(f"message role must be system, user or assistant, not {m.role!r}")
+                raise InvalidArgumentError(f"message role must be system, user, assistant or tool, not {m.role!r}")
         max_tokens = request.sampling.max_tokens
         if max_tokens is None:
             max_tokens = self.config.default_max_tokens

@@ -9,7 +9,7 @@ from dataclasses import replace
 from services.common.errors import InvalidArgumentError, PermissionDeniedError
 from services.gateway.config import GatewayConfig
 from services.gateway.guardrails import InjectionSimilarity, redact, screen_injection
-from services.gateway.types import Message, Request
+from services.gateway.types import Request
 
 
 class Guard:
@@ -31,7 +31,7 @@ class Guard:
                 messages = []
                 for m in request.messages:
                     r = redact(m.content)
-                    messages.append(Message(m.role, r.text) if r.found else m)
+                    messages.append(replace(m, content=r.text) if r.found else m)
                     for k, n in r.found.items():
                         found[k] = found.get(k, 0) + n
                 if found:                 # (redaction changes a text only where it finds something)

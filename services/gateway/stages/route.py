@@ -14,7 +14,7 @@ from services.common.errors import UnavailableError
 from services.gateway.backends import Answer, Backends, ModelRequest
 from services.gateway.guardrails import redact
 from services.gateway.stages.admit import Admission
-from services.gateway.types import Chunk, Finish
+from services.gateway.types import Chunk, Finish, ToolCall
 
 
 @dataclass(slots=True)
@@ -25,6 +25,7 @@ class Generation:
     completion_tokens: int = 0
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     logprob_sum: float = 0.0
     logprob_count: int = 0
     finish: Finish | None = None          # the router's last chunk: reason, usage, source
@@ -58,7 +59,8 @@ class Route:
         if a.model in self.cascades and logprobs is None:
             logprobs = 0                          # the chosen tokens' log-probabilities, for the cascade
         request = ModelRequest(a.request_id, a.model, a.request.prompt, a.request.messages,
-                               replace(sampling, max_tokens=a.max_tokens, logprobs=logprobs), a.priority)
+                               replace(sampling, max_tokens=a.max_tokens, logprobs=logprobs), a.priority,
+                               a.request.tools)
         route = telemetry.child_span(self.tracer, "router.generate", kind=SpanKind.CLIENT,
                                      attributes={"strata.model": a.model, "strata.route": a.route,
                                                  "strata.request_id": a.request_id})
@@ -68,6 +70,7 @@ class Route:
                 gen.completion_tokens += len(c.token_ids)
                 gen.text.append(c.text)
                 gen.token_ids.extend(c.token_ids)
+                gen.tool_calls.extend(c.tool_calls)
                 if c.logprobs:
                     gen.logprob_sum += sum(c.logprobs)
                     gen.logprob_count += len(c.logprobs)
@@ -78,7 +81,7 @@ class Route:
                     finish = replace(finish, flags=a.flags, mean_logprob=gen.mean_logprob,
                                      source=replace(finish.source, route=route_of(a, finish.source.model)))
                 if not self.redact_responses:
-                    yield Chunk(a.request_id, c.text, c.token_ids, finish)
+                    yield Chunk(a.request_id, c.text, c.token_ids, finish, c.tool_calls)
             if gen.finish is not None:
                 span.set_attribute("strata.replica", gen.finish.source.replica)
         final = gen.final                         # raises when the router's last chunk never came
@@ -86,7 +89,7 @@ class Route:
             red = redact("".join(gen.text))
             flags = a.flags + tuple(f"pii_out:{k}" for k in red.found)
             yield Chunk(a.request_id, red.text, gen.token_ids, replace(final, flags=flags, mean_logprob=gen.mean_logprob,
-                        source=replace(final.source, route=route_of(a, final.source.model))))
+                        source=replace(final.source, route=route_of(a, final.source.model))), tuple(gen.tool_calls))
 
 
 def route_of(a: Admission, answered_by: str) -> str:

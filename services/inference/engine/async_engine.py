@@ -50,6 +50,7 @@ class _Add:
     priority: int
     listener: _Listener
     num_speculative_tokens: int | None = None
+    grammar: object = None                     # the response format's compiled grammar
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Item], Item]]) -> None:
@@ -127,6 +128,9 @@ class AsyncEngine:
             raise UnavailableError("engine is shutting down")
         self.engine.check_request(prompt_token_ids, params, model)   # read-only: safe off-thread
         self.engine.check_speculative(num_speculative_tokens)
+        grammar = None
+        if params.response_format is not None:   # compiled here, on a worker thread: never inside a step
+            grammar = await asyncio.to_thread(self.engine.compile_format, params.response_format)
         if self.max_queued_requests is not None and self._num_in_flight >= self.max_queued_requests:
             raise ResourceExhaustedError(
                 f"replica is at capacity ({self._num_in_flight} requests in flight)", retry_after_s=1.0)
@@ -134,7 +138,8 @@ class AsyncEngine:
         outputs: asyncio.Queue[Item] = asyncio.Queue()
         listener = _Listener(asyncio.get_running_loop(), outputs)
         self._num_in_flight += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, listener, num_speculative_tokens))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, listener, num_speculative_tokens,
+                                grammar))
         finished = False
         try:
             while True:
@@ -244,7 +249,8 @@ class AsyncEngine:
             if isinstance(cmd, _Add):
                 try:
                     self.engine.add_request(cmd.prompt_token_ids, cmd.params, request_id=cmd.request_id,
-                                            priority=cmd.priority, num_speculative_tokens=cmd.num_speculative_tokens)
+                                            priority=cmd.priority, num_speculative_tokens=cmd.num_speculative_tokens,
+                                            grammar=cmd.grammar)
                     self._listeners[cmd.request_id] = cmd.listener
                 except Exception as exc:  # noqa: BLE001 - reported to the caller
                     _deliver([(cmd.listener, exc)])

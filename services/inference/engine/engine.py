@@ -19,7 +19,8 @@ from services.inference.engine.request import Request, RequestStatus
 from services.inference.engine.scheduler import Scheduler, SchedulerOutput
 from services.inference.models.compute import StepPath
 from services.inference.models.tokenizer import Tokenizer
-from services.inference.sampling import SamplingParams
+from services.inference.sampling import ResponseFormat, SamplingParams
+from services.inference.sampling.structured import GrammarError, Grammars
 from services.inference.spec_decode import Proposer, SpecDecodeStats
 from services.inference.spec_decode.policy import choose_k
 
@@ -69,19 +70,22 @@ class LLMEngine:
         self._generation_tokens = 0
         self._steps_by_path = {path: 0 for path in StepPath}
         self.spec_stats = SpecDecodeStats()
+        # a verification step rolls its matcher back over its proposals (sampling/structured.py)
+        self.grammars = Grammars(tokenizer, self.hparams.vocab_size, MAX_SPECULATIVE_TOKENS + 1)
 
     # requests
     @property
     def num_kv_blocks(self) -> int:
         return self.scheduler.kv.num_blocks
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text of a conversation, by the GGUF's chat template; a model without one (a pretrained
-        model such as Gemma 3 270M) serves raw prompts only: InvalidArgumentError."""
+    def render_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+        """The prompt text of a conversation, by the GGUF's chat template (`tools`: for a template with a tools
+        section); a model without one (a pretrained model such as Gemma 3 270M) serves raw prompts only:
+        InvalidArgumentError."""
         if self.tokenizer.chat_template is None:
             raise InvalidArgumentError(f"model {self.config.model.model_name!r} has no chat template (its GGUF "
                                        "carries none): send a raw prompt, not messages")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
 
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                       model: str = "") -> int:
@@ -110,6 +114,15 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the {where} ({limit} tokens)")
         return max_tokens
 
+    def compile_format(self, fmt: ResponseFormat):
+        """The response format's grammar (xgrammar's CompiledGrammar; cached by xgrammar); InvalidRequestError
+        with the grammar engine's message when it cannot be read. Thread-safe: AsyncEngine calls it off the
+        engine's thread, so that a compile never stalls a step."""
+        try:
+            return self.grammars.compile(fmt)
+        except GrammarError as exc:
+            raise InvalidRequestError(str(exc)) from None
+
     def check_speculative(self, num_speculative_tokens: int | None) -> None:
         if num_speculative_tokens is not None and not 0 <= num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise InvalidRequestError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], "
@@ -117,8 +130,9 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
                     request_id: str | None = None, priority: int = 0, model: str = "",
-                    num_speculative_tokens: int | None = None) -> str:
-        """num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
+                    num_speculative_tokens: int | None = None, grammar=None) -> str:
+        """num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting);
+        grammar: the response format's compiled grammar, when compile_format made it already (else made here)."""
         if self.fatal_error is not None:
             raise EngineDeadError(self.fatal_error)
         max_tokens = self.check_request(prompt_token_ids, params, model)
@@ -128,6 +142,8 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already running")
         req = Request(request_id, list(prompt_token_ids), params, max_tokens, priority,
                       eos_token_id=self.tokenizer.eos_token_id, num_speculative_tokens=num_speculative_tokens)
+        if params.response_format is not None:
+            req.matcher = self.grammars.matcher(grammar or self.compile_format(params.response_format))
         self.scheduler.add_request(req)
         self._text[request_id] = TextState(self.tokenizer, params.stop)
         self._sent_tokens[request_id] = 0
@@ -218,7 +234,13 @@ class LLMEngine:
             # tokens of an accepted run one at a time: a stop condition inside it ends the request there
             text_state = self._text[req.request_id]
             delta, logprobs, reason = "", [], None
+            error = None
             for tok in toks:
+                if req.matcher is not None and not req.matcher.accept_token(tok.token_id):
+                    # the step's mask allowed only what the grammar accepts: a refusal here is a bug, never output
+                    log.error("the grammar refused a token its own mask allowed", extra={"token_id": tok.token_id})
+                    reason, error = "error", "internal error: structured output went off its grammar"
+                    break
                 req.append_token(tok.token_id)
                 self._generation_tokens += 1
                 delta += text_state.push([tok.token_id])
@@ -230,9 +252,10 @@ class LLMEngine:
             if reason is None:
                 outputs.append(self._output(req, delta, logprobs))
                 continue
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            status = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
+                      "error": RequestStatus.FINISHED_ERROR}[reason]
             self.scheduler.finish_request(req.request_id, status)
-            outputs.append(self._final_output(req, logprobs, delta))
+            outputs.append(self._final_output(req, logprobs, delta, error))
         return outputs
 
     def _finish_reason(self, req: Request, token_id: int, stop_string_hit: bool) -> str | None:

@@ -19,6 +19,7 @@ from services.inference.models.registry import CausalLM
 from services.inference.sampling.sampler import (SamplerOutput, SamplingRow, argmax_rows, build_sampling_metadata,
                                                  compute_logprobs, make_generator, random_sample, sample,
                                                  target_distribution)
+from services.inference.sampling.structured import TokenMasks, allowed, apply_masks
 from services.inference.spec_decode.rejection import greedy_verify, rejection_sample
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class ModelRunner:
         self.kv_caches = [pools[self.layout.tensor_of(i)] for i in range(hp.num_layers)]   # per layer
         self._layer_group = [self.layout.group_of(i) for i in range(hp.num_layers)]
         self._generators: dict[str, torch.Generator] = {}
+        self._masks = TokenMasks()               # structured output's bitmask buffer (sampling/structured.py)
         self.compute = choose_compute(model, self.kv_caches, block_size, self._layer_group)
         self._on_forward: Callable[[], None] | None = None
         log.info("compute path", extra={"device": str(self.device), **self.compute.describe()})
@@ -185,10 +187,19 @@ class ModelRunner:
         if len(rows) < num_rows:                 # else every row is sampled, in order (decode steps)
             hidden = hidden[torch.tensor(rows, device=hidden.device)]
         logits = self.model.compute_logits(hidden).cpu()
-        if all(not c.spec_token_ids and self._plain_argmax(c.request) for c, _ in groups):
+        plain = all(not c.spec_token_ids and self._plain_argmax(c.request) for c, _ in groups)
+        constrained = [(first, c.request.matcher, c.spec_token_ids) for c, first in groups
+                       if c.request.matcher is not None]
+        if plain:
             # the common greedy step: the argmax of the raw logits, without the sampler's per-step tensors
-            return ModelRunnerOutput({c.request.request_id: [SampledToken(t)]
-                                      for (c, _), t in zip(groups, argmax_rows(logits).tolist())}, {}, path)
+            top = argmax_rows(logits).tolist()
+            if constrained:                      # structured output: a row's own argmax stands where its grammar
+                self._constrain_argmax(logits, constrained, len(rows), top)   # allows it
+            return ModelRunnerOutput({c.request.request_id: [SampledToken(t)] for (c, _), t in zip(groups, top)},
+                                     {}, path)
+        if constrained:                          # structured output: tokens the grammar refuses are -inf
+            bitmask = self._masks.fill(constrained, len(rows), logits.shape[-1])
+            apply_masks(logits, bitmask, [r for first, _, p in constrained for r in range(first, first + len(p) + 1)])
         sampling = [self._sampling_row(c.request, c.spec_token_ids[:i])
                     for c, _ in groups for i in range(len(c.spec_token_ids) + 1)]
         meta_s = build_sampling_metadata(sampling, logits.shape[-1])
@@ -208,6 +219,17 @@ class ModelRunner:
                 self._attach_logprobs(out_tokens, n, res, logits, first)
             sampled[req.request_id] = out_tokens
         return ModelRunnerOutput(sampled, accepted, path)
+
+    def _constrain_argmax(self, logits: torch.Tensor, constrained, num_rows: int, top: list[int]) -> None:
+        """Greedy rows under a grammar: the raw argmax where the mask allows it (the model mostly writes what the
+        format wants), else the argmax of the masked row; only the refused rows are masked."""
+        bitmask = self._masks.fill(constrained, num_rows, logits.shape[-1])
+        firsts = [first for first, _, _ in constrained]
+        refused = [r for r, ok in zip(firsts, allowed(bitmask, firsts, [top[r] for r in firsts])) if not ok]
+        if refused:
+            apply_masks(logits, bitmask, refused)
+            for r, t in zip(refused, argmax_rows(logits[refused]).tolist()):
+                top[r] = t
 
     @staticmethod
     def _attach_logprobs(out_tokens: list[SampledToken], n: int, res: SamplerOutput | None, logits: torch.Tensor,

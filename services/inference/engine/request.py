@@ -57,6 +57,7 @@ class Request:
         self.num_speculative_tokens = num_speculative_tokens
         self.spec_token_ids: list[int] = []        # proposals for the next step (not yet verified)
         self.acceptance = AcceptanceEstimate()     # how often its proposals are accepted (picks its k)
+        self.matcher = None                        # structured output: its xgrammar matcher (None = free text)
 
     @property
     def block_ids(self) -> list[int]:

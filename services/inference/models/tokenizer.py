@@ -303,10 +303,17 @@ class Tokenizer:
             raise ValueError("this GGUF has no tokenizer.chat_template")
         return _compile_chat_template(self.chat_template)
 
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template has a tools section (it reads `tools`), as transformers decides it."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for a conversation, rendered with the variables transformers passes."""
+        """The prompt text for a conversation, rendered with the variables transformers passes (`tools` in
+        OpenAI's shape, for a template with a tools section)."""
         named = {
             "bos_token": self._named_token(self.bos_token_id),
             "eos_token": self._named_token(self.eos_token_id),
@@ -315,7 +322,7 @@ class Tokenizer:
         }
         return self._compiled_chat_template.render(
             messages=[dict(m) for m in messages],
-            tools=None,
+            tools=list(tools) if tools else None,
             documents=None,
             add_generation_prompt=add_generation_prompt,
             **{k: v for k, v in named.items() if v is not None},

@@ -21,6 +21,34 @@ MAX_STOP_STRING_CHARS = 256
 MAX_NUM_STOP_TOKEN_IDS = 64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
+FORMAT_KINDS = ("json_object", "json_schema", "regex", "grammar", "structural_tag")   # the last: tool calling's
+# JSON may be laid out as the model likes (so that a conforming free answer is also the constrained one), but
+# a run of whitespace is bounded: a small model can otherwise emit newlines until max_tokens
+MAX_JSON_WHITESPACE = 16
+MAX_SPEC_CHARS = 64 * 1024       # a schema, regex or grammar longer than this is refused
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What the answer must be: `kind` one of FORMAT_KINDS; `spec` the JSON Schema (JSON text), regex or EBNF
+    grammar (empty for json_object); `strict`: a JSON schema's unnamed properties and items are refused (else
+    allowed where the schema does not say, as JSON Schema reads it)."""
+
+    kind: str
+    spec: str = ""
+    strict: bool = False
+
+    def validate(self) -> None:
+        if self.kind not in FORMAT_KINDS:
+            raise ValueError(f"response_format must be one of {', '.join(FORMAT_KINDS)}, got {self.kind!r}")
+        if self.kind == "json_object":
+            if self.spec:
+                raise ValueError("response_format json_object takes no spec")
+        elif not self.spec:
+            raise ValueError(f"response_format {self.kind} needs its spec (the schema, regex or grammar)")
+        if len(self.spec) > MAX_SPEC_CHARS:
+            raise ValueError(f"response_format spec is longer than {MAX_SPEC_CHARS} characters")
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
@@ -38,6 +66,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop tokens besides EOS
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # None = no logprobs; n = sampled token's plus the top n
+    response_format: ResponseFormat | None = None  # structured output (sampling/structured.py); None = free text
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +110,11 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_NUM_LOGPROBS)
+        if self.response_format is not None:
+            self.response_format.validate()
+            if self.ignore_eos or self.min_tokens:
+                raise ValueError("ignore_eos and min_tokens cannot be combined with a response_format: the answer "
+                                 "ends with EOS once the format is complete")
 
 
 def _check_float(

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from services.inference.sampling.sampler import exponential_
+
 
 def greedy_verify(target_tokens: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
@@ -40,7 +42,7 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from unnormalised probs [V] (exponential race, as the sampler draws)."""
-    q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    q = exponential_(torch.empty_like(probs), generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return int((probs / q).argmax())
 
 
