@@ -57,7 +57,10 @@ def _engines(model: str):
 
         gguf = GGUFFile(catalog.models_dir() / "gemma-3-270m-q4_k_m.gguf")
         kw = {"model": load_model(gguf, quantization="gguf"), "tokenizer": Tokenizer.from_gguf(gguf)}
-    cfg = engine_config(quantization="gguf", kv_cache_memory_gb=1.0)
+    # no prefix caching: each round recomputes its prompts as the reference run did, so that the constrained
+    # answers are the same tokens every round (a prompt's tail after a cache hit runs other kernels, and JSON's
+    # whitespace has near-ties that such a last-bit difference can tip)
+    cfg = engine_config(quantization="gguf", kv_cache_memory_gb=1.0, enable_prefix_caching=False)
     free = build_engine(cfg, **kw)
     constrained = build_engine(cfg, model=free.model, tokenizer=free.tokenizer)
     return free, constrained
@@ -152,6 +155,7 @@ def measure(free, constrained, streams: int, max_tokens: int, repeats: int) -> d
     rounds = [paired_round(free, constrained, prompts, formats, lengths) for _ in range(repeats)]
     same = all(r["constrained_tokens"] == [o.new_token_ids for o in reference] for r in rounds)
     assert all(r["steps"] == r["free_steps"] for r in rounds), "the two engines must run the same steps"
+    assert same, "the constrained answers changed between rounds: the two engines would not do the same work"
     tokens = sum(lengths)
     costs = [r["constrained_s"] / r["free_s"] - 1 for r in rounds]
     return {"streams": streams, "tokens": tokens, "valid_answers": valid, "answers": streams,

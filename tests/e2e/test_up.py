@@ -98,7 +98,13 @@ def test_strata_up_serves_chat_status_one_trace_and_stops_cleanly(tmp_path):
         assert f"OpenAI-compatible HTTP API: {run_env['STRATA_HTTP_ADDRESS']}/v1" in text
         client = openai.OpenAI(base_url=run_env["STRATA_HTTP_ADDRESS"] + "/v1", api_key=run_env["STRATA_API_KEY"],
                                max_retries=0, timeout=60)
-        assert {m.id for m in client.models.list().data} == {"SmolLM2-135M-Instruct", "gemma-3-270m"}
+        assert {m.id for m in client.models.list().data} == {"SmolLM2-135M-Instruct", "gemma-3-270m", "all-MiniLM-L6-v2"}
+        vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["hello", "world"])   # the cache's MiniLM
+        assert [len(d.embedding) for d in vectors.data] == [384, 384] and vectors.usage.prompt_tokens == 6
+        as_json = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=48, temperature=0,
+                                                 messages=[{"role": "user", "content": "Describe a cat."}],
+                                                 response_format={"type": "json_object"})
+        assert as_json.choices[0].message.content.startswith("{")
         done = client.completions.create(model="gemma-3-270m", prompt="The capital of France is", max_tokens=4,
                                          temperature=0)
         assert done.choices[0].text == raw.stdout[:-1] and done.model == "gemma-3-270m", (done, raw.stdout)

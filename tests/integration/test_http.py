@@ -265,10 +265,32 @@ EMBEDDER = "all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def sentence_transformers_model():
-    st = pytest.importorskip("sentence_transformers")
+    """What sentence-transformers computes for all-MiniLM-L6-v2, by the package's own modules.json: the BERT
+    encoder (HF transformers, truncating at 256 tokens), mean pooling over the tokens, L2 normalisation.
+    (sentence-transformers 6.3 itself agreed with Strata's vectors to 1.5e-7 on 2026-12-03; its install pulls
+    scipy and scikit-learn, a minute of every CI run, for this one reference.)"""
+    transformers = pytest.importorskip("transformers")
     from services.embedding.embedder import default_model_dir
 
-    return st.SentenceTransformer(str(default_model_dir()), device="cpu")
+    path = str(default_model_dir())
+    modules = [m["type"] for m in json.loads((default_model_dir() / "modules.json").read_text())]
+    assert modules == ["sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+                       "sentence_transformers.models.Normalize"], modules
+    assert json.loads((default_model_dir() / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+
+    class Reference:
+        @staticmethod
+        def encode(texts, convert_to_numpy=True):
+            import torch
+
+            batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    return Reference()
 
 
 async def test_embeddings_with_the_sdk_and_grpc_equal_sentence_transformers(suite, sentence_transformers_model,
