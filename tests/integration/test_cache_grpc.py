@@ -393,7 +393,8 @@ async def test_the_lookup_pipe_falls_back_to_unary_calls_on_a_cache_without_look
             unary_lookup, cache_pb2.LookupRequest.FromString, cache_pb2.LookupResponse.SerializeToString)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    down = Downstream("127.0.0.1:1", f"127.0.0.1:{port}")
+    # a timeout long enough for UNIMPLEMENTED to arrive on a loaded CI host (0.5 s was not, once)
+    down = Downstream("127.0.0.1:1", f"127.0.0.1:{port}", cache_timeout_s=10.0)
     try:
         req = cache_pb2.LookupRequest(query=query("anything"))
         first = await down.lookup(req)                  # the stream is refused: this one is a miss
