@@ -287,14 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         t["met"] = None if v is None else (v >= t["target"] if name == "lookups_per_s" else v <= t["target"])
     result = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "machine": machine_info(),
               "search": search, "end_to_end": e2e, "targets": targets}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    if not a.smoke:
-        plot(result, a.out.with_suffix(".png"))
     for name, t in targets.items():
         print(f"target {name}: {t['target']}, got {t['value'] if t['value'] is None else round(t['value'], 2)}: "
               f"{'n/a' if t['met'] is None else 'met' if t['met'] else 'MISSED'}")
-    print(f"wrote {a.out}" if a.smoke else f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    smoke.write(a, result, plot)
 
 
 if __name__ == "__main__":

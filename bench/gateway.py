@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -221,13 +220,9 @@ def main(argv: list[str] | None = None) -> None:
                          "traces": {k: os.environ[k] for k in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")}},
               "machine": machine_info(), **res,
               "targets": targets}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    if not a.smoke:
-        plot(result, a.out.with_suffix(".png"))
     for name, t in targets.items():
         print(f"target {name}: {t['target']}, got {t['value']:.2f}: {'met' if t['met'] else 'MISSED'}")
-    print(f"wrote {a.out}" if a.smoke else f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    smoke.write(a, result, plot)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ figures mean nothing: it shows that the benchmark still runs end to end.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path("bench/results")
 
@@ -35,3 +36,14 @@ def resolve(a: argparse.Namespace, **tiny: Any) -> argparse.Namespace:
         a.out = (Path(tempfile.mkdtemp(prefix=f"strata-smoke-{name}-")) if a.smoke else RESULTS) / f"{name}.json"
     del a._smoke_name
     return a
+
+
+def write(a: argparse.Namespace, result: dict, plot: Callable[[dict, Path], None] | None = None) -> None:
+    """The result as JSON at --out and, for a full run, `plot`'s PNG beside it; says what it wrote."""
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    if a.smoke or plot is None:
+        print(f"wrote {a.out}" + (" (a smoke run: its figures mean nothing)" if a.smoke else ""))
+        return
+    plot(result, a.out.with_suffix(".png"))
+    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")

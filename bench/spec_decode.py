@@ -23,7 +23,6 @@ round), the JSON only, to a temporary directory (bench/smoke.py).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import replace
@@ -293,14 +292,8 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine_info(), "single_stream": rows, "verification_cost": cost,
               "streams_32": streams, "draft_model": draft_rows,
               "targets": targets}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    summary = f"grounded x{grounded:.2f} (target {TARGETS['grounded']}), chat x{chat:.2f} (target {TARGETS['chat']})"
-    if a.smoke:
-        print(f"{summary}; wrote {a.out} (a smoke run: its figures mean nothing)")
-        return
-    plot(result, a.out.with_suffix(".png"))
-    print(f"{summary}; wrote {a.out} and {a.out.with_suffix('.png')}")
+    print(f"grounded x{grounded:.2f} (target {TARGETS['grounded']}), chat x{chat:.2f} (target {TARGETS['chat']})")
+    smoke.write(a, result, plot)
 
 
 if __name__ == "__main__":

@@ -238,13 +238,7 @@ def main(argv: list[str] | None = None) -> None:
               "machine": machine_info(), "compile": compiles, "rows": rows,
               "targets": {"cost_at_32_streams": {"target": TARGET, "value": max(at_32) if at_32 else None,
                                                  "met": bool(at_32) and max(at_32) <= TARGET}}}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    if a.smoke:
-        print(f"wrote {a.out} (a smoke run: its figures mean nothing)")
-        return
-    plot(result, a.out.with_suffix(".png"))
-    print(f"wrote {a.out} and {a.out.with_suffix('.png')}")
+    smoke.write(a, result, plot)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from services.client.errors import (
     StrataClientError,
 )
 from services.client.request import CachePolicy, Message, Prompt, Sampling
-from services.client.results import Chunk, Result, Source, Usage
+from services.client.results import Choice, Chunk, Result, Source, TokenLogprob, Usage
 from services.client.retry import RetryPolicy
 from services.client.sync_client import StrataClient
 
-__all__ = ["AsyncStrataClient", "AuthError", "CachePolicy", "CallTimeoutError", "Chunk", "InvalidRequestError",
+__all__ = ["AsyncStrataClient", "AuthError", "CachePolicy", "CallTimeoutError", "Choice", "Chunk", "InvalidRequestError",
            "Message", "NotFoundError", "Prompt", "RateLimitedError", "Result", "RetryPolicy", "Sampling", "ServiceUnavailableError",
-           "Source", "StrataClient", "StrataClientError", "Usage"]
+           "Source", "StrataClient", "StrataClientError", "TokenLogprob", "Usage"]

@@ -41,10 +41,10 @@ class AsyncStrataClient(ClientBase):
         await self._channel.close()
 
     async def generate(self, prompt: Prompt, *, model: str | None = None, cache: CachePolicy | None = None,
-                       priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None,
+                       priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None, user: str = "",
                        **sampling: Unpack[Sampling]) -> Result:
         """The whole answer; arguments, retries and errors as StrataClient.generate."""
-        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
+        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling, user)
         while True:
             try:
                 return result_from_proto(await self._stub.Generate(req, timeout=attempts.next_timeout(),
@@ -58,11 +58,11 @@ class AsyncStrataClient(ClientBase):
             await asyncio.sleep(delay)
 
     def stream(self, prompt: Prompt, *, model: str | None = None, cache: CachePolicy | None = None,
-               priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None,
+               priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None, user: str = "",
                **sampling: Unpack[Sampling]) -> AsyncIterator[Chunk]:
         """The answer as it is generated; arguments and retries (before the first chunk only) as
         StrataClient.stream. Leaving the loop early cancels the call."""
-        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
+        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling, user)
         return self._stream(req, attempts)
 
     async def _stream(self, req: gateway_pb2.GatewayRequest, attempts: Attempts) -> AsyncIterator[Chunk]:

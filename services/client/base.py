@@ -31,7 +31,8 @@ class ClientBase:
 
     def _prepare(self, prompt: Prompt, model: str | None, cache: CachePolicy | None, priority: int,
                  allow_sampled_cache: bool, timeout: float | None,
-                 sampling: Mapping[str, object]) -> tuple[gateway_pb2.GatewayRequest, Attempts]:
+                 sampling: Mapping[str, object], user: str = "") -> tuple[gateway_pb2.GatewayRequest, Attempts]:
         req = build_request(prompt, self.model if model is None else model, cache, priority, allow_sampled_cache,
                             sampling)
+        req.user = user
         return req, Attempts(self.retry, self.timeout if timeout is None else timeout)

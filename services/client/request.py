@@ -34,7 +34,8 @@ class Sampling(TypedDict, total=False):
     stop: str | Sequence[str]       # stop strings, left out of the text
     stop_token_ids: Sequence[int]
     ignore_eos: bool
-    logprobs: int                   # top-n per token, 0..20
+    logprobs: int                   # top-n per token, 0..20 (Result.logprobs / Chunk.logprobs)
+    n: int                          # samples of the prompt, 1..16 (Result.choices / Chunk.index)
     response_format: str | Mapping[str, object]   # structured output: "json_object", or {"type": "json_schema",
     # "schema": {...} or its JSON text, "strict": bool}, {"type": "regex", "regex": ...}, {"type": "grammar",
     # "grammar": "root ::= ..."}; OpenAI's {"type": "json_schema", "json_schema": {"schema": ...}} too

@@ -45,14 +45,15 @@ class StrataClient(ClientBase):
         self._channel.close()
 
     def generate(self, prompt: Prompt, *, model: str | None = None, cache: CachePolicy | None = None,
-                 priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None,
+                 priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None, user: str = "",
                  **sampling: Unpack[Sampling]) -> Result:
         """The whole answer to `prompt` (text, or a list of {"role", "content"} dicts or (role, content)
         tuples). `model` None = the client's; `cache` "use" (the server's default), "bypass" or "refresh";
         `priority` lower runs sooner; `allow_sampled_cache` also caches answers with temperature > 0;
-        `timeout` None = the client's; `sampling` as SamplingParams (max_tokens=32, temperature=0.0...).
+        `timeout` None = the client's; `user` the end user (usage is also counted per user); `sampling` as
+        SamplingParams (max_tokens=32, temperature=0.0, logprobs=2, n=3...).
         UNAVAILABLE is retried per the client's RetryPolicy; other failures raise a StrataClientError subclass."""
-        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
+        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling, user)
         while True:
             try:
                 return result_from_proto(self._stub.Generate(req, timeout=attempts.next_timeout(),
@@ -66,12 +67,12 @@ class StrataClient(ClientBase):
             time.sleep(delay)
 
     def stream(self, prompt: Prompt, *, model: str | None = None, cache: CachePolicy | None = None,
-               priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None,
+               priority: int = 0, allow_sampled_cache: bool = False, timeout: float | None = None, user: str = "",
                **sampling: Unpack[Sampling]) -> Iterator[Chunk]:
         """The answer as it is generated, with generate's arguments. Retried only until the first chunk
         was yielded: after that an UNAVAILABLE raises ServiceUnavailableError rather than start the answer again.
         Leaving the loop early cancels the call."""
-        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling)
+        req, attempts = self._prepare(prompt, model, cache, priority, allow_sampled_cache, timeout, sampling, user)
         return self._stream(req, attempts)
 
     def _stream(self, req: gateway_pb2.GatewayRequest, attempts: Attempts) -> Iterator[Chunk]:

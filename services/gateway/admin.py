@@ -53,11 +53,13 @@ class GatewayAdmin:
             await self.keys.revoke(key_id)
         self.authenticator.forget(key_id)
 
-    async def get_usage(self, key_id: str, day: str) -> tuple[str, DayUsage, float]:
-        """(the day, its usage, the key's spend over every day); `day` "" = today (UTC)."""
+    async def get_usage(self, key_id: str, day: str) -> tuple[str, DayUsage, float, dict[str, DayUsage]]:
+        """(the day, its usage, the key's spend over every day, the day's usage by end user); `day` "" = today
+        (UTC)."""
         day = day or utc_day()
         if not is_utc_day(day):
             raise InvalidArgumentError("day must be a date written YYYY-MM-DD")
         with store_unavailable("read usage"):
             await self.keys.require(key_id)
-            return day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id)
+            return (day, await self.usage.day(key_id, day), await self.usage.total_spend(key_id),
+                    await self.usage.users(key_id, day))

@@ -12,7 +12,8 @@ from typing import AsyncIterator, Protocol, Sequence
 
 import numpy as np
 
-from services.gateway.types import Finish, FinishReason, Message, Sampling, SourceKind, ToolCall, Tools, Usage
+from services.gateway.types import (Finish, FinishReason, Message, Sampling, SourceKind, TokenLogprob, ToolCall, Tools,
+                                    Usage)
 
 
 @dataclass(slots=True)
@@ -63,9 +64,11 @@ class ModelChunk:
     text: str
     token_ids: Sequence[int]
     prompt_tokens: int                    # the prompt's length in tokens, on the first chunk (else 0)
-    logprobs: Sequence[float]             # the chosen tokens' log-probabilities, when asked for
-    finish: Finish | None                 # the last chunk only: reason, usage and source (no flags)
+    logprobs: Sequence[TokenLogprob]      # one per token, when asked for
+    finish: Finish | None                 # the last chunk (of its sample) only: reason, usage (the prompt and
+                                          # this sample's completion tokens) and source (no flags)
     tool_calls: tuple[ToolCall, ...] = () # calls completed in this chunk
+    index: int = 0                        # the sample (n > 1)
 
 
 @dataclass(slots=True)

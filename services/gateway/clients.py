@@ -22,8 +22,8 @@ from services.common.retry_after import retry_after_s
 from services.common.tls import PLAINTEXT, TlsConfig
 from services.gateway.backends import Answer, CacheHit, CacheQuery, Embedded, ModelChunk, ModelRequest
 from services.gateway.errors import CapacityError
-from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, sampling_to_pb, set_input,
-                                        source_from_pb, tool_calls_from_pb, usage_from_pb, usage_to_pb)
+from services.gateway.translate import (finish_reason_from_pb, finish_reason_to_pb, logprobs_from_pb, sampling_to_pb,
+                                        set_input, source_from_pb, tool_calls_from_pb, usage_from_pb, usage_to_pb)
 from services.gateway.directory import ReplicaView
 from services.gateway.types import Finish, SourceKind
 
@@ -139,8 +139,8 @@ def model_chunk_from_pb(c: inference_pb2.GenerateChunk) -> ModelChunk:
     if c.finish_reason:                   # the last chunk
         finish = Finish(finish_reason_from_pb(c.finish_reason), usage_from_pb(c.usage), source_from_pb(c.source))
     return ModelChunk(c.text, tuple(c.token_ids), len(c.prompt_token_ids),
-                      [lp.logprob for lp in c.logprobs] if c.logprobs else (), finish,
-                      tuple(tool_calls_from_pb(c.tool_calls)) if c.tool_calls else ())
+                      logprobs_from_pb(c.logprobs) if c.logprobs else (), finish,
+                      tuple(tool_calls_from_pb(c.tool_calls)) if c.tool_calls else (), c.index)
 
 
 class Downstream:

@@ -15,9 +15,11 @@ Strata's own fields go in an extension object, `"strata": {"cache_policy": "use"
 "priority": int, "allow_sampled_cache": bool, "top_k": int, "min_p": float, "repetition_penalty": float}`,
 and every answer carries `"strata": {"source": {...}, "flags": [...]}`. Embeddings take `"strata": {"truncate":
 bool}` (cut texts past the model's 256-token window instead of a 400) and `encoding_format` float or base64
-(little-endian float32, what the openai SDK asks for by default); `dimensions` may only be the model's own. Fields this face does not serve yet
-(`tools`, `n` > 1, `logprobs`, ...) are a 400 that names them, never silently dropped. `response_format`
-(json_object, json_schema, and Strata's regex and grammar) constrains decoding in the replica.
+(little-endian float32, what the openai SDK asks for by default); `dimensions` may only be the model's own. Fields this
+face does not serve (`logit_bias`, `echo`, `best_of`, ...) are a 400 that names them, never silently dropped.
+`response_format` (json_object, json_schema, and Strata's regex and grammar) constrains decoding in the replica;
+`tools` as OpenAI's; `n` samples share the prompt's KV blocks; `logprobs` / `top_logprobs` are the model's raw
+distribution; `user` is counted in usage (GetUsage, by user).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import json
 import logging
 import math
 import time
-from typing import Any, AsyncIterator
+from dataclasses import replace
+from typing import Any, AsyncIterator, Sequence
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -42,7 +45,7 @@ from services.common.tls import PLAINTEXT, TlsConfig
 from services.embedding import EMBEDDING_DIM
 from services.gateway.service import Gateway
 from services.gateway.types import (CachePolicy, Chunk, Finish, FinishReason, Message, Request, ResponseFormat, Sampling,
-                                    Tool, ToolCall, Tools)
+                                    TokenLogprob, Tool, ToolCall, Tools)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,9 @@ _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReaso
            FinishReason.ERROR: "error", FinishReason.TOOL_CALLS: "tool_calls"}
 _POLICIES = {p.value: p for p in CachePolicy}
 # accepted and ignored: what they ask for is what Strata does anyway
-_NEUTRAL = {"stream_options", "user", "n", "service_tier", "store", "metadata"}
-_UNSERVED = ("functions", "function_call", "logprobs", "top_logprobs",
-             "logit_bias", "echo", "best_of", "suffix", "prediction", "audio", "modalities")
+_NEUTRAL = {"stream_options", "service_tier", "store", "metadata"}
+_UNSERVED = ("functions", "function_call", "logit_bias", "echo", "best_of", "suffix", "prediction", "audio", "modalities")
+MAX_TOP_LOGPROBS = 20
 
 
 class HttpError(Exception):
@@ -121,21 +124,35 @@ def _check_fields(body: dict, known: set[str]) -> None:
     for name in _UNSERVED:
         if not _served(name, body.get(name)):
             raise _bad(f"'{name}' is not served by this endpoint yet", name)
-    if (n := body.get("n")) not in (None, 1):
-        raise _bad("'n' must be 1 (several samples per request are not served yet)", "n")
     unknown = sorted(set(body) - known - _NEUTRAL - set(_UNSERVED))
     if unknown:
         raise _bad(f"unknown field {unknown[0]!r}", unknown[0])
 
 
 _SAMPLING = {"model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-             "presence_penalty", "frequency_penalty", "response_format", "strata"}
+             "presence_penalty", "frequency_penalty", "response_format", "strata", "n", "logprobs", "user"}
 
 
 _TOOLS = {"tools", "tool_choice", "parallel_tool_calls"}
 
 
-def _sampling(body: dict, ext: dict) -> Sampling:
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """The top-n the engine is asked for (0: only the chosen token's), or None. Chat: `logprobs` a boolean and
+    `top_logprobs` 0-20; completions: `logprobs` the top-n itself."""
+    if not chat:
+        n = _get(body, "logprobs", int)
+        if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise _bad(f"'logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+        return n
+    asked, top = _get(body, "logprobs", bool, False), _get(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise _bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs")
+    if top and not asked:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if asked else None
+
+
+def _sampling(body: dict, ext: dict, chat: bool) -> Sampling:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = (stop,)
@@ -153,7 +170,8 @@ def _sampling(body: dict, ext: dict) -> Sampling:
                     frequency_penalty=_float(_get(body, "frequency_penalty", number)),
                     top_k=_get(ext, "top_k", int), min_p=_float(_get(ext, "min_p", number)),
                     repetition_penalty=_float(_get(ext, "repetition_penalty", number)),
-                    response_format=_response_format(body.get("response_format")))
+                    response_format=_response_format(body.get("response_format")), n=_get(body, "n", int),
+                    logprobs=_logprobs(body, chat))
 
 
 def _response_format(value: Any) -> ResponseFormat | None:
@@ -214,9 +232,10 @@ def _request(body: dict, *, chat: bool) -> Request:
     model = _get(body, "model", str)
     if not model:
         raise _bad("'model' is required (GET /v1/models lists them; \"auto\" lets the gateway choose)", "model")
-    common = {"model": model, "sampling": _sampling(body, ext), "cache_policy": _POLICIES[policy],
+    common = {"model": model, "sampling": _sampling(body, ext, chat), "cache_policy": _POLICIES[policy],
               "priority": _get(ext, "priority", int, 0),
-              "allow_sampled_cache": bool(_get(ext, "allow_sampled_cache", bool, False))}
+              "allow_sampled_cache": bool(_get(ext, "allow_sampled_cache", bool, False)),
+              "user": _get(body, "user", str, "")}
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -319,7 +338,8 @@ EMBED_BODY_LIMIT = 16 << 20            # 2048 texts of a few thousand characters
 
 
 def _embed_request(body: dict, model_name: str) -> tuple[list[str], str, bool]:
-    """(texts, encoding format, truncate) of an embeddings body; the model is checked by the gateway."""
+    """(texts, encoding format, truncate) of an embeddings body; the model is checked by the gateway, `user`
+    read by the caller."""
     unknown = sorted(set(body) - _EMBED_FIELDS)
     if unknown:
         raise _bad(f"unknown field {unknown[0]!r}", unknown[0])
@@ -358,6 +378,29 @@ def _usage(f: Finish) -> dict[str, int]:
 
 def _call(c: ToolCall) -> dict[str, Any]:
     return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def _token(t: bytes) -> str:
+    return t.decode("utf-8", errors="replace")       # a piece of a character reads as U+FFFD; `bytes` has it whole
+
+
+def _chat_logprobs(lps: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: each token with its logprob, its bytes and its top alternatives."""
+    return {"content": [{"token": _token(lp.token), "logprob": lp.logprob, "bytes": list(lp.token),
+                         "top_logprobs": [{"token": _token(t.token), "logprob": t.logprob, "bytes": list(t.token)}
+                                          for t in lp.top]} for lp in lps], "refusal": None}
+
+
+def _completion_logprobs(lps: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions `logprobs` (tokens, token_logprobs, top_logprobs as {token: logprob}, text_offset:
+    each token's offset in the answer's text, from `offset`)."""
+    tokens = [_token(lp.token) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token(t.token): t.logprob for t in lp.top} for lp in lps], "text_offset": offsets}
 
 
 def _strata(f: Finish) -> dict[str, Any]:
@@ -449,7 +492,8 @@ class HttpFrontDoor:
                 if not isinstance(body, dict):
                     raise _bad("the body must be a JSON object")
                 texts, encoding, truncate = _embed_request(body, self.gateway.config.embedding.name)
-                out = await self.gateway.embed(body["model"], texts, _bearer(http), _client(http), truncate)
+                out = await self.gateway.embed(body["model"], texts, _bearer(http), _client(http), truncate,
+                                               user=_get(body, "user", str, ""))
         except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
             return self._failed(span, exc)
         span.set_attribute("http.response.status_code", 200)
@@ -470,7 +514,7 @@ class HttpFrontDoor:
                 body = await self._body(http)
                 if not isinstance(body, dict):
                     raise _bad("the body must be a JSON object")
-                _check_fields(body, _SAMPLING | _TOOLS | ({"messages"} if chat else {"prompt"}))
+                _check_fields(body, _SAMPLING | _TOOLS | ({"messages", "top_logprobs"} if chat else {"prompt"}))
                 request = _request(body, chat=chat)
                 stream = _get(body, "stream", bool, False)
                 usage_chunk = bool(stream and isinstance(body.get("stream_options"), dict)
@@ -488,66 +532,84 @@ class HttpFrontDoor:
                         await chunks.aclose()              # a caller gone: the request is aborted downstream
                         if span.is_recording():
                             span.end()
-                    return _EventStream(self._events(span, first, chunks, chat, request.model, usage_chunk), close)
+                    return _EventStream(self._events(span, first, chunks, chat, request, usage_chunk), close)
                 result = await self.gateway.generate(request, _bearer(http), _client(http))
         except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
             return self._failed(span, exc)
         f = result.finish
         span.set_attribute("http.response.status_code", 200)
         span.end()
-        created, rid = int(time.time()), result.request_id
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _FINISH[f.reason], "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
-            if result.tool_calls:
-                choice["message"] = {"role": "assistant", "content": result.text or None,
-                                     "tool_calls": [_call(c) for c in result.tool_calls]}
-            kind, prefix = "chat.completion", "chatcmpl-"
-        else:
-            choice["text"] = result.text
-            kind, prefix = "text_completion", "cmpl-"
-        return JSONResponse({"id": prefix + rid, "object": kind, "created": created, "model": f.source.model or
-                             request.model, "choices": [choice], "usage": _usage(f), "strata": _strata(f)})
+        asked = request.sampling.logprobs is not None
+        choices = []
+        for c in result.choices:
+            choice: dict[str, Any] = {"index": c.index, "finish_reason": _FINISH[c.reason], "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+                if c.tool_calls:
+                    choice["message"] = {"role": "assistant", "content": c.text or None,
+                                         "tool_calls": [_call(t) for t in c.tool_calls]}
+                if asked:
+                    choice["logprobs"] = _chat_logprobs(c.logprobs)
+            else:
+                choice["text"] = c.text
+                if asked:
+                    choice["logprobs"] = _completion_logprobs(c.logprobs)
+            choices.append(choice)
+        kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+        return JSONResponse({"id": prefix + result.request_id, "object": kind, "created": int(time.time()),
+                             "model": f.source.model or request.model, "choices": choices, "usage": _usage(f),
+                             "strata": _strata(f)})
 
-    async def _events(self, span: trace.Span, first: Chunk, rest: AsyncIterator[Chunk], chat: bool, model: str,
+    async def _events(self, span: trace.Span, first: Chunk, rest: AsyncIterator[Chunk], chat: bool, request: Request,
                       usage_chunk: bool) -> AsyncIterator[str]:
         created = int(time.time())
         prefix, kind = ("chatcmpl-", "chat.completion.chunk") if chat else ("cmpl-", "text_completion")
-        rid = prefix + first.request_id
+        rid, model, samples = prefix + first.request_id, request.model, request.samples
+        asked = request.sampling.logprobs is not None
+        calls = [0] * samples                      # a call's index in its sample's answer, as OpenAI numbers deltas
+        offsets = [0] * samples                    # completions: the next token's text offset
 
         def event(choices: list, **extra) -> str:
             return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
                                           "choices": choices, **extra}, separators=(",", ":")) + "\n\n"
 
-        def piece(text: str, finish: Finish | None) -> dict:
+        def piece(c: Chunk, text: str, finish: Finish | None) -> dict:
             reason = None if finish is None else _FINISH[finish.reason]
+            logprobs = None
+            if asked and c.logprobs:
+                if chat:
+                    logprobs = _chat_logprobs(c.logprobs)
+                else:
+                    logprobs = _completion_logprobs(c.logprobs, offsets[c.index])
+                    offsets[c.index] += sum(len(t) for t in logprobs["tokens"])
             if chat:
-                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
-                        "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+                return {"index": c.index, "delta": {"content": text} if text else {}, "finish_reason": reason,
+                        "logprobs": logprobs}
+            return {"index": c.index, "text": text, "finish_reason": reason, "logprobs": logprobs}
 
         try:
             with trace.use_span(span, end_on_exit=False):
                 if chat:
-                    yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                                  "logprobs": None}])
+                    for i in range(samples):
+                        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                                      "logprobs": None}])
                 chunk: Chunk | None = first
-                calls = 0                          # a call's index in the answer, as OpenAI numbers deltas
+                finished = 0
                 while chunk is not None:
                     for c in chunk.tool_calls:
-                        yield event([{"index": 0, "delta": {"tool_calls": [{"index": calls, **_call(c)}]},
+                        yield event([{"index": chunk.index, "delta": {"tool_calls": [{"index": calls[chunk.index], **_call(c)}]},
                                       "finish_reason": None, "logprobs": None}])
-                        calls += 1
+                        calls[chunk.index] += 1
                     f = chunk.finish
+                    if chunk.text or (asked and chunk.logprobs):
+                        yield event([piece(chunk, chunk.text, None)])
                     if f is not None:
+                        finished += 1
                         model = f.source.model or model
-                        if chunk.text:
-                            yield event([piece(chunk.text, None)])
-                        yield event([piece("", f)], strata=_strata(f))
-                        if usage_chunk:
+                        last = finished == samples
+                        yield event([piece(replace(chunk, logprobs=()), "", f)], **({"strata": _strata(f)} if last else {}))
+                        if last and usage_chunk:
                             yield event([], usage=_usage(f))
-                    elif chunk.text:
-                        yield event([piece(chunk.text, None)])
                     chunk = await anext(rest, None)
                 yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - after the status line: the error is the stream's last event

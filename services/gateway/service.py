@@ -12,8 +12,9 @@ router, Redis and the logs get the redacted prompt. A stream that ends early is 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
@@ -35,11 +36,19 @@ from services.gateway.stages.cache import CacheStage
 from services.gateway.stages.guard import Guard
 from services.gateway.stages.route import Generation, Route
 from services.gateway.stages.settle import Settle
-from services.gateway.types import Chunk, Request, Result, SourceKind
+from services.gateway.types import Choice, Chunk, FinishReason, Request, Result, SourceKind
 from services.gateway.usage import UsageStore
 
 
 EMBEDDING_SOURCE = "embedding"          # the metrics' source label of Embed calls
+
+
+@dataclass(slots=True)
+class _Call:
+    """A call's labels in the metrics."""
+
+    source: str                           # SourceKind (a StrEnum: its value is the label) or "embedding"
+    code: str = "OK"
 
 
 @dataclass(slots=True)
@@ -74,13 +83,7 @@ class Gateway:
                      timeout_s: float | None = None) -> AsyncIterator[Chunk]:
         """The answer as chunks; the last one says where it came from. `client` is the caller's address
         (failed key attempts are limited per address). Counted in the metrics by outcome and source."""
-        t0 = time.perf_counter()
-        code, source = "OK", SourceKind.NONE     # the metrics' labels (a SourceKind is its label)
-        self.in_flight += 1
-        try:
-            cap = self.config.max_in_flight
-            if cap and self.in_flight > cap:        # shed before any work: no key lookup, no Redis, no model
-                raise CapacityError(f"the gateway is at capacity ({cap} requests in flight)", retry_after_s=1.0)
+        with self._counted() as call:
             a = await self.admit(request, bearer, client)
             gen = Generation()
             settled = False
@@ -90,7 +93,7 @@ class Gateway:
                 if hit is not None:
                     for chunk in self.cache.replay(hit, a):
                         if chunk.finish is not None:
-                            source = chunk.finish.source.kind
+                            call.source = chunk.finish.source.kind
                         yield chunk
                     await self.settle.charge(a, 0, 0, cache_hit=True)
                     settled = True
@@ -98,7 +101,7 @@ class Gateway:
                 # route
                 async for chunk in self.route.stream(a, gen, timeout_s):
                     if chunk.finish is not None:
-                        source = chunk.finish.source.kind
+                        call.source = chunk.finish.source.kind
                     yield chunk
                 # settle
                 usage = gen.final.usage
@@ -109,19 +112,6 @@ class Gateway:
             finally:
                 if not settled:           # failed or cut short: charge what was used, free the slot
                     await self.settle.charge(a, gen.prompt_tokens, gen.completion_tokens, count=False)
-        except StrataError as exc:
-            code = exc.status
-            if isinstance(exc, ResourceExhaustedError):
-                self.metrics.ratelimit_rejections.labels(getattr(exc, "limit", "budget")).inc()
-            raise
-        except BaseException:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.in_flight -= 1
-            self.metrics.requests.labels(code, source).inc()
-            if code == "OK":
-                self.metrics.latency.labels(source).observe(time.perf_counter() - t0)
 
     async def generate(self, request: Request, bearer: str, client: str = "",
                        timeout_s: float | None = None) -> Result:
@@ -133,6 +123,7 @@ class Gateway:
         first = out.finish
         cascade = self.config.cascades.get(first.source.model)
         if (cascade is not None and first.source.kind is SourceKind.MODEL and first.mean_logprob is not None
+                and request.samples == 1
                 and first.mean_logprob < cascade.min_mean_logprob
                 and self.admit.able(cascade.to, request.messages is not None)):
             out = await _collect(self.stream(replace(request, model=cascade.to), bearer, client, timeout_s))
@@ -142,18 +133,12 @@ class Gateway:
         return out
 
     async def embed(self, model: str, texts: Sequence[str], bearer: str, client: str = "", truncate: bool = False,
-                    timeout_s: float | None = None) -> Embeddings:
+                    timeout_s: float | None = None, user: str = "") -> Embeddings:
         """Sentence embeddings from the semantic cache's model: capacity, then the key, its models and tier, the
         input's bounds, the budget and the limits (Admit.embedding), then the model, then usage (the tokens the
         model read, at the embedding model's price). Counted in the metrics with source "embedding"."""
-        t0 = time.perf_counter()
-        code = "OK"
-        self.in_flight += 1
-        try:
-            cap = self.config.max_in_flight
-            if cap and self.in_flight > cap:
-                raise CapacityError(f"the gateway is at capacity ({cap} requests in flight)", retry_after_s=1.0)
-            a = await self.admit.embedding(model, texts, bearer, client)
+        with self._counted(EMBEDDING_SOURCE):
+            a = await self.admit.embedding(model, texts, bearer, client, user)
             charged = False
             try:
                 with telemetry.child_span(self.tracer, "embed") as span:
@@ -167,19 +152,33 @@ class Gateway:
                 if not charged:               # failed: nothing used, the reservation ends
                     await self.settle.charge_embedding(a, 0, count=False)
             return Embeddings(a.request_id, a.model, out.vectors, tokens)
+
+    @contextmanager
+    def _counted(self, source: str = SourceKind.NONE) -> Iterator[_Call]:
+        """One call to the gateway: refused at once past max_in_flight (before any work: no key lookup, no Redis,
+        no model), counted in flight, and in the metrics by outcome and source (the caller may set the source
+        once it is known; a SourceKind is its label) with its latency when it succeeded."""
+        t0 = time.perf_counter()
+        call = _Call(source)
+        self.in_flight += 1
+        try:
+            cap = self.config.max_in_flight
+            if cap and self.in_flight > cap:
+                raise CapacityError(f"the gateway is at capacity ({cap} requests in flight)", retry_after_s=1.0)
+            yield call
         except StrataError as exc:
-            code = exc.status
+            call.code = exc.status
             if isinstance(exc, ResourceExhaustedError):
                 self.metrics.ratelimit_rejections.labels(getattr(exc, "limit", "budget")).inc()
             raise
         except BaseException:
-            code = "CANCELLED"
+            call.code = "CANCELLED"
             raise
         finally:
             self.in_flight -= 1
-            self.metrics.requests.labels(code, EMBEDDING_SOURCE).inc()
-            if code == "OK":
-                self.metrics.latency.labels(EMBEDDING_SOURCE).observe(time.perf_counter() - t0)
+            self.metrics.requests.labels(call.code, call.source).inc()
+            if call.code == "OK":
+                self.metrics.latency.labels(call.source).observe(time.perf_counter() - t0)
 
     async def close(self) -> None:
         await self.settle.close()
@@ -188,14 +187,24 @@ class Gateway:
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Result:
-    request_id, text, token_ids, calls, finish = "", [], [], [], None
+    request_id, finish = "", None
+    text: dict[int, list[str]] = {}
+    token_ids: dict[int, list[int]] = {}
+    calls: dict[int, list] = {}
+    logprobs: dict[int, list] = {}
+    reasons: dict[int, FinishReason] = {}
     async for c in chunks:
         request_id = c.request_id
-        text.append(c.text)
-        token_ids.extend(c.token_ids)
-        calls.extend(c.tool_calls)
+        text.setdefault(c.index, []).append(c.text)
+        token_ids.setdefault(c.index, []).extend(c.token_ids)
+        calls.setdefault(c.index, []).extend(c.tool_calls)
+        logprobs.setdefault(c.index, []).extend(c.logprobs)
         if c.finish is not None:
             finish = c.finish
-    if finish is None:
+            reasons[c.index] = c.finish.reason
+    if finish is None or len(reasons) < len(text):
         raise UnavailableError("the answer ended without its final chunk")
-    return Result(request_id, "".join(text), token_ids, finish, tuple(calls))
+    choices = tuple(Choice(i, "".join(text[i]), token_ids[i], reasons[i], tuple(calls[i]), tuple(logprobs[i]))
+                    for i in sorted(text))
+    first = choices[0]
+    return Result(request_id, first.text, first.token_ids, finish, first.tool_calls, first.logprobs, choices)

@@ -15,8 +15,8 @@ from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import GatewayAdmin
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
-from services.gateway.translate import (finish_reason_to_pb, messages_from_pb, sampling_from_pb, source_to_pb,
-                                        tool_calls_to_pb, tools_from_pb, usage_to_pb)
+from services.gateway.translate import (finish_reason_to_pb, logprobs_to_pb, messages_from_pb, sampling_from_pb,
+                                        source_to_pb, tool_calls_to_pb, tools_from_pb, usage_to_pb)
 from services.gateway.types import CachePolicy, Chunk, Finish, Request, Result
 
 # an unknown value (proto3 enums are open) skips the lookup and stores the answer, as REFRESH does
@@ -42,7 +42,7 @@ def request_from_pb(r: gateway_pb2.GatewayRequest) -> Request:
     chat = r.HasField("messages")
     return Request(r.model, r.prompt, messages_from_pb(r.messages) if chat else None,
                    sampling_from_pb(r.sampling), _POLICY.get(r.cache_policy, CachePolicy.REFRESH), r.priority,
-                   r.allow_sampled_cache, tools_from_pb(r.messages) if chat else None)
+                   r.allow_sampled_cache, tools_from_pb(r.messages) if chat else None, r.user)
 
 
 def _finish_fields(f: Finish) -> dict[str, Any]:
@@ -54,16 +54,25 @@ def _finish_fields(f: Finish) -> dict[str, Any]:
 
 
 def chunk_to_pb(c: Chunk) -> gateway_pb2.GatewayChunk:
-    calls = {"tool_calls": tool_calls_to_pb(c.tool_calls)} if c.tool_calls else {}
+    extra: dict[str, Any] = {"tool_calls": tool_calls_to_pb(c.tool_calls)} if c.tool_calls else {}
+    if c.logprobs:
+        extra["logprobs"] = logprobs_to_pb(c.logprobs)
+    if c.index:
+        extra["index"] = c.index
     if c.finish is None:
-        return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids, **calls)
+        return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids, **extra)
     return gateway_pb2.GatewayChunk(request_id=c.request_id, text=c.text, token_ids=c.token_ids,
-                                    **_finish_fields(c.finish), **calls)
+                                    **_finish_fields(c.finish), **extra)
 
 
 def result_to_pb(r: Result) -> gateway_pb2.GatewayResponse:
+    choices = [gateway_pb2.GatewayChoice(index=c.index, text=c.text, token_ids=c.token_ids,
+                                         finish_reason=finish_reason_to_pb(c.reason),
+                                         tool_calls=tool_calls_to_pb(c.tool_calls), logprobs=logprobs_to_pb(c.logprobs))
+               for c in r.choices] if len(r.choices) > 1 else []
     return gateway_pb2.GatewayResponse(request_id=r.request_id, text=r.text, token_ids=r.token_ids,
-                                       tool_calls=tool_calls_to_pb(r.tool_calls), **_finish_fields(r.finish))
+                                       tool_calls=tool_calls_to_pb(r.tool_calls), logprobs=logprobs_to_pb(r.logprobs),
+                                       choices=choices, **_finish_fields(r.finish))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -89,7 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @map_errors
     async def Embed(self, request: gateway_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.EmbedResponse:
         out = await self.gateway.embed(request.model, list(request.input), bearer(context), client_address(context),
-                                       request.truncate, context.time_remaining())
+                                       request.truncate, context.time_remaining(), request.user)
         return gateway_pb2.EmbedResponse(request_id=out.request_id, model=out.model,
                                          embeddings=[gateway_pb2.Embedding(values=v.tolist()) for v in out.vectors],
                                          usage=common_pb2.Usage(prompt_tokens=out.prompt_tokens))
@@ -127,10 +136,13 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     @map_errors
     async def GetUsage(self, request, context: grpc.aio.ServicerContext):
         self._check(context)
-        day, u, total = await self.admin.get_usage(request.key_id, request.day)
-        return gateway_pb2.GetUsageResponse(key_id=request.key_id, day=day, requests=u.requests,
-                                            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                            spend_usd=u.spend_usd, cache_hits=u.cache_hits, total_spend_usd=total)
+        day, u, total, users = await self.admin.get_usage(request.key_id, request.day)
+        return gateway_pb2.GetUsageResponse(
+            key_id=request.key_id, day=day, requests=u.requests, prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens, spend_usd=u.spend_usd, cache_hits=u.cache_hits, total_spend_usd=total,
+            users=[gateway_pb2.UserUsage(user=name, requests=v.requests, prompt_tokens=v.prompt_tokens,
+                                         completion_tokens=v.completion_tokens, spend_usd=v.spend_usd,
+                                         cache_hits=v.cache_hits) for name, v in users.items()])
 
     @map_errors
     async def ListModels(self, request, context: grpc.aio.ServicerContext):

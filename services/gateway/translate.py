@@ -11,25 +11,21 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from services.common.pb import common_pb2
-from services.gateway.types import (FinishReason, Message, ResponseFormat, Sampling, Source, SourceKind, Tool, ToolCall,
-                                    Tools, Usage)
+from services.common.pb import FORMAT_KINDS, TOOL_CHOICES, common_pb2
+from services.gateway.types import (FinishReason, Message, ResponseFormat, Sampling, Source, SourceKind, TokenLogprob,
+                                    Tool, ToolCall, Tools, TopLogprob, Usage)
 
 _SAMPLING_FIELDS = tuple(f.name for f in fields(Sampling))
 _MEMO_SIZE = 1024                     # distinct sampling settings remembered; then all forgotten at once
 _FINISH = {common_pb2.FINISH_REASON_STOP: FinishReason.STOP, common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
            common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT, common_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
            common_pb2.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS}
-_CHOICE = {common_pb2.ToolChoice.MODE_AUTO: "auto", common_pb2.ToolChoice.MODE_NONE: "none",
-           common_pb2.ToolChoice.MODE_REQUIRED: "required", common_pb2.ToolChoice.MODE_FUNCTION: "function"}
-_CHOICE_PB = {v: k for k, v in _CHOICE.items()}
+_CHOICE_PB = {v: k for k, v in TOOL_CHOICES.items()}
 _FINISH_PB = {v: k for k, v in _FINISH.items()}
 _KIND = {common_pb2.Source.KIND_MODEL: SourceKind.MODEL, common_pb2.Source.KIND_CACHE_EXACT: SourceKind.CACHE_EXACT,
          common_pb2.Source.KIND_CACHE_SEMANTIC: SourceKind.CACHE_SEMANTIC}
 _KIND_PB = {v: k for k, v in _KIND.items()}
-_FORMAT = {common_pb2.ResponseFormat.TYPE_JSON_OBJECT: "json_object", common_pb2.ResponseFormat.TYPE_JSON_SCHEMA: "json_schema",
-           common_pb2.ResponseFormat.TYPE_REGEX: "regex", common_pb2.ResponseFormat.TYPE_GRAMMAR: "grammar"}
-_FORMAT_PB = {v: k for k, v in _FORMAT.items()}
+_FORMAT_PB = {v: k for k, v in FORMAT_KINDS.items()}
 # each distinct setting a caller sends is translated once; its message is found again by identity, not
 # equality (0.0 == -0.0, yet the cache keys tell them apart)
 _interned: dict[bytes, Sampling] = {}
@@ -67,7 +63,7 @@ def format_from_pb(f: common_pb2.ResponseFormat) -> ResponseFormat | None:
     """None for free text; an unknown type is kept by its number, for the replica to refuse."""
     if f.type == common_pb2.ResponseFormat.TYPE_TEXT:
         return None
-    return ResponseFormat(_FORMAT.get(f.type, str(f.type)), f.spec, f.strict)
+    return ResponseFormat(FORMAT_KINDS.get(f.type, str(f.type)), f.spec, f.strict)
 
 
 def format_to_pb(f: ResponseFormat) -> common_pb2.ResponseFormat:
@@ -85,7 +81,7 @@ def tools_from_pb(m: common_pb2.ChatMessages) -> Tools | None:
     if not m.tools and not m.HasField("tool_choice") and not m.HasField("parallel_tool_calls"):
         return None
     return Tools(tuple(Tool(t.name, t.description, t.parameters) for t in m.tools),
-                 _CHOICE.get(m.tool_choice.mode, str(m.tool_choice.mode)), m.tool_choice.function,
+                 TOOL_CHOICES.get(m.tool_choice.mode, str(m.tool_choice.mode)), m.tool_choice.function,
                  m.parallel_tool_calls if m.HasField("parallel_tool_calls") else None)
 
 
@@ -118,6 +114,17 @@ def set_input(message: Any, prompt: str, messages: tuple[Message, ...] | None, t
         chat.tool_choice.function = tools.function
         if tools.parallel is not None:
             chat.parallel_tool_calls = tools.parallel
+
+
+def logprobs_from_pb(lps) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(lp.token_id, lp.token, lp.logprob,
+                              tuple(TopLogprob(t.token_id, t.token, t.logprob) for t in lp.top)) for lp in lps)
+
+
+def logprobs_to_pb(lps) -> list[common_pb2.TokenLogprob]:
+    return [common_pb2.TokenLogprob(token_id=lp.token_id, token=lp.token, logprob=lp.logprob,
+                                    top=[common_pb2.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob)
+                                         for t in lp.top]) for lp in lps]
 
 
 def usage_from_pb(u: common_pb2.Usage) -> Usage:

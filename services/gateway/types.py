@@ -102,6 +102,7 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: int | None = None           # top-n log-probabilities per token; unset = none
     response_format: ResponseFormat | None = None   # structured output; None = free text
+    n: int | None = None                  # samples of the prompt (1..16); unset = 1
 
 
 @dataclass(slots=True)
@@ -116,11 +117,22 @@ class Request:
     priority: int = 0                               # lower = sooner, passed down to the engine
     allow_sampled_cache: bool = False               # also cache / serve from cache when temperature > 0
     tools: Tools | None = None                      # chat only: functions the model may call
+    user: str = ""                                  # the caller's end user: usage is also counted per user
 
     @property
     def uses_tools(self) -> bool:
-        """Tools offered, or calls and their results in the history: such a request bypasses the cache."""
+        """Tools offered, or calls and their results in the history."""
         return self.tools is not None or any(m.tool_calls or m.role == "tool" for m in self.messages or ())
+
+    @property
+    def samples(self) -> int:
+        return self.sampling.n or 1
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether the cache may answer or keep it: not with tools (calls are not cached), per-token
+        logprobs (a cached answer has none) or several samples."""
+        return not self.uses_tools and self.sampling.logprobs is None and self.samples == 1
 
     def text(self, role: str | None = None) -> str:
         """The prompt, or the messages' contents (of `role` only, when given) joined by newlines."""
@@ -162,23 +174,57 @@ class Finish:
     mean_logprob: float | None = None     # mean token log-probability, when the gateway asked for it (cascades)
 
 
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: bytes                          # the bytes the token stands for
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability (the model's raw distribution) and the top tokens at its place."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
 @dataclass(slots=True)
 class Chunk:
-    """A piece of a streamed answer."""
+    """A piece of a streamed answer. With n > 1 samples, each sample's last chunk has its finish (reason;
+    usage is the request's so far), and the stream's last chunk has the whole request's usage."""
 
     request_id: str
     text: str
     token_ids: Sequence[int]
-    finish: Finish | None = None          # the last chunk only
+    finish: Finish | None = None          # the last chunk (of its sample) only
     tool_calls: tuple[ToolCall, ...] = () # calls completed in this chunk (their text is not in `text`)
+    logprobs: Sequence[TokenLogprob] = () # one per token, when the request asked for them
+    index: int = 0                        # the sample (n > 1)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One sample of a whole answer."""
+
+    index: int
+    text: str
+    token_ids: Sequence[int]
+    reason: FinishReason
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: Sequence[TokenLogprob] = ()
 
 
 @dataclass(slots=True)
 class Result:
-    """A whole answer (unary)."""
+    """A whole answer (unary): sample 0's fields, and every sample in `choices` (one for n = 1)."""
 
     request_id: str
     text: str
     token_ids: Sequence[int]
-    finish: Finish
+    finish: Finish                        # the last sample's reason; usage and source of the request
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: Sequence[TokenLogprob] = ()
+    choices: tuple[Choice, ...] = ()

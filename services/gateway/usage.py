@@ -2,7 +2,8 @@
 that budgets are checked against. Spend is kept in micro-dollars so counters stay integers.
 
 Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:total hash (spend_micro),
-usage-batch:{id} (a written batch's marker, kept an hour).
+usage-users:{key}:{YYYY-MM-DD} hash (the day's counts by end user, fields `<count>|<user>`, for requests that
+named one: OpenAI's `user`), usage-batch:{id} (a written batch's marker, kept an hour).
 
 Counted once: each flush is a batch with an id, applied by one Lua script that first sets the batch's
 marker (SET NX). A batch whose reply was lost (Redis restarted or the connection broke after the
@@ -27,19 +28,25 @@ USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
 BATCH_MARKER_TTL_S = 3_600       # how long a written batch is remembered: a retry comes once Redis is back
                                  # (an hour of markers at 5 flushes/s is about 2 MB per gateway)
 
-# KEYS[1]: the batch's marker; then per row its day hash and its total hash.
-# ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS order.
+# KEYS[1]: the batch's marker; then per row its day hash, its total hash and its day's by-user hash.
+# ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS order and the user ("" =
+# none: the by-user hash is not touched).
 _APPLY = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
 local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'spend_micro', 'cache_hits'}
 local row = 0
-for k = 2, #KEYS, 2 do
-  local base = 2 + row * 5
+for k = 2, #KEYS, 3 do
+  local base = 2 + row * 6
+  local user = ARGV[base + 6]
   for f = 1, 5 do
     local v = tonumber(ARGV[base + f])
-    if v ~= 0 then redis.call('HINCRBY', KEYS[k], fields[f], v) end
+    if v ~= 0 then
+      redis.call('HINCRBY', KEYS[k], fields[f], v)
+      if user ~= '' then redis.call('HINCRBY', KEYS[k + 2], fields[f] .. '|' .. user, v) end
+    end
   end
   redis.call('EXPIRE', KEYS[k], tonumber(ARGV[2]))
+  if user ~= '' then redis.call('EXPIRE', KEYS[k + 2], tonumber(ARGV[2])) end
   local spend = tonumber(ARGV[base + 4])
   if spend ~= 0 then redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend) end
   row = row + 1
@@ -81,17 +88,17 @@ class UsageStore:
         self.redis = redis
         self.prefix = prefix
         self.flush_s = flush_s
-        self._pending: dict[tuple[str, str], list[int]] = {}
-        self._unsent: list[tuple[str, dict[tuple[str, str], list[int]]]] = []   # (batch id, rows) not yet acknowledged
+        self._pending: dict[tuple[str, str, str], list[int]] = {}      # (key id, day, user) -> counts
+        self._unsent: list[tuple[str, dict[tuple[str, str, str], list[int]]]] = []   # (batch id, rows) not yet acknowledged
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._apply = redis.register_script(_APPLY)
 
     async def record(self, key_id: str, prompt_tokens: int, completion_tokens: int, spend_usd: float,
-                     cache_hit: bool, day: str | None = None, answered: bool = True) -> None:
+                     cache_hit: bool, day: str | None = None, answered: bool = True, user: str = "") -> None:
         """One request's usage; `answered` False for one that failed or was cut short (its tokens are
-        charged, it is not counted among the requests)."""
-        row = self._pending.setdefault((key_id, day or utc_day()), [0] * len(self._FIELDS))
+        charged, it is not counted among the requests); `user` its end user, also counted by user."""
+        row = self._pending.setdefault((key_id, day or utc_day(), user), [0] * len(self._FIELDS))
         for i, v in enumerate((int(answered), prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit))):
             row[i] += v
         if self._task is None or self._task.done():
@@ -118,9 +125,10 @@ class UsageStore:
             while self._unsent:
                 batch_id, rows = self._unsent[0]
                 keys, args = [f"{self.prefix}usage-batch:{batch_id}"], [BATCH_MARKER_TTL_S, USAGE_TTL_S]
-                for (key_id, day), row in rows.items():
-                    keys += [f"{self.prefix}usage:{key_id}:{day}", f"{self.prefix}usage:{key_id}:total"]
-                    args += row
+                for (key_id, day, user), row in rows.items():
+                    keys += [f"{self.prefix}usage:{key_id}:{day}", f"{self.prefix}usage:{key_id}:total",
+                             f"{self.prefix}usage-users:{key_id}:{day}"]
+                    args += [*row, user]
                 await self._apply(keys=keys, args=args)     # raises: the batch stays first in line
                 self._unsent.pop(0)
 
@@ -138,15 +146,26 @@ class UsageStore:
         return DayUsage(d.get("requests", 0), d.get("prompt_tokens", 0), d.get("completion_tokens", 0),
                         d.get("spend_micro", 0) / 1e6, d.get("cache_hits", 0))
 
+    async def users(self, key_id: str, day: str) -> dict[str, DayUsage]:
+        """The day's usage by end user (requests that named one), by user."""
+        await self.flush()
+        counts: dict[str, dict[str, int]] = {}
+        for field, v in (await self.redis.hgetall(f"{self.prefix}usage-users:{key_id}:{day}")).items():
+            name, _, user = field.decode().partition("|")
+            counts.setdefault(user, {})[name] = int(v)
+        return {user: DayUsage(d.get("requests", 0), d.get("prompt_tokens", 0), d.get("completion_tokens", 0),
+                               d.get("spend_micro", 0) / 1e6, d.get("cache_hits", 0))
+                for user, d in sorted(counts.items())}
+
     async def total_spend(self, key_id: str) -> float:
         """Spend written so far plus what this replica has not written yet."""
         batches = [self._pending] + [rows for _, rows in self._unsent]
-        mine = sum(row[3] for rows in batches for (k, _), row in rows.items() if k == key_id)
+        mine = sum(row[3] for rows in batches for (k, _, _), row in rows.items() if k == key_id)
         v = await self.redis.hget(f"{self.prefix}usage:{key_id}:total", "spend_micro")
         return (int(v or 0) + mine) / 1e6
 
 
-def _add_rows(into: dict[tuple[str, str], list[int]], rows: dict[tuple[str, str], list[int]]) -> None:
+def _add_rows(into: dict[tuple[str, str, str], list[int]], rows: dict[tuple[str, str, str], list[int]]) -> None:
     for k, row in rows.items():
         mine = into.setdefault(k, [0] * len(row))
         for i, v in enumerate(row):

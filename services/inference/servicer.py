@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import replace
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -15,16 +15,14 @@ from services.common import telemetry
 from services.common.errors import InvalidArgumentError
 from services.common.grpc_errors import map_errors
 from services.common.metrics import InferenceMetrics
-from services.common.pb import common_pb2, inference_pb2, inference_pb2_grpc
+from services.common.pb import FORMAT_KINDS, TOOL_CHOICES, common_pb2, inference_pb2, inference_pb2_grpc
 from services.inference.engine.async_engine import AsyncEngine
 from services.inference.engine.outputs import RequestOutput
 from services.inference.sampling import ResponseFormat, SamplingParams
 from services.inference.tools import ROLES as TOOL_ROLES, Conversation, Tool, ToolCall, ToolCallParser, parse_parameters
 
 _OPTIONAL_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                      "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs")
-_FORMATS = {common_pb2.ResponseFormat.TYPE_JSON_OBJECT: "json_object", common_pb2.ResponseFormat.TYPE_JSON_SCHEMA: "json_schema",
-            common_pb2.ResponseFormat.TYPE_REGEX: "regex", common_pb2.ResponseFormat.TYPE_GRAMMAR: "grammar"}
+                      "frequency_penalty", "seed", "max_tokens", "min_tokens", "logprobs", "n")
 _MAX_CHARS_PER_TOKEN = 128   # cheap pre-check before tokenizing a huge prompt
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -33,8 +31,6 @@ _FINISH = {
     "error": common_pb2.FINISH_REASON_ERROR,
     "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS,
 }
-_TOOL_CHOICE = {common_pb2.ToolChoice.MODE_AUTO: "auto", common_pb2.ToolChoice.MODE_NONE: "none",
-                common_pb2.ToolChoice.MODE_REQUIRED: "required", common_pb2.ToolChoice.MODE_FUNCTION: "function"}
 
 
 def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
@@ -46,7 +42,7 @@ def sampling_from_proto(sp: common_pb2.SamplingParams) -> SamplingParams:
 def format_from_proto(f: common_pb2.ResponseFormat) -> ResponseFormat | None:
     if f.type == common_pb2.ResponseFormat.TYPE_TEXT:
         return None
-    kind = _FORMATS.get(f.type)
+    kind = FORMAT_KINDS.get(f.type)
     if kind is None:
         raise InvalidArgumentError(f"unknown response_format type {f.type}")
     return ResponseFormat(kind, f.spec, f.strict)
@@ -68,7 +64,7 @@ def conversation_from_proto(msgs: common_pb2.ChatMessages) -> Conversation:
         if m.role == "tool":
             message["tool_call_id"] = m.tool_call_id
         out.append(message)
-    choice = _TOOL_CHOICE.get(msgs.tool_choice.mode)
+    choice = TOOL_CHOICES.get(msgs.tool_choice.mode)
     if choice is None:
         raise InvalidArgumentError(f"unknown tool_choice mode {msgs.tool_choice.mode}")
     conversation = Conversation(out, [Tool(t.name, t.description, parse_parameters(t.name, t.parameters))
@@ -79,13 +75,17 @@ def conversation_from_proto(msgs: common_pb2.ChatMessages) -> Conversation:
 
 
 def chunk_from_output(out: RequestOutput, first: bool, prompt_token_ids: list[int], model: str,
-                      replica: str, tool_calls: Sequence[ToolCall] = ()) -> inference_pb2.GenerateChunk:
-    chunk = inference_pb2.GenerateChunk(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text)
+                      replica: str, tool_calls: Sequence[ToolCall] = (),
+                      token_bytes: Callable[[int], bytes] | None = None) -> inference_pb2.GenerateChunk:
+    """`token_bytes`: a token id's bytes (the tokenizer's), sent with each logprob."""
+    chunk = inference_pb2.GenerateChunk(request_id=out.request_id, token_ids=out.new_token_ids, text=out.text,
+                                        index=out.index)
     for c in tool_calls:
         chunk.tool_calls.add(id=c.id, name=c.name, arguments=c.arguments)
+    spell = token_bytes or (lambda _: b"")
     for lp in out.logprobs:
-        chunk.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
-                           top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])
+        chunk.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, token=spell(lp.token_id),
+                           top=[common_pb2.TopLogprob(token_id=t, logprob=p, token=spell(t)) for t, p in lp.top])
     if first:
         chunk.prompt_token_ids.extend(prompt_token_ids)
     if out.finished:
@@ -106,7 +106,7 @@ def merge_outputs(held: list[RequestOutput]) -> RequestOutput:
         text="".join(o.text for o in held), logprobs=[lp for o in held for lp in o.logprobs],
         finished=last.finished, finish_reason=last.finish_reason, num_prompt_tokens=last.num_prompt_tokens,
         num_output_tokens=last.num_output_tokens, num_cached_tokens=last.num_cached_tokens, error=last.error,
-        first_scheduled_time=held[0].first_scheduled_time)
+        first_scheduled_time=held[0].first_scheduled_time, index=last.index)
 
 
 class _Timing:
@@ -161,6 +161,17 @@ class _Timing:
             if name == "decode":
                 span.set_attributes({"strata.completion_tokens": self.tokens, "strata.finish_reason": reason})
             span.end(end_time=ns(max(start, stop)))
+
+
+@dataclass(slots=True)
+class _Sample:
+    """One sample's stream state in Generate: its tool-call parser, and what waits for --stream-interval."""
+
+    parser: ToolCallParser | None
+    held: list[RequestOutput] = field(default_factory=list)
+    calls: list[ToolCall] = field(default_factory=list)
+    tokens: int = 0
+    sent: bool = False
 
 
 def speculative_from_proto(request: inference_pb2.GenerateRequest) -> int | None:
@@ -218,41 +229,44 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         and not request.prompt_token_ids else None)
         prompt_ids = await self._prompt_token_ids(request, conversation)
         params = sampling_from_proto(request.sampling)
-        parser = None
-        if conversation is not None and conversation.offers_tools:    # the answer is constrained to the calls' syntax
+        tools = conversation is not None and conversation.offers_tools
+        if tools:                                  # the answer is constrained to the calls' syntax
             if params.response_format is not None:
                 raise InvalidArgumentError("tools and response_format together are not served: give one")
             params = replace(params, response_format=ResponseFormat("structural_tag", conversation.structural_tag()))
-            parser = ToolCallParser()
         request_id = request.request_id or uuid.uuid4().hex
         model = self.llm.config.model.model_name
         trace.get_current_span().set_attributes({"strata.request_id": request_id, "strata.replica": self.replica_id,
                                                  "strata.prompt_tokens": len(prompt_ids)})
         timing = _Timing(arrival)
-        held: list[RequestOutput] = []            # outputs not yet sent (--stream-interval > 1)
-        held_calls: list[ToolCall] = []
-        held_tokens, sent = 0, 0
+        samples: dict[int, _Sample] = {}         # by index, made as each sample's first output comes (n is not
+                                                  # checked until the engine has the request)
+        token_bytes = self.llm.tokenizer.token_bytes
+        first = True
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id=request_id,
                                                   priority=request.priority, model=request.model,
                                                   num_speculative_tokens=speculative_from_proto(request)):
                 if out.finish_reason == "error":
                     raise RuntimeError(out.error or "engine error")
-                if parser is not None:             # calls out of the text, as they complete
-                    out.text, calls = parser.feed(out.text)
-                    held_calls += calls
+                sample = samples.get(out.index)
+                if sample is None:
+                    sample = samples[out.index] = _Sample(ToolCallParser() if tools else None)
+                if sample.parser is not None:      # calls out of the text, as they complete
+                    out.text, calls = sample.parser.feed(out.text)
+                    sample.calls += calls
                     if out.finished:
-                        out.text += parser.finish()
-                        if parser.calls and out.finish_reason == "stop":
+                        out.text += sample.parser.finish()
+                        if sample.parser.calls and out.finish_reason == "stop":
                             out.finish_reason = "tool_calls"
                 timing.output(out, self.metrics)
-                held.append(out)
-                held_tokens += len(out.new_token_ids)
-                if sent and not out.finished and held_tokens < self.stream_interval:
+                sample.held.append(out)
+                sample.tokens += len(out.new_token_ids)
+                if sample.sent and not out.finished and sample.tokens < self.stream_interval:
                     continue
-                yield chunk_from_output(held[0] if len(held) == 1 else merge_outputs(held), sent == 0, prompt_ids,
-                                        model, self.replica_id, held_calls)
-                held, held_calls, held_tokens, sent = [], [], 0, sent + 1
+                yield chunk_from_output(sample.held[0] if len(sample.held) == 1 else merge_outputs(sample.held), first,
+                                        prompt_ids, model, self.replica_id, sample.calls, token_bytes)
+                sample.held, sample.calls, sample.tokens, sample.sent, first = [], [], 0, True, False
         finally:
             timing.finish(self.tracer, self.metrics)
 

@@ -88,7 +88,8 @@ def affinity_key(req: inference_pb2.GenerateRequest) -> str:
 def estimated_tokens(req: inference_pb2.GenerateRequest, default_max_tokens: int) -> int:
     prompt = len(req.prompt_token_ids) or len(prompt_text(req)) // CHARS_PER_TOKEN + 1
     max_tokens = req.sampling.max_tokens if req.sampling.HasField("max_tokens") else default_max_tokens
-    return prompt + max(0, max_tokens)
+    samples = req.sampling.n if req.sampling.HasField("n") else 1    # n samples: the prompt once, each its answer
+    return prompt + max(0, max_tokens) * max(1, samples)
 
 
 class Router:

@@ -148,6 +148,23 @@ async def test_a_prompt_string_streams_from_the_model(stack, flavor):
 
 
 @FLAVORS
+async def test_logprobs_and_samples_come_back_typed(stack, flavor):
+    target, admin = await stack.gateway()
+    key = await new_key(admin)
+    one = await generate(flavor, target, key, "Once upon a time", max_tokens=5, temperature=0.0, ignore_eos=True,
+                         logprobs=2, user="u-7")
+    assert [lp.token_id for lp in one.logprobs] == list(one.token_ids)
+    assert b"".join(lp.token for lp in one.logprobs).decode() == one.text and one.choices == ()
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in one.logprobs)
+    three = await generate(flavor, target, key, "Once upon a time", max_tokens=5, temperature=1.0, seed=1, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2] and three.text == three.choices[0].text
+    assert three.usage.completion_tokens == sum(len(c.token_ids) for c in three.choices)
+    chunks, error = await stream(flavor, target, key, "Once upon a time", max_tokens=5, temperature=1.0, seed=1, n=3)
+    assert error is None and {c.index for c in chunks if c.finish_reason} == {0, 1, 2}
+    assert {i: "".join(c.text for c in chunks if c.index == i) for i in range(3)} == {c.index: c.text for c in three.choices}
+
+
+@FLAVORS
 async def test_an_expired_deadline_raises_deadline_exceeded(stack, flavor):
     target, admin = await stack.gateway()
     key = await new_key(admin)

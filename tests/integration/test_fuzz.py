@@ -106,6 +106,9 @@ def sampling(draw, max_tokens=st.one_of(st.none(), st.integers(-2, 8), st.intege
     seed = draw(mostly(st.none(), st.integers(-2**63, 2**63 - 1)))
     if seed is not None:
         p.seed = seed
+    n = draw(mostly(st.none(), st.sampled_from([0, -1, 17, 2**31 - 1])))   # out of range (valid_sampling: 1-3)
+    if n is not None:
+        p.n = n
     return p
 
 
@@ -125,7 +128,7 @@ def valid_sampling(draw) -> common_pb2.SamplingParams:
         repetition_penalty=draw(st.floats(0.5, 2.0)), presence_penalty=draw(st.floats(-2.0, 2.0)),
         frequency_penalty=draw(st.floats(-2.0, 2.0)), seed=draw(st.integers(0, 2**62)), max_tokens=draw(st.integers(1, 6)),
         stop=draw(st.lists(st.text(min_size=1, max_size=8), max_size=3)), ignore_eos=draw(st.booleans()),
-        logprobs=draw(st.integers(0, 5)))
+        logprobs=draw(st.integers(0, 5)), n=draw(st.integers(1, 3)))
 
 
 valid_texts = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=300).filter(str.strip)
@@ -160,6 +163,9 @@ def inference_requests(draw):
         else:
             req.prompt_token_ids.extend(draw(st.lists(st.integers(0, 49151), min_size=1, max_size=100)))
         return req
+    if draw(st.integers(0, 4)) == 0:                         # well formed, for a model no replica serves
+        return inference_pb2.GenerateRequest(model=draw(st.sampled_from(["no-such-model", "gpt-5"])), prompt="Hi",
+                                             sampling=draw(valid_sampling()))
     req = inference_pb2.GenerateRequest(
         request_id=draw(mostly(st.just(""), texts)), model=draw(mostly(st.sampled_from(["", MODEL]), texts)),
         sampling=draw(sampling(max_tokens=mostly(st.integers(1, 6),

@@ -78,9 +78,14 @@ def hf(gguf):
 
 
 @pytest.fixture(scope="module")
-def dense_greedy(gguf, tokenizer, prompts):
-    """Strata's greedy continuations with the file's blocks dequantized to float32, as HF loads them."""
-    return generate(gguf, tokenizer, prompts, None)[1]
+def dense(gguf, tokenizer, prompts):
+    """The file's blocks dequantized to float32 (as HF loads them), and Strata's greedy continuations on it."""
+    return generate(gguf, tokenizer, prompts, None)
+
+
+@pytest.fixture(scope="module")
+def dense_greedy(dense):
+    return dense[1]
 
 
 def generate(gguf, tokenizer, prompts, quantization):
@@ -90,6 +95,38 @@ def generate(gguf, tokenizer, prompts, quantization):
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True))
     assert_all_blocks_free(engine)
     return model, [o.new_token_ids for o in outs]
+
+
+def test_samples_share_blocks_of_every_layer_group_past_the_local_window(tokenizer, prompts, dense):
+    """n = 2 greedy samples of a short prompt (under a block: nothing to share) and of one past the 512-token
+    window, its prompt in 256-token chunks (so the leader's local groups have let go of their oldest blocks when
+    the fork takes the rest): both equal the greedy answer, and the fork holds the leader's blocks in the global
+    group and the window's in each of the five local ones."""
+    from collections import defaultdict
+
+    model, greedy = dense
+    engine = build_engine(engine_config(dtype="float32", kv_cache_memory_gb=0.3, max_num_batched_tokens=256,
+                                        num_speculative_tokens=0), model=model, tokenizer=tokenizer)
+    kv, bs = engine.scheduler.kv, engine.scheduler.kv.block_size
+    for i in (0, 19):
+        rid = engine.add_request(prompts[i], SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, n=2))
+        outs, shared = defaultdict(list), None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs[out.index] += out.new_token_ids
+            samples = sorted((r for r in engine.scheduler.running if r.group_id == rid), key=lambda r: r.index)
+            if shared is None and len(samples) == 2:
+                leader, fork = samples
+                n = (len(prompts[i]) - 1) // bs
+                for g, (mine, theirs) in enumerate(zip(fork.block_tables, leader.block_tables)):
+                    assert all(a == b or b == kv.null_block for a, b in zip(mine[:n], theirs[:n])), g
+                shared = [sum(a == b != kv.null_block for a, b in zip(mine[:n], theirs[:n]))
+                          for mine, theirs in zip(fork.block_tables, leader.block_tables)]
+        assert outs[0] == outs[1] == greedy[i], i
+        assert kv.windows == (0, 512, 512, 512, 512, 512)
+        if i == 19:
+            assert shared[0] == (len(prompts[i]) - 1) // bs and all(0 < n < shared[0] for n in shared[1:]), shared
+    assert_all_blocks_free(engine)
 
 
 def test_the_file_is_read_for_what_it_holds(gguf):

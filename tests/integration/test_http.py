@@ -120,8 +120,9 @@ async def test_errors_are_openais_status_and_body(suite):
         await aclient.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=0)
-    with pytest.raises(openai.BadRequestError, match="'logprobs' is not served"):
-        await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="'logit_bias' is not served"):
+        await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              logit_bias={"1": 5})
     with pytest.raises(openai.BadRequestError, match="unknown field 'strata.speed'"):
         await aclient.completions.create(model=MODEL, prompt="hi", extra_body={"strata": {"speed": 1}})
     limited = await suite.new_key(limits=gateway_pb2.KeyLimits(requests_per_minute=1))
@@ -178,7 +179,11 @@ BAD_BODIES = [
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5},
-    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 0},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": "3"},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": 1},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1},
+    {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "user": 42},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": []},
     {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "strata": {"cache_policy": "always"}},
@@ -493,4 +498,82 @@ async def test_bad_tool_requests_are_400s_naming_what_is_wrong(suite):
             await aclient.chat.completions.create(model=MODEL, messages=hi, max_tokens=4, **kw)
     with pytest.raises(openai.BadRequestError, match="needs chat messages"):
         await aclient.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tools": [WEATHER]})
+    await aclient.close()
+
+
+async def test_logprobs_samples_and_user_through_the_sdk_and_grpc(suite):
+    """Per-token logprobs (chat and completions, whole and streamed, equal to the gRPC face's), n samples (each
+    its own choice, the prompt charged once, a stream's events numbered by sample), and `user` in the usage."""
+    from tests.integration.test_inference_grpc import wait_all_blocks_free
+
+    _, aclient = clients(suite)
+    messages = [{"role": "user", "content": "Write a short poem about rain."}]
+    kw = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0, "user": "end-user-42"}
+    chat = await aclient.chat.completions.create(logprobs=True, top_logprobs=3, **kw)
+    choice = chat.choices[0]
+    content = choice.logprobs.content
+    assert choice.finish_reason == "length" and len(content) == chat.usage.completion_tokens == 8
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert bytes(t.bytes).decode() == t.token and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+        assert sum(np.exp(x.logprob) for x in t.top_logprobs) <= 1 + 1e-5 and t.logprob <= 0
+
+    rpc = await suite.grpc.Generate(gateway_pb2.GatewayRequest(
+        model=MODEL, messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=messages[0]["content"])]),
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=8, logprobs=3)),
+        metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert [lp.token.decode() for lp in rpc.logprobs] == [t.token for t in content]
+    assert [lp.logprob for lp in rpc.logprobs] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    assert rpc.source.kind == common_pb2.Source.KIND_MODEL                     # logprobs bypass the cache
+
+    streamed = [c async for c in await aclient.chat.completions.create(stream=True, logprobs=True, **kw)]
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in tokens] == [t.token for t in content] and all(t.top_logprobs == [] for t in tokens)
+
+    done = await aclient.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                            logprobs=2, extra_body=BYPASS)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == done.usage.completion_tokens
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+    # n samples: the prompt once, each sample its own choice, its own draw (seed + i), the same whole or streamed
+    one = await aclient.chat.completions.create(**{**kw, "max_tokens": 12})
+    three = await aclient.chat.completions.create(n=3, seed=11, logprobs=True, **{**kw, "max_tokens": 12, "temperature": 1.0})
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(len(c.logprobs.content) for c in three.choices)
+    assert len({c.message.content for c in three.choices}) > 1
+    events = [c async for c in await aclient.chat.completions.create(
+        n=3, seed=11, stream=True, stream_options={"include_usage": True}, **{**kw, "max_tokens": 12, "temperature": 1.0})]
+    texts, finishes = {}, {}
+    for e in events:
+        for c in e.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in three.choices}
+    assert finishes == {c.index: c.finish_reason for c in three.choices}
+    assert events[-1].usage.completion_tokens == three.usage.completion_tokens
+    rpc = await suite.grpc.Generate(gateway_pb2.GatewayRequest(
+        model=MODEL, prompt="Once upon a time", sampling=common_pb2.SamplingParams(temperature=1.0, max_tokens=5, n=2, seed=3)),
+        metadata=(("authorization", f"Bearer {suite.key}"),))
+    assert [c.index for c in rpc.choices] == [0, 1] and rpc.text == rpc.choices[0].text
+    assert rpc.usage.completion_tokens == sum(len(c.token_ids) for c in rpc.choices)
+    await wait_all_blocks_free(suite.replica)
+
+    for bad, match in (({"n": 17}, "n must be in"), ({"top_logprobs": 3}, "needs 'logprobs'"),
+                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"user": "u" * 300}, "user must be")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            await aclient.chat.completions.create(**{**kw, "user": "x", **bad})
+
+    await aclient.embeddings.create(model=EMBEDDER, input=["a", "b"], user="end-user-42")
+    usage = await suite.usage(suite.key)
+    users = {u.user: u for u in usage.users}
+    assert set(users) == {"end-user-42"}
+    mine = users["end-user-42"]
+    assert mine.requests == 6 and mine.completion_tokens == 8 + 8 + 12 + 2 * three.usage.completion_tokens
+    assert 0 < mine.prompt_tokens < usage.prompt_tokens
     await aclient.close()

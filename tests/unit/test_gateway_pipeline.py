@@ -21,7 +21,7 @@ from services.gateway.keys import ApiKey
 from services.gateway.service import Gateway
 from services.gateway.translate import sampling_from_pb
 from services.gateway.types import (CachePolicy, Finish, FinishReason, Message, Request, Sampling, Source,
-                                    SourceKind, Usage)
+                                    SourceKind, TokenLogprob, Usage)
 
 KEY = "sk-strata-good"
 # the default tiers without their rate limits (no limit store here)
@@ -44,11 +44,13 @@ class Keys:
 class Ledger:
     def __init__(self) -> None:
         self.records: list[tuple] = []
-
         self.spend: list[float] = []
+        self.users: list[str] = []
 
-    async def record(self, key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered=True) -> None:
+    async def record(self, key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered=True,
+                     user="") -> None:
         self.records.append((prompt_tokens, completion_tokens, cache_hit, answered))
+        self.users.append(user)
         self.spend.append(spend_usd)
 
 
@@ -69,13 +71,16 @@ class InMemoryBackends:
         return True
 
     async def generate(self, request: ModelRequest, timeout_s: float | None) -> AsyncIterator[ModelChunk]:
+        """With n > 1, every sample answers `words` (sample k's tokens k*100 + i), their chunks interleaved."""
         self.asked.append(request)
         for i, w in enumerate(self.words):
-            last = i == len(self.words) - 1
-            finish = Finish(FinishReason.STOP, Usage(3, len(self.words)),
-                            Source(SourceKind.MODEL, self.answered_by or request.model, "r-1"))
-            lp = [self.logprob] if request.sampling.logprobs is not None else []
-            yield ModelChunk(w, (i,), 3 if i == 0 else 0, lp, finish if last else None)
+            for k in range(request.sampling.n or 1):
+                last = i == len(self.words) - 1
+                finish = Finish(FinishReason.STOP, Usage(3, len(self.words), 2 if k == 0 else 0),
+                                Source(SourceKind.MODEL, self.answered_by or request.model, "r-1"))
+                lp = [TokenLogprob(i, w.encode(), self.logprob)] if request.sampling.logprobs is not None else []
+                yield ModelChunk(w, (k * 100 + i,), 3 if i == 0 and k == 0 else 0, lp, finish if last else None,
+                                 index=k)
 
 
 def gateway(backends: InMemoryBackends, tier: str = "", directory: ModelDirectory | None = None,
@@ -146,6 +151,44 @@ async def test_a_unary_answer_below_the_cascade_threshold_is_asked_again_of_the_
     assert out.text == "ab" and out.finish.source.model == model
     assert ("cascade:small->large" in out.finish.flags) == (model == "large")
     assert down.asked[0].sampling.logprobs == 0                      # asked for, for the cascade
+
+
+async def test_logprobs_reach_the_caller_only_when_asked_and_bypass_the_cache():
+    down = InMemoryBackends(["a", "b"], logprob=-0.5)
+    gw, _, _ = gateway(down, cascades={"small": Cascade("large", -1.0)})
+    quiet = await gw.generate(ask(), KEY)
+    assert quiet.logprobs == () and quiet.finish.mean_logprob == -0.5       # the cascade's own ask stays inside
+    asked = Request(model="small", prompt="Say hi", sampling=Sampling(max_tokens=2, logprobs=1))
+    out = await gw.generate(asked, KEY)
+    assert [(lp.token, lp.logprob) for lp in out.logprobs] == [(b"a", -0.5), (b"b", -0.5)]
+    chunks = [c async for c in gw.stream(asked, KEY)]
+    assert [lp.token for c in chunks for lp in c.logprobs] == [b"a", b"b"]
+    assert len(down.stored) == 1                                             # only the answer without logprobs
+    redacting, _, _ = gateway(down, redact_responses=True)
+    with pytest.raises(InvalidArgumentError, match="redact"):
+        await redacting.generate(asked, KEY)
+
+
+async def test_samples_are_choices_the_prompt_is_charged_once_and_none_is_cached():
+    down = InMemoryBackends(["a", "b"])
+    gw, usage, _ = gateway(down, cascades={"small": Cascade("large", 0.0)})
+    many = Request(model="small", prompt="Say hi", sampling=Sampling(max_tokens=2, n=3))
+    out = await gw.generate(many, KEY)
+    assert [(c.index, c.text, list(c.token_ids)) for c in out.choices] == [(k, "ab", [k * 100, k * 100 + 1]) for k in range(3)]
+    assert out.text == "ab" and list(out.token_ids) == [0, 1]
+    assert out.finish.usage == Usage(3, 6, 2) and usage.records[-1] == (3, 6, False, True)
+    assert out.finish.source.model == "small"                               # never re-asked by the cascade
+    chunks = [c async for c in gw.stream(many, KEY)]
+    finishes = [c for c in chunks if c.finish is not None]
+    assert [c.index for c in finishes] == [0, 1, 2]
+    assert [c.finish.usage.completion_tokens for c in finishes] == [2, 4, 6]  # the request's so far
+    assert not down.stored
+    for n in (0, 17):
+        with pytest.raises(InvalidArgumentError, match="n must be"):
+            await gw.generate(Request(model="small", prompt="x", sampling=Sampling(n=n)), KEY)
+    redacting, _, _ = gateway(InMemoryBackends(["mail a@b.io", " ok"]), redact_responses=True)
+    out = await redacting.generate(Request(model="small", prompt="x", sampling=Sampling(max_tokens=2, n=2)), KEY)
+    assert [c.text for c in out.choices] == ["mail [EMAIL] ok"] * 2
 
 
 async def test_past_max_in_flight_a_request_is_refused_before_its_key_is_looked_at():

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
 SHED_RETRY_AFTER_S = 1.0
 MAX_EMBED_INPUTS = 2048               # texts in one Embed call (OpenAI's bound)
+MAX_SAMPLES = 16                      # n: samples of one prompt (the engine's bound)
+MAX_USER_CHARS = 256                  # an end user's identifier (`user`)
 
 
 class ShedError(ResourceExhaustedError):
@@ -64,6 +66,7 @@ class EmbedAdmission:
     key: ApiKey
     model: str                        # the embedding model's configured name
     reservation: Reservation | None
+    user: str = ""                    # the caller's end user (usage is also counted per user)
 
 
 class Admit:
@@ -92,13 +95,14 @@ class Admit:
         self.metrics.routed.labels(model, route.split(":")[0]).inc()
         with telemetry.child_span(self.tracer, "limits") as span:
             await self._check_budget(key)
-            tokens = request.num_chars // 4 + 1 + max_tokens      # estimated prompt tokens + max_tokens
+            tokens = request.num_chars // 4 + 1 + max_tokens * request.samples   # estimated prompt + each sample's max
             span.set_attribute("strata.reserved_tokens", tokens)
             reservation = await self._reserve(key, tier, tokens)
         return Admission(uuid.uuid4().hex, request, key, model, max_tokens, route, tier.name, priority, tuple(flags),
                          reservation)
 
-    async def embedding(self, model: str, texts: Sequence[str], bearer: str, client: str) -> EmbedAdmission:
+    async def embedding(self, model: str, texts: Sequence[str], bearer: str, client: str,
+                        user: str = "") -> EmbedAdmission:
         """An Embed call let in: the key, its models and tier, the input's bounds, the budget, and the limits
         reserved for the texts' estimated tokens. No shedding (the cache's model is not a replica's) and no
         guardrail (redacting a text would change its vector; it goes to the cache's model and nowhere else)."""
@@ -117,6 +121,7 @@ class Admit:
             raise PermissionDeniedError(f"model {model!r} is not open to the {tier.name!r} tier")
         if not 1 <= len(texts) <= MAX_EMBED_INPUTS:
             raise InvalidArgumentError(f"the input must hold 1 to {MAX_EMBED_INPUTS} texts, not {len(texts)}")
+        _check_user(user)
         for i, t in enumerate(texts):
             if not t:
                 raise InvalidArgumentError(f"input {i} is empty")
@@ -128,7 +133,7 @@ class Admit:
             tokens = sum(len(t) // 4 + 2 for t in texts)          # estimated, reconciled with the model's count
             span.set_attribute("strata.reserved_tokens", tokens)
             reservation = await self._reserve(key, tier, tokens)
-        return EmbedAdmission(uuid.uuid4().hex, key, model, reservation)
+        return EmbedAdmission(uuid.uuid4().hex, key, model, reservation, user)
 
     def able(self, model: str, chat: bool) -> bool:
         """Whether `model` can take the request as far as the gateway knows (unknown: yes)."""
@@ -175,6 +180,12 @@ class Admit:
             max_tokens = self.config.default_max_tokens
         if not 1 <= max_tokens <= self.config.max_tokens_limit:
             raise InvalidArgumentError(f"max_tokens must be in [1, {self.config.max_tokens_limit}]")
+        if request.sampling.n is not None and not 1 <= request.sampling.n <= MAX_SAMPLES:
+            raise InvalidArgumentError(f"n must be in [1, {MAX_SAMPLES}], got {request.sampling.n}")
+        if request.sampling.logprobs is not None and self.config.redact_responses:
+            raise InvalidArgumentError("logprobs are not served while answers are redacted (redact_responses): "
+                                       "the tokens would carry what redaction hides")
+        _check_user(request.user)
         return model, route, max_tokens
 
     def _shed(self, model: str, tier: TierSpec, span) -> None:
@@ -215,6 +226,11 @@ class Admit:
                 log.warning("limit store unreachable: admitting without limits (fail-open)")
                 return None
             raise UnavailableError("cannot check rate limits right now (limit store unreachable)") from None
+
+
+def _check_user(user: str) -> None:
+    if len(user) > MAX_USER_CHARS or not user.isprintable():
+        raise InvalidArgumentError(f"user must be at most {MAX_USER_CHARS} printable characters")
 
 
 def _conversation(request: Request) -> str:

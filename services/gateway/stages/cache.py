@@ -30,7 +30,7 @@ class CacheStage:
 
     async def lookup(self, a: Admission) -> CacheHit | None:
         """The cached answer, unless the request's policy skips the lookup or the cache has none."""
-        if a.request.cache_policy is not CachePolicy.USE or a.request.uses_tools:   # calls are not cached
+        if a.request.cache_policy is not CachePolicy.USE or not a.request.cacheable:
             return None
         with telemetry.child_span(self.tracer, "cache.lookup", kind=SpanKind.CLIENT) as span:
             hit = await self.backends.find(cache_query(a), a.request.allow_sampled_cache)
@@ -53,7 +53,7 @@ class CacheStage:
     async def store(self, a: Admission, answer: Answer) -> None:
         """Keep an answer that ended well (stop or length), unless the request's policy says not to."""
         if (a.request.cache_policy is CachePolicy.BYPASS or answer.finish_reason not in _STORED
-                or a.request.uses_tools):
+                or not a.request.cacheable):
             return
         with telemetry.child_span(self.tracer, "cache.store", kind=SpanKind.CLIENT) as span:
             stored = await self.backends.store(cache_query(a), answer, a.request.allow_sampled_cache)

@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 Item = RequestOutput | BaseException
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class _Listener:
     """Where a request's outputs go: an asyncio queue, filled on its loop's thread."""
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Item]
+    unfinished: int = 1                        # its samples (SamplingParams.n) not yet finished
 
 
 @dataclass(slots=True)
@@ -123,7 +124,9 @@ class AsyncEngine:
                        request_id: str | None = None, priority: int = 0, model: str = "",
                        num_speculative_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs for one request. Raises InvalidRequestError before the first output.
-        num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting)."""
+        num_speculative_tokens: this request's k (0 = no speculation; None = the engine's setting). With
+        params.n > 1 the samples' outputs interleave (RequestOutput.index); the stream ends once each has
+        finished."""
         if self._stopped.is_set():
             raise UnavailableError("engine is shutting down")
         self.engine.check_request(prompt_token_ids, params, model)   # read-only: safe off-thread
@@ -136,18 +139,19 @@ class AsyncEngine:
                 f"replica is at capacity ({self._num_in_flight} requests in flight)", retry_after_s=1.0)
         request_id = request_id or uuid.uuid4().hex
         outputs: asyncio.Queue[Item] = asyncio.Queue()
-        listener = _Listener(asyncio.get_running_loop(), outputs)
+        listener = _Listener(asyncio.get_running_loop(), outputs, params.n)
         self._num_in_flight += 1
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, priority, listener, num_speculative_tokens,
                                 grammar))
-        finished = False
+        finished, unfinished = False, params.n
         try:
             while True:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                finished = item.finished
+                unfinished -= item.finished
+                finished = unfinished == 0
                 yield item
                 if finished:
                     return
@@ -220,10 +224,13 @@ class AsyncEngine:
                     outputs = []
                 release_held()                            # still held: the step ran no forward pass
                 for out in outputs:
-                    listener = self._listeners.pop(out.request_id, None) if out.finished else \
-                        self._listeners.get(out.request_id)
+                    listener = self._listeners.get(out.request_id)
                     if listener is not None:
                         held.append((listener, out))
+                        if out.finished:
+                            listener.unfinished -= 1
+                            if listener.unfinished == 0:
+                                del self._listeners[out.request_id]
                 if not engine.has_unfinished_requests():
                     release_held()                        # no step follows
                 self._stats = engine.stats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -63,6 +64,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self._text: dict[str, TextState] = {}
         self._sent_tokens: dict[str, int] = {}
+        self._groups: dict[str, list[Request]] = {}   # SamplingParams.n > 1: a group's unfinished samples
         self.fatal_error: str | None = None         # set by a device fault (the message): the engine no longer runs
         self._num_preemptions = 0
         self._prefix_hit_tokens = 0
@@ -138,24 +140,48 @@ class LLMEngine:
         max_tokens = self.check_request(prompt_token_ids, params, model)
         self.check_speculative(num_speculative_tokens)
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self.scheduler.requests:
+        ids = [request_id] + [f"{request_id}#{i}" for i in range(1, params.n)]
+        grouped = {s.request_id for samples in self._groups.values() for s in samples}   # forks not yet taken in
+        if request_id in self._groups or any(i in self.scheduler.requests or i in grouped for i in ids):
             raise InvalidRequestError(f"request_id {request_id!r} is already running")
-        req = Request(request_id, list(prompt_token_ids), params, max_tokens, priority,
-                      eos_token_id=self.tokenizer.eos_token_id, num_speculative_tokens=num_speculative_tokens)
-        if params.response_format is not None:
-            req.matcher = self.grammars.matcher(grammar or self.compile_format(params.response_format))
-        self.scheduler.add_request(req)
-        self._text[request_id] = TextState(self.tokenizer, params.stop)
-        self._sent_tokens[request_id] = 0
+        if params.response_format is not None and grammar is None:
+            grammar = self.compile_format(params.response_format)
+        samples = []
+        for index, sample_id in enumerate(ids):
+            sample_params = params if params.seed is None or index == 0 else replace(params, seed=_seed_plus(params.seed, index))
+            req = Request(sample_id, list(prompt_token_ids), sample_params, max_tokens, priority,
+                          eos_token_id=self.tokenizer.eos_token_id, num_speculative_tokens=num_speculative_tokens)
+            req.group_id, req.index = request_id, index
+            if params.response_format is not None:
+                req.matcher = self.grammars.matcher(grammar)
+            self._text[sample_id] = TextState(self.tokenizer, params.stop)
+            self._sent_tokens[sample_id] = 0
+            samples.append(req)
+        leader = samples[0]
+        leader.forks = samples[1:]
+        for fork in leader.forks:
+            fork.arrival_seq = leader.arrival_seq     # scheduled as soon as the leader's prompt is in
+        if len(samples) > 1:
+            self._groups[request_id] = samples
+        self.scheduler.add_request(leader)
         self._prompt_tokens += len(prompt_token_ids)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request and free its blocks. Returns its final output, or None if unknown."""
-        req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-        if req is None:
-            return None
-        return self._final_output(req, [], "")
+        """Cancel a request (every sample of it) and free its blocks. Returns its (first sample's) final
+        output, or None if unknown."""
+        samples = self._groups.pop(request_id, None)
+        if samples is None:
+            req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+            return None if req is None else self._final_output(req, [], "")
+        outs = []
+        for sample in samples:
+            if sample.is_finished:
+                continue
+            if self.scheduler.finish_request(sample.request_id, RequestStatus.FINISHED_ABORTED) is None:
+                sample.status = RequestStatus.FINISHED_ABORTED     # a fork not yet taken in
+            outs.append(self._final_output(sample, [], ""))
+        return outs[0] if outs else None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -229,8 +255,11 @@ class LLMEngine:
             toks = result.sampled.get(req.request_id)
             if not toks:
                 continue
-            if req.num_output_tokens == 0 and req.num_preemptions == 0:
-                self._prefix_hit_tokens += req.num_cached_tokens or 0
+            if req.num_output_tokens == 0:
+                if req.num_preemptions == 0:
+                    self._prefix_hit_tokens += req.num_cached_tokens or 0
+                if req.forks:                 # the prompt is in: the other samples take its blocks
+                    self._fork(req)
             # tokens of an accepted run one at a time: a stop condition inside it ends the request there
             text_state = self._text[req.request_id]
             delta, logprobs, reason = "", [], None
@@ -258,6 +287,30 @@ class LLMEngine:
             outputs.append(self._final_output(req, logprobs, delta, error))
         return outputs
 
+    def _fork(self, leader: Request) -> None:
+        """The leader's prompt is computed: each other sample of it shares the prompt's blocks (a reference on
+        each) up to the block that holds the last prompt token, and computes from there (at most a block's
+        tokens: the last position's logits are its own first draw). Where a sliding-window group has already let
+        go of a block those positions read, the sample computes the prompt itself."""
+        kv = self.scheduler.kv
+        bs = kv.block_size
+        shared = (leader.num_prompt_tokens - 1) // bs
+        start = shared * bs
+        for g, window in enumerate(kv.windows):
+            if window and any(b == kv.null_block for b in leader.block_tables[g][max(0, (start - window + 1) // bs):shared]):
+                shared = start = 0
+        for fork in leader.forks:
+            fork.block_tables = [list(table[:shared]) for table in leader.block_tables]
+            kv.pool.touch(b for table in fork.block_tables for b in table if b != kv.null_block)
+            fork.num_released_blocks = [min(n, shared) for n in leader.num_released_blocks]
+            fork.block_hashes = leader.block_hashes[:shared]
+            fork.num_registered_blocks = min(leader.num_registered_blocks, shared)
+            fork.num_computed_tokens = start
+            fork.num_cached_tokens = 0
+            fork.first_scheduled_time = leader.first_scheduled_time
+            self.scheduler.add_request(fork)
+        leader.forks = []
+
     def _finish_reason(self, req: Request, token_id: int, stop_string_hit: bool) -> str | None:
         p = req.params
         if stop_string_hit:
@@ -275,10 +328,10 @@ class LLMEngine:
         sent = self._sent_tokens[req.request_id]
         self._sent_tokens[req.request_id] = req.num_output_tokens
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=req.output_token_ids[sent:], text=text,
+            request_id=req.group_id, new_token_ids=req.output_token_ids[sent:], text=text,
             logprobs=logprobs, num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens or 0,
-            first_scheduled_time=req.first_scheduled_time)
+            first_scheduled_time=req.first_scheduled_time, index=req.index)
 
     def _final_output(self, req: Request, logprobs: list[TokenLogprob], text: str,
                       error: str | None = None) -> RequestOutput:
@@ -293,6 +346,9 @@ class LLMEngine:
         out.finished = True
         out.finish_reason = req.status.value
         out.error = error
+        samples = self._groups.get(req.group_id)
+        if samples is not None and all(s.is_finished for s in samples):
+            del self._groups[req.group_id]
         return out
 
     def _die(self, exc: BaseException) -> None:
@@ -306,6 +362,11 @@ class LLMEngine:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ERROR)
             self._text.pop(request_id, None)
             self._sent_tokens.pop(request_id, None)
+        for samples in self._groups.values():
+            for sample in samples:
+                self._text.pop(sample.request_id, None)
+                self._sent_tokens.pop(sample.request_id, None)
+        self._groups.clear()
         raise EngineDeadError(self.fatal_error) from exc
 
     def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
@@ -316,6 +377,10 @@ class LLMEngine:
             req = self.scheduler.finish_request(chunk.request.request_id, RequestStatus.FINISHED_ERROR)
             if req is not None:
                 outs.append(self._final_output(req, [], "", error=message))
+                for fork in req.forks:              # samples still waiting on its prompt fail with it
+                    fork.status = RequestStatus.FINISHED_ERROR
+                    outs.append(self._final_output(fork, [], "", error=message))
+                req.forks = []
         return outs
 
     # introspection
@@ -337,6 +402,8 @@ class LLMEngine:
                  ) -> list[RequestOutput]:
         """Run prompts (token ids) to completion together; returns one merged output per prompt, in order."""
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if any(p.n > 1 for p in params_list):
+            raise InvalidRequestError("generate() returns one output per prompt: n > 1 is served by AsyncEngine")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         merged = {rid: RequestOutput(rid, [], "") for rid in ids}
         while self.has_unfinished_requests():
@@ -349,3 +416,8 @@ class LLMEngine:
                 m.num_prompt_tokens, m.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
                 m.num_cached_tokens = out.num_cached_tokens
         return [merged[rid] for rid in ids]
+
+
+def _seed_plus(seed: int, i: int) -> int:
+    """seed + i within int64 (wrapping), the seed of a group's sample i (as vLLM seeds them)."""
+    return (seed + i + 2**63) % 2**64 - 2**63

@@ -25,6 +25,7 @@ class RequestOutput:
     num_cached_tokens: int = 0                   # prompt tokens that were prefix-cache hits
     error: str | None = None
     first_scheduled_time: float | None = None    # time.monotonic() when first put in a batch
+    index: int = 0                               # the sample (SamplingParams.n > 1); request_id is the group's
 
 
 @dataclass(slots=True, frozen=True)

@@ -58,6 +58,11 @@ class Request:
         self.spec_token_ids: list[int] = []        # proposals for the next step (not yet verified)
         self.acceptance = AcceptanceEstimate()     # how often its proposals are accepted (picks its k)
         self.matcher = None                        # structured output: its xgrammar matcher (None = free text)
+        # several samples of one prompt (SamplingParams.n): each is a Request; the first (index 0) computes the
+        # prompt and holds the others in `forks` until then (LLMEngine._fork), when they take its blocks
+        self.group_id = request_id                 # what the caller knows the request by (outputs carry it)
+        self.index = 0
+        self.forks: list[Request] = []
 
     @property
     def block_ids(self) -> list[int]:
@@ -86,8 +91,10 @@ class Request:
 
     @property
     def num_pending_tokens(self) -> int:
-        """Tokens still to compute: prompt not yet in the cache plus outputs still to generate."""
-        return (self.num_tokens - self.num_computed_tokens) + (self.max_tokens - self.num_output_tokens)
+        """Tokens still to compute: prompt not yet in the cache plus outputs still to generate (and the forks'
+        answers, while they wait on this request's prompt)."""
+        own = (self.num_tokens - self.num_computed_tokens) + (self.max_tokens - self.num_output_tokens)
+        return own + len(self.forks) * self.max_tokens
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

@@ -16,6 +16,7 @@ MAX_TEMPERATURE = 10.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_ABS_PRESENCE_OR_FREQUENCY_PENALTY = 2.0
 MAX_NUM_LOGPROBS = 20
+MAX_N = 16                       # samples of one prompt (they share its KV blocks)
 MAX_NUM_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_NUM_STOP_TOKEN_IDS = 64
@@ -67,6 +68,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS
     logprobs: int | None = None  # None = no logprobs; n = sampled token's plus the top n
     response_format: ResponseFormat | None = None  # structured output (sampling/structured.py); None = free text
+    n: int = 1  # samples of the prompt: they share its KV blocks; with a seed, sample i draws from seed + i
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +112,7 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_NUM_LOGPROBS)
+        _check_int("n", self.n, 1, MAX_N)
         if self.response_format is not None:
             self.response_format.validate()
             if self.ignore_eos or self.min_tokens:
