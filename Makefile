@@ -103,6 +103,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.hardening
 	$(BIN)/python -m bench.multi_model
 	$(BIN)/python -m bench.structured
+	$(BIN)/python -m bench.samples
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

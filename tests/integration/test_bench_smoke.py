@@ -27,6 +27,7 @@ BENCHMARKS = [pytest.param(module, extra, keys, id=module) for module, extra, ke
                          "targets"}),
     ("profile_engine", [], {"dtype", "quantization", "results"}),
     ("structured", [], {"config", "machine", "compile", "rows", "targets"}),
+    ("samples", [], {"config", "machine", "rows"}),
     ("multi_model", [], {"config", "machine", "notes", "rows", "cascade", "premium", "targets"}),
     # the same checkout on both sides: the A/B driver runs end to end
     ("ab", ["--before-dir", str(ROOT), "--before-python", sys.executable], {"before", "after", "runs", "median", "ratio"}),
