@@ -25,6 +25,9 @@ def _line_params(base: SamplingParams, line: dict, where: str) -> SamplingParams
     unknown = set(line) - _SAMPLING_FIELDS - {"prompt", "messages"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if extra.get("n", 1) != 1:
+        raise ValueError(f"{where}: 'n' must be 1 here (one output line per prompt); several samples of a prompt "
+                         "are served by the inference service and the gateway")
     return replace(base, **extra)
 
 

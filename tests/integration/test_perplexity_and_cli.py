@@ -83,10 +83,12 @@ def test_strata_generate_writes_outputs_in_input_order(tmp_path):
     assert rows[2]["finish_reason"] == "stop" and " 6" not in rows[2]["text"]
 
 
-def test_strata_generate_rejects_a_bad_line_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("line, names", [('{"prompt": "hi", "temperature": -2}', "temperature"),
+                                         ('{"prompt": "hi", "n": 2}', "'n' must be 1")])
+def test_strata_generate_rejects_a_bad_line_with_a_clear_message(tmp_path, line, names):
     prompts = tmp_path / "in.jsonl"
-    prompts.write_text('{"prompt": "hi", "temperature": -2}\n')
+    prompts.write_text(line + "\n")
     res = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--prompts", str(prompts),
                           "--output", str(tmp_path / "o.jsonl"), "--kv-cache-gb", "0.1"],
                          capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and "temperature" in res.stderr
+    assert res.returncode != 0 and names in res.stderr and "Traceback" not in res.stderr
