@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench import smoke
+from bench.engines import MODELS, weights
 
 TEXT = (Path(__file__).parents[1] / "tests" / "data" / "heldout.txt").read_text()
 
@@ -33,15 +34,7 @@ def _engine(model: str):
     from services.inference.config import engine_config
     from services.inference.engine.factory import build_engine
 
-    kw = {}
-    if model == "gemma":
-        from services.inference.models import catalog
-        from services.inference.models.gguf_file import GGUFFile
-        from services.inference.models.registry import load_model
-        from services.inference.models.tokenizer import Tokenizer
-
-        gguf = GGUFFile(catalog.models_dir() / "gemma-3-270m-q4_k_m.gguf")
-        kw = {"model": load_model(gguf, quantization="gguf"), "tokenizer": Tokenizer.from_gguf(gguf)}
+    kw = weights(model)
     return build_engine(engine_config(quantization="gguf", kv_cache_memory_gb=1.0, num_speculative_tokens=0), **kw)
 
 
@@ -140,7 +133,7 @@ def plot(result: dict, path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.samples", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma"], choices=["smollm2", "gemma"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--n", nargs="+", type=int, default=[4, 8])
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -25,6 +25,7 @@ import statistics
 import time
 
 from bench import smoke
+from bench.engines import MODELS, weights
 
 TARGET = 0.10            # the most the mask may cost per token at 32 streams
 SCHEMAS = [
@@ -48,15 +49,7 @@ def _engines(model: str):
     from services.inference.config import engine_config
     from services.inference.engine.factory import build_engine
 
-    kw = {}
-    if model == "gemma":
-        from services.inference.models import catalog
-        from services.inference.models.gguf_file import GGUFFile
-        from services.inference.models.registry import load_model
-        from services.inference.models.tokenizer import Tokenizer
-
-        gguf = GGUFFile(catalog.models_dir() / "gemma-3-270m-q4_k_m.gguf")
-        kw = {"model": load_model(gguf, quantization="gguf"), "tokenizer": Tokenizer.from_gguf(gguf)}
+    kw = weights(model)
     # no prefix caching: each round recomputes its prompts as the reference run did, so that the constrained
     # answers are the same tokens every round (a prompt's tail after a cache hit runs other kernels, and JSON's
     # whitespace has near-ties that such a last-bit difference can tip)
@@ -212,7 +205,7 @@ def plot(result: dict, path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma"], choices=["smollm2", "gemma"])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--streams", nargs="+", type=int, default=[1, 32])
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds per measurement")
     p.add_argument("--max-tokens", type=int, default=160)
