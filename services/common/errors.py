@@ -17,6 +17,12 @@ class NotFoundError(StrataError):
     status = "NOT_FOUND"
 
 
+class FailedPreconditionError(StrataError):
+    """The thing asked for is in a state that does not allow it (e.g. changing a revoked key)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class UnauthenticatedError(StrataError):
     status = "UNAUTHENTICATED"
 

@@ -1,4 +1,5 @@
-"""The gateway's admin operations over its own types (no grpc): API keys created and revoked, usage read."""
+"""The gateway's admin operations over its own types (no grpc): API keys created, listed, changed, rotated and
+revoked (each audited as the acting admin's: `actor`), the audit log and usage read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from services.common.errors import InvalidArgumentError
 from services.gateway.config import GatewayConfig, ModelPrice
 from services.gateway.directory import ModelDirectory, ModelState
 from services.gateway.errors import store_unavailable
+from services.gateway.audit import AuditEntry
 from services.gateway.keys import ApiKey, KeyStore
 from services.gateway.limits import Limits
 from services.gateway.stages.auth import Authenticator
@@ -35,23 +37,54 @@ class GatewayAdmin:
                              self.directory.get(name) if self.directory is not None else None)
                 for name, price in self.config.models.items()]
 
-    async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float,
-                         tier: str = "") -> tuple[str, ApiKey]:
-        """The key (shown this once) and its record."""
-        unknown = [m for m in models if m not in self.config.models]
+    def _check(self, models: list[str] | None, tier: str | None) -> None:
+        unknown = [m for m in models or () if m not in self.config.models]
         if unknown:
             raise InvalidArgumentError(f"unknown models: {', '.join(unknown)}")
         if tier and tier not in self.config.tiers:
             raise InvalidArgumentError(f"unknown tier {tier!r}: one of {', '.join(self.config.tiers)} "
                                        f"('' = {self.config.default_tier})")
-        with store_unavailable("create a key"):
-            return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier)
 
-    async def revoke_key(self, key_id: str) -> None:
+    async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float,
+                         tier: str = "", expires_s: float = 0.0, actor: str = "") -> tuple[str, ApiKey]:
+        """The key (shown this once) and its record."""
+        self._check(models, tier)
+        with store_unavailable("create a key"):
+            return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier, expires_s, actor)
+
+    async def revoke_key(self, key_id: str, actor: str = "") -> None:
         """Revoked everywhere; on this replica at once (other replicas within their key_cache_s)."""
         with store_unavailable("revoke the key"):
-            await self.keys.revoke(key_id)
+            await self.keys.revoke(key_id, actor)
         self.authenticator.forget(key_id)
+
+    async def list_keys(self, tenant: str = "", include_revoked: bool = False) -> list[ApiKey]:
+        with store_unavailable("list keys"):
+            return await self.keys.list(tenant, include_revoked)
+
+    async def update_key(self, key_id: str, actor: str = "", *, models: list[str] | None = None,
+                         limits: Limits | None = None, budget_usd: float | None = None, tier: str | None = None,
+                         expires_s: float | None = None) -> ApiKey:
+        """The key as changed; applied on this replica at once (others within their key_cache_s)."""
+        self._check(models, tier)
+        with store_unavailable("update the key"):
+            _, after = await self.keys.update(key_id, actor, models=None if models is None else tuple(models),
+                                              limits=limits, budget_usd=budget_usd, tier=tier, expires_s=expires_s)
+        self.authenticator.forget(key_id)
+        return after
+
+    async def rotate_key(self, key_id: str, overlap_s: float, actor: str = "") -> tuple[str, ApiKey]:
+        """A new secret (shown this once); the old one works `overlap_s` more seconds."""
+        with store_unavailable("rotate the key"):
+            key, after = await self.keys.rotate(key_id, overlap_s, actor)
+        self.authenticator.forget(key_id)
+        return key, after
+
+    async def audit(self, key_id: str = "", before_id: str = "", limit: int = 100) -> tuple[list[AuditEntry], str]:
+        if key_id:
+            self.keys._check_id(key_id)
+        with store_unavailable("read the audit log"):
+            return await self.keys.audit.list(key_id, before_id, limit)
 
     async def get_usage(self, key_id: str, day: str) -> tuple[str, DayUsage, float, dict[str, DayUsage]]:
         """(the day, its usage, the key's spend over every day, the day's usage by end user); `day` "" = today

@@ -5,7 +5,9 @@ is checked against HMAC-SHA256(pepper, salt + key). The pepper comes from config
 Redis, so a copy of the database alone cannot test guesses.
 
 Redis (prefix `strata:gw:`): key:{id} hash: hash, salt, tenant, models (JSON list, empty = all),
-limits (JSON), budget_usd (0 = none), revoked, created.
+limits (JSON), budget_usd (0 = none), revoked, created, tier, expires (unix s, 0 = never), and after a rotation
+rotated (when), prev_hash, prev_salt and prev_until (the old secret is accepted until then). Every change an
+admin makes is written with its audit entry in one MULTI (services/gateway/audit.py).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import math
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from services.common.errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
+from services.gateway.audit import AuditLog, entry_fields
 from services.gateway.limits import Limits
 
 _KEY = re.compile(r"sk-strata-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})")
@@ -39,9 +43,25 @@ class ApiKey:
     revoked: bool = False
     created_s: float = 0.0
     tier: str = ""
+    expires_s: float = 0.0                # unix time; 0: never
+    rotated_s: float = 0.0                # the last rotation; 0: never
+    previous_until_s: float = 0.0         # the secret before the rotation is accepted until then
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.expires_s) and (time.time() if now is None else now) >= self.expires_s
+
+
+def key_view(k: ApiKey) -> dict[str, Any]:
+    """What an admin may see of a key (ListKeys, the audit log): never the key, its secret or its hash."""
+    return {"key_id": k.key_id, "tenant": k.tenant, "models": list(k.models), "limits": asdict(k.limits),
+            "budget_usd": k.budget_usd, "tier": k.tier, "revoked": k.revoked, "created_s": k.created_s,
+            "expires_s": k.expires_s, "rotated_s": k.rotated_s, "previous_until_s": k.previous_until_s}
+
+
+MAX_ROTATION_OVERLAP_S = 30 * 86_400
 
 
 class KeyStore:
@@ -51,34 +71,42 @@ class KeyStore:
         self.redis = redis
         self._pepper = pepper.encode()
         self.prefix = prefix
+        self.audit = AuditLog(redis, prefix)
 
     def _digest(self, salt: str, key: str) -> str:
         return hmac.new(self._pepper, (salt + key).encode(), hashlib.sha256).hexdigest()
 
     async def create(self, tenant: str, models: tuple[str, ...] = (), limits: Limits = Limits(),
-                     budget_usd: float = 0.0, tier: str = "") -> tuple[str, ApiKey]:
-        """Returns (the key, shown this once, and its record)."""
+                     budget_usd: float = 0.0, tier: str = "", expires_s: float = 0.0,
+                     actor: str = "") -> tuple[str, ApiKey]:
+        """Returns (the key, shown this once, and its record); audited as `actor`'s."""
         if not _TENANT.fullmatch(tenant):
             raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-' "
                                        "(the first a letter or digit)")
-        if not (math.isfinite(budget_usd) and budget_usd >= 0):     # NaN or inf would mean "no budget" unsaid
-            raise InvalidArgumentError("budget_usd must be a finite number >= 0 (0 = no budget)")
-        if len(tier) > 64:
-            raise InvalidArgumentError("tier must be at most 64 characters")
+        _check_settings(budget_usd, tier, expires_s)
         models = tuple(dict.fromkeys(models))          # each once, in order
         key_id = secrets.token_hex(6)
-        key = f"sk-strata-{key_id}-{secrets.token_urlsafe(32)}"
-        salt = secrets.token_hex(16)
-        record = ApiKey(key_id, tenant, models, limits, float(budget_usd), False, time.time(), tier)
-        await self.redis.hset(self.prefix + f"key:{key_id}", mapping={
-            "hash": self._digest(salt, key), "salt": salt, "tenant": tenant, "models": json.dumps(list(models)),
-            "limits": json.dumps(asdict(limits)), "budget_usd": repr(float(budget_usd)), "revoked": "0",
-            "created": repr(record.created_s), "tier": tier})
+        key, salt = self._new_secret(key_id)
+        record = ApiKey(key_id, tenant, models, limits, float(budget_usd), False, time.time(), tier, float(expires_s))
+        await self._write(key_id, {"hash": self._digest(salt, key), "salt": salt, **_fields(record)}, actor, "create",
+                          None, record)
         return key, record
 
+    def _new_secret(self, key_id: str) -> tuple[str, str]:
+        return f"sk-strata-{key_id}-{secrets.token_urlsafe(32)}", secrets.token_hex(16)
+
+    async def _write(self, key_id: str, mapping: dict[str, str], actor: str, action: str, before: ApiKey | None,
+                     after: ApiKey) -> None:
+        """The key's fields and the audit entry, in one MULTI."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.prefix + f"key:{key_id}", mapping=mapping)
+        pipe.xadd(self.audit.stream, entry_fields(actor, action, key_id, before and key_view(before), key_view(after)))
+        await pipe.execute()
+
     async def authenticate(self, key: str) -> ApiKey:
-        """The key's record, or UnauthenticatedError (malformed, unknown, wrong secret or revoked: the
-        message does not say which of the first three, so ids cannot be probed)."""
+        """The key's record, or UnauthenticatedError (malformed, unknown, wrong secret, revoked or expired: the
+        message does not say which of the first three, so ids cannot be probed). After a rotation the previous
+        secret is accepted until its overlap ends."""
         m = _KEY.fullmatch(key or "")
         if not m:
             raise UnauthenticatedError("missing or malformed API key (authorization: Bearer sk-strata-...)")
@@ -87,21 +115,107 @@ class KeyStore:
         # compare even when the id is unknown, so timing does not tell known ids from unknown ones
         expected = d.get("hash", "0" * 64)
         ok = hmac.compare_digest(self._digest(d.get("salt", ""), key), expected) and bool(d)
+        if not ok and d.get("prev_hash") and time.time() < float(d.get("prev_until", 0)):
+            ok = hmac.compare_digest(self._digest(d["prev_salt"], key), d["prev_hash"])
         if not ok:
             raise UnauthenticatedError("invalid API key")
-        if d.get("revoked") == "1":
+        record = _record(m.group(1), d)
+        if record.revoked:
             raise UnauthenticatedError("this API key has been revoked")
-        return ApiKey(m.group(1), d["tenant"], tuple(json.loads(d["models"])), Limits(**json.loads(d["limits"])),
-                      float(d["budget_usd"]), False, float(d["created"]), d.get("tier", ""))
+        if record.expired():
+            raise UnauthenticatedError("this API key has expired")
+        return record
+
+    async def get(self, key_id: str) -> ApiKey:
+        """A key's record, revoked or not (InvalidArgumentError / NotFoundError as `require`)."""
+        self._check_id(key_id)
+        raw = await self.redis.hgetall(self.prefix + f"key:{key_id}")
+        if not raw:
+            raise NotFoundError(f"no API key with id {key_id}")
+        return _record(key_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+    async def list(self, tenant: str = "", include_revoked: bool = False) -> list[ApiKey]:
+        """Every key's record (a tenant's only, when given), oldest first."""
+        out = []
+        async for name in self.redis.scan_iter(match=self.prefix + "key:" + "?" * 12, count=1000):
+            key_id = name.decode().rsplit(":", 1)[1]
+            if not _KEY_ID.fullmatch(key_id):
+                continue
+            raw = await self.redis.hgetall(name)
+            if not raw:
+                continue                                   # deleted between the scan and the read
+            record = _record(key_id, {k.decode(): v.decode() for k, v in raw.items()})
+            if (not tenant or record.tenant == tenant) and (include_revoked or not record.revoked):
+                out.append(record)
+        return sorted(out, key=lambda k: (k.created_s, k.key_id))
+
+    async def update(self, key_id: str, actor: str = "", *, models: tuple[str, ...] | None = None,
+                     limits: Limits | None = None, budget_usd: float | None = None, tier: str | None = None,
+                     expires_s: float | None = None) -> tuple[ApiKey, ApiKey]:
+        """Change what is given (None: left as it is); (before, after). A revoked key cannot change."""
+        before = await self.get(key_id)
+        if before.revoked:
+            raise FailedPreconditionError(f"API key {key_id} is revoked: create another")
+        after = replace(before, models=before.models if models is None else tuple(dict.fromkeys(models)),
+                        limits=before.limits if limits is None else limits,
+                        budget_usd=before.budget_usd if budget_usd is None else float(budget_usd),
+                        tier=before.tier if tier is None else tier,
+                        expires_s=before.expires_s if expires_s is None else float(expires_s))
+        _check_settings(after.budget_usd, after.tier, after.expires_s if expires_s is not None else 0.0)
+        await self._write(key_id, _fields(after), actor, "update", before, after)
+        return before, after
+
+    async def rotate(self, key_id: str, overlap_s: float, actor: str = "") -> tuple[str, ApiKey]:
+        """A new secret for the key (its id, settings and usage stay); the current one is still accepted for
+        `overlap_s` seconds (0: refused at once). Returns the new key, shown this once, and the record."""
+        if not (math.isfinite(overlap_s) and 0 <= overlap_s <= MAX_ROTATION_OVERLAP_S):
+            raise InvalidArgumentError(f"overlap_s must be in [0, {MAX_ROTATION_OVERLAP_S}] seconds")
+        before = await self.get(key_id)
+        if before.revoked:
+            raise FailedPreconditionError(f"API key {key_id} is revoked: create another")
+        raw = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.prefix + f"key:{key_id}")).items()}
+        key, salt = self._new_secret(key_id)
+        now = time.time()
+        after = replace(before, rotated_s=now, previous_until_s=now + overlap_s)
+        await self._write(key_id, {"hash": self._digest(salt, key), "salt": salt, "prev_hash": raw["hash"],
+                                   "prev_salt": raw["salt"], **_fields(after)}, actor, "rotate", before, after)
+        return key, after
+
+    def _check_id(self, key_id: str) -> None:
+        if not _KEY_ID.fullmatch(key_id):
+            raise InvalidArgumentError("key_id must be the 12 hexadecimal characters CreateKey returned")
 
     async def require(self, key_id: str) -> None:
         """InvalidArgumentError unless key_id is written as CreateKey returns them, NotFoundError unless a
         key (revoked or not) has it."""
-        if not _KEY_ID.fullmatch(key_id):
-            raise InvalidArgumentError("key_id must be the 12 hexadecimal characters CreateKey returned")
+        self._check_id(key_id)
         if not await self.redis.exists(self.prefix + f"key:{key_id}"):
             raise NotFoundError(f"no API key with id {key_id}")
 
-    async def revoke(self, key_id: str) -> None:
-        await self.require(key_id)
-        await self.redis.hset(self.prefix + f"key:{key_id}", "revoked", "1")
+    async def revoke(self, key_id: str, actor: str = "") -> None:
+        before = await self.get(key_id)
+        after = replace(before, revoked=True)
+        await self._write(key_id, {"revoked": "1"}, actor, "revoke", before, after)
+
+
+def _check_settings(budget_usd: float, tier: str, expires_s: float) -> None:
+    if not (math.isfinite(budget_usd) and budget_usd >= 0):     # NaN or inf would mean "no budget" unsaid
+        raise InvalidArgumentError("budget_usd must be a finite number >= 0 (0 = no budget)")
+    if len(tier) > 64:
+        raise InvalidArgumentError("tier must be at most 64 characters")
+    if not math.isfinite(expires_s) or expires_s < 0 or (expires_s and expires_s <= time.time()):
+        raise InvalidArgumentError("expires must be a time in the future (unix seconds), or 0 for never")
+
+
+def _fields(k: ApiKey) -> dict[str, str]:
+    """The hash fields of a record's settings (not its secret)."""
+    return {"tenant": k.tenant, "models": json.dumps(list(k.models)), "limits": json.dumps(asdict(k.limits)),
+            "budget_usd": repr(float(k.budget_usd)), "revoked": "1" if k.revoked else "0", "created": repr(k.created_s),
+            "tier": k.tier, "expires": repr(k.expires_s), "rotated": repr(k.rotated_s),
+            "prev_until": repr(k.previous_until_s)}
+
+
+def _record(key_id: str, d: dict[str, str]) -> ApiKey:
+    return ApiKey(key_id, d["tenant"], tuple(json.loads(d["models"])), Limits(**json.loads(d["limits"])),
+                  float(d["budget_usd"]), d.get("revoked") == "1", float(d["created"]), d.get("tier", ""),
+                  float(d.get("expires", 0)), float(d.get("rotated", 0)), float(d.get("prev_until", 0)))

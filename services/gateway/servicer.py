@@ -3,16 +3,19 @@ Request, its Chunks and Result back into GatewayChunk / GatewayResponse; the adm
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 from typing import Any, AsyncIterator
 
 import grpc
 from opentelemetry import trace
 
-from services.common.errors import UnauthenticatedError
+from services.common.errors import InvalidArgumentError, UnauthenticatedError
 from services.common.grpc_errors import map_errors
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import GatewayAdmin
+from services.gateway.keys import ApiKey
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
 from services.gateway.translate import (finish_reason_to_pb, logprobs_to_pb, messages_from_pb, sampling_from_pb,
@@ -104,6 +107,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                          usage=common_pb2.Usage(prompt_tokens=out.prompt_tokens))
 
 
+DEFAULT_ROTATION_OVERLAP_S = 3600.0
+
+
+def admin_id(token: str) -> str:
+    """The admin credential's id in the audit log: never the credential, but the same one each time."""
+    return "admin-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _limits(lim: gateway_pb2.KeyLimits) -> Limits:
+    return Limits(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests)
+
+
+def key_info(k: ApiKey) -> gateway_pb2.KeyInfo:
+    lim = k.limits
+    return gateway_pb2.KeyInfo(
+        key_id=k.key_id, tenant=k.tenant, models=k.models, budget_usd=k.budget_usd, tier=k.tier, revoked=k.revoked,
+        limits=gateway_pb2.KeyLimits(requests_per_minute=lim.requests_per_minute, tokens_per_minute=lim.tokens_per_minute,
+                                     tokens_per_day=lim.tokens_per_day, concurrent_requests=lim.concurrent_requests),
+        created_unix=k.created_s, expires_unix=k.expires_s, rotated_unix=k.rotated_s,
+        previous_secret_until_unix=k.previous_until_s)
+
+
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     SERVICE = "strata.v1.GatewayAdmin"
 
@@ -111,27 +136,61 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
         self.admin = admin
         self.tracer = tracer
         self._admin = admin_token.encode()
+        self._actor = admin_id(admin_token)
 
-    def _check(self, context: grpc.aio.ServicerContext) -> None:
+    def _check(self, context: grpc.aio.ServicerContext) -> str:
+        """The admin credential's id (what the audit log names), or UnauthenticatedError."""
         token = bearer(context).encode()
         if not self._admin or not hmac.compare_digest(token, self._admin):
             raise UnauthenticatedError("the admin credential is missing or wrong")
+        return self._actor
 
     @map_errors
     async def CreateKey(self, request, context: grpc.aio.ServicerContext):
-        self._check(context)
-        lim = request.limits
-        key, record = await self.admin.create_key(
-            request.tenant, list(request.models),
-            Limits(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests),
-            request.budget_usd, request.tier)
+        actor = self._check(context)
+        key, record = await self.admin.create_key(request.tenant, list(request.models), _limits(request.limits),
+                                                  request.budget_usd, request.tier, request.expires_unix, actor)
         return gateway_pb2.CreateKeyResponse(key=key, key_id=record.key_id)
 
     @map_errors
     async def RevokeKey(self, request, context: grpc.aio.ServicerContext):
-        self._check(context)
-        await self.admin.revoke_key(request.key_id)
+        actor = self._check(context)
+        await self.admin.revoke_key(request.key_id, actor)
         return gateway_pb2.RevokeKeyResponse()
+
+    @map_errors
+    async def ListKeys(self, request, context: grpc.aio.ServicerContext):
+        self._check(context)
+        keys = await self.admin.list_keys(request.tenant, request.include_revoked)
+        return gateway_pb2.ListKeysResponse(keys=[key_info(k) for k in keys])
+
+    @map_errors
+    async def UpdateKey(self, request, context: grpc.aio.ServicerContext):
+        actor = self._check(context)
+        has = request.HasField
+        after = await self.admin.update_key(
+            request.key_id, actor, models=list(request.models.names) if has("models") else None,
+            limits=_limits(request.limits) if has("limits") else None,
+            budget_usd=request.budget_usd if has("budget_usd") else None, tier=request.tier if has("tier") else None,
+            expires_s=request.expires_unix if has("expires_unix") else None)
+        return key_info(after)
+
+    @map_errors
+    async def RotateKey(self, request, context: grpc.aio.ServicerContext):
+        actor = self._check(context)
+        overlap = request.overlap_s if request.HasField("overlap_s") else DEFAULT_ROTATION_OVERLAP_S
+        key, after = await self.admin.rotate_key(request.key_id, overlap, actor)
+        return gateway_pb2.RotateKeyResponse(key=key, info=key_info(after))
+
+    @map_errors
+    async def ListAudit(self, request, context: grpc.aio.ServicerContext):
+        self._check(context)
+        if request.limit < 0:
+            raise InvalidArgumentError("limit must be 1-1000, or 0 for 100")
+        entries, after = await self.admin.audit(request.key_id, request.before_id, request.limit)
+        return gateway_pb2.ListAuditResponse(next_before_id=after, entries=[
+            gateway_pb2.AuditEntry(id=e.entry_id, at_unix=e.at_s, actor=e.actor, action=e.action, key_id=e.key_id,
+                                   before_json=json.dumps(e.before), after_json=json.dumps(e.after)) for e in entries])
 
     @map_errors
     async def GetUsage(self, request, context: grpc.aio.ServicerContext):

@@ -20,6 +20,7 @@ import collections
 import datetime as dt
 import math
 import re
+import time
 
 import grpc
 import pytest
@@ -196,6 +197,72 @@ async def test_revoke_key_revokes_a_key_only_for_the_admin_and_refuses_it_at_onc
     if fresh is not None:                 # a request without a prompt: the key is checked before the request
         probe, _ = await generate(services, fresh.key, gateway_pb2.GatewayRequest(model=MODEL), "RevokeKey: probe")
         assert probe == (UNAUTHENTICATED if code == OK else INVALID), probe
+
+
+# ---- UpdateKey, RotateKey, ListKeys and ListAudit
+expiries = mostly(st.sampled_from([0.0, 4.0e9]), st.one_of(st.floats(), st.sampled_from([math.nan, math.inf, -1.0, 1.0])))
+overlaps = mostly(st.sampled_from([0.0, 60.0, 3600.0]),
+                  st.one_of(st.floats(), st.sampled_from([math.nan, -1.0, 1e12, 30 * 86_400 + 1.0])))
+
+
+def settable(models, budget, tier, expires) -> bool:
+    """Whether UpdateKey's given settings are ones a key may have (unset: None)."""
+    return ((models is None or set(models) <= {MODEL}) and (tier is None or tier in ("", *DEFAULT_TIERS))
+            and (budget is None or (math.isfinite(budget) and budget >= 0))
+            and (expires is None or expires == 0 or (math.isfinite(expires) and expires > time.time() + 60)))
+
+
+@settings(SETTINGS, max_examples=35)
+@given(key_id=mostly(st.just(FRESH), hostile_key_ids), models=st.one_of(st.none(), model_lists),
+       budget=st.one_of(st.none(), budgets), tier=st.one_of(st.none(), tiers), expires=st.one_of(st.none(), expiries),
+       overlap=st.one_of(st.none(), overlaps), corrupt=mostly(st.none(), garbage), who=credentials)
+async def test_update_and_rotate_change_a_key_only_for_the_admin_and_only_to_real_settings(
+        services, key_id, models, budget, tier, expires, overlap, corrupt, who):
+    fresh = await create_key(services, "updatee") if key_id == FRESH else None
+    if fresh is not None:
+        key_id = fresh.key_id
+    req = gateway_pb2.UpdateKeyRequest(key_id=key_id)
+    if models is not None:
+        req.models.names.extend(models)
+    for name, value in (("budget_usd", budget), ("tier", tier), ("expires_unix", expires)):
+        if value is not None:
+            setattr(req, name, value)
+    data = wire(req) if corrupt is None else corrupt
+    md, admin = credential(services, who)
+    rpc = raw(services.gateway_channel, "/strata.v1.GatewayAdmin/UpdateKey", gateway_pb2.KeyInfo)
+    code, info = await outcome(SEEN, "UpdateKey", lambda: rpc(data, metadata=md, timeout=CALL_TIMEOUT_S), ALLOWED)
+    known_settings = models is None or set(models) <= {MODEL}, tier is None or tier in ("", *DEFAULT_TIERS)
+    if not parses(gateway_pb2.UpdateKeyRequest, data):
+        expected = INVALID
+    elif not admin:
+        expected = UNAUTHENTICATED
+    elif not KEY_ID_RULE.fullmatch(key_id) or not all(known_settings):
+        expected = INVALID
+    elif fresh is None:
+        expected = NOT_FOUND                                  # hypothesis does not guess a real id
+    else:
+        expected = OK if settable(models, budget, tier, expires) else INVALID
+    assert code == expected, (code, key_id[:100], models and models[:3], budget, tier and tier[:70], expires)
+    if code == OK:
+        assert info.key_id == key_id and (models is None or list(info.models) == list(dict.fromkeys(models))), info
+        assert budget is None or info.budget_usd == budget
+    if fresh is None or not admin:
+        return
+    rotate = gateway_pb2.RotateKeyRequest(key_id=key_id)
+    if overlap is not None:
+        rotate.overlap_s = overlap
+    code, rotated = await call_admin(services, "RotateKey", wire(rotate), who)
+    valid = overlap is None or (math.isfinite(overlap) and 0 <= overlap <= 30 * 86_400)
+    assert code == (OK if valid else INVALID), (code, overlap)
+    if code == OK:
+        assert rotated.key.startswith(f"sk-strata-{key_id}-") and rotated.info.rotated_unix > 0
+    listed = await gateway_pb2_grpc.GatewayAdminStub(services.gateway_channel).ListKeys(
+        gateway_pb2.ListKeysRequest(tenant="updatee"), metadata=md, timeout=CALL_TIMEOUT_S)
+    assert key_id in {k.key_id for k in listed.keys} and fresh.key not in str(listed)
+    audit = await gateway_pb2_grpc.GatewayAdminStub(services.gateway_channel).ListAudit(
+        gateway_pb2.ListAuditRequest(key_id=key_id), metadata=md, timeout=CALL_TIMEOUT_S)
+    assert audit.entries[-1].action == "create" and fresh.key not in str(audit)
+    assert [e.action for e in audit.entries[:-1]] == ["rotate"] * (code == OK) + ["update"] * (expected == OK)
 
 
 # ---- GetUsage

@@ -92,6 +92,59 @@ async def test_keys_are_required_checked_and_revocable(stack):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
 
 
+async def test_keys_are_listed_updated_rotated_and_every_change_audited_over_grpc(stack):
+    import hashlib
+    import json
+    import time
+
+    from services.gateway.config import ModelPrice
+
+    _, gw, admin = await stack.gateway(stack.redis_url, *stack.addresses,
+                                       models={MODEL: ModelPrice(), "SmolLM2-large": ModelPrice()})
+    made = await admin.CreateKey(gateway_pb2.CreateKeyRequest(tenant="acme"), metadata=auth(ADMIN))
+    listed = (await admin.ListKeys(gateway_pb2.ListKeysRequest(tenant="acme"), metadata=auth(ADMIN))).keys
+    assert [k.key_id for k in listed] == [made.key_id] and made.key not in str(listed)
+    assert (await gw.Generate(ask("Hi"), metadata=auth(made.key))).source.model == MODEL
+    # a change applies on this gateway at once: the key may no longer use the model
+    info = await admin.UpdateKey(gateway_pb2.UpdateKeyRequest(
+        key_id=made.key_id, models=gateway_pb2.ModelList(names=["SmolLM2-large"]), budget_usd=2.5), metadata=auth(ADMIN))
+    assert list(info.models) == ["SmolLM2-large"] and info.budget_usd == 2.5 and info.tier == ""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.Generate(ask("Hi"), metadata=auth(made.key))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await admin.UpdateKey(gateway_pb2.UpdateKeyRequest(key_id=made.key_id, models=gateway_pb2.ModelList()),
+                          metadata=auth(ADMIN))
+    rotated = await admin.RotateKey(gateway_pb2.RotateKeyRequest(key_id=made.key_id, overlap_s=30), metadata=auth(ADMIN))
+    assert rotated.info.previous_secret_until_unix - rotated.info.rotated_unix == pytest.approx(30)
+    for key in (made.key, rotated.key):                                  # both work during the overlap
+        assert (await gw.Generate(ask("Hi"), metadata=auth(key))).source.model == MODEL
+    expiring = await admin.UpdateKey(gateway_pb2.UpdateKeyRequest(key_id=made.key_id, expires_unix=time.time() + 0.3),
+                                     metadata=auth(ADMIN))
+    assert expiring.expires_unix > 0
+    await asyncio.sleep(0.4)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.Generate(ask("Hi"), metadata=auth(rotated.key))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired" in err.value.details()
+    for bad, code in ((gateway_pb2.UpdateKeyRequest(key_id=made.key_id, tier="gold"), "INVALID_ARGUMENT"),
+                      (gateway_pb2.UpdateKeyRequest(key_id="000000000000", budget_usd=1), "NOT_FOUND"),
+                      (gateway_pb2.UpdateKeyRequest(key_id=made.key_id, models=gateway_pb2.ModelList(names=["gpt-9"])),
+                       "INVALID_ARGUMENT")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.UpdateKey(bad, metadata=auth(ADMIN))
+        assert err.value.code().name == code, err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin.ListAudit(gateway_pb2.ListAuditRequest(), metadata=auth("wrong"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    audit = await admin.ListAudit(gateway_pb2.ListAuditRequest(key_id=made.key_id), metadata=auth(ADMIN))
+    assert [e.action for e in audit.entries] == ["update", "rotate", "update", "update", "create"]
+    actor = "admin-" + hashlib.sha256(ADMIN.encode()).hexdigest()[:12]
+    assert {e.actor for e in audit.entries} == {actor}
+    assert json.loads(audit.entries[-2].before_json)["models"] == [] and json.loads(audit.entries[-2].after_json)["models"] == ["SmolLM2-large"]
+    text = str(audit)
+    for secret in (made.key, rotated.key, ADMIN):
+        assert secret not in text
+
+
 async def test_a_model_the_key_may_not_use_is_permission_denied(stack):
     from services.gateway.config import ModelPrice
 

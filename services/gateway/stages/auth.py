@@ -27,6 +27,8 @@ class Authenticator:
         digest = hashlib.sha256(bearer.encode()).hexdigest()
         known = self._verified.get(digest)
         now = time.monotonic()
+        if known is not None and known[0].expired():     # expiry applies at once, cached or not
+            known = None
         if known is not None and now - known[1] < self.config.key_cache_s:
             return known[0]
         await self._check_failures(client)
