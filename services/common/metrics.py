@@ -118,6 +118,8 @@ class GatewayMetrics(ServiceMetrics):
                             ["tier", "model"], registry=r)
         self.routed = Counter("strata:gateway_routed", "Requests let in, by model and how it was chosen "
                               "(named, default, auto, split, cascade)", ["model", "route"], registry=r)
+        self.budget_soft = Counter("strata:budget_soft_limit", "Requests let in past a budget's soft limit (a "
+                                   "share of it, 80% by default), by whose budget: key or tenant", ["scope"], registry=r)
 
 
 class RouterMetrics(ServiceMetrics):

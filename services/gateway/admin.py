@@ -10,7 +10,8 @@ from services.gateway.config import GatewayConfig, ModelPrice
 from services.gateway.directory import ModelDirectory, ModelState
 from services.gateway.errors import store_unavailable
 from services.gateway.audit import AuditEntry
-from services.gateway.keys import ApiKey, KeyStore
+from services.gateway.budgets import Budget, TenantBudgets
+from services.gateway.keys import TENANT, ApiKey, KeyStore
 from services.gateway.limits import Limits
 from services.gateway.stages.auth import Authenticator
 from services.gateway.usage import DayUsage, UsageStore, is_utc_day, utc_day
@@ -27,9 +28,10 @@ class ModelListing:
 
 class GatewayAdmin:
     def __init__(self, config: GatewayConfig, keys: KeyStore, usage: UsageStore, authenticator: Authenticator,
-                 directory: ModelDirectory | None = None) -> None:
+                 directory: ModelDirectory | None = None, tenants: TenantBudgets | None = None) -> None:
         self.config, self.keys, self.usage, self.authenticator = config, keys, usage, authenticator
         self.directory = directory
+        self.tenants = tenants if tenants is not None else TenantBudgets(keys.redis, keys.prefix)
 
     def models(self) -> list[ModelListing]:
         """Every configured model: price, tiers, fallbacks, and its replicas as the router last reported them."""
@@ -46,11 +48,13 @@ class GatewayAdmin:
                                        f"('' = {self.config.default_tier})")
 
     async def create_key(self, tenant: str, models: list[str], limits: Limits, budget_usd: float,
-                         tier: str = "", expires_s: float = 0.0, actor: str = "") -> tuple[str, ApiKey]:
+                         tier: str = "", expires_s: float = 0.0, actor: str = "",
+                         budget_period: str = "none") -> tuple[str, ApiKey]:
         """The key (shown this once) and its record."""
         self._check(models, tier)
         with store_unavailable("create a key"):
-            return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier, expires_s, actor)
+            return await self.keys.create(tenant, tuple(models), limits, budget_usd, tier, expires_s, actor,
+                                          budget_period or "none")
 
     async def revoke_key(self, key_id: str, actor: str = "") -> None:
         """Revoked everywhere; on this replica at once (other replicas within their key_cache_s)."""
@@ -64,12 +68,13 @@ class GatewayAdmin:
 
     async def update_key(self, key_id: str, actor: str = "", *, models: list[str] | None = None,
                          limits: Limits | None = None, budget_usd: float | None = None, tier: str | None = None,
-                         expires_s: float | None = None) -> ApiKey:
+                         expires_s: float | None = None, budget_period: str | None = None) -> ApiKey:
         """The key as changed; applied on this replica at once (others within their key_cache_s)."""
         self._check(models, tier)
         with store_unavailable("update the key"):
             _, after = await self.keys.update(key_id, actor, models=None if models is None else tuple(models),
-                                              limits=limits, budget_usd=budget_usd, tier=tier, expires_s=expires_s)
+                                              limits=limits, budget_usd=budget_usd, tier=tier, expires_s=expires_s,
+                                              budget_period=None if budget_period is None else budget_period or "none")
         self.authenticator.forget(key_id)
         return after
 
@@ -79,6 +84,15 @@ class GatewayAdmin:
             key, after = await self.keys.rotate(key_id, overlap_s, actor)
         self.authenticator.forget(key_id)
         return key, after
+
+    async def set_tenant_budget(self, tenant: str, budget: Budget, actor: str = "") -> Budget:
+        """A tenant's budget over all its keys; every gateway applies it within budgets.TENANT_CACHE_S."""
+        if not TENANT.fullmatch(tenant):
+            raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-' "
+                                       "(the first a letter or digit)")
+        with store_unavailable("set the tenant's budget"):
+            _, after = await self.tenants.set(tenant, budget, actor)
+        return after
 
     async def audit(self, key_id: str = "", before_id: str = "", limit: int = 100) -> tuple[list[AuditEntry], str]:
         if key_id:

@@ -48,6 +48,7 @@ class GatewayConfig:
     model_tiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)   # model -> tiers allowed (absent: all)
     fallbacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)     # as the router has them (ListModels)
     embedding: EmbeddingSpec = EmbeddingSpec()   # the Embed RPC's model (the semantic cache's): name, price, tiers
+    budget_soft_fraction: float = 0.8     # past this share of a budget: a metric and a log event (budgets.py)
 
     def __post_init__(self) -> None:
         if self.pii_mode not in PII_MODES or self.injection_mode not in INJECTION_MODES:
@@ -58,6 +59,8 @@ class GatewayConfig:
             raise ValueError("auth_failures_per_minute must be >= 0 (0 = no limit)")
         if self.max_in_flight < 0:
             raise ValueError("max_in_flight must be >= 0 (0 = no cap)")
+        if not 0 < self.budget_soft_fraction <= 1:
+            raise ValueError("budget_soft_fraction must be in (0, 1]")
         named = [r.model for r in self.auto_rules] + [c.to for c in self.cascades.values()] + list(self.cascades) \
             + [m for s in self.splits.values() for m in s.weights] + list(self.model_tiers)
         unknown = sorted({m for m in named + [self.auto_default] if m and m not in self.models})

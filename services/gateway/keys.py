@@ -26,10 +26,11 @@ import redis.asyncio as aioredis
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
 from services.gateway.audit import AuditLog, entry_fields
+from services.gateway.budgets import Budget
 from services.gateway.limits import Limits
 
 _KEY = re.compile(r"sk-strata-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})")
-_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # fullmatch: "acme\n" is no tenant
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")      # fullmatch: "acme\n" is no tenant
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
 
 
@@ -46,6 +47,7 @@ class ApiKey:
     expires_s: float = 0.0                # unix time; 0: never
     rotated_s: float = 0.0                # the last rotation; 0: never
     previous_until_s: float = 0.0         # the secret before the rotation is accepted until then
+    budget_period: str = "none"           # budget_usd's period: none (lifetime) | daily | monthly (budgets.py)
 
     def allows(self, model: str) -> bool:
         return not self.models or model in self.models
@@ -58,7 +60,8 @@ def key_view(k: ApiKey) -> dict[str, Any]:
     """What an admin may see of a key (ListKeys, the audit log): never the key, its secret or its hash."""
     return {"key_id": k.key_id, "tenant": k.tenant, "models": list(k.models), "limits": asdict(k.limits),
             "budget_usd": k.budget_usd, "tier": k.tier, "revoked": k.revoked, "created_s": k.created_s,
-            "expires_s": k.expires_s, "rotated_s": k.rotated_s, "previous_until_s": k.previous_until_s}
+            "expires_s": k.expires_s, "rotated_s": k.rotated_s, "previous_until_s": k.previous_until_s,
+            "budget_period": k.budget_period}
 
 
 MAX_ROTATION_OVERLAP_S = 30 * 86_400
@@ -78,16 +81,17 @@ class KeyStore:
 
     async def create(self, tenant: str, models: tuple[str, ...] = (), limits: Limits = Limits(),
                      budget_usd: float = 0.0, tier: str = "", expires_s: float = 0.0,
-                     actor: str = "") -> tuple[str, ApiKey]:
+                     actor: str = "", budget_period: str = "none") -> tuple[str, ApiKey]:
         """Returns (the key, shown this once, and its record); audited as `actor`'s."""
-        if not _TENANT.fullmatch(tenant):
+        if not TENANT.fullmatch(tenant):
             raise InvalidArgumentError("tenant must be 1-64 characters of letters, digits, '.', '_' or '-' "
                                        "(the first a letter or digit)")
-        _check_settings(budget_usd, tier, expires_s)
+        _check_settings(budget_usd, tier, expires_s, budget_period)
         models = tuple(dict.fromkeys(models))          # each once, in order
         key_id = secrets.token_hex(6)
         key, salt = self._new_secret(key_id)
-        record = ApiKey(key_id, tenant, models, limits, float(budget_usd), False, time.time(), tier, float(expires_s))
+        record = ApiKey(key_id, tenant, models, limits, float(budget_usd), False, time.time(), tier, float(expires_s),
+                        budget_period=budget_period)
         await self._write(key_id, {"hash": self._digest(salt, key), "salt": salt, **_fields(record)}, actor, "create",
                           None, record)
         return key, record
@@ -151,7 +155,7 @@ class KeyStore:
 
     async def update(self, key_id: str, actor: str = "", *, models: tuple[str, ...] | None = None,
                      limits: Limits | None = None, budget_usd: float | None = None, tier: str | None = None,
-                     expires_s: float | None = None) -> tuple[ApiKey, ApiKey]:
+                     expires_s: float | None = None, budget_period: str | None = None) -> tuple[ApiKey, ApiKey]:
         """Change what is given (None: left as it is); (before, after). A revoked key cannot change."""
         before = await self.get(key_id)
         if before.revoked:
@@ -160,8 +164,10 @@ class KeyStore:
                         limits=before.limits if limits is None else limits,
                         budget_usd=before.budget_usd if budget_usd is None else float(budget_usd),
                         tier=before.tier if tier is None else tier,
-                        expires_s=before.expires_s if expires_s is None else float(expires_s))
-        _check_settings(after.budget_usd, after.tier, after.expires_s if expires_s is not None else 0.0)
+                        expires_s=before.expires_s if expires_s is None else float(expires_s),
+                        budget_period=before.budget_period if budget_period is None else budget_period)
+        _check_settings(after.budget_usd, after.tier, after.expires_s if expires_s is not None else 0.0,
+                        after.budget_period)
         await self._write(key_id, _fields(after), actor, "update", before, after)
         return before, after
 
@@ -198,9 +204,8 @@ class KeyStore:
         await self._write(key_id, {"revoked": "1"}, actor, "revoke", before, after)
 
 
-def _check_settings(budget_usd: float, tier: str, expires_s: float) -> None:
-    if not (math.isfinite(budget_usd) and budget_usd >= 0):     # NaN or inf would mean "no budget" unsaid
-        raise InvalidArgumentError("budget_usd must be a finite number >= 0 (0 = no budget)")
+def _check_settings(budget_usd: float, tier: str, expires_s: float, budget_period: str = "none") -> None:
+    Budget(budget_usd, budget_period).check()
     if len(tier) > 64:
         raise InvalidArgumentError("tier must be at most 64 characters")
     if not math.isfinite(expires_s) or expires_s < 0 or (expires_s and expires_s <= time.time()):
@@ -212,10 +217,11 @@ def _fields(k: ApiKey) -> dict[str, str]:
     return {"tenant": k.tenant, "models": json.dumps(list(k.models)), "limits": json.dumps(asdict(k.limits)),
             "budget_usd": repr(float(k.budget_usd)), "revoked": "1" if k.revoked else "0", "created": repr(k.created_s),
             "tier": k.tier, "expires": repr(k.expires_s), "rotated": repr(k.rotated_s),
-            "prev_until": repr(k.previous_until_s)}
+            "prev_until": repr(k.previous_until_s), "budget_period": k.budget_period}
 
 
 def _record(key_id: str, d: dict[str, str]) -> ApiKey:
     return ApiKey(key_id, d["tenant"], tuple(json.loads(d["models"])), Limits(**json.loads(d["limits"])),
                   float(d["budget_usd"]), d.get("revoked") == "1", float(d["created"]), d.get("tier", ""),
-                  float(d.get("expires", 0)), float(d.get("rotated", 0)), float(d.get("prev_until", 0)))
+                  float(d.get("expires", 0)), float(d.get("rotated", 0)), float(d.get("prev_until", 0)),
+                  d.get("budget_period", "none"))

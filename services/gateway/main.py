@@ -16,6 +16,7 @@ from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
 from services.gateway.admin import GatewayAdmin
+from services.gateway.budgets import TenantBudgets
 from services.gateway.clients import Downstream
 from services.gateway.config import INJECTION_MODES, PII_MODES, GatewayConfig, ModelPrice
 from services.gateway.directory import ModelDirectory
@@ -132,9 +133,10 @@ class GatewayService:
         self.metrics, tracer = GatewayMetrics(), telemetry.tracer("gateway")
         keys, self.usage = KeyStore(self.redis, config.key_pepper), UsageStore(self.redis)
         self.directory = ModelDirectory(self.down.replicas)
+        tenants = TenantBudgets(self.redis)
         self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics,
-                               self.directory)
-        self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory)
+                               self.directory, tenants)
+        self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory, tenants)
         servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.admin, config.admin_token, tracer)
         self.metrics.collect_with(lambda: [gauge("strata:gateway_in_flight", "Requests this gateway is carrying now",
                                                  self.gateway.in_flight)])

@@ -24,6 +24,7 @@ from services.common import telemetry
 from services.common.errors import ResourceExhaustedError, StrataError, UnavailableError
 from services.common.metrics import GatewayMetrics
 from services.gateway.backends import Backends
+from services.gateway.budgets import TenantBudgets
 from services.gateway.config import GatewayConfig
 from services.gateway.directory import ModelDirectory
 from services.gateway.errors import CapacityError
@@ -65,14 +66,14 @@ class Gateway:
     def __init__(self, config: GatewayConfig, keys: KeyStore, limiter: RateLimiter, usage: UsageStore,
                  backends: Backends, similarity: InjectionSimilarity | None = None,
                  tracer: trace.Tracer | None = None, metrics: GatewayMetrics | None = None,
-                 directory: ModelDirectory | None = None) -> None:
+                 directory: ModelDirectory | None = None, tenants: TenantBudgets | None = None) -> None:
         self.config = config
         self.tracer = tracer or telemetry.tracer("gateway")
         self.metrics = metrics or GatewayMetrics()
         self.authenticator = Authenticator(config, keys)
         self.directory = directory           # the models' replicas, capabilities and load (None: not known)
         self.admit = Admit(config, self.authenticator, Guard(config, similarity), limiter, usage, self.tracer,
-                           self.metrics, directory)
+                           self.metrics, directory, tenants)
         self.cache = CacheStage(backends, self.tracer, config.replay_chunk_words)
         self.route = Route(backends, self.tracer, config.cascades.keys(), config.redact_responses)
         self.settle = Settle(config, limiter, usage, self.metrics, self.cache)

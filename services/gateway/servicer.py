@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgumentError, UnauthenticatedError
 from services.common.grpc_errors import map_errors
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import GatewayAdmin
+from services.gateway.budgets import Budget
 from services.gateway.keys import ApiKey
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
@@ -126,7 +127,7 @@ def key_info(k: ApiKey) -> gateway_pb2.KeyInfo:
         limits=gateway_pb2.KeyLimits(requests_per_minute=lim.requests_per_minute, tokens_per_minute=lim.tokens_per_minute,
                                      tokens_per_day=lim.tokens_per_day, concurrent_requests=lim.concurrent_requests),
         created_unix=k.created_s, expires_unix=k.expires_s, rotated_unix=k.rotated_s,
-        previous_secret_until_unix=k.previous_until_s)
+        previous_secret_until_unix=k.previous_until_s, budget_period=k.budget_period)
 
 
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
@@ -149,7 +150,8 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
     async def CreateKey(self, request, context: grpc.aio.ServicerContext):
         actor = self._check(context)
         key, record = await self.admin.create_key(request.tenant, list(request.models), _limits(request.limits),
-                                                  request.budget_usd, request.tier, request.expires_unix, actor)
+                                                  request.budget_usd, request.tier, request.expires_unix, actor,
+                                                  request.budget_period)
         return gateway_pb2.CreateKeyResponse(key=key, key_id=record.key_id)
 
     @map_errors
@@ -172,8 +174,16 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
             request.key_id, actor, models=list(request.models.names) if has("models") else None,
             limits=_limits(request.limits) if has("limits") else None,
             budget_usd=request.budget_usd if has("budget_usd") else None, tier=request.tier if has("tier") else None,
-            expires_s=request.expires_unix if has("expires_unix") else None)
+            expires_s=request.expires_unix if has("expires_unix") else None,
+            budget_period=request.budget_period if has("budget_period") else None)
         return key_info(after)
+
+    @map_errors
+    async def SetTenantBudget(self, request, context: grpc.aio.ServicerContext):
+        actor = self._check(context)
+        after = await self.admin.set_tenant_budget(request.tenant, Budget(request.budget_usd, request.period or "none"),
+                                                   actor)
+        return gateway_pb2.TenantBudget(tenant=request.tenant, budget_usd=after.usd, period=after.period)
 
     @map_errors
     async def RotateKey(self, request, context: grpc.aio.ServicerContext):

@@ -1,9 +1,11 @@
 """Usage per key and UTC day in Redis (requests, tokens, spend, cache hits) and the running total spend
 that budgets are checked against. Spend is kept in micro-dollars so counters stay integers.
 
-Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:total hash (spend_micro),
-usage-users:{key}:{YYYY-MM-DD} hash (the day's counts by end user, fields `<count>|<user>`, for requests that
-named one: OpenAI's `user`), usage-batch:{id} (a written batch's marker, kept an hour).
+Keys (prefix `strata:gw:`): usage:{key}:{YYYY-MM-DD} hash, usage:{key}:{YYYY-MM} and usage:{key}:total hashes
+(spend_micro), usage-users:{key}:{YYYY-MM-DD} hash (the day's counts by end user, fields `<count>|<user>`, for
+requests that named one: OpenAI's `user`), usage-tenant:{tenant}:{YYYY-MM-DD | YYYY-MM | total} hashes
+(spend_micro: what tenant budgets are checked against), usage-batch:{id} (a written batch's marker, kept an
+hour).
 
 Counted once: each flush is a batch with an id, applied by one Lua script that first sets the batch's
 marker (SET NX). A batch whose reply was lost (Redis restarted or the connection broke after the
@@ -24,19 +26,21 @@ from services.gateway.errors import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
+Row = tuple[str, str, str, str]     # (key id, day, end user, tenant): one pending row of counts
 USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
 BATCH_MARKER_TTL_S = 3_600       # how long a written batch is remembered: a retry comes once Redis is back
                                  # (an hour of markers at 5 flushes/s is about 2 MB per gateway)
 
-# KEYS[1]: the batch's marker; then per row its day hash, its total hash and its day's by-user hash.
-# ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS order and the user ("" =
-# none: the by-user hash is not touched).
+# KEYS[1]: the batch's marker; then per row its key's day, total, by-user and month hashes and its tenant's day,
+# month and total hashes. ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS
+# order, the user ("" = none: the by-user hash is not touched) and whether the row names its tenant ("1"/"0").
 _APPLY = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
 local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'spend_micro', 'cache_hits'}
+local ttl = tonumber(ARGV[2])
 local row = 0
-for k = 2, #KEYS, 3 do
-  local base = 2 + row * 6
+for k = 2, #KEYS, 7 do
+  local base = 2 + row * 7
   local user = ARGV[base + 6]
   for f = 1, 5 do
     local v = tonumber(ARGV[base + f])
@@ -45,15 +49,23 @@ for k = 2, #KEYS, 3 do
       if user ~= '' then redis.call('HINCRBY', KEYS[k + 2], fields[f] .. '|' .. user, v) end
     end
   end
-  redis.call('EXPIRE', KEYS[k], tonumber(ARGV[2]))
-  if user ~= '' then redis.call('EXPIRE', KEYS[k + 2], tonumber(ARGV[2])) end
+  redis.call('EXPIRE', KEYS[k], ttl)
+  if user ~= '' then redis.call('EXPIRE', KEYS[k + 2], ttl) end
   local spend = tonumber(ARGV[base + 4])
-  if spend ~= 0 then redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend) end
+  if spend ~= 0 then
+    redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend)
+    redis.call('HINCRBY', KEYS[k + 3], 'spend_micro', spend)
+    redis.call('EXPIRE', KEYS[k + 3], ttl)
+    if ARGV[base + 7] == '1' then
+      for t = 4, 6 do redis.call('HINCRBY', KEYS[k + t], 'spend_micro', spend) end
+      redis.call('EXPIRE', KEYS[k + 4], ttl)
+      redis.call('EXPIRE', KEYS[k + 5], ttl)
+    end
+  end
   row = row + 1
 end
 return 1
 """
-
 
 def utc_day(ts: float | None = None) -> str:
     when = dt.datetime.now(dt.timezone.utc) if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc)
@@ -88,17 +100,19 @@ class UsageStore:
         self.redis = redis
         self.prefix = prefix
         self.flush_s = flush_s
-        self._pending: dict[tuple[str, str, str], list[int]] = {}      # (key id, day, user) -> counts
-        self._unsent: list[tuple[str, dict[tuple[str, str, str], list[int]]]] = []   # (batch id, rows) not yet acknowledged
+        self._pending: dict[Row, list[int]] = {}                       # (key id, day, user, tenant) -> counts
+        self._unsent: list[tuple[str, dict[Row, list[int]]]] = []      # (batch id, rows) not yet acknowledged
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._apply = redis.register_script(_APPLY)
 
     async def record(self, key_id: str, prompt_tokens: int, completion_tokens: int, spend_usd: float,
-                     cache_hit: bool, day: str | None = None, answered: bool = True, user: str = "") -> None:
+                     cache_hit: bool, day: str | None = None, answered: bool = True, user: str = "",
+                     tenant: str = "") -> None:
         """One request's usage; `answered` False for one that failed or was cut short (its tokens are
-        charged, it is not counted among the requests); `user` its end user, also counted by user."""
-        row = self._pending.setdefault((key_id, day or utc_day(), user), [0] * len(self._FIELDS))
+        charged, it is not counted among the requests); `user` its end user, also counted by user; `tenant` the
+        key's, whose spend is also kept (tenant budgets)."""
+        row = self._pending.setdefault((key_id, day or utc_day(), user, tenant), [0] * len(self._FIELDS))
         for i, v in enumerate((int(answered), prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit))):
             row[i] += v
         if self._task is None or self._task.done():
@@ -125,10 +139,12 @@ class UsageStore:
             while self._unsent:
                 batch_id, rows = self._unsent[0]
                 keys, args = [f"{self.prefix}usage-batch:{batch_id}"], [BATCH_MARKER_TTL_S, USAGE_TTL_S]
-                for (key_id, day, user), row in rows.items():
+                for (key_id, day, user, tenant), row in rows.items():
+                    t = f"{self.prefix}usage-tenant:{tenant}"
                     keys += [f"{self.prefix}usage:{key_id}:{day}", f"{self.prefix}usage:{key_id}:total",
-                             f"{self.prefix}usage-users:{key_id}:{day}"]
-                    args += [*row, user]
+                             f"{self.prefix}usage-users:{key_id}:{day}", f"{self.prefix}usage:{key_id}:{day[:7]}",
+                             f"{t}:{day}", f"{t}:{day[:7]}", f"{t}:total"]
+                    args += [*row, user, "1" if tenant else "0"]
                 await self._apply(keys=keys, args=args)     # raises: the batch stays first in line
                 self._unsent.pop(0)
 
@@ -159,13 +175,25 @@ class UsageStore:
 
     async def total_spend(self, key_id: str) -> float:
         """Spend written so far plus what this replica has not written yet."""
+        return await self.spend(key_id)
+
+    async def spend(self, key_id: str, period: str = "") -> float:
+        """The key's spend in USD in `period`: "" for every day so far, YYYY-MM-DD or YYYY-MM; written and not
+        yet written (this replica's)."""
+        return await self._spend(f"usage:{key_id}", period, lambda row: row[0] == key_id)
+
+    async def tenant_spend(self, tenant: str, period: str = "") -> float:
+        return await self._spend(f"usage-tenant:{tenant}", period, lambda row: row[3] == tenant)
+
+    async def _spend(self, name: str, period: str, mine) -> float:
         batches = [self._pending] + [rows for _, rows in self._unsent]
-        mine = sum(row[3] for rows in batches for (k, _, _), row in rows.items() if k == key_id)
-        v = await self.redis.hget(f"{self.prefix}usage:{key_id}:total", "spend_micro")
-        return (int(v or 0) + mine) / 1e6
+        pending = sum(counts[3] for rows in batches for row, counts in rows.items()
+                      if mine(row) and row[1].startswith(period))
+        v = await self.redis.hget(f"{self.prefix}{name}:{period or 'total'}", "spend_micro")
+        return (int(v or 0) + pending) / 1e6
 
 
-def _add_rows(into: dict[tuple[str, str, str], list[int]], rows: dict[tuple[str, str, str], list[int]]) -> None:
+def _add_rows(into: dict[Row, list[int]], rows: dict[Row, list[int]]) -> None:
     for k, row in rows.items():
         mine = into.setdefault(k, [0] * len(row))
         for i, v in enumerate(row):

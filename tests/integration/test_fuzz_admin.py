@@ -67,8 +67,10 @@ int64_limits = mostly(st.sampled_from([0, 0, 1000, 10**9]),
 budgets = mostly(st.sampled_from([0.0, 5.0, 1e6]), st.one_of(st.floats(), st.sampled_from(
     [math.nan, math.inf, -math.inf, -0.0, -1.0, 5e-324, 1e-9, 1e308])))
 tiers = mostly(st.sampled_from(["", "free", "premium", "pro"]), st.one_of(texts, st.sampled_from(["t" * 64, "t" * 65, MARK])))
+periods = mostly(st.sampled_from(["", "none", "daily", "monthly"]), st.one_of(texts, st.sampled_from(["weekly", "Daily", MARK])))
 create_key_requests = st.builds(
     gateway_pb2.CreateKeyRequest, tenant=tenants, models=model_lists, budget_usd=budgets, tier=tiers,
+    budget_period=periods,
     limits=st.builds(gateway_pb2.KeyLimits, requests_per_minute=int32_limits, tokens_per_minute=int64_limits,
                      tokens_per_day=int64_limits, concurrent_requests=int32_limits))
 hostile_key_ids = st.one_of(st.sampled_from(["000000000000", "0123456789ab",                  # no such key
@@ -120,7 +122,8 @@ def creatable(req: gateway_pb2.CreateKeyRequest) -> bool:
     lim = req.limits
     return (TENANT_RULE.fullmatch(req.tenant) is not None and set(req.models) <= {MODEL}
             and min(lim.requests_per_minute, lim.tokens_per_minute, lim.tokens_per_day, lim.concurrent_requests) >= 0
-            and math.isfinite(req.budget_usd) and req.budget_usd >= 0 and req.tier in ("", *DEFAULT_TIERS))
+            and math.isfinite(req.budget_usd) and req.budget_usd >= 0 and req.tier in ("", *DEFAULT_TIERS)
+            and req.budget_period in ("", "none", "daily", "monthly"))
 
 
 def room_for_two_requests(req: gateway_pb2.CreateKeyRequest) -> bool:

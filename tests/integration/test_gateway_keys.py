@@ -101,7 +101,7 @@ async def test_keys_are_listed_without_secrets_by_tenant_and_revocation(store):
     assert (listed.models, listed.limits, listed.budget_usd, listed.tier) == (("m1",), Limits(tokens_per_day=100), 2.0,
                                                                              "premium")
     assert set(key_view(listed)) == {"key_id", "tenant", "models", "limits", "budget_usd", "tier", "revoked",
-                                     "created_s", "expires_s", "rotated_s", "previous_until_s"}
+                                     "created_s", "expires_s", "rotated_s", "previous_until_s", "budget_period"}
 
 
 async def test_an_update_changes_what_it_names_and_nothing_else(store):

@@ -48,7 +48,7 @@ class Ledger:
         self.users: list[str] = []
 
     async def record(self, key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered=True,
-                     user="") -> None:
+                     user="", tenant="") -> None:
         self.records.append((prompt_tokens, completion_tokens, cache_hit, answered))
         self.users.append(user)
         self.spend.append(spend_usd)

@@ -17,6 +17,7 @@ from services.common.errors import (InvalidArgumentError, NotFoundError, Permiss
                                     UnavailableError)
 from services.common.models_file import TierSpec
 from services.common.metrics import GatewayMetrics
+from services.gateway.budgets import Budget, TenantBudgets, exceeded, period_of
 from services.gateway.config import GatewayConfig
 from services.gateway.directory import ModelDirectory
 from services.gateway.errors import REDIS_ERRORS
@@ -72,9 +73,11 @@ class EmbedAdmission:
 class Admit:
     def __init__(self, config: GatewayConfig, auth: Authenticator, guard: Guard, limiter: RateLimiter,
                  usage: UsageStore, tracer: trace.Tracer, metrics: GatewayMetrics,
-                 directory: ModelDirectory | None = None) -> None:
+                 directory: ModelDirectory | None = None, tenants: TenantBudgets | None = None) -> None:
         self.config, self.auth, self.guard, self.limiter, self.usage = config, auth, guard, limiter, usage
         self.tracer, self.metrics, self.directory = tracer, metrics, directory
+        self.tenants = tenants                # None: no tenant budgets (tests without Redis)
+        self._warned: dict[tuple[str, str], tuple[str, Budget]] = {}   # soft limits logged, by budget and period
 
     async def __call__(self, request: Request, bearer: str, client: str) -> Admission:
         with telemetry.child_span(self.tracer, "auth") as span:
@@ -202,16 +205,29 @@ class Admit:
                         "drains", retry_after_s=SHED_RETRY_AFTER_S)
 
     async def _check_budget(self, key: ApiKey) -> None:
-        if key.budget_usd <= 0:
-            return
+        """The key's budget and its tenant's, each over its period: past the budget RESOURCE_EXHAUSTED naming
+        it and when it resets; past its soft share a metric and (once a period) a log event."""
         try:
-            spent = await self.usage.total_spend(key.key_id)
+            tenant = await self.tenants.get(key.tenant) if self.tenants is not None else Budget()
+            for scope, name, budget in (("key", key.key_id, Budget(key.budget_usd, key.budget_period)),
+                                        ("tenant", key.tenant, tenant)):
+                if budget.usd <= 0:
+                    continue
+                label, _ = period_of(budget.period)
+                spent = await (self.usage.spend(name, label) if scope == "key" else self.usage.tenant_spend(name, label))
+                if spent >= budget.usd:
+                    raise exceeded(scope, name, budget, spent)
+                if spent >= self.config.budget_soft_fraction * budget.usd:
+                    self.metrics.budget_soft.labels(scope).inc()
+                    if self._warned.get((scope, name)) != (label, budget):
+                        self._warned[(scope, name)] = (label, budget)
+                        log.warning("budget past its soft limit", extra={
+                            "scope": scope, "id": name, "period": budget.period, "spent_usd": round(spent, 6),
+                            "budget_usd": budget.usd, "soft_fraction": self.config.budget_soft_fraction})
         except REDIS_ERRORS:
             if self.config.limits_fail_open:
                 return
             raise UnavailableError("cannot check the budget right now (store unreachable)") from None
-        if spent >= key.budget_usd:
-            raise ResourceExhaustedError(f"the key's budget of ${key.budget_usd:.2f} is spent (${spent:.4f})")
 
     async def _reserve(self, key: ApiKey, tier: TierSpec, tokens: int) -> Reservation | None:
         own = key.limits                      # a key's own non-zero limits win over its tier's

@@ -33,19 +33,19 @@ class Settle:
         model that answered (`answered_by`: a router fallback's), else of the admitted one."""
         price = self.config.models.get(answered_by) or self.config.models[a.model]
         await self._record(a.key.key_id, a.reservation, prompt_tokens, completion_tokens,
-                           price.cost(prompt_tokens, completion_tokens), cache_hit, count, a.request.user)
+                           price.cost(prompt_tokens, completion_tokens), cache_hit, count, a.request.user, a.key.tenant)
 
     async def charge_embedding(self, a: EmbedAdmission, tokens: int, count: bool = True) -> None:
         """An Embed call's tokens, at the embedding model's price, as prompt tokens."""
         self.metrics.tokens.labels("embedding").inc(tokens)
         await self._record(a.key.key_id, a.reservation, tokens, 0,
-                           tokens * self.config.embedding.usd_per_1k_tokens / 1000, False, count, a.user)
+                           tokens * self.config.embedding.usd_per_1k_tokens / 1000, False, count, a.user, a.key.tenant)
 
     async def _record(self, key_id: str, r: Reservation | None, prompt_tokens: int, completion_tokens: int,
-                      cost: float, cache_hit: bool, count: bool, user: str = "") -> None:
+                      cost: float, cache_hit: bool, count: bool, user: str = "", tenant: str = "") -> None:
         if count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
             await self.usage.record(key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count,
-                                    user=user)
+                                    user=user, tenant=tenant)
         if r is not None:
             try:
                 await self.limiter.reconcile(r, prompt_tokens + completion_tokens)
