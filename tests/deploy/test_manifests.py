@@ -306,6 +306,29 @@ def test_autoscalers_and_disruption_budgets_target_existing_workloads(overlay):
         assert any(selector.items() <= labels.items() for labels in pod_labels), pdb["metadata"]["name"]
 
 
+ADAPTER_RULES = DEPLOY / "k8s" / "prometheus-adapter" / "rules.yaml"
+TOKEN_METRICS = {"strata_generation_tokens_per_second", "strata_pending_tokens", "strata_kv_cache_usage"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inference_scales_on_token_metrics_the_adapter_serves_and_the_rest_on_cpu(overlay):
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    served = {r["name"]["as"] for r in rules["custom"]}
+    assert rules["default"] is False and served == TOKEN_METRICS
+    for name, hpa in by_kind(render(overlay), "HorizontalPodAutoscaler").items():
+        metrics = hpa["spec"]["metrics"]
+        if name.startswith("inference"):
+            assert {m["type"] for m in metrics} == {"Pods"}, name
+            assert {m["pods"]["metric"]["name"] for m in metrics} == TOKEN_METRICS, name
+            assert all(m["pods"]["target"]["type"] == "AverageValue" for m in metrics), name
+        else:
+            assert [(m["type"], m["resource"]["name"]) for m in metrics] == [("Resource", "cpu")], name
+    for rule in rules["custom"]:
+        assert {"namespace", "pod"} <= set(rule["resources"]["overrides"]), rule["name"]
+        series = re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", rule["seriesQuery"]).group(0)
+        assert re.fullmatch(rule["name"]["matches"].strip("^$"), series), rule["name"]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies_deny_by_default_and_open_only_the_request_path(overlay):
     policies = by_kind(render(overlay), "NetworkPolicy")

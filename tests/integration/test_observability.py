@@ -65,6 +65,21 @@ def _value(text: str, sample: str) -> float:
     raise AssertionError(f"{sample} not in the scrape")
 
 
+async def test_the_series_the_inference_autoscaling_reads_are_exported_by_a_replica(suite):
+    """deploy/k8s/prometheus-adapter/rules.yaml turns these series into the inference HPAs' metrics."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).parents[2] / "deploy/k8s/prometheus-adapter/rules.yaml").read_text())
+    exported = {re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", line).group(0)
+                for line in _scrape(suite[1]["inference"]).splitlines() if line and not line.startswith("#")}
+    for rule in rules["rules"]["custom"]:
+        series = re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", rule["seriesQuery"]).group(0)
+        assert series in exported, series
+
+
 async def test_one_request_is_one_trace_over_four_services_and_a_cache_hit_skips_router_and_inference(suite):
     channel, services = suite
     admin = gateway_pb2_grpc.GatewayAdminStub(channel)
