@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.common import redis_client
 
 STREAM_MAXLEN = 100_000
 
@@ -145,9 +146,9 @@ class RedisStore:
         self.prefix = prefix
         # one immediate retry on a connection error: after a Redis restart the pool still holds
         # connections to the old process, and the first command on each of them fails
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
-                                             health_check_interval=0)
+        self.redis = redis_client.connect(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                          retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
+                                          health_check_interval=0)
         self._store = self.redis.register_script(_STORE)
         self._delete = self.redis.register_script(_DELETE)
         self._hit = self.redis.register_script(_HIT)

@@ -7,7 +7,6 @@ import json
 import logging
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 
 from services.common import aio, models_file, telemetry
 from services.common.config import add_metrics_arg, env
@@ -15,6 +14,7 @@ from services.common.metrics import GatewayMetrics, gauge
 from services.common.logs import setup_logging
 from services.common.server import GrpcServer
 from services.common.tls import PLAINTEXT, TlsConfig, add_tls_args, tls_from_args
+from services.common import redis_client
 from services.gateway.admin import GatewayAdmin
 from services.gateway.budgets import TenantBudgets
 from services.gateway.clients import Downstream
@@ -117,7 +117,7 @@ class GatewayService:
         from services.common.pb import gateway_pb2_grpc
         from services.gateway.servicer import GatewayAdminServicer, GatewayServicer
 
-        self.redis = aioredis.from_url(config.redis_url, socket_timeout=config.redis_timeout_s,
+        self.redis = redis_client.connect(config.redis_url, socket_timeout=config.redis_timeout_s,
                                        socket_connect_timeout=config.redis_timeout_s)
         self.down = Downstream(config.router_address, config.cache_address, tls=config.tls)
         self.batcher, similarity = None, None

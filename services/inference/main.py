@@ -131,10 +131,9 @@ class InferenceService:
         self.engine.start()
         port = await self.server.start()
         if self.config.registry_url:
-            import redis.asyncio as aioredis
-
+            from services.common import redis_client
             from services.common.registry import Registry
-            self._redis = aioredis.from_url(self.config.registry_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            self._redis = redis_client.connect(self.config.registry_url, socket_timeout=1.0, socket_connect_timeout=1.0)
             address = self.config.advertise or f"{self.config.host}:{port}"
             self._register = asyncio.create_task(Registry(self._redis).keep_registered(address), name="registry")
         return port

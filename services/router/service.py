@@ -124,12 +124,13 @@ class Router:
 
     async def _discover(self) -> None:
         """Add replicas that registered in Redis, retire those whose heartbeat lapsed (static ones stay)."""
-        import redis.asyncio as aioredis
         from redis.exceptions import RedisError
+
+        from services.common import redis_client
 
         from services.common.registry import Registry
 
-        client = aioredis.from_url(self.config.discover_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis_client.connect(self.config.discover_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         registry, static = Registry(client), set(self.config.backends)
         try:
             while True:
