@@ -1,19 +1,23 @@
 """The audit log of admin actions: an append-only Redis stream (`strata:gw:audit`), one entry per action on
-an API key (create, update, rotate, revoke): who did it (the admin credential's id), what, when, and the
-key's record before and after. Entries never hold a key, a secret or a hash (`key_view` is what is kept).
+an API key (create, update, rotate, revoke) or a tenant's budget (tenant_budget, with key_id ""): who did it
+(the admin credential's id), what, when, and the record before and after. Entries never hold a key, a secret or a hash (`key_view` is what is kept).
 KeyStore writes each entry in the same MULTI as the change it records, so an action is never unaudited;
 nothing ever trims or deletes the stream."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from services.common.errors import InvalidArgumentError
+
 MAX_AUDIT_PAGE = 1000
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,8 @@ class AuditLog:
     async def list(self, key_id: str = "", before_id: str = "", limit: int = 100) -> tuple[list[AuditEntry], str]:
         """Entries newest first (only `key_id`'s when given), older than `before_id` when given; and the id to
         pass as before_id for the next page ("" when there is none)."""
+        if before_id and not _STREAM_ID.fullmatch(before_id):
+            raise InvalidArgumentError("before_id must be an entry id a ListAudit page gave (<ms>-<seq>)")
         limit = max(1, min(limit or 100, MAX_AUDIT_PAGE))
         out: list[AuditEntry] = []
         end = f"({before_id}" if before_id else "+"

@@ -594,7 +594,7 @@ class HttpFrontDoor:
                         yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                       "logprobs": None}])
                 chunk: Chunk | None = first
-                finished = 0
+                finished, flags = 0, {}               # flags: every sample's findings, sent with the last finish
                 while chunk is not None:
                     for c in chunk.tool_calls:
                         yield event([{"index": chunk.index, "delta": {"tool_calls": [{"index": calls[chunk.index], **_call(c)}]},
@@ -605,9 +605,11 @@ class HttpFrontDoor:
                         yield event([piece(chunk, chunk.text, None)])
                     if f is not None:
                         finished += 1
+                        flags.update(dict.fromkeys(f.flags))
                         model = f.source.model or model
                         last = finished == samples
-                        yield event([piece(replace(chunk, logprobs=()), "", f)], **({"strata": _strata(f)} if last else {}))
+                        yield event([piece(replace(chunk, logprobs=()), "", f)],
+                                    **({"strata": _strata(replace(f, flags=tuple(flags)))} if last else {}))
                         if last and usage_chunk:
                             yield event([], usage=_usage(f))
                     chunk = await anext(rest, None)

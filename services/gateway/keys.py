@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnauthenticatedError
 from services.gateway.audit import AuditLog, entry_fields
@@ -157,35 +158,59 @@ class KeyStore:
                      limits: Limits | None = None, budget_usd: float | None = None, tier: str | None = None,
                      expires_s: float | None = None, budget_period: str | None = None) -> tuple[ApiKey, ApiKey]:
         """Change what is given (None: left as it is); (before, after). A revoked key cannot change."""
-        before = await self.get(key_id)
-        if before.revoked:
-            raise FailedPreconditionError(f"API key {key_id} is revoked: create another")
-        after = replace(before, models=before.models if models is None else tuple(dict.fromkeys(models)),
-                        limits=before.limits if limits is None else limits,
-                        budget_usd=before.budget_usd if budget_usd is None else float(budget_usd),
-                        tier=before.tier if tier is None else tier,
-                        expires_s=before.expires_s if expires_s is None else float(expires_s),
-                        budget_period=before.budget_period if budget_period is None else budget_period)
-        _check_settings(after.budget_usd, after.tier, after.expires_s if expires_s is not None else 0.0,
-                        after.budget_period)
-        await self._write(key_id, _fields(after), actor, "update", before, after)
-        return before, after
+        def change(before: ApiKey, raw: dict[str, str]) -> tuple[ApiKey, dict[str, str]]:
+            after = replace(before, models=before.models if models is None else tuple(dict.fromkeys(models)),
+                            limits=before.limits if limits is None else limits,
+                            budget_usd=before.budget_usd if budget_usd is None else float(budget_usd),
+                            tier=before.tier if tier is None else tier,
+                            expires_s=before.expires_s if expires_s is None else float(expires_s),
+                            budget_period=before.budget_period if budget_period is None else budget_period)
+            _check_settings(after.budget_usd, after.tier, after.expires_s if expires_s is not None else 0.0,
+                            after.budget_period)
+            return after, {k: v for k, v in _fields(after).items() if k in _SETTINGS}
+        return await self._change(key_id, actor, "update", change)
 
     async def rotate(self, key_id: str, overlap_s: float, actor: str = "") -> tuple[str, ApiKey]:
         """A new secret for the key (its id, settings and usage stay); the current one is still accepted for
-        `overlap_s` seconds (0: refused at once). Returns the new key, shown this once, and the record."""
+        `overlap_s` seconds (0: refused at once here; gateways holding a verification of it, within key_cache_s).
+        Returns the new key, shown this once, and the record."""
         if not (math.isfinite(overlap_s) and 0 <= overlap_s <= MAX_ROTATION_OVERLAP_S):
             raise InvalidArgumentError(f"overlap_s must be in [0, {MAX_ROTATION_OVERLAP_S}] seconds")
-        before = await self.get(key_id)
-        if before.revoked:
-            raise FailedPreconditionError(f"API key {key_id} is revoked: create another")
-        raw = {k.decode(): v.decode() for k, v in (await self.redis.hgetall(self.prefix + f"key:{key_id}")).items()}
         key, salt = self._new_secret(key_id)
-        now = time.time()
-        after = replace(before, rotated_s=now, previous_until_s=now + overlap_s)
-        await self._write(key_id, {"hash": self._digest(salt, key), "salt": salt, "prev_hash": raw["hash"],
-                                   "prev_salt": raw["salt"], **_fields(after)}, actor, "rotate", before, after)
+
+        def change(before: ApiKey, raw: dict[str, str]) -> tuple[ApiKey, dict[str, str]]:
+            now = time.time()
+            after = replace(before, rotated_s=now, previous_until_s=now + overlap_s)
+            return after, {"hash": self._digest(salt, key), "salt": salt, "prev_hash": raw["hash"],
+                           "prev_salt": raw["salt"], "rotated": repr(now), "prev_until": repr(now + overlap_s)}
+        _, after = await self._change(key_id, actor, "rotate", change)
         return key, after
+
+    async def _change(self, key_id: str, actor: str, action: str, change) -> tuple[ApiKey, ApiKey]:
+        """Read, check and write a key as one optimistic transaction (WATCH, MULTI): `change(before, raw fields)`
+        gives the record after and the fields to write; a revoked key refuses every change (FAILED_PRECONDITION),
+        and a key changed meanwhile by another admin is read again, so that no change is lost or undone (a
+        revocation in between is never overwritten). Written with its audit entry."""
+        self._check_id(key_id)
+        name = self.prefix + f"key:{key_id}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(name)
+                    raw = {k.decode(): v.decode() for k, v in (await pipe.hgetall(name)).items()}
+                    if not raw:
+                        raise NotFoundError(f"no API key with id {key_id}")
+                    before = _record(key_id, raw)
+                    if before.revoked:
+                        raise FailedPreconditionError(f"API key {key_id} is revoked: create another")
+                    after, mapping = change(before, raw)
+                    pipe.multi()
+                    pipe.hset(name, mapping=mapping)
+                    pipe.xadd(self.audit.stream, entry_fields(actor, action, key_id, key_view(before), key_view(after)))
+                    await pipe.execute()
+                    return before, after
+                except WatchError:
+                    continue
 
     def _check_id(self, key_id: str) -> None:
         if not _KEY_ID.fullmatch(key_id):
@@ -199,9 +224,12 @@ class KeyStore:
             raise NotFoundError(f"no API key with id {key_id}")
 
     async def revoke(self, key_id: str, actor: str = "") -> None:
-        before = await self.get(key_id)
-        after = replace(before, revoked=True)
-        await self._write(key_id, {"revoked": "1"}, actor, "revoke", before, after)
+        """Revoked for good (revoking a revoked key changes nothing and is not audited again)."""
+        try:
+            await self._change(key_id, actor, "revoke", lambda before, raw: (replace(before, revoked=True),
+                                                                             {"revoked": "1"}))
+        except FailedPreconditionError:
+            pass
 
 
 def _check_settings(budget_usd: float, tier: str, expires_s: float, budget_period: str = "none") -> None:
@@ -210,6 +238,9 @@ def _check_settings(budget_usd: float, tier: str, expires_s: float, budget_perio
         raise InvalidArgumentError("tier must be at most 64 characters")
     if not math.isfinite(expires_s) or expires_s < 0 or (expires_s and expires_s <= time.time()):
         raise InvalidArgumentError("expires must be a time in the future (unix seconds), or 0 for never")
+
+
+_SETTINGS = ("models", "limits", "budget_usd", "tier", "expires", "budget_period")   # what UpdateKey may write
 
 
 def _fields(k: ApiKey) -> dict[str, str]:

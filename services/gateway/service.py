@@ -194,6 +194,7 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> Result:
     calls: dict[int, list] = {}
     logprobs: dict[int, list] = {}
     reasons: dict[int, FinishReason] = {}
+    flags: dict[str, None] = {}                   # every sample's findings, in order
     async for c in chunks:
         request_id = c.request_id
         text.setdefault(c.index, []).append(c.text)
@@ -203,9 +204,12 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> Result:
         if c.finish is not None:
             finish = c.finish
             reasons[c.index] = c.finish.reason
+            flags.update(dict.fromkeys(c.finish.flags))
     if finish is None or len(reasons) < len(text):
         raise UnavailableError("the answer ended without its final chunk")
     choices = tuple(Choice(i, "".join(text[i]), token_ids[i], reasons[i], tuple(calls[i]), tuple(logprobs[i]))
                     for i in sorted(text))
     first = choices[0]
+    # the last finish has the request's usage and source; its reason is sample 0's, its flags every sample's
+    finish = replace(finish, reason=first.reason, flags=tuple(flags))
     return Result(request_id, first.text, first.token_ids, finish, first.tool_calls, first.logprobs, choices)

@@ -224,7 +224,7 @@ class Result:
     request_id: str
     text: str
     token_ids: Sequence[int]
-    finish: Finish                        # the last sample's reason; usage and source of the request
+    finish: Finish                        # sample 0's reason; the request's usage, source and every sample's flags
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: Sequence[TokenLogprob] = ()
     choices: tuple[Choice, ...] = ()

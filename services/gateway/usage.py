@@ -27,6 +27,7 @@ from services.gateway.errors import REDIS_ERRORS
 log = logging.getLogger(__name__)
 
 Row = tuple[str, str, str, str]     # (key id, day, end user, tenant): one pending row of counts
+MAX_USERS_LISTED = 1000        # GetUsage's users: a key's callers may name any number of end users
 USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
 BATCH_MARKER_TTL_S = 3_600       # how long a written batch is remembered: a retry comes once Redis is back
                                  # (an hour of markers at 5 flushes/s is about 2 MB per gateway)
@@ -163,15 +164,15 @@ class UsageStore:
                         d.get("spend_micro", 0) / 1e6, d.get("cache_hits", 0))
 
     async def users(self, key_id: str, day: str) -> dict[str, DayUsage]:
-        """The day's usage by end user (requests that named one), by user."""
+        """The day's usage by end user (requests that named one): the MAX_USERS_LISTED with the most requests."""
         await self.flush()
         counts: dict[str, dict[str, int]] = {}
         for field, v in (await self.redis.hgetall(f"{self.prefix}usage-users:{key_id}:{day}")).items():
             name, _, user = field.decode().partition("|")
             counts.setdefault(user, {})[name] = int(v)
+        top = sorted(counts.items(), key=lambda kv: (-kv[1].get("requests", 0), kv[0]))[:MAX_USERS_LISTED]
         return {user: DayUsage(d.get("requests", 0), d.get("prompt_tokens", 0), d.get("completion_tokens", 0),
-                               d.get("spend_micro", 0) / 1e6, d.get("cache_hits", 0))
-                for user, d in sorted(counts.items())}
+                               d.get("spend_micro", 0) / 1e6, d.get("cache_hits", 0)) for user, d in top}
 
     async def total_spend(self, key_id: str) -> float:
         """Spend written so far plus what this replica has not written yet."""

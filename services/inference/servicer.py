@@ -241,7 +241,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         timing = _Timing(arrival)
         samples: dict[int, _Sample] = {}         # by index, made as each sample's first output comes (n is not
                                                   # checked until the engine has the request)
-        token_bytes = self.llm.tokenizer.token_bytes
+        tokenizer = self.llm.tokenizer
+        token_bytes = lambda t: tokenizer.token_bytes(t) if t < tokenizer.vocab_size else b""  # noqa: E731 - padded vocab
         first = True
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id=request_id,

@@ -178,6 +178,9 @@ async def test_every_admin_action_is_audited_newest_first_with_before_and_after(
     assert all(e.key_id == rec.key_id and e.at_s > 0 for e in entries)
     assert [e.entry_id for e in entries] == sorted((e.entry_id for e in entries), key=lambda i: tuple(map(int, i.split("-"))),
                                                    reverse=True)
+    for bad in ("x", "1-2-3", "-", "1 -2", "9" * 30):
+        with pytest.raises(InvalidArgumentError, match="before_id"):
+            await keys.audit.list(before_id=bad)
     page, after = await keys.audit.list(limit=2)                          # every key's, two at a time
     rest, end = await keys.audit.list(before_id=after, limit=10)
     assert [e.key_id for e in page] == [rec.key_id, other.key_id] and len(rest) == 3 and end == ""
@@ -186,3 +189,18 @@ async def test_every_admin_action_is_audited_newest_first_with_before_and_after(
         assert secret.split("-", 3)[3].encode() not in stored
     for _, fields in await client.xrange(keys.audit.stream):
         assert b"salt" not in b"".join(fields.values()) and b"hash" not in b"".join(fields.values())
+
+
+async def test_changes_racing_a_revocation_never_bring_the_key_back(store, redis_url):
+    """Updates and rotations read, check and write the key in one WATCH/MULTI: one that races a revocation either
+    lands before it or is refused after it, never writes the key live again."""
+    keys, _ = store
+    for _ in range(5):
+        _, rec = await keys.create("acme")
+        other = KeyStore(aioredis.from_url(redis_url), PEPPER)         # another gateway's connection
+        jobs = [keys.update(rec.key_id, budget_usd=float(i)) for i in range(6)] + [keys.rotate(rec.key_id, 0)] + \
+            [other.revoke(rec.key_id)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        assert all(r is None or isinstance(r, (tuple, FailedPreconditionError)) for r in results), results
+        assert (await keys.get(rec.key_id)).revoked
+        await other.redis.aclose()

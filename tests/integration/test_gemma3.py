@@ -109,7 +109,7 @@ def test_samples_share_blocks_of_every_layer_group_past_the_local_window(tokeniz
                                         num_speculative_tokens=0), model=model, tokenizer=tokenizer)
     kv, bs = engine.scheduler.kv, engine.scheduler.kv.block_size
     for i in (0, 19):
-        rid = engine.add_request(prompts[i], SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, n=2))
+        rid = engine.add_request(prompts[i], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, n=2))
         outs, shared = defaultdict(list), None
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -122,7 +122,7 @@ def test_samples_share_blocks_of_every_layer_group_past_the_local_window(tokeniz
                     assert all(a == b or b == kv.null_block for a, b in zip(mine[:n], theirs[:n])), g
                 shared = [sum(a == b != kv.null_block for a, b in zip(mine[:n], theirs[:n]))
                           for mine, theirs in zip(fork.block_tables, leader.block_tables)]
-        assert outs[0] == outs[1] == greedy[i], i
+        assert outs[0] == outs[1] == greedy[i][:16], i
         assert kv.windows == (0, 512, 512, 512, 512, 512)
         if i == 19:
             assert shared[0] == (len(prompts[i]) - 1) // bs and all(0 < n < shared[0] for n in shared[1:]), shared

@@ -2,7 +2,7 @@
 gateway on free ports) under load and faults, shortened to fit the test run (`make bench` runs the long
 version and writes the report):
 
-- 200 streaming callers through the gateway for 20 s, with small queues (16 per replica, 150 requests in
+- 200 streaming callers through the gateway for 12 s, with small queues (16 per replica, 150 requests in
   the gateway) so that both refuse: every call ends with an answer or a clear status (no hang, no
   UNKNOWN/INTERNAL), refusals come within a second, and afterwards every KV block is free and nothing is
   in flight anywhere;
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_suite_under_load_and_faults_loses_nothing(tmp_path):
-    result = hardening.main(["--phases", "soak,faults", "--clients", "200", "--soak-s", "20", "--max-queued", "16",
+    result = hardening.main(["--phases", "soak,faults", "--clients", "200", "--soak-s", "12", "--max-queued", "16",
                              "--gateway-max-in-flight", "150", "--fault-clients", "10", "--fault-gap-s", "4",
                              "--outage-s", "3", "--out", str(tmp_path / "hardening.json"), "--no-plot",
                              # `make bench` holds the gateway's own refusals to 1 s at p99. Since the replicas serve
@@ -35,8 +35,8 @@ def test_the_suite_under_load_and_faults_loses_nothing(tmp_path):
     # the suite keeps answering under load: at least one answer a second of soak. The count is the machine's
     # (2 cores for five services, two float32 or bf16 replicas and 200 callers): 68-70 answers in 30 s on the
     # AVX2-only EPYC of 2026-12-01, before and after the issue-20 reshaping alike; over 100 with AVX-512 + bf16
-    # (the soak was 30 s then; 20 s since 2026-12-03, to keep the CI run within its time)
-    assert soak["by_code"].get("OK", 0) >= 20, soak["by_code"]
+    # (the soak was 30 s then; 20 s, then 12 s since 2026-12-03, to keep the CI run within its time)
+    assert soak["by_code"].get("OK", 0) >= 12, soak["by_code"]
     assert soak["by_code"].get("RESOURCE_EXHAUSTED", 0) > 0, "the small queues should have refused some calls"
     assert set(soak["by_code"]) <= {"OK", "RESOURCE_EXHAUSTED"}, soak["by_code"]
     failed = [name for name, ok in result["checks"].items() if not ok]

@@ -168,8 +168,8 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Cancel a request (every sample of it) and free its blocks. Returns its (first sample's) final
-        output, or None if unknown."""
+        """Cancel a request (every sample of it) and free its blocks. Returns the final output of its first
+        sample still running, or None if unknown (or every sample had finished)."""
         samples = self._groups.pop(request_id, None)
         if samples is None:
             req = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
