@@ -270,7 +270,9 @@ async def test_under_a_saturating_free_load_premium_keeps_its_first_token_time_a
     loaded_all = await ttfts(11)
     loaded = statistics.median(loaded_all)
     outcomes = json.loads((await load.communicate())[0].decode().splitlines()[-1])
-    assert state["smol"].running == 2, state["smol"]          # saturated: both of its slots busy
+    # saturated: both of its slots busy, or one just freed with a request queued for it (the router's last poll of
+    # the replica can fall between a request's end and the next step, which admits the waiting one)
+    assert state["smol"].running + state["smol"].waiting >= 2, state["smol"]
     assert outcomes["other"] == 0 and outcomes["answered"] >= 4 and outcomes["refused"] >= 4, outcomes
     assert loaded <= 3 * idle, (loaded, idle, outcomes, idle_all, loaded_all)
 
