@@ -69,10 +69,11 @@ BAD_CODES = {"UNKNOWN", "INTERNAL", "DATA_LOSS", "HUNG"}   # never acceptable
 class Cluster:
     """`strata up`'s children on free ports; kill and restart any of them by name."""
 
-    def __init__(self, run_dir: Path, max_queued: int, gateway_max_in_flight: int, circuit_cooldown_s: float) -> None:
+    def __init__(self, run_dir: Path, max_queued: int, gateway_max_in_flight: int, circuit_cooldown_s: float,
+                 replicas: int = 2, gateway_args: tuple[str, ...] = ()) -> None:
         os.environ.setdefault("STRATA_KEY_PEPPER", PEPPER)
         os.environ.setdefault("STRATA_ADMIN_TOKEN", ADMIN)
-        a = argparse.Namespace(models_file=None, models="SmolLM2-135M-Instruct", replicas=2, redis_url="",
+        a = argparse.Namespace(models_file=None, models="SmolLM2-135M-Instruct", replicas=replicas, redis_url="",
                                host="127.0.0.1", free_ports=True, run_dir=run_dir, startup_timeout=600.0, quiet=True,
                                dtype=None)
         self.suite = Suite(a)
@@ -85,7 +86,7 @@ class Cluster:
             elif c.kind == "inference":
                 c.args += ["--threads", "1", "--max-queued-requests", str(max_queued)]
             elif c.kind == "gateway":
-                c.args += ["--max-in-flight", str(gateway_max_in_flight)]
+                c.args += ["--max-in-flight", str(gateway_max_in_flight), *gateway_args]
             elif c.kind == "router":
                 c.args += ["--open-cooldown-s", str(circuit_cooldown_s)]
         self.by_name = {c.name: c for c in self.suite.children}

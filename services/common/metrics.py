@@ -120,6 +120,14 @@ class GatewayMetrics(ServiceMetrics):
                               "(named, default, auto, split, cascade)", ["model", "route"], registry=r)
         self.budget_soft = Counter("strata:budget_soft_limit", "Requests let in past a budget's soft limit (a "
                                    "share of it, 80% by default), by whose budget: key or tenant", ["scope"], registry=r)
+        self.job_items = Counter("strata:job_items", "Background job items ended, by outcome (completed, failed, "
+                                 "cancelled, expired)", ["outcome"], registry=r)
+        self.job_retries = Counter("strata:job_retries", "Job item runs that failed transiently and were scheduled "
+                                   "again", registry=r)
+        self.job_dead_letters = Counter("strata:job_dead_letters", "Job items given up after their retries",
+                                        registry=r)
+        self.webhook_deliveries = Counter("strata:webhook_deliveries", "Job webhook deliveries by result (ok, retry, "
+                                          "given_up)", ["result"], registry=r)
 
 
 class RouterMetrics(ServiceMetrics):

@@ -44,8 +44,8 @@ from services.common.errors import StrataError
 from services.common.tls import PLAINTEXT, TlsConfig
 from services.embedding import EMBEDDING_DIM
 from services.gateway.service import Gateway
-from services.gateway.types import (CachePolicy, Chunk, Finish, FinishReason, Message, Request, ResponseFormat, Sampling,
-                                    TokenLogprob, Tool, ToolCall, Tools)
+from services.gateway.types import (CachePolicy, Chunk, Finish, FinishReason, Message, Request, ResponseFormat, Result,
+                                    Sampling, TokenLogprob, Tool, ToolCall, Tools)
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,17 @@ def _bad(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, "invalid_request_error", message, param)
 
 
+def error_status(code: str) -> tuple[int, str]:
+    """A gRPC status name as OpenAI's HTTP status and error type."""
+    return _STATUS.get(code, (500, "api_error"))
+
+
 def http_error(exc: BaseException) -> HttpError:
     """A domain error as OpenAI's status and body; anything else is a 500 saying nothing of its inside."""
     if isinstance(exc, HttpError):
         return exc
     if isinstance(exc, StrataError):
-        status, kind = _STATUS.get(exc.status, (500, "api_error"))
+        status, kind = error_status(exc.status)
         headers = {}
         retry = getattr(exc, "retry_after_s", None)
         if status == 429 and retry is not None:
@@ -412,10 +417,43 @@ def _strata(f: Finish) -> dict[str, Any]:
     return out
 
 
+def completion_request(body: dict, chat: bool) -> Request:
+    """A /v1/chat/completions (chat) or /v1/completions body as the gateway's Request (HttpError 400 naming what
+    is wrong)."""
+    _check_fields(body, _SAMPLING | _TOOLS | ({"messages", "top_logprobs"} if chat else {"prompt"}))
+    return _request(body, chat=chat)
+
+
+def completion_body(result: Result, request: Request, chat: bool) -> dict[str, Any]:
+    """A whole answer as OpenAI's chat.completion (chat) or text_completion object."""
+    f = result.finish
+    asked = request.sampling.logprobs is not None
+    choices = []
+    for c in result.choices:
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": _FINISH[c.reason], "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+            if c.tool_calls:
+                choice["message"] = {"role": "assistant", "content": c.text or None,
+                                     "tool_calls": [_call(t) for t in c.tool_calls]}
+            if asked:
+                choice["logprobs"] = _chat_logprobs(c.logprobs)
+        else:
+            choice["text"] = c.text
+            if asked:
+                choice["logprobs"] = _completion_logprobs(c.logprobs)
+        choices.append(choice)
+    kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
+    return {"id": prefix + result.request_id, "object": kind, "created": int(time.time()),
+            "model": f.source.model or request.model, "choices": choices, "usage": _usage(f), "strata": _strata(f)}
+
+
 class HttpFrontDoor:
-    def __init__(self, gateway: Gateway, ready=lambda: True) -> None:
+    def __init__(self, gateway: Gateway, ready=lambda: True, extra_routes: Sequence[Route] = ()) -> None:
+        """extra_routes: more endpoints on the same app (the batch API: services/gateway/http_batches.py)."""
         self.gateway, self.ready, self.tracer = gateway, ready, gateway.tracer
         self.app = Starlette(routes=[
+            *extra_routes,
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/embeddings", self.embeddings, methods=["POST"]),
@@ -440,7 +478,7 @@ class HttpFrontDoor:
     async def models(self, request: HttpRequest) -> Response:
         # the served names are not a secret, but only a caller with a key sees them (as the other endpoints)
         try:
-            await self.gateway.authenticator.authenticate(_bearer(request), _client(request))
+            await self.gateway.authenticator.authenticate(request_bearer(request), request_client(request))
         except Exception as exc:  # noqa: BLE001 - answered as OpenAI's error
             return http_error(exc).response()
         created = int(time.time())
@@ -492,7 +530,7 @@ class HttpFrontDoor:
                 if not isinstance(body, dict):
                     raise _bad("the body must be a JSON object")
                 texts, encoding, truncate = _embed_request(body, self.gateway.config.embedding.name)
-                out = await self.gateway.embed(body["model"], texts, _bearer(http), _client(http), truncate,
+                out = await self.gateway.embed(body["model"], texts, request_bearer(http), request_client(http), truncate,
                                                user=_get(body, "user", str, ""))
         except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
             return self._failed(span, exc)
@@ -514,13 +552,12 @@ class HttpFrontDoor:
                 body = await self._body(http)
                 if not isinstance(body, dict):
                     raise _bad("the body must be a JSON object")
-                _check_fields(body, _SAMPLING | _TOOLS | ({"messages", "top_logprobs"} if chat else {"prompt"}))
-                request = _request(body, chat=chat)
+                request = completion_request(body, chat)
                 stream = _get(body, "stream", bool, False)
                 usage_chunk = bool(stream and isinstance(body.get("stream_options"), dict)
                                    and body["stream_options"].get("include_usage"))
                 if stream:
-                    chunks = self.gateway.stream(request, _bearer(http), _client(http))
+                    chunks = self.gateway.stream(request, request_bearer(http), request_client(http))
                     try:
                         first = await anext(chunks)        # errors before the first chunk get their status
                     except BaseException:
@@ -533,32 +570,12 @@ class HttpFrontDoor:
                         if span.is_recording():
                             span.end()
                     return _EventStream(self._events(span, first, chunks, chat, request, usage_chunk), close)
-                result = await self.gateway.generate(request, _bearer(http), _client(http))
+                result = await self.gateway.generate(request, request_bearer(http), request_client(http))
         except Exception as exc:  # noqa: BLE001 - every error is OpenAI's body and status
             return self._failed(span, exc)
-        f = result.finish
         span.set_attribute("http.response.status_code", 200)
         span.end()
-        asked = request.sampling.logprobs is not None
-        choices = []
-        for c in result.choices:
-            choice: dict[str, Any] = {"index": c.index, "finish_reason": _FINISH[c.reason], "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
-                if c.tool_calls:
-                    choice["message"] = {"role": "assistant", "content": c.text or None,
-                                         "tool_calls": [_call(t) for t in c.tool_calls]}
-                if asked:
-                    choice["logprobs"] = _chat_logprobs(c.logprobs)
-            else:
-                choice["text"] = c.text
-                if asked:
-                    choice["logprobs"] = _completion_logprobs(c.logprobs)
-            choices.append(choice)
-        kind, prefix = ("chat.completion", "chatcmpl-") if chat else ("text_completion", "cmpl-")
-        return JSONResponse({"id": prefix + result.request_id, "object": kind, "created": int(time.time()),
-                             "model": f.source.model or request.model, "choices": choices, "usage": _usage(f),
-                             "strata": _strata(f)})
+        return JSONResponse(completion_body(result, request, chat))
 
     async def _events(self, span: trace.Span, first: Chunk, rest: AsyncIterator[Chunk], chat: bool, request: Request,
                       usage_chunk: bool) -> AsyncIterator[str]:
@@ -638,12 +655,12 @@ class _EventStream(StreamingResponse):
             await self._close()
 
 
-def _bearer(request: HttpRequest) -> str:
+def request_bearer(request: HttpRequest) -> str:
     value = request.headers.get("authorization", "")
     return value[7:].strip() if value[:7].lower() == "bearer " else ""
 
 
-def _client(request: HttpRequest) -> str:
+def request_client(request: HttpRequest) -> str:
     """What failed key attempts are counted by: the peer's address, as the gRPC face names it."""
     host = request.client.host if request.client else ""
     return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}" if host else ""

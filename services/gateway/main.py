@@ -20,6 +20,8 @@ from services.gateway.budgets import TenantBudgets
 from services.gateway.clients import Downstream
 from services.gateway.config import INJECTION_MODES, PII_MODES, GatewayConfig, ModelPrice
 from services.gateway.directory import ModelDirectory
+from services.gateway.jobs import JobsConfig
+from services.gateway.jobs.store import JobStore
 from services.gateway.keys import KeyStore
 from services.gateway.limits import RateLimiter
 from services.gateway.service import Gateway
@@ -39,6 +41,7 @@ class GatewayServiceConfig:
     admin_token: str = ""
     redis_timeout_s: float = 0.5
     tls: TlsConfig = PLAINTEXT      # the public port (and the channels to the router and cache)
+    jobs: JobsConfig = JobsConfig()
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +75,17 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-in-flight", type=int, default=int(env("STRATA_GATEWAY_MAX_IN_FLIGHT", str(d.max_in_flight))),
                    help="requests this gateway carries at once; more are refused at once with RESOURCE_EXHAUSTED "
                         "and retry-after (0 = no cap)")
+    j = JobsConfig()
+    p.add_argument("--job-workers", type=int, default=int(env("STRATA_GATEWAY_JOB_WORKERS", str(j.workers))),
+                   help="background job items this gateway runs at once, after every interactive request (0 = none: "
+                        "it still takes and answers job calls; env STRATA_GATEWAY_JOB_WORKERS)")
+    p.add_argument("--job-max-attempts", type=int, default=j.max_attempts,
+                   help="runs of a job item that fails transiently before it is given up (dead-lettered)")
+    p.add_argument("--job-claim-idle-s", type=float, default=j.claim_idle_s,
+                   help="an item held this long by a worker that stopped (it renews its items every third of it) is "
+                        "run by another")
+    p.add_argument("--job-retention-s", type=float, default=j.retention_s,
+                   help="a job's requests and results are kept this long after it ends (default 7 days)")
     add_tls_args(p)
     p.add_argument("--plaintext", action="store_true", default=env("STRATA_GATEWAY_PLAINTEXT", "") in ("1", "true"),
                    help="serve the public port without TLS (local runs only; env STRATA_GATEWAY_PLAINTEXT=1)")
@@ -103,9 +117,14 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
             gateway = GatewayConfig(models=models, **settings)
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
+    if a.job_workers < 0 or a.job_max_attempts < 1 or a.job_claim_idle_s <= 0 or a.job_retention_s <= 0:
+        raise SystemExit("--job-workers must be >= 0, --job-max-attempts >= 1, --job-claim-idle-s and "
+                         "--job-retention-s > 0")
+    jobs = JobsConfig(workers=a.job_workers, max_attempts=a.job_max_attempts, claim_idle_s=a.job_claim_idle_s,
+                      retention_s=a.job_retention_s)
     return GatewayServiceConfig(
         gateway, redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin,
-        tls=tls)
+        tls=tls, jobs=jobs)
 
 
 class GatewayService:
@@ -137,7 +156,14 @@ class GatewayService:
         self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics,
                                self.directory, tenants)
         self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory, tenants)
-        servicer, admin = GatewayServicer(self.gateway), GatewayAdminServicer(self.admin, config.admin_token, tracer)
+        self.jobs = JobStore(self.redis, config.jobs)
+        self.worker = None
+        if config.jobs.workers > 0:
+            from services.gateway.jobs.worker import JobWorker
+
+            self.worker = JobWorker(self.jobs, self.gateway, keys, config.jobs, self.metrics)
+        servicer = GatewayServicer(self.gateway, self.jobs)
+        admin = GatewayAdminServicer(self.admin, config.admin_token, tracer)
         self.metrics.collect_with(lambda: [gauge("strata:gateway_in_flight", "Requests this gateway is carrying now",
                                                  self.gateway.in_flight)])
 
@@ -150,13 +176,18 @@ class GatewayService:
         if http_port >= 0:
             from services.gateway.http import HttpFrontDoor, HttpServer
 
-            self.http = HttpServer(HttpFrontDoor(self.gateway, ready=lambda: self.directory.known), host, http_port,
-                                   config.tls)
+            from services.gateway.http_batches import BatchRoutes
+
+            door = HttpFrontDoor(self.gateway, ready=lambda: self.directory.known,
+                                 extra_routes=BatchRoutes(self.gateway, self.jobs).routes())
+            self.http = HttpServer(door, host, http_port, config.tls)
         self._stopped = False
 
     async def start(self) -> int:
         port = await self.server.start()
         self.directory.start()
+        if self.worker is not None:
+            self.worker.start()
         if self.http is not None:
             self.http_port = await self.http.start()
         return port
@@ -167,6 +198,8 @@ class GatewayService:
         self._stopped = True
         if self.http is not None:
             await self.http.stop()
+        if self.worker is not None:               # running items get the grace; the rest stay queued for others
+            await self.worker.stop(grace)
         await self.server.stop(grace)
         await self.gateway.close()
         await self.usage.close()

@@ -31,7 +31,7 @@ from services.gateway.errors import CapacityError
 from services.gateway.guardrails import InjectionSimilarity
 from services.gateway.keys import KeyStore
 from services.gateway.limits import RateLimiter
-from services.gateway.stages.admit import Admit
+from services.gateway.stages.admit import Admit, JobCall
 from services.gateway.stages.auth import Authenticator
 from services.gateway.stages.cache import CacheStage
 from services.gateway.stages.guard import Guard
@@ -81,11 +81,12 @@ class Gateway:
         self.in_flight = 0
 
     async def stream(self, request: Request, bearer: str, client: str = "",
-                     timeout_s: float | None = None) -> AsyncIterator[Chunk]:
+                     timeout_s: float | None = None, job: JobCall | None = None) -> AsyncIterator[Chunk]:
         """The answer as chunks; the last one says where it came from. `client` is the caller's address
-        (failed key attempts are limited per address). Counted in the metrics by outcome and source."""
+        (failed key attempts are limited per address). Counted in the metrics by outcome and source. `job`: a
+        background job's item (its key instead of the bearer; its usage kept in it for the job's worker)."""
         with self._counted() as call:
-            a = await self.admit(request, bearer, client)
+            a = await self.admit(request, bearer, client, job)
             gen = Generation()
             settled = False
             try:
@@ -115,19 +116,19 @@ class Gateway:
                     await self.settle.charge(a, gen.prompt_tokens, gen.completion_tokens, count=False)
 
     async def generate(self, request: Request, bearer: str, client: str = "",
-                       timeout_s: float | None = None) -> Result:
+                       timeout_s: float | None = None, job: JobCall | None = None) -> Result:
         """Unary: the whole answer. A configured cascade re-asks its larger model once when the model's
         answer has a mean token log-probability under the threshold (cached answers are never re-asked, nor
         a chat request to a larger model that serves completions only). The answer's source then says
         `cascade:<first model>` and its flags `cascade:<first>-><larger>`; both answers are charged."""
-        out = await _collect(self.stream(request, bearer, client, timeout_s))
+        out = await _collect(self.stream(request, bearer, client, timeout_s, job))
         first = out.finish
         cascade = self.config.cascades.get(first.source.model)
         if (cascade is not None and first.source.kind is SourceKind.MODEL and first.mean_logprob is not None
                 and request.samples == 1
                 and first.mean_logprob < cascade.min_mean_logprob
                 and self.admit.able(cascade.to, request.messages is not None)):
-            out = await _collect(self.stream(replace(request, model=cascade.to), bearer, client, timeout_s))
+            out = await _collect(self.stream(replace(request, model=cascade.to), bearer, client, timeout_s, job))
             flags = (*out.finish.flags, f"cascade:{first.source.model}->{cascade.to}")
             source = replace(out.finish.source, route=f"cascade:{first.source.model}")
             out = replace(out, finish=replace(out.finish, flags=flags, source=source))

@@ -3,6 +3,7 @@ Request, its Chunks and Result back into GatewayChunk / GatewayResponse; the adm
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -11,11 +12,12 @@ from typing import Any, AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgumentError, UnauthenticatedError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, UnauthenticatedError
 from services.common.grpc_errors import map_errors
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import GatewayAdmin
 from services.gateway.budgets import Budget
+from services.gateway.jobs.store import Job, JobState, JobStore
 from services.gateway.keys import ApiKey
 from services.gateway.limits import Limits
 from services.gateway.service import Gateway
@@ -79,12 +81,39 @@ def result_to_pb(r: Result) -> gateway_pb2.GatewayResponse:
                                        choices=choices, **_finish_fields(r.finish))
 
 
+_JOB_STATES = {JobState.QUEUED: gateway_pb2.JOB_STATE_QUEUED, JobState.IN_PROGRESS: gateway_pb2.JOB_STATE_IN_PROGRESS,
+               JobState.CANCELLING: gateway_pb2.JOB_STATE_CANCELLING, JobState.COMPLETED: gateway_pb2.JOB_STATE_COMPLETED,
+               JobState.CANCELLED: gateway_pb2.JOB_STATE_CANCELLED, JobState.EXPIRED: gateway_pb2.JOB_STATE_EXPIRED}
+
+
+def job_to_pb(j: Job, secret: str = "", deliveries: list[dict] | None = None) -> gateway_pb2.Job:
+    return gateway_pb2.Job(
+        id=j.id, state=_JOB_STATES[j.state], total=j.total, completed=j.completed, failed=j.failed,
+        cancelled=j.cancelled, expired=j.expired, created_unix=j.created, started_unix=j.started,
+        finished_unix=j.finished, expires_unix=j.expires, webhook_url=j.webhook_url, webhook_secret=secret,
+        webhook_deliveries=[gateway_pb2.WebhookDelivery(attempt=d["attempt"], at_unix=d["at"], status_code=d["status_code"],
+                                                        error=d["error"], duration_ms=d["duration_ms"])
+                            for d in deliveries or ()],
+        metadata=j.metadata, endpoint=j.endpoint, input_file_id=j.input_file_id)
+
+
+def job_result_to_pb(j: Job, n: int, value: bytes) -> gateway_pb2.JobResult:
+    """A stored result (its first byte says whether it was answered) as a JobResult."""
+    ok, body = value[:1] == b"1", value[1:]
+    if j.format == "pb":
+        return gateway_pb2.JobResult.FromString(body)
+    line = json.loads(body)
+    return gateway_pb2.JobResult(index=n, ok=ok, custom_id=line.get("custom_id", ""), json=body.decode())
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     SERVICE = "strata.v1.Gateway"
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, jobs: JobStore | None = None, follow_poll_s: float = 0.2) -> None:
         self.gateway = gateway
         self.tracer = gateway.tracer
+        self.jobs = jobs
+        self.follow_poll_s = follow_poll_s
 
     @map_errors
     async def Generate(self, request: gateway_pb2.GatewayRequest,
@@ -106,6 +135,64 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.EmbedResponse(request_id=out.request_id, model=out.model,
                                          embeddings=[gateway_pb2.Embedding(values=v.tolist()) for v in out.vectors],
                                          usage=common_pb2.Usage(prompt_tokens=out.prompt_tokens))
+
+
+    # --- background jobs
+
+    async def _job_store(self, context: grpc.aio.ServicerContext) -> tuple[JobStore, str, str]:
+        """The store, and the caller's key id and tenant (its key checked as for Generate)."""
+        if self.jobs is None:
+            raise FailedPreconditionError("background jobs are off on this gateway")
+        key = await self.gateway.authenticator.authenticate(bearer(context), client_address(context))
+        return self.jobs, key.key_id, key.tenant
+
+    @map_errors
+    async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
+        jobs, key_id, tenant = await self._job_store(context)
+        job, secret = await jobs.submit(
+            key_id, tenant, [r.SerializeToString() for r in request.requests], "pb",
+            idempotency_key=request.idempotency_key, webhook_url=request.webhook_url,
+            webhook_secret=request.webhook_secret, window_s=request.completion_window_s, metadata=dict(request.metadata))
+        return job_to_pb(job, secret)
+
+    @map_errors
+    async def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
+        jobs, key_id, _ = await self._job_store(context)
+        job = await jobs.get(key_id, request.job_id)
+        return job_to_pb(job, deliveries=await jobs.deliveries(job.id))
+
+    @map_errors
+    async def ListJobs(self, request: gateway_pb2.ListJobsRequest,
+                       context: grpc.aio.ServicerContext) -> gateway_pb2.ListJobsResponse:
+        jobs, key_id, _ = await self._job_store(context)
+        got, more = await jobs.list(key_id, request.limit or 20, request.after)
+        return gateway_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in got], has_more=more)
+
+    @map_errors
+    async def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
+        jobs, key_id, _ = await self._job_store(context)
+        return job_to_pb(await jobs.cancel(key_id, request.job_id))
+
+    @map_errors
+    async def GetJobResults(self, request: gateway_pb2.GetJobResultsRequest,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.JobResult]:
+        jobs, key_id, _ = await self._job_store(context)
+        job = await jobs.get(key_id, request.job_id)
+        if not request.follow:
+            for n, value in await jobs.all_results(job.id):
+                yield job_result_to_pb(job, n, value)
+            return
+        after = "0-0"
+        while True:                           # in the order they were written, until the job has ended
+            ended = job.state.final           # read before the results: none written after it is missed
+            got, after = await jobs.results(job.id, after)
+            for n, value in got:
+                yield job_result_to_pb(job, n, value)
+            if ended and not got:
+                return
+            if not got:
+                await asyncio.sleep(self.follow_poll_s)
+                job = await jobs.get(key_id, job.id)
 
 
 DEFAULT_ROTATION_OVERLAP_S = 3600.0

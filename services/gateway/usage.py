@@ -32,41 +32,71 @@ USAGE_TTL_S = 400 * 86_400      # a little over a year of daily records
 BATCH_MARKER_TTL_S = 3_600       # how long a written batch is remembered: a retry comes once Redis is back
                                  # (an hour of markers at 5 flushes/s is about 2 MB per gateway)
 
-# KEYS[1]: the batch's marker; then per row its key's day, total, by-user and month hashes and its tenant's day,
-# month and total hashes. ARGV[1]: marker TTL, ARGV[2]: day hash TTL, then per row the five counts in _FIELDS
-# order, the user ("" = none: the by-user hash is not touched) and whether the row names its tenant ("1"/"0").
-_APPLY = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
-local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'spend_micro', 'cache_hits'}
-local ttl = tonumber(ARGV[2])
-local row = 0
-for k = 2, #KEYS, 7 do
-  local base = 2 + row * 7
-  local user = ARGV[base + 6]
-  for f = 1, 5 do
-    local v = tonumber(ARGV[base + f])
-    if v ~= 0 then
-      redis.call('HINCRBY', KEYS[k], fields[f], v)
-      if user ~= '' then redis.call('HINCRBY', KEYS[k + 2], fields[f] .. '|' .. user, v) end
+# apply_usage(k0, a0, ttl): the rows from KEYS[k0] (7 keys each: the key's day, total, by-user and month hashes and
+# its tenant's day, month and total hashes) to the end, with their arguments from ARGV[a0] (7 each: the five counts
+# in _FIELDS order, the user ("" = none: the by-user hash is not touched) and whether the row names its tenant
+# ("1"/"0")); `ttl` for the day hashes. Shared with the job store's commit (services/gateway/jobs/store.py), which
+# writes an item's result and its usage in one script.
+USAGE_ROWS_LUA = """
+local function apply_usage(k0, a0, ttl)
+  local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'spend_micro', 'cache_hits'}
+  local row = 0
+  for k = k0, #KEYS, 7 do
+    local base = a0 - 1 + row * 7
+    local user = ARGV[base + 6]
+    for f = 1, 5 do
+      local v = tonumber(ARGV[base + f])
+      if v ~= 0 then
+        redis.call('HINCRBY', KEYS[k], fields[f], v)
+        if user ~= '' then redis.call('HINCRBY', KEYS[k + 2], fields[f] .. '|' .. user, v) end
+      end
     end
-  end
-  redis.call('EXPIRE', KEYS[k], ttl)
-  if user ~= '' then redis.call('EXPIRE', KEYS[k + 2], ttl) end
-  local spend = tonumber(ARGV[base + 4])
-  if spend ~= 0 then
-    redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend)
-    redis.call('HINCRBY', KEYS[k + 3], 'spend_micro', spend)
-    redis.call('EXPIRE', KEYS[k + 3], ttl)
-    if ARGV[base + 7] == '1' then
-      for t = 4, 6 do redis.call('HINCRBY', KEYS[k + t], 'spend_micro', spend) end
-      redis.call('EXPIRE', KEYS[k + 4], ttl)
-      redis.call('EXPIRE', KEYS[k + 5], ttl)
+    redis.call('EXPIRE', KEYS[k], ttl)
+    if user ~= '' then redis.call('EXPIRE', KEYS[k + 2], ttl) end
+    local spend = tonumber(ARGV[base + 4])
+    if spend ~= 0 then
+      redis.call('HINCRBY', KEYS[k + 1], 'spend_micro', spend)
+      redis.call('HINCRBY', KEYS[k + 3], 'spend_micro', spend)
+      redis.call('EXPIRE', KEYS[k + 3], ttl)
+      if ARGV[base + 7] == '1' then
+        for t = 4, 6 do redis.call('HINCRBY', KEYS[k + t], 'spend_micro', spend) end
+        redis.call('EXPIRE', KEYS[k + 4], ttl)
+        redis.call('EXPIRE', KEYS[k + 5], ttl)
+      end
     end
+    row = row + 1
   end
-  row = row + 1
 end
+"""
+
+# KEYS[1]: the batch's marker, then the rows' keys; ARGV[1]: the marker's TTL, ARGV[2]: the day hashes' TTL, then
+# the rows' arguments
+_APPLY = USAGE_ROWS_LUA + """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+apply_usage(2, 3, tonumber(ARGV[2]))
 return 1
 """
+
+
+def usage_row(key_id: str, prompt_tokens: int, completion_tokens: int, spend_usd: float, cache_hit: bool,
+              answered: bool = True, user: str = "", tenant: str = "", day: str | None = None) -> tuple[Row, list[int]]:
+    """One request's usage as a row and its counts (in UsageStore._FIELDS order)."""
+    return ((key_id, day or utc_day(), user, tenant),
+            [int(answered), prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit)])
+
+
+def rows_keys_args(prefix: str, rows: dict[Row, list[int]]) -> tuple[list[str], list]:
+    """The keys and arguments of `apply_usage` for `rows`."""
+    keys: list[str] = []
+    args: list = []
+    for (key_id, day, user, tenant), row in rows.items():
+        t = f"{prefix}usage-tenant:{tenant}"
+        keys += [f"{prefix}usage:{key_id}:{day}", f"{prefix}usage:{key_id}:total",
+                 f"{prefix}usage-users:{key_id}:{day}", f"{prefix}usage:{key_id}:{day[:7]}",
+                 f"{t}:{day}", f"{t}:{day[:7]}", f"{t}:total"]
+        args += [*row, user, "1" if tenant else "0"]
+    return keys, args
+
 
 def utc_day(ts: float | None = None) -> str:
     when = dt.datetime.now(dt.timezone.utc) if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc)
@@ -113,8 +143,9 @@ class UsageStore:
         """One request's usage; `answered` False for one that failed or was cut short (its tokens are
         charged, it is not counted among the requests); `user` its end user, also counted by user; `tenant` the
         key's, whose spend is also kept (tenant budgets)."""
-        row = self._pending.setdefault((key_id, day or utc_day(), user, tenant), [0] * len(self._FIELDS))
-        for i, v in enumerate((int(answered), prompt_tokens, completion_tokens, round(spend_usd * 1e6), int(cache_hit))):
+        key, counts = usage_row(key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered, user, tenant, day)
+        row = self._pending.setdefault(key, [0] * len(self._FIELDS))
+        for i, v in enumerate(counts):
             row[i] += v
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush_later(self.flush_s))
@@ -139,14 +170,9 @@ class UsageStore:
                 self._pending = {}
             while self._unsent:
                 batch_id, rows = self._unsent[0]
-                keys, args = [f"{self.prefix}usage-batch:{batch_id}"], [BATCH_MARKER_TTL_S, USAGE_TTL_S]
-                for (key_id, day, user, tenant), row in rows.items():
-                    t = f"{self.prefix}usage-tenant:{tenant}"
-                    keys += [f"{self.prefix}usage:{key_id}:{day}", f"{self.prefix}usage:{key_id}:total",
-                             f"{self.prefix}usage-users:{key_id}:{day}", f"{self.prefix}usage:{key_id}:{day[:7]}",
-                             f"{t}:{day}", f"{t}:{day[:7]}", f"{t}:total"]
-                    args += [*row, user, "1" if tenant else "0"]
-                await self._apply(keys=keys, args=args)     # raises: the batch stays first in line
+                keys, args = rows_keys_args(self.prefix, rows)
+                await self._apply(keys=[f"{self.prefix}usage-batch:{batch_id}", *keys],
+                                  args=[BATCH_MARKER_TTL_S, USAGE_TTL_S, *args])     # raises: the batch stays first in line
                 self._unsent.pop(0)
 
     async def close(self) -> None:

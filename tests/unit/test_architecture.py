@@ -157,6 +157,7 @@ GRPC_EDGES = (
     "services.common.server", "services.common.grpc_errors", "services.common.telemetry", "services.common.tls",
     "services.common.pb", "services.common.protogen", "services.client", "services.console", "services.up",
     "services.gateway.servicer", "services.gateway.main", "services.gateway.clients", "services.gateway.translate",
+    "services.gateway.jobs.codecs",  # a job item as SubmitJob stored it (a GatewayRequest) and its JobResult
     "services.cache.servicer", "services.cache.main",
     "services.inference.servicer", "services.inference.main",
     "services.router.servicer", "services.router.main", "services.router.backends",

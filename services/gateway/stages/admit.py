@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from opentelemetry import trace
@@ -27,7 +27,7 @@ from services.gateway.selection import select_model, sticky_pick
 from services.gateway.stages.auth import Authenticator
 from services.gateway.stages.guard import Guard
 from services.gateway.types import Request
-from services.gateway.usage import UsageStore
+from services.gateway.usage import Row, UsageStore
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant", "tool")
@@ -35,6 +35,19 @@ SHED_RETRY_AFTER_S = 1.0
 MAX_EMBED_INPUTS = 2048               # texts in one Embed call (OpenAI's bound)
 MAX_SAMPLES = 16                      # n: samples of one prompt (the engine's bound)
 MAX_USER_CHARS = 256                  # an end user's identifier (`user`)
+JOB_PRIORITY = 1_000_000              # a background job's items: after every interactive request, whose priorities
+                                      # are capped below it, so jobs use spare capacity only
+
+
+@dataclass(slots=True)
+class JobCall:
+    """A background job's item run through the pipeline (services/gateway/jobs): the job's key, read again for
+    each item (a revoked key stops its jobs), instead of a bearer; its usage is kept here, not recorded, and the
+    worker writes it with the item's result in one script, so that an item retried after a worker died is
+    charged once."""
+
+    key: ApiKey
+    charges: dict[Row, list[int]] = field(default_factory=dict)
 
 
 class ShedError(ResourceExhaustedError):
@@ -57,6 +70,7 @@ class Admission:
     priority: int                     # the request's, raised to its tier's floor
     flags: tuple[str, ...]            # guardrail findings
     reservation: Reservation | None   # None: the key has no limits, or the limit store was away (fail-open)
+    job: JobCall | None = None        # a background job's item (its usage goes with its result)
 
 
 @dataclass(slots=True)
@@ -79,14 +93,15 @@ class Admit:
         self.tenants = tenants                # None: no tenant budgets (tests without Redis)
         self._warned: dict[tuple[str, str], tuple[str, Budget]] = {}   # soft limits logged, by budget and period
 
-    async def __call__(self, request: Request, bearer: str, client: str) -> Admission:
+    async def __call__(self, request: Request, bearer: str, client: str, job: JobCall | None = None) -> Admission:
         with telemetry.child_span(self.tracer, "auth") as span:
-            key = await self.auth.authenticate(bearer, client)
+            key = job.key if job is not None else await self.auth.authenticate(bearer, client)
             span.set_attribute("strata.key_id", key.key_id)
         tier = self.config.tier(key.tier)
         with telemetry.child_span(self.tracer, "guardrails") as span:
             model, route, max_tokens = self._validate(request, key, tier)
-            priority = max(request.priority, tier.priority_floor)
+            priority = JOB_PRIORITY if job is not None else min(max(request.priority, tier.priority_floor),
+                                                                JOB_PRIORITY - 1)
             self._shed(model, tier, span)         # before the screens: a refusal under load costs little
             if self.directory is not None:
                 self.directory.admitted(model)    # in flight until the next view of the model includes it
@@ -102,7 +117,7 @@ class Admit:
             span.set_attribute("strata.reserved_tokens", tokens)
             reservation = await self._reserve(key, tier, tokens)
         return Admission(uuid.uuid4().hex, request, key, model, max_tokens, route, tier.name, priority, tuple(flags),
-                         reservation)
+                         reservation, job)
 
     async def embedding(self, model: str, texts: Sequence[str], bearer: str, client: str,
                         user: str = "") -> EmbedAdmission:

@@ -11,10 +11,10 @@ from services.common.metrics import GatewayMetrics
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import REDIS_ERRORS
 from services.gateway.limits import RateLimiter, Reservation
-from services.gateway.stages.admit import Admission, EmbedAdmission
+from services.gateway.stages.admit import Admission, EmbedAdmission, JobCall
 from services.gateway.stages.cache import CacheStage
 from services.gateway.stages.route import Generation
-from services.gateway.usage import UsageStore
+from services.gateway.usage import UsageStore, usage_row
 
 log = logging.getLogger(__name__)
 RECONCILE_ATTEMPTS = 6        # a failed limit reconcile is retried after 1, 2, 4, ... 32 s
@@ -33,7 +33,8 @@ class Settle:
         model that answered (`answered_by`: a router fallback's), else of the admitted one."""
         price = self.config.models.get(answered_by) or self.config.models[a.model]
         await self._record(a.key.key_id, a.reservation, prompt_tokens, completion_tokens,
-                           price.cost(prompt_tokens, completion_tokens), cache_hit, count, a.request.user, a.key.tenant)
+                           price.cost(prompt_tokens, completion_tokens), cache_hit, count, a.request.user, a.key.tenant,
+                           a.job)
 
     async def charge_embedding(self, a: EmbedAdmission, tokens: int, count: bool = True) -> None:
         """An Embed call's tokens, at the embedding model's price, as prompt tokens."""
@@ -42,8 +43,14 @@ class Settle:
                            tokens * self.config.embedding.usd_per_1k_tokens / 1000, False, count, a.user, a.key.tenant)
 
     async def _record(self, key_id: str, r: Reservation | None, prompt_tokens: int, completion_tokens: int,
-                      cost: float, cache_hit: bool, count: bool, user: str = "", tenant: str = "") -> None:
-        if count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
+                      cost: float, cache_hit: bool, count: bool, user: str = "", tenant: str = "",
+                      job: JobCall | None = None) -> None:
+        if job is not None:                   # a job's item: written with its result (services/gateway/jobs)
+            row, counts = usage_row(key_id, prompt_tokens, completion_tokens, cost, cache_hit, count, user, tenant)
+            into = job.charges.setdefault(row, [0] * len(counts))
+            for i, v in enumerate(counts):
+                into[i] += v
+        elif count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
             await self.usage.record(key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count,
                                     user=user, tenant=tenant)
         if r is not None:
