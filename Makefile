@@ -104,6 +104,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.multi_model
 	$(BIN)/python -m bench.structured
 	$(BIN)/python -m bench.samples
+	$(BIN)/python -m bench.jobs
 
 clean:
 	rm -rf $(VENV) services/common/stubs build *.egg-info

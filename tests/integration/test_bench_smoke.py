@@ -1,8 +1,8 @@
 """Every benchmark `make bench` runs, in its seconds-long smoke mode (bench/smoke.py): each one runs end to end
 on the real components (the model, the kernels, redis-server, the services on free ports) and writes a complete
 JSON, so that a benchmark cannot silently break again (issue 21, item 6). The figures of a smoke run mean
-nothing and are not checked. bench.hardening is run (longer) by test_hardening.py; bench.kernels_gpu needs a
-CUDA device."""
+nothing and are not checked. bench.hardening is run (longer) by test_hardening.py and bench.jobs by
+test_jobs_faults.py; bench.kernels_gpu needs a CUDA device."""
 
 from __future__ import annotations
 
