@@ -143,3 +143,118 @@ async def test_the_master_killed_under_load_the_gateway_finds_the_new_one_limits
     await gw.close()
     await usage.close()
     await client.aclose()
+
+
+class SlowBackends(InMemoryBackends):
+    """Each answer takes a little while, so that a job is still running when the master dies."""
+
+    async def generate(self, request, timeout_s):
+        await asyncio.sleep(0.1)
+        async for chunk in super().generate(request, timeout_s):
+            yield chunk
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_job_finishes_through_a_failover_each_item_once(sentinels):
+    """The job's store on the sentinel URL, its worker running items through the gateway's pipeline. A commit
+    (result, usage and acknowledgement: one script, replicated as one) that the old master had not yet passed on
+    is lost whole; the item is still pending and is run again once the worker's claim lapses."""
+    from services.common.pb import gateway_pb2
+    from services.gateway.jobs import JobsConfig
+    from services.gateway.jobs.store import JobStore
+    from services.gateway.jobs.worker import JobWorker
+
+    url, procs, _, replica = sentinels
+    client = redis_client.connect(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    keys, usage = KeyStore(client, PEPPER), UsageStore(client, flush_s=0.05)
+    gw = Gateway(GatewayConfig(models={"small": ModelPrice()}, tiers=TIERS), keys, RateLimiter(client), usage,
+                 SlowBackends(["a", "b"]))
+    cfg = JobsConfig(workers=4, claim_idle_s=2.0, poll_s=0.05, backoff_base_s=0.05, backoff_max_s=0.5)
+    store = JobStore(client, cfg)
+    worker = JobWorker(store, gw, keys, cfg)
+    _, rec = await keys.create("acme")
+    items = [gateway_pb2.GatewayRequest(model="small", prompt=f"q{i}").SerializeToString() for i in range(80)]
+    job, _ = await store.submit(rec.key_id, "acme", items, "pb")
+    worker.start()
+    try:
+        results = store.key(job.id, "results")
+        deadline = time.monotonic() + 30
+        while await client.hlen(results) < 12:
+            assert time.monotonic() < deadline, "the job did not start"
+            await asyncio.sleep(0.05)
+        procs["master"].kill()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                done = await store.get(rec.key_id, job.id)
+                if done.state.final:
+                    break
+            except (redis.RedisError, OSError):
+                pass
+            assert time.monotonic() < deadline, "the job did not finish after the failover"
+            await asyncio.sleep(0.1)
+        assert redis.Redis(port=replica).info("replication")["role"] == "master"
+        assert (done.completed, done.failed) == (80, 0)
+        assert await client.hlen(results) == 80 and await client.xlen(store.key(job.id, "done")) == 80
+        day = await usage.day(rec.key_id, utc_day())
+        assert day.requests == 80 and day.completion_tokens == 80 * 2
+        assert (await client.xpending(store.queue, "workers"))["pending"] == 0
+    finally:
+        await worker.stop(0)
+        await gw.close()
+        await usage.close()
+        await client.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_cache_degrades_during_a_failover_as_documented_and_serves_again_after(sentinels, embedder):
+    """Documented (README, Semantic cache): while no master answers, Lookup is a fast miss marked `degraded`,
+    Store is UNAVAILABLE and the health status NOT_SERVING; after the failover, what was stored before is served."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.cache.main import SERVICE_NAME, CacheService
+    from services.cache.service import CacheConfig
+    from services.common.pb import cache_pb2, cache_pb2_grpc, common_pb2
+
+    url, procs, master, replica = sentinels
+    svc = CacheService(CacheConfig(redis_url=url, health_interval_s=0.2, sweep_interval_s=0.5), port=0, embedder=embedder)
+    port = await svc.start()
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub, health = cache_pb2_grpc.SemanticCacheStub(ch), health_pb2_grpc.HealthStub(ch)
+
+    def q(text: str) -> cache_pb2.CacheQuery:
+        return cache_pb2.CacheQuery(namespace="acme", model="small", sampling=common_pb2.SamplingParams(temperature=0.0),
+                                    messages=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role="user", content=text)]))
+    answer = cache_pb2.CachedAnswer(text="Paris.", token_ids=[1], finish_reason=common_pb2.FINISH_REASON_STOP,
+                                    usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=1))
+    try:
+        assert (await stub.Store(cache_pb2.StoreRequest(query=q("What is the capital of France?"), answer=answer))).stored
+        redis.Redis(port=master).wait(1, 2000)            # on the replica before the master dies
+        assert (await stub.Lookup(cache_pb2.LookupRequest(query=q("What is the capital of France?")))).hit
+        procs["master"].kill()
+        saw_degraded, saw_not_serving, store_refused = False, False, False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            got = await stub.Lookup(cache_pb2.LookupRequest(query=q("What is the capital of Spain?")), timeout=5)
+            assert time.monotonic() - t0 < 2.0 and not got.hit     # a fast answer, never an error
+            saw_degraded |= got.degraded
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)).status
+            saw_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
+            try:
+                await stub.Store(cache_pb2.StoreRequest(query=q("What is the capital of Italy?"), answer=answer), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                store_refused = True
+            if saw_degraded and status == health_pb2.HealthCheckResponse.SERVING and not got.degraded:
+                break
+            await asyncio.sleep(0.1)
+        assert saw_degraded and saw_not_serving and store_refused
+        assert redis.Redis(port=replica).info("replication")["role"] == "master"
+        hit = await stub.Lookup(cache_pb2.LookupRequest(query=q("What is the capital of France?")))
+        assert hit.hit and hit.answer.text == "Paris."
+        assert (await stub.Store(cache_pb2.StoreRequest(query=q("What is the capital of Italy?"), answer=answer))).stored
+    finally:
+        await ch.close()
+        await svc.stop(0)
