@@ -21,9 +21,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yaml"
-# the plaintext overlays (native gRPC probes), and overlays/cpu-tls: overlays/cpu with components/tls
-PLAIN_OVERLAYS = ("cpu", "gpu")
+# the plaintext overlays (native gRPC probes), and overlays/cpu-tls: overlays/cpu with components/tls;
+# overlays/cpu-sentinel: overlays/cpu with components/redis-sentinel
+PLAIN_OVERLAYS = ("cpu", "gpu", "cpu-sentinel")
 OVERLAYS = (*PLAIN_OVERLAYS, "cpu-tls")
+SENTINEL_URL = "redis+sentinel://redis-sentinel:26379/strata/0"
 # gRPC probes are GA from 1.27; "latest" is the newest schema kubernetes-validate bundles
 K8S_VERSIONS = ("1.27.0", "latest")
 # service -> (gRPC port, metrics port, health service name)
@@ -300,7 +302,8 @@ def test_autoscalers_and_disruption_budgets_target_existing_workloads(overlay):
     for hpa in hpas.values():
         target = hpa["spec"]["scaleTargetRef"]["name"]
         assert target in deployments and "replicas" not in deployments[target]["spec"], target
-    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+    workloads = [*deployments.values(), *by_kind(docs, "StatefulSet").values()]
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in workloads]
     for pdb in by_kind(docs, "PodDisruptionBudget").values():
         selector = pdb["spec"]["selector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels in pod_labels), pdb["metadata"]["name"]
@@ -355,7 +358,8 @@ def test_network_policies_deny_by_default_and_open_only_the_request_path(overlay
     assert sources("gateway") is None
     assert sources("cache") == sources("router") == {"gateway"}
     assert sources("inference") == {"router"}
-    assert sources("redis") == {"gateway", "cache", "router", "inference"}
+    # Redis under Sentinel: its pods also reach each other (replication, the sentinels)
+    assert sources("redis") == {"gateway", "cache", "router", "inference"} | ({"redis"} if "sentinel" in overlay else set())
     metrics = policies["metrics-from-prometheus"]["spec"]["ingress"]
     assert [p["port"] for rule in metrics for p in rule["ports"]] == ["metrics"]
 
@@ -375,6 +379,58 @@ def test_each_model_has_its_own_inference_deployment_and_service(overlay):
     assert services["inference-gemma"]["spec"]["selector"].items() <= gemma["spec"]["template"]["metadata"]["labels"].items()
     strip = lambda d: {k: v for k, v in d["spec"]["template"]["spec"]["containers"][0].items() if k not in ("envFrom",)}  # noqa: E731
     assert strip(smol) == strip(gemma)
+
+
+def test_the_sentinel_overlay_runs_three_redis_pods_with_sentinels_and_every_client_asks_them():
+    from services.common.redis_client import parse_sentinel
+
+    docs = render("cpu-sentinel")
+    assert "redis" not in by_kind(docs, "Deployment")
+    sts = by_kind(docs, "StatefulSet")["redis"]
+    spec = sts["spec"]["template"]["spec"]
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["serviceName"] == "redis-headless"
+    assert [c["name"] for c in spec["containers"]] == ["redis", "sentinel"]
+    for c in spec["containers"]:             # as every other pod: non-root, read-only, bounded
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) <= set(c["resources"]["limits"]), c["name"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    scripts = by_kind(docs, "ConfigMap")["redis-sentinel-scripts"]["data"]
+    assert "sentinel monitor strata $MASTER 6379 2" in scripts["sentinel.sh"]
+    assert "--appendonly yes" in scripts["redis.sh"] and "--replicaof" in scripts["redis.sh"]
+    services = by_kind(docs, "Service")
+    assert "redis" not in services
+    assert services["redis-headless"]["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in services["redis-sentinel"]["spec"]["ports"]] == [26379]
+    assert by_kind(docs, "PodDisruptionBudget")["redis"]["spec"]["minAvailable"] == 2
+    # every Redis client of the suite names the sentinels, and the URL is one the services read
+    urls = {}
+    for kind, (container, _) in strata_containers(docs).items():
+        env = container_env(docs, container)
+        urls.update({(kind, k): v for k, v in env.items() if k in ("REDIS_URL", "STRATA_REGISTRY_URL")})
+    assert set(urls) == {("gateway", "REDIS_URL"), ("cache", "REDIS_URL"), ("router", "STRATA_REGISTRY_URL"),
+                         ("inference", "STRATA_REGISTRY_URL")}
+    assert set(urls.values()) == {SENTINEL_URL}
+    assert parse_sentinel(SENTINEL_URL) == ([("redis-sentinel", 26379)], "strata", 0)
+    clients = by_kind(docs, "NetworkPolicy")["redis-from-strata"]["spec"]["ingress"][0]["ports"]
+    assert {p["port"] for p in clients} == {"redis", "sentinel"}
+
+
+def test_compose_runs_redis_under_sentinel_with_the_override_file(tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("STRATA_KEY_PEPPER=test-pepper-0123456789\nSTRATA_ADMIN_TOKEN=admin\n")
+    out = subprocess.run([*compose_command(), "-f", str(COMPOSE_FILE), "-f", str(DEPLOY / "docker-compose.sentinel.yaml"),
+                          "--env-file", str(env_file), "config"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert {"redis", "redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    url = "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/strata/0"
+    for name in ("gateway", "cache"):
+        assert compose_env(services[name])["REDIS_URL"] == url, name
+    assert "--replicaof" in services["redis-replica"]["command"]
+    for i in (1, 2, 3):
+        script = " ".join(services[f"sentinel-{i}"]["command"])
+        assert "sentinel monitor strata redis 6379 2" in script and "--sentinel" in script
 
 
 def test_compose_serves_gemma_beside_smollm2_and_gives_the_models_file_to_router_and_gateway():
