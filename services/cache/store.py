@@ -143,12 +143,12 @@ class Entry:
 
 class RedisStore:
     def __init__(self, url: str, prefix: str = "strata:cache:", timeout_s: float = 0.5) -> None:
-        self.prefix = prefix
         # one immediate retry on a connection error: after a Redis restart the pool still holds
         # connections to the old process, and the first command on each of them fails
         self.redis = redis_client.connect(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                           retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
                                           health_check_interval=0)
+        self.prefix = redis_client.keyspace(self.redis, prefix)    # on a cluster, one slot: the scripts span keys
         self._store = self.redis.register_script(_STORE)
         self._delete = self.redis.register_script(_DELETE)
         self._hit = self.redis.register_script(_HIT)

@@ -150,13 +150,17 @@ class GatewayService:
             self.batcher = MicroBatcher(embedder.embed, max_batch=32, max_wait_ms=1.0)
             similarity = InjectionSimilarity(embedder.embed, self.batcher.embed, g.injection_similarity)
         self.metrics, tracer = GatewayMetrics(), telemetry.tracer("gateway")
-        keys, self.usage = KeyStore(self.redis, config.key_pepper), UsageStore(self.redis)
+        # on a Redis Cluster every key of the gateway, its jobs' included, shares one hash slot (redis_client.keyspace):
+        # the jobs' commit writes usage, the key changes write the audit log, in one script or transaction
+        gw = redis_client.keyspace(self.redis, "strata:gw:")
+        keys, self.usage = KeyStore(self.redis, config.key_pepper, gw), UsageStore(self.redis, gw)
         self.directory = ModelDirectory(self.down.replicas)
-        tenants = TenantBudgets(self.redis)
-        self.gateway = Gateway(g, keys, RateLimiter(self.redis), self.usage, self.down, similarity, tracer, self.metrics,
+        tenants = TenantBudgets(self.redis, gw)
+        self.gateway = Gateway(g, keys, RateLimiter(self.redis, gw), self.usage, self.down, similarity, tracer, self.metrics,
                                self.directory, tenants)
         self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory, tenants)
-        self.jobs = JobStore(self.redis, config.jobs)
+        self.jobs = JobStore(self.redis, config.jobs, gw + "jobs:" if redis_client.is_cluster(self.redis) else "strata:jobs:",
+                             gw)
         self.worker = None
         if config.jobs.workers > 0:
             from services.gateway.jobs.worker import JobWorker

@@ -89,8 +89,6 @@ def test_sentinel_urls_are_read_and_bad_ones_refused():
                 "redis+sentinel://h:1/m/0/extra"):
         with pytest.raises(ValueError):
             redis_client.parse_sentinel(bad)
-    with pytest.raises(ValueError, match="Cluster"):
-        redis_client.connect("redis+cluster://h:1")
 
 
 @pytest.mark.asyncio(loop_scope="session")
