@@ -124,6 +124,8 @@ class GatewayMetrics(ServiceMetrics):
                                  "cancelled, expired)", ["outcome"], registry=r)
         self.job_retries = Counter("strata:job_retries", "Job item runs that failed transiently and were scheduled "
                                    "again", registry=r)
+        self.job_throttled = Counter("strata:job_throttled", "Job item runs refused by a limit, shedding or a budget "
+                                     "with a retry-after, and scheduled again (not counted as attempts)", registry=r)
         self.job_dead_letters = Counter("strata:job_dead_letters", "Job items given up after their retries",
                                         registry=r)
         self.webhook_deliveries = Counter("strata:webhook_deliveries", "Job webhook deliveries by result (ok, retry, "

@@ -6,7 +6,7 @@
 
 A batch's input file is JSONL, one request per line ({"custom_id", "method": "POST", "url", "body"}) to
 /v1/chat/completions or /v1/completions; every line is checked when the batch is created (a 400 names the first
-bad one). Its results are read as files: `output_file_id` (the answered lines) and `error_file_id` (the failed,
+bad one, its body read as the endpoint reads it). Its results are read as files: `output_file_id` (the answered lines) and `error_file_id` (the failed,
 cancelled and expired ones), each line {"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}, by input order. Strata's additions go in the body's "strata" object: `webhook_url` and `webhook_secret`
 (see SubmitJob); an `Idempotency-Key` header makes a retried create return the same batch.
@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.gateway.http import HttpError, http_error, request_bearer, request_client
-from services.gateway.jobs.codecs import BATCH_ENDPOINTS, parse_line
+from services.gateway.http import HttpError, completion_request, http_error, request_bearer, request_client
+from services.gateway.jobs.codecs import BATCH_ENDPOINTS, CHAT, parse_line
 from services.gateway.jobs.store import Job, JobState, JobStore
 from services.gateway.keys import ApiKey
 from services.gateway.service import Gateway
@@ -140,7 +140,7 @@ class BatchRoutes:
         if job.format != "openai" or not job.state.final:
             raise NotFoundError(f"no file {file_id!r} for this API key")
         flag = b"1" if ok else b"0"
-        return job, [v[1:] for _, v in await self.jobs.all_results(job.id) if v[:1] == flag]
+        return job, [v[1:] for _, v in await self.jobs.all_results(job) if v[:1] == flag]
 
     # --- batches
 
@@ -162,8 +162,9 @@ class BatchRoutes:
         strata = body.get("strata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise InvalidArgumentError("'metadata' must be an object of strings")
-        if not isinstance(strata, dict) or set(strata) - {"webhook_url", "webhook_secret"}:
-            raise InvalidArgumentError("'strata' takes webhook_url and webhook_secret")
+        if (not isinstance(strata, dict) or set(strata) - {"webhook_url", "webhook_secret"}
+                or not all(isinstance(v, str) for v in strata.values())):
+            raise InvalidArgumentError("'strata' takes webhook_url and webhook_secret, both strings")
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str):
             raise InvalidArgumentError("'input_file_id' must be a file id")
@@ -174,8 +175,11 @@ class BatchRoutes:
                 continue
             try:
                 d = parse_line(line, endpoint)
+                completion_request(d["body"], endpoint == CHAT)     # the body as the endpoint would read it
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError(f"{file_id} line {i}: {exc}") from None
+            except HttpError as exc:
+                raise InvalidArgumentError(f"{file_id} line {i}: {exc.message}") from None
             if d["custom_id"] in seen:
                 raise InvalidArgumentError(f"{file_id} line {i}: custom_id {d['custom_id']!r} is used twice")
             seen.add(d["custom_id"])

@@ -179,7 +179,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         jobs, key_id, _ = await self._job_store(context)
         job = await jobs.get(key_id, request.job_id)
         if not request.follow:
-            for n, value in await jobs.all_results(job.id):
+            for n, value in await jobs.all_results(job):
                 yield job_result_to_pb(job, n, value)
             return
         after = "0-0"

@@ -159,6 +159,20 @@ async def test_a_request_that_cannot_succeed_fails_alone_at_once(suite):
     await nothing_pending(suite.redis)
 
 
+async def test_a_throttled_item_waits_for_its_turn_without_using_up_its_attempts(suite):
+    # one request at a time for this key, two job workers: every other run is refused with a retry-after
+    key = await suite.new_key(limits=gateway_pb2.KeyLimits(concurrent_requests=1))
+    job = await suite.grpc.SubmitJob(gateway_pb2.SubmitJobRequest(requests=[chat(f"Say {i}.") for i in range(8)]),
+                                     metadata=auth(key.key))
+    done = await finished(suite.grpc, key.key, job.id)
+    assert (done.completed, done.failed) == (8, 0)
+    assert suite.svc.metrics.job_throttled._value.get() > 0
+    results = [r async for r in suite.grpc.GetJobResults(gateway_pb2.GetJobResultsRequest(job_id=job.id),
+                                                           metadata=auth(key.key))]
+    assert [r.attempts for r in results] == [1] * 8          # throttled runs do not count
+    await nothing_pending(suite.redis)
+
+
 async def test_transient_failures_are_retried_with_backoff_then_dead_lettered_with_the_reason(redis_url):
     # a gateway whose router is not there: every run is UNAVAILABLE
     svc, port = await started(redis_url, "127.0.0.1:1", "", replace(FAST, max_attempts=3))
@@ -243,6 +257,7 @@ async def test_webhooks_are_signed_retried_and_every_delivery_recorded(suite):
             assert "hmac-sha256=" in sig and sig.startswith("t=")
             assert verify(SECRET, sig, body) and not verify("another-secret-1234", sig, body)
             assert not verify(SECRET, sig, body + b" ")
+            assert not verify(SECRET, sig + "é", body) and not verify(SECRET, "t=1,hmac-sha256=é", body)
             sent = json.loads(body)
             assert (sent["id"], sent["state"], sent["completed"]) == (job.id, "completed", 1)
         got = await suite.grpc.GetJob(gateway_pb2.GetJobRequest(job_id=job.id), metadata=auth(key.key))
@@ -255,6 +270,13 @@ async def test_webhooks_are_signed_retried_and_every_delivery_recorded(suite):
         assert made.webhook_secret.startswith("whsec_")
         again = await suite.grpc.GetJob(gateway_pb2.GetJobRequest(job_id=made.id), metadata=auth(key.key))
         assert again.webhook_secret == ""
+        # a retried submit (same idempotency key) whose first answer was lost gets the made secret again
+        retried = gateway_pb2.SubmitJobRequest(requests=[chat("Say hi.")], webhook_url=f"http://127.0.0.1:{port}/hook",
+                                               idempotency_key="lost-answer")
+        first = await suite.grpc.SubmitJob(retried, metadata=auth(key.key))
+        second = await suite.grpc.SubmitJob(retried, metadata=auth(key.key))
+        assert second.id == first.id and second.webhook_secret == first.webhook_secret != ""
+        await finished(suite.grpc, key.key, first.id)
         await finished(suite.grpc, key.key, made.id)
     finally:
         server.should_exit = True
@@ -266,6 +288,8 @@ async def test_bad_submissions_get_a_clear_status(suite):
     cases = [
         (gateway_pb2.SubmitJobRequest(), "1 to 50000"),
         (gateway_pb2.SubmitJobRequest(requests=[chat("a")], webhook_url="ftp://x/y"), "http(s) URL"),
+        (gateway_pb2.SubmitJobRequest(requests=[chat("a")], webhook_url="http://exämple..com/"), "http(s) URL"),
+        (gateway_pb2.SubmitJobRequest(requests=[chat("a")], webhook_url="http://u:pw@x/y"), "user or password"),
         (gateway_pb2.SubmitJobRequest(requests=[chat("a")], webhook_url="http://x/y", webhook_secret="short"), "16"),
         (gateway_pb2.SubmitJobRequest(requests=[chat("a")], completion_window_s=5), "completion_window_s"),
         (gateway_pb2.SubmitJobRequest(requests=[chat("a")], metadata={str(i): "v" for i in range(17)}), "metadata"),
@@ -323,6 +347,10 @@ async def test_openai_batches_with_the_sdk_files_in_results_out(suite):
                                     purpose="batch")
     with pytest.raises(openai.BadRequestError, match="line 2"):
         await client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+    unknown = await client.files.create(file=("unknown.jsonl", _batch_file([lines[0], _line("y", messages=[], foo=1)])),
+                                        purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="line 2: unknown field 'foo'"):
+        await client.batches.create(input_file_id=unknown.id, endpoint="/v1/chat/completions", completion_window="24h")
     other = openai.AsyncOpenAI(base_url=suite.base + "/v1", api_key=(await suite.new_key()).key, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         await other.files.content(f.id)

@@ -76,13 +76,16 @@ class OpenAICodec:
 
     def failure(self, n: int, item: bytes, code: str, message: str, attempts: int) -> bytes:
         status, kind = error_status(code)
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code.lower()}}
+        name = code.lower()
+        if attempts == 0:                 # never run: OpenAI's names for a batch's cancelled and expired requests
+            name = {"CANCELLED": "batch_cancelled", "DEADLINE_EXCEEDED": "batch_expired"}.get(code, name)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": name}}
         try:
             custom_id = json.loads(item)["custom_id"]
         except (ValueError, KeyError, TypeError):
             custom_id = ""
         return _line(custom_id, {"status_code": status, "request_id": "", "body": body},
-                     {"code": code.lower(), "message": message})
+                     {"code": name, "message": message})
 
 
 def _line(custom_id: str, response: dict[str, Any], error: dict[str, str] | None) -> bytes:

@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.gateway.jobs import JobsConfig
 from services.gateway.usage import USAGE_ROWS_LUA, USAGE_TTL_S, Row, rows_keys_args
 
@@ -113,13 +113,15 @@ class Message:
     n: int                                # the item's index (a webhook's attempt)
 
 
-# KEYS: job, idem, queue, by-key. ARGV: job id, items, created, idempotency TTL (0: no key), then the job's fields.
+# KEYS: job, idem, queue, by-key, items. ARGV: job id, items, created, idempotency TTL (0: no key), then the job's
+# fields. The items were written before, with an expiry (a submit that fails leaves nothing for long): kept now.
 _SUBMIT = """
 if ARGV[4] ~= '0' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return existing end
   redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
 end
+redis.call('PERSIST', KEYS[5])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 for i = 0, tonumber(ARGV[2]) - 1 do redis.call('XADD', KEYS[3], '*', 'job', ARGV[1], 'n', i) end
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
@@ -167,11 +169,16 @@ if c[7] and c[7] ~= '' then redis.call('XADD', KEYS[5], '*', 'job', ARGV[10], 'n
 return 2
 """ % DEAD_LETTERS_KEPT
 
-# KEYS: the stream, delayed. ARGV: group, message id, due, member: the message acknowledged and its retry scheduled
+# KEYS: the stream, delayed, the job, its attempts. ARGV: group, message id, due, member, the item ("" for a
+# webhook), refund ("1": the run was throttled, not failed: it does not count among the item's attempts). The
+# message is acknowledged and its retry scheduled; at once when the job has been cancelled meanwhile (it then ends).
 _RETRY = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+local due = ARGV[3]
+if ARGV[5] ~= '' and (redis.call('HGET', KEYS[3], 'cancel_at') or '') ~= '' then due = 0 end
+if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[4], ARGV[5], -1) end
+redis.call('ZADD', KEYS[2], due, ARGV[4])
 return 1
 """
 
@@ -252,18 +259,25 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(items), 1000):
             pipe.hset(self.key(job_id, "items"), mapping={str(start + i): b for i, b in enumerate(items[start:start + 1000])})
+        pipe.expire(self.key(job_id, "items"), 3600)
         await pipe.execute()
         fields = {"key_id": key_id, "tenant": tenant, "state": JobState.QUEUED.value, "format": fmt,
                   "total": len(items), "created": now, "expires": now + window_s, "webhook_url": webhook_url,
-                  "webhook_secret": webhook_secret, "metadata": json.dumps(metadata), "endpoint": endpoint,
-                  "input_file_id": input_file_id}
+                  "webhook_secret": webhook_secret, "secret_made": "1" if made else "", "metadata": json.dumps(metadata),
+                  "endpoint": endpoint, "input_file_id": input_file_id}
         idem = self.prefix + f"idem:{key_id}:" + _digest(idempotency_key) if idempotency_key else self.prefix + "idem:-"
-        got = (await self._submit(keys=[self.key(job_id), idem, self.queue, self.prefix + f"by-key:{key_id}"],
+        got = (await self._submit(keys=[self.key(job_id), idem, self.queue, self.prefix + f"by-key:{key_id}",
+                                        self.key(job_id, "items")],
                                   args=[job_id, len(items), now, IDEMPOTENCY_TTL_S if idempotency_key else 0,
                                         *[x for kv in fields.items() for x in kv]])).decode()
         if got != job_id:                     # an earlier submit with this idempotency key: its job
             await self.redis.delete(self.key(job_id, "items"))
-            return await self.get(key_id, got), ""
+            job = await self.get(key_id, got)
+            if job.format != fmt:
+                raise FailedPreconditionError("this idempotency key named another kind of job (a batch or a job)")
+            # a retried submit whose answer was lost gets the secret the gateway made, as the first one did
+            made = job.webhook_secret if await self.redis.hget(self.key(got), "secret_made") else ""
+            return job, made
         return await self.get(key_id, job_id), made
 
     async def get(self, key_id: str, job_id: str) -> Job:
@@ -322,10 +336,14 @@ class JobStore:
         values = await self.redis.hmget(self.key(job_id, "results"), [str(n) for n in ns])
         return [(n, v) for n, v in zip(ns, values) if v is not None], entries[-1][0].decode()
 
-    async def all_results(self, job_id: str) -> list[tuple[int, bytes]]:
-        """Every result written so far, by index."""
-        out = [(int(k), v) async for k, v in self.redis.hscan_iter(self.key(job_id, "results"), count=1000)]
-        return sorted(out)
+    async def all_results(self, job: Job) -> list[tuple[int, bytes]]:
+        """Every result written so far, by index (read by index: a scan may return a field twice)."""
+        out: list[tuple[int, bytes]] = []
+        for start in range(0, job.total, 1000):
+            ns = list(range(start, min(job.total, start + 1000)))
+            values = await self.redis.hmget(self.key(job.id, "results"), [str(n) for n in ns])
+            out += [(n, v) for n, v in zip(ns, values) if v is not None]
+        return out
 
     async def attempts(self, job_id: str) -> dict[int, int]:
         return {int(k): int(v) for k, v in (await self.redis.hgetall(self.key(job_id, "attempts"))).items()}
@@ -393,16 +411,19 @@ class JobStore:
             return []
         return [_message(mid, f) for _, entries in got for mid, f in entries]
 
-    async def claim(self, stream: str, group: str, consumer: str, idle_s: float, count: int) -> list[Message]:
-        """Messages another worker took and has not renewed for `idle_s` (it died): now `consumer`'s."""
+    async def claim(self, stream: str, group: str, consumer: str, idle_s: float, count: int,
+                    start: str = "0-0") -> tuple[list[Message], str]:
+        """Messages another worker took and has not renewed for `idle_s` (it died): now `consumer`'s; and where the
+        next claim goes on in the pending list ("0-0": it was all scanned)."""
         try:
-            _, entries, *_ = await self.redis.xautoclaim(stream, group, consumer, int(idle_s * 1000), "0-0", count=count)
+            cursor, entries, *_ = await self.redis.xautoclaim(stream, group, consumer, int(idle_s * 1000), start,
+                                                             count=count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_groups()
-            return []
-        return [_message(mid, f) for mid, f in entries if f]
+            return [], "0-0"
+        return [_message(mid, f) for mid, f in entries if f], cursor.decode() if isinstance(cursor, bytes) else cursor
 
     async def renew(self, stream: str, group: str, consumer: str, ids: list[str]) -> None:
         """Keep the messages being worked on from looking abandoned."""
@@ -435,9 +456,12 @@ class JobStore:
             args=[msg.n, (b"1" if ok else b"0") + result, outcome.value, msg.id, GROUP, int(self.config.retention_s),
                   time.time(), dead_reason, USAGE_TTL_S, job, *args]))
 
-    async def retry(self, stream: str, group: str, msg: Message, due: float, kind: str) -> None:
-        """Acknowledge `msg` and run it again at `due` (kind "i": an item, "w": a webhook, msg.n its next attempt)."""
-        await self._retry(keys=[stream, self.delayed], args=[group, msg.id, due, f"{kind}|{msg.job_id}|{msg.n}"])
+    async def retry(self, stream: str, group: str, msg: Message, due: float, kind: str, refund: bool = False) -> None:
+        """Acknowledge `msg` and run it again at `due` (kind "i": an item, "w": a webhook, msg.n its next attempt);
+        `refund`: the item's run was throttled and does not count among its attempts."""
+        await self._retry(keys=[stream, self.delayed, self.key(msg.job_id), self.key(msg.job_id, "attempts")],
+                          args=[group, msg.id, due, f"{kind}|{msg.job_id}|{msg.n}", msg.n if kind == "i" else "",
+                                "1" if refund else "0"])
 
     async def ack(self, stream: str, group: str, msg: Message) -> None:
         await self.redis.pipeline(transaction=True).xack(stream, group, msg.id).xdel(stream, msg.id).execute()
@@ -459,11 +483,19 @@ class JobStore:
 
 
 def check_webhook_url(url: str) -> None:
-    from urllib.parse import urlsplit
+    """An http(s) URL that the webhook client can send to, without credentials in it (the signature is the
+    credential; a URL's user and password would show in delivery records)."""
+    import httpx
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
-        raise InvalidArgumentError("webhook_url must be an http(s) URL of at most 2048 characters")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        parsed = None
+    if (parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or len(url) > 2048
+            or not url.isascii() or not url.isprintable()):
+        raise InvalidArgumentError("webhook_url must be an http(s) URL of at most 2048 printable ASCII characters")
+    if parsed.userinfo:
+        raise InvalidArgumentError("webhook_url must not carry a user or password: the signature authenticates it")
 
 
 def _digest(text: str) -> str:

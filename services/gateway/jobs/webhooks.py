@@ -37,7 +37,7 @@ def verify(secret: str, header: str, body: bytes, tolerance_s: float = 300.0, no
     now = time.time() if now is None else now
     if abs(now - t) > tolerance_s:
         return False
-    return hmac.compare_digest(sign(secret, body, t), f"t={t},{ALGORITHM}={given}")
+    return hmac.compare_digest(sign(secret, body, t).encode(), f"t={t},{ALGORITHM}={given}".encode())
 
 
 async def deliver(client: httpx.AsyncClient, url: str, secret: str, job_id: str, body: bytes,
@@ -46,6 +46,6 @@ async def deliver(client: httpx.AsyncClient, url: str, secret: str, job_id: str,
     headers = {"Content-Type": "application/json", ID_HEADER: job_id, SIGNATURE_HEADER: sign(secret, body)}
     try:
         r = await client.post(url, content=body, headers=headers, timeout=timeout_s)
-    except httpx.HTTPError as exc:
-        return 0, f"{type(exc).__name__}: {exc}"[:300]
+    except Exception as exc:  # noqa: BLE001 - any failure to send is a failed delivery, recorded and retried
+        return 0, f"{type(exc).__name__}: {str(exc).replace(url, '<url>')}"[:300]
     return r.status_code, "" if r.is_success else f"HTTP {r.status_code}"

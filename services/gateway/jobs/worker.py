@@ -3,11 +3,14 @@ cache, usage) at JOB_PRIORITY, after every interactive request; webhooks deliver
 
 An item's life: `begin` counts the run (or ends the item at once when its job was cancelled or is past its
 window) → the pipeline → `commit` writes the result, the usage of that run and the message's acknowledgement in
-one script. A transient failure (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) is acknowledged and
-scheduled again after base * 2^(attempt-1) seconds, jittered (never sooner than a limit's retry-after); after
-`max_attempts` runs, or at once for a request that cannot succeed (INVALID_ARGUMENT, PERMISSION_DENIED, ...), the
-item's result is the error, and a transient one also goes to the dead-letter stream with its reason. Only the
-run whose result is written is charged: a run cut short by a retry or a worker's death is not.
+one script. A transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...) is acknowledged and scheduled
+again after base * 2^(attempt-1) seconds, jittered, at most backoff_max_s; after `max_attempts` runs, or at once
+for a request that cannot succeed (INVALID_ARGUMENT, PERMISSION_DENIED, ...), the item's result is the error, and
+a transient one also goes to the dead-letter stream with its reason. A throttled run (RESOURCE_EXHAUSTED with a
+retry-after: the key's rate limits, shedding under interactive load, the gateway's capacity, a budget that resets)
+is not a failure: it waits the retry-after (jittered, at most backoff_max_s, then asks again) and does not count
+among the attempts, so a large job on a rate-limited key runs at the key's rate instead of failing. Only the run
+whose result is written is charged: a run cut short by a retry or a worker's death is not.
 
 A worker that dies leaves its messages pending; the others take them over after `claim_idle_s` (a live worker
 renews its own every third of that), and run them again: the result is written once (the first commit wins) and
@@ -47,11 +50,17 @@ WEBHOOK_SLOTS = 4                     # webhooks one worker delivers at once
 COMMIT_PATIENCE_S = 30.0              # how long a finished item's commit is retried while Redis is away
 
 
-def backoff_s(attempt: int, base_s: float, max_s: float, at_least_s: float = 0.0) -> float:
+def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     """The wait before run `attempt + 1`: base * 2^(attempt-1) capped at max_s, of which the upper half is random
-    ("equal jitter": retries of many items spread out, none comes back at once); at least `at_least_s`."""
+    ("equal jitter": retries of many items spread out, none comes back at once)."""
     d = min(max_s, base_s * 2 ** (attempt - 1))
-    return min(max_s, max(at_least_s, d / 2 + random.uniform(0, d / 2)))
+    return d / 2 + random.uniform(0, d / 2)
+
+
+def throttled_wait_s(retry_after_s: float, max_s: float) -> float:
+    """A throttled item's wait: the retry-after and up to half again (items throttled together come back spread
+    out), at most max_s."""
+    return min(max_s, retry_after_s * (1 + random.uniform(0, 0.5)))
 
 
 class JobWorker:
@@ -62,6 +71,7 @@ class JobWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._items: dict[str, asyncio.Task] = {}       # message id -> its run
         self._sends: dict[str, asyncio.Task] = {}
+        self._cursors: dict[str, str] = {}              # stream -> where the next claim goes on in its pending list
         self._loop: asyncio.Task | None = None
         self._stopping = False
         self._http = httpx.AsyncClient()
@@ -103,7 +113,9 @@ class JobWorker:
                     last_renew = now
                     await store.renew(store.queue, GROUP, self.consumer, list(self._items))
                     await store.renew(store.webhooks, SENDERS, self.consumer, list(self._sends))
-                claim = now - last_claim >= claim_every
+                # a claim turn waits for a free slot (it is not used up while every slot is busy)
+                claim = now - last_claim >= claim_every and (len(self._items) < cfg.workers
+                                                             or len(self._sends) < WEBHOOK_SLOTS)
                 if claim:
                     last_claim = now
                 got = await self._take(store.queue, GROUP, cfg.workers - len(self._items), claim, self._items,
@@ -124,8 +136,11 @@ class JobWorker:
     async def _take(self, stream: str, group: str, free: int, claim: bool, tasks: dict[str, asyncio.Task], run) -> int:
         if free <= 0:
             return 0
-        msgs = await self.store.claim(stream, group, self.consumer, self.config.claim_idle_s, free) if claim else []
-        msgs = [m for m in msgs if m.id not in tasks]
+        msgs: list[Message] = []
+        if claim:                             # before new messages: a dead worker's items are the oldest
+            msgs, self._cursors[stream] = await self.store.claim(stream, group, self.consumer, self.config.claim_idle_s,
+                                                                 free, self._cursors.get(stream, "0-0"))
+            msgs = [m for m in msgs if m.id not in tasks]
         if len(msgs) < free:
             msgs += await self.store.read(stream, group, self.consumer, free - len(msgs))
         for m in msgs:
@@ -166,9 +181,15 @@ class JobWorker:
                 request = codec.request(item)
                 result = await self.gateway.generate(request, "", timeout_s=cfg.item_timeout_s, job=call)
             except StrataError as exc:
+                retry_after = getattr(exc, "retry_after_s", None)
+                if exc.status == "RESOURCE_EXHAUSTED" and retry_after is not None:      # throttled, not failed
+                    await store.retry(store.queue, GROUP, msg, time.time() + throttled_wait_s(retry_after, cfg.backoff_max_s),
+                                      "i", refund=True)
+                    self.metrics.job_throttled.inc()
+                    return
                 if exc.status in RETRYABLE and attempt < cfg.max_attempts:
-                    delay = backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s, getattr(exc, "retry_after_s", 0) or 0)
-                    await store.retry(store.queue, GROUP, msg, time.time() + delay, "i")
+                    await store.retry(store.queue, GROUP, msg,
+                                      time.time() + backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s), "i")
                     self.metrics.job_retries.inc()
                     return
                 dead = f"{exc.status}: {exc} (after {attempt} runs)" if exc.status in RETRYABLE else ""
@@ -181,9 +202,28 @@ class JobWorker:
                         extra={"job": msg.job_id, "item": msg.n})
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - left pending: run again, and dead-lettered after max_attempts runs
-            log.exception("jobs: an item failed unexpectedly; it will be run again", extra={"job": msg.job_id,
-                                                                                            "item": msg.n})
+        except Exception as exc:  # noqa: BLE001 - a bug: retried as a transient failure, then given up
+            log.exception("jobs: an item failed unexpectedly", extra={"job": msg.job_id, "item": msg.n})
+            await self._unexpected(msg, exc)
+
+    async def _unexpected(self, msg: Message, exc: Exception) -> None:
+        store, cfg = self.store, self.config
+        try:
+            attempt = (await store.attempts(msg.job_id)).get(msg.n, 0)
+            if attempt < cfg.max_attempts:
+                await store.retry(store.queue, GROUP, msg,
+                                  time.time() + backoff_s(max(1, attempt), cfg.backoff_base_s, cfg.backoff_max_s), "i")
+                return
+            job = await store.job(msg.job_id)
+            if job is None:
+                await store.ack(store.queue, GROUP, msg)
+                return
+            why = f"INTERNAL: {type(exc).__name__} (after {attempt} runs)"
+            item = await store.item(msg.job_id, msg.n) or b""
+            await self._commit(msg, CODECS[job.format].failure(msg.n, item, "INTERNAL", "internal error", attempt),
+                               False, Outcome.FAILED, {}, dead_reason=why)
+        except REDIS_ERRORS:              # left pending: taken over after claim_idle_s
+            pass
 
     async def _commit(self, msg: Message, result: bytes, ok: bool, outcome: Outcome, charges: dict[Row, list[int]],
                       dead_reason: str = "") -> None:
