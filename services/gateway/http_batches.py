@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.gateway.http import HttpError, completion_request, http_error, request_bearer, request_client
-from services.gateway.jobs.codecs import BATCH_ENDPOINTS, CHAT, parse_line
+from services.gateway.http import HttpError, http_error, request_bearer, request_client
+from services.gateway.jobs.batch_lines import BATCH_ENDPOINTS, batch_items
 from services.gateway.jobs.store import Job, JobState, JobStore
 from services.gateway.keys import ApiKey
 from services.gateway.service import Gateway
@@ -169,23 +169,7 @@ class BatchRoutes:
         if not isinstance(file_id, str):
             raise InvalidArgumentError("'input_file_id' must be a file id")
         _, data = await self.jobs.file(key.key_id, file_id, content=True)
-        items, seen = [], set()
-        for i, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                d = parse_line(line, endpoint)
-                completion_request(d["body"], endpoint == CHAT)     # the body as the endpoint would read it
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"{file_id} line {i}: {exc}") from None
-            except HttpError as exc:
-                raise InvalidArgumentError(f"{file_id} line {i}: {exc.message}") from None
-            if d["custom_id"] in seen:
-                raise InvalidArgumentError(f"{file_id} line {i}: custom_id {d['custom_id']!r} is used twice")
-            seen.add(d["custom_id"])
-            items.append(line.strip())
-        if not items:
-            raise InvalidArgumentError(f"{file_id} holds no requests")
+        items = batch_items(data, endpoint, file_id)
         job, secret = await self.jobs.submit(
             key.key_id, key.tenant, items, "openai", idempotency_key=http.headers.get("idempotency-key", ""),
             webhook_url=strata.get("webhook_url", ""), webhook_secret=strata.get("webhook_secret", ""),

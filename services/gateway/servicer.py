@@ -17,6 +17,7 @@ from services.common.grpc_errors import map_errors
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.admin import GatewayAdmin
 from services.gateway.budgets import Budget
+from services.gateway.jobs.batch_lines import CHAT, batch_items
 from services.gateway.jobs.store import Job, JobState, JobStore
 from services.gateway.keys import ApiKey
 from services.gateway.limits import Limits
@@ -149,10 +150,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @map_errors
     async def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.Job:
         jobs, key_id, tenant = await self._job_store(context)
-        job, secret = await jobs.submit(
-            key_id, tenant, [r.SerializeToString() for r in request.requests], "pb",
-            idempotency_key=request.idempotency_key, webhook_url=request.webhook_url,
-            webhook_secret=request.webhook_secret, window_s=request.completion_window_s, metadata=dict(request.metadata))
+        kw: dict[str, Any] = dict(idempotency_key=request.idempotency_key, webhook_url=request.webhook_url,
+                                  webhook_secret=request.webhook_secret, window_s=request.completion_window_s,
+                                  metadata=dict(request.metadata))
+        if request.input_file_id:             # an uploaded JSONL of OpenAI batch lines
+            if request.requests:
+                raise InvalidArgumentError("give requests or an input_file_id, not both")
+            endpoint = request.endpoint or CHAT
+            _, data = await jobs.file(key_id, request.input_file_id, content=True)
+            job, secret = await jobs.submit(key_id, tenant, batch_items(data, endpoint, request.input_file_id), "openai",
+                                            endpoint=endpoint, input_file_id=request.input_file_id, **kw)
+        else:
+            job, secret = await jobs.submit(key_id, tenant, [r.SerializeToString() for r in request.requests], "pb",
+                                            **kw)
         return job_to_pb(job, secret)
 
     @map_errors

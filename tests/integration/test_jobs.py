@@ -338,8 +338,18 @@ async def test_openai_batches_with_the_sdk_files_in_results_out(suite):
     direct = await client.chat.completions.create(**body, extra_body={"strata": {"cache_policy": "bypass"}})
     assert out[2]["response"]["body"]["choices"][0]["message"]["content"] == direct.choices[0].message.content
     assert [(x["custom_id"], x["response"]["status_code"], x["error"]["code"]) for x in err] == [("bad", 404, "not_found")]
+    # the same uploaded file as a gRPC job: results carry each output line
+    grpc_job = await suite.grpc.SubmitJob(gateway_pb2.SubmitJobRequest(input_file_id=f.id), metadata=auth(key.key))
+    assert grpc_job.endpoint == "/v1/chat/completions" and grpc_job.input_file_id == f.id and grpc_job.total == 5
+    await finished(suite.grpc, key.key, grpc_job.id)
+    lines_out = [r async for r in suite.grpc.GetJobResults(gateway_pb2.GetJobResultsRequest(job_id=grpc_job.id),
+                                                             metadata=auth(key.key))]
+    assert [(r.custom_id, r.ok) for r in lines_out] == [("q0", True), ("q1", True), ("q2", True), ("q3", True),
+                                                        ("bad", False)]
+    assert json.loads(lines_out[2].json)["response"]["body"]["choices"][0]["message"]["content"] == \
+        direct.choices[0].message.content
     listed = await client.batches.list()
-    assert [b.id for b in listed.data] == [batch.id]
+    assert [b.id for b in listed.data] == [grpc_job.id, batch.id]
     # cancel of an ended batch: unchanged
     assert (await client.batches.cancel(batch.id)).status == "completed"
     # a bad line is a 400 naming it; a file of another key is not found

@@ -11,12 +11,9 @@ from typing import Any, Protocol
 from services.common.errors import InvalidArgumentError
 from services.common.pb import gateway_pb2
 from services.gateway.http import HttpError, completion_body, completion_request, error_status
+from services.gateway.jobs.batch_lines import CHAT
 from services.gateway.servicer import request_from_pb, result_to_pb
 from services.gateway.types import Request, Result
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-BATCH_ENDPOINTS = (CHAT, COMPLETIONS)
-
 
 class ItemCodec(Protocol):
     def request(self, item: bytes) -> Request:
@@ -37,28 +34,6 @@ class PbCodec:
     def failure(self, n: int, item: bytes, code: str, message: str, attempts: int) -> bytes:
         return gateway_pb2.JobResult(index=n, ok=False, error_code=code, error_message=message,
                                      attempts=attempts).SerializeToString()
-
-
-def parse_line(line: bytes | str, endpoint: str) -> dict[str, Any]:
-    """One batch input line, checked: an object with a string custom_id, method POST, url the batch's endpoint and
-    an object body (InvalidArgumentError naming what is wrong)."""
-    try:
-        d = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidArgumentError("not JSON") from None
-    if not isinstance(d, dict):
-        raise InvalidArgumentError("not a JSON object")
-    if not isinstance(d.get("custom_id"), str) or not d["custom_id"]:
-        raise InvalidArgumentError("'custom_id' must be a non-empty string")
-    if d.get("method") != "POST":
-        raise InvalidArgumentError("'method' must be POST")
-    if d.get("url") != endpoint:
-        raise InvalidArgumentError(f"'url' must be the batch's endpoint {endpoint}")
-    if not isinstance(d.get("body"), dict):
-        raise InvalidArgumentError("'body' must be a JSON object")
-    if d["body"].get("stream"):
-        raise InvalidArgumentError("'stream' is not served in a batch")
-    return d
 
 
 class OpenAICodec:
