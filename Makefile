@@ -76,9 +76,15 @@ $(STUBS): $(PROTOS) $(STAMP)
 up: install
 	$(BIN)/strata up $(UP_ARGS)
 
+# The unit, kernel and deploy tests (no services, nothing timed) run on two workers (pytest-xdist), then the
+# integration and end-to-end tests one at a time (they start services, and some measure time). The slowest are
+# listed at the end of each: the CI run has a time budget (25 min with the install). PYTEST_ARGS: one plain run
+# of what it names, e.g. `make test PYTEST_ARGS="tests/integration/test_jobs.py -x"`.
 test: install
-	@# the 25 slowest tests are listed at the end: the CI run has a time budget (25 min with the install)
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	@if [ -n "$(PYTEST_ARGS)" ]; then $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS); else \
+	  $(BIN)/python -m pytest -n 2 --durations=10 tests/unit tests/kernels tests/deploy; a=$$?; \
+	  $(BIN)/python -m pytest --durations=25 tests/integration tests/e2e; b=$$?; \
+	  [ $$a -eq 0 ] && [ $$b -eq 0 ]; fi
 
 # the bench extra builds llama-cpp-python from source (several minutes); only `make bench` needs it
 $(BENCH_STAMP): $(STAMP)

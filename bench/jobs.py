@@ -68,15 +68,23 @@ async def _job_state(stub, auth, job_id: str):
     return await stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id), metadata=auth, timeout=10)
 
 
-async def measure(a: argparse.Namespace) -> dict:
+def cluster_for(workers: int, run_dir: Path | None = None, gateway_args: tuple[str, ...] = ()) -> Cluster:
+    """The suite this benchmark runs on: one replica, the gateway with `workers` job workers."""
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="strata-bench-jobs-"))
+    return Cluster(run_dir, max_queued=256, gateway_max_in_flight=1024, circuit_cooldown_s=5.0, replicas=1,
+                   gateway_args=("--job-workers", str(workers), *gateway_args))
+
+
+async def measure(a: argparse.Namespace, cluster: Cluster | None = None) -> dict:
+    """The rounds on `cluster` (started by the caller, and left running), else on one of its own."""
     import grpc
 
     from services.common.pb import gateway_pb2, gateway_pb2_grpc
 
-    run_dir = Path(tempfile.mkdtemp(prefix="strata-bench-jobs-"))
-    cluster = Cluster(run_dir, max_queued=256, gateway_max_in_flight=1024, circuit_cooldown_s=5.0, replicas=1,
-                      gateway_args=("--job-workers", str(a.workers)))
-    await cluster.start()
+    own = cluster is None
+    if own:
+        cluster = cluster_for(a.workers)
+        await cluster.start()
     rounds = []
     try:
         gateway = cluster.address("gateway")
@@ -108,7 +116,8 @@ async def measure(a: argparse.Namespace) -> dict:
                       f"{1000 * statistics.median(busy):.0f} ms (x{rounds[-1]['ratio']:.2f}); "
                       f"{rounds[-1]['job_items_done_during_probes']} job items ended meanwhile", flush=True)
     finally:
-        cluster.stop()
+        if own:
+            cluster.stop()
     idle_all = [x for r in rounds for x in r["idle_ttft_s"]]
     busy_all = [x for r in rounds for x in r["busy_ttft_s"]]
     return {"rounds": rounds, "idle_ttft_median_s": statistics.median(idle_all),

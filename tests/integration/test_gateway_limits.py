@@ -130,3 +130,37 @@ async def test_usage_whose_write_reply_was_lost_is_counted_once(redis_url):
         assert day.spend_usd == pytest.approx(0.75) and await usage.total_spend("k1") == pytest.approx(0.75)
     finally:
         await client.aclose()
+
+
+async def test_a_caller_gone_while_its_reservation_is_made_gets_its_concurrency_slot_given_back(redis_url):
+    """The caller hangs up after Redis reserved its slot but before the answer reached the gateway: the
+    reservation is reconciled at once instead of holding the slot for its 600 s lease."""
+    from services.common.models_file import TierSpec
+    from services.gateway.config import GatewayConfig
+    from services.gateway.keys import ApiKey
+    from services.gateway.stages.admit import Admit
+
+    class SlowLimiter(RateLimiter):
+        async def reserve(self, *args, **kw):
+            r = await super().reserve(*args, **kw)       # reserved in Redis ...
+            await asyncio.sleep(0.3)                      # ... and the answer is slow to come back
+            return r
+
+    client = aioredis.from_url(redis_url)
+    limiter = SlowLimiter(client)
+    admit = Admit(GatewayConfig(), None, None, limiter, None, None, None)
+    key = ApiKey("0123456789ab", "acme", limits=Limits(concurrent_requests=1))
+    task = asyncio.create_task(admit._reserve(key, TierSpec("t"), 10))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    conc = [k async for k in client.scan_iter("strata:gw:rl:*:conc")]
+    assert conc and await client.zcard(conc[0]) == 1           # reserved while the caller was leaving
+    for _ in range(40):
+        if await client.zcard(conc[0]) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await client.zcard(conc[0]) == 0                    # given back, not leased for 600 s
+    await limiter.reserve(key.key_id, key.limits, 10)          # the slot is free again
+    await client.aclose()

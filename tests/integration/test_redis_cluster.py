@@ -46,9 +46,10 @@ def cluster(tmp_path):
                                        "--appendonly", "no"], stdout=subprocess.DEVNULL))
     try:
         deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(ports[-1]), "ping"], capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline, "the nodes did not start"
-            time.sleep(0.05)
+        for port in ports:                    # every node up before the cluster is made of them
+            while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
+                assert time.monotonic() < deadline, "the nodes did not start"
+                time.sleep(0.05)
         out = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
