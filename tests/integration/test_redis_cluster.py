@@ -41,13 +41,16 @@ def cluster(tmp_path):
     for port in ports:
         d = tmp_path / str(port)
         d.mkdir()
-        procs.append(subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+        # the cluster bus gets a free port of its own: its default, port + 10000, is past 65535 for a high port
+        procs.append(subprocess.Popen([binary, "--port", str(port), "--cluster-port", str(free_port()),
+                                       "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                                        "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "",
                                        "--appendonly", "no"], stdout=subprocess.DEVNULL))
     try:
         deadline = time.monotonic() + 10
         for port in ports:                    # every node up before the cluster is made of them
             while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode != 0:
+                assert all(p.poll() is None for p in procs), "a node exited at start"
                 assert time.monotonic() < deadline, "the nodes did not start"
                 time.sleep(0.05)
         out = subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
