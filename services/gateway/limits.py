@@ -16,11 +16,13 @@ Keys (prefix `strata:gw:`), per API key id:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -120,6 +122,7 @@ class RateLimiter:
         self.redis = redis
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
+        self._giving_back: set[asyncio.Task] = set()    # reservations whose caller left, being given back
         self._reserve = redis.register_script(_RESERVE)
         self._reconcile = redis.register_script(_RECONCILE)
 
@@ -135,10 +138,17 @@ class RateLimiter:
         day = now // DAY_MS
         rid = uuid.uuid4().hex
         req, tok, day_key, conc = self._keys(key_id, day)
-        admitted, limit, retry_ms = await self._reserve(
-            keys=[req, tok, day_key, conc],
-            args=[now, rid, tokens, limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day,
-                  limits.concurrent_requests, self.lease_ms, (day + 1) * DAY_MS])
+        script = asyncio.ensure_future(self._run_reserve(
+            [req, tok, day_key, conc],
+            [now, rid, tokens, limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day,
+             limits.concurrent_requests, self.lease_ms, (day + 1) * DAY_MS]))
+        try:
+            admitted, limit, retry_ms = await asyncio.shield(script)
+        except asyncio.CancelledError:
+            # the caller left while Redis was reserving: a reservation made anyway is given back at once (its
+            # concurrency slot would otherwise stay leased for lease_s)
+            script.add_done_callback(lambda done: self._give_back(done, Reservation(key_id, rid, tokens, now, day)))
+            raise
         limit = limit.decode() if isinstance(limit, bytes) else limit
         if int(admitted) == 1:
             return Reservation(key_id, rid, tokens, now, day)
@@ -147,6 +157,22 @@ class RateLimiter:
                                                   f"{limit} allows at all: lower max_tokens")
         retry_s = max(0.001, int(retry_ms) / 1000)
         raise LimitExceededError(limit, retry_s, f"{limit} limit reached; retry in {retry_s:.1f} s")
+
+    async def _run_reserve(self, keys: list[str], args: list) -> list:
+        return await self._reserve(keys=keys, args=args)
+
+    def _give_back(self, script: asyncio.Future, r: Reservation) -> None:
+        if script.cancelled() or script.exception() is not None or int(script.result()[0]) != 1:
+            return
+        task = asyncio.ensure_future(self._reconcile_quietly(r))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+
+    async def _reconcile_quietly(self, r: Reservation) -> None:
+        try:
+            await self.reconcile(r, 0)
+        except (RedisError, OSError):      # Redis away: the lease expires on its own
+            pass
 
     async def reconcile(self, r: Reservation, actual_tokens: int) -> None:
         """Charge what the request really used instead of its estimate, and end its concurrency lease."""

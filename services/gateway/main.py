@@ -159,8 +159,7 @@ class GatewayService:
         self.gateway = Gateway(g, keys, RateLimiter(self.redis, gw), self.usage, self.down, similarity, tracer, self.metrics,
                                self.directory, tenants)
         self.admin = GatewayAdmin(g, keys, self.usage, self.gateway.authenticator, self.directory, tenants)
-        self.jobs = JobStore(self.redis, config.jobs, gw + "jobs:" if redis_client.is_cluster(self.redis) else "strata:jobs:",
-                             gw)
+        self.jobs = JobStore(self.redis, config.jobs, usage_prefix=gw)
         self.worker = None
         if config.jobs.workers > 0:
             from services.gateway.jobs.worker import JobWorker

@@ -143,10 +143,8 @@ class UsageStore:
         """One request's usage; `answered` False for one that failed or was cut short (its tokens are
         charged, it is not counted among the requests); `user` its end user, also counted by user; `tenant` the
         key's, whose spend is also kept (tenant budgets)."""
-        key, counts = usage_row(key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered, user, tenant, day)
-        row = self._pending.setdefault(key, [0] * len(self._FIELDS))
-        for i, v in enumerate(counts):
-            row[i] += v
+        row, counts = usage_row(key_id, prompt_tokens, completion_tokens, spend_usd, cache_hit, answered, user, tenant, day)
+        add_rows(self._pending, {row: counts})
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush_later(self.flush_s))
 
@@ -164,7 +162,7 @@ class UsageStore:
         async with self._lock:
             if self._pending:
                 if len(self._unsent) > 1:          # the last batch was never sent: it may still grow
-                    _add_rows(self._unsent[-1][1], self._pending)
+                    add_rows(self._unsent[-1][1], self._pending)
                 else:
                     self._unsent.append((uuid.uuid4().hex, self._pending))
                 self._pending = {}
@@ -220,7 +218,8 @@ class UsageStore:
         return (int(v or 0) + pending) / 1e6
 
 
-def _add_rows(into: dict[Row, list[int]], rows: dict[Row, list[int]]) -> None:
+def add_rows(into: dict[Row, list[int]], rows: dict[Row, list[int]]) -> None:
+    """Add `rows`' counts into `into`'s."""
     for k, row in rows.items():
         mine = into.setdefault(k, [0] * len(row))
         for i, v in enumerate(row):

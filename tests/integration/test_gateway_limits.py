@@ -141,8 +141,8 @@ async def test_a_caller_gone_while_its_reservation_is_made_gets_its_concurrency_
     from services.gateway.stages.admit import Admit
 
     class SlowLimiter(RateLimiter):
-        async def reserve(self, *args, **kw):
-            r = await super().reserve(*args, **kw)       # reserved in Redis ...
+        async def _run_reserve(self, keys, args):
+            r = await super()._run_reserve(keys, args)    # reserved in Redis ...
             await asyncio.sleep(0.3)                      # ... and the answer is slow to come back
             return r
 

@@ -20,6 +20,7 @@ script that writes the result (`commit`), and a worker that died leaves them to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from services.common import redis_client
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.gateway.jobs import JobsConfig
 from services.gateway.usage import USAGE_ROWS_LUA, USAGE_TTL_S, Row, rows_keys_args
@@ -212,8 +215,10 @@ return 'cancelling'
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, config: JobsConfig = JobsConfig(), prefix: str = "strata:jobs:",
-                 usage_prefix: str = "strata:gw:") -> None:
+    def __init__(self, redis: aioredis.Redis, config: JobsConfig = JobsConfig(), usage_prefix: str = "strata:gw:") -> None:
+        """usage_prefix: the gateway's keyspace (usage is written with each result). On a Redis Cluster the jobs'
+        keys join its hash slot, so that the commit script's keys share one slot."""
+        prefix = usage_prefix + "jobs:" if redis_client.is_cluster(redis) else "strata:jobs:"
         self.redis, self.config, self.prefix, self.usage_prefix = redis, config, prefix, usage_prefix
         self.queue, self.webhooks = prefix + "queue", prefix + "webhooks"
         self.delayed, self.dead = prefix + "delayed", prefix + "dead"
@@ -485,8 +490,6 @@ class JobStore:
 def check_webhook_url(url: str) -> None:
     """An http(s) URL that the webhook client can send to, without credentials in it (the signature is the
     credential; a URL's user and password would show in delivery records)."""
-    import httpx
-
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
@@ -499,8 +502,6 @@ def check_webhook_url(url: str) -> None:
 
 
 def _digest(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

@@ -36,8 +36,8 @@ from services.common.errors import StrataError, UnauthenticatedError
 from services.common.metrics import GatewayMetrics
 from services.gateway.errors import REDIS_ERRORS
 from services.gateway.jobs import JobsConfig
-from services.gateway.jobs.codecs import CODECS
-from services.gateway.jobs.store import GROUP, SENDERS, JobStore, Message, Outcome
+from services.gateway.jobs.codecs import CODECS, ItemCodec
+from services.gateway.jobs.store import GROUP, SENDERS, Job, JobStore, Message, Outcome
 from services.gateway.jobs.webhooks import deliver
 from services.gateway.keys import KeyStore
 from services.gateway.service import Gateway
@@ -90,10 +90,6 @@ class JobWorker:
             await asyncio.wait(running, timeout=grace_s)
             await cancel_and_wait(running)
         await self._http.aclose()
-
-    @property
-    def busy(self) -> int:
-        return len(self._items)
 
     # --- the loop -----------------------------------------------------------------------------------------------
 
@@ -172,31 +168,7 @@ class JobWorker:
                 await self._commit(msg, codec.failure(msg.n, item, "ABORTED", why, attempt - 1), False, Outcome.FAILED,
                                    {}, dead_reason=why)
                 return
-            call = None
-            try:
-                key = await self.keys.get(job.key_id)
-                if key.revoked or key.expired():
-                    raise UnauthenticatedError("the job's API key was revoked or has expired")
-                call = JobCall(key)
-                request = codec.request(item)
-                result = await self.gateway.generate(request, "", timeout_s=cfg.item_timeout_s, job=call)
-            except StrataError as exc:
-                retry_after = getattr(exc, "retry_after_s", None)
-                if exc.status == "RESOURCE_EXHAUSTED" and retry_after is not None:      # throttled, not failed
-                    await store.retry(store.queue, GROUP, msg, time.time() + throttled_wait_s(retry_after, cfg.backoff_max_s),
-                                      "i", refund=True)
-                    self.metrics.job_throttled.inc()
-                    return
-                if exc.status in RETRYABLE and attempt < cfg.max_attempts:
-                    await store.retry(store.queue, GROUP, msg,
-                                      time.time() + backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s), "i")
-                    self.metrics.job_retries.inc()
-                    return
-                dead = f"{exc.status}: {exc} (after {attempt} runs)" if exc.status in RETRYABLE else ""
-                await self._commit(msg, codec.failure(msg.n, item, exc.status, str(exc), attempt), False,
-                                   Outcome.FAILED, call.charges if call else {}, dead)
-                return
-            await self._commit(msg, codec.answer(msg.n, item, result, attempt), True, Outcome.COMPLETED, call.charges)
+            await self._run_item(msg, job, codec, item, attempt)
         except REDIS_ERRORS:
             log.warning("jobs: an item's state could not be read or written; it will be run again",
                         extra={"job": msg.job_id, "item": msg.n})
@@ -205,6 +177,35 @@ class JobWorker:
         except Exception as exc:  # noqa: BLE001 - a bug: retried as a transient failure, then given up
             log.exception("jobs: an item failed unexpectedly", extra={"job": msg.job_id, "item": msg.n})
             await self._unexpected(msg, exc)
+
+    async def _run_item(self, msg: Message, job: Job, codec: ItemCodec, item: bytes, attempt: int) -> None:
+        """Run `attempt` of the item through the pipeline; then its result is committed, or its retry scheduled."""
+        store, cfg = self.store, self.config
+        call = None
+        try:
+            key = await self.keys.get(job.key_id)
+            if key.revoked or key.expired():
+                raise UnauthenticatedError("the job's API key was revoked or has expired")
+            call = JobCall(key)
+            request = codec.request(item)
+            result = await self.gateway.generate(request, "", timeout_s=cfg.item_timeout_s, job=call)
+        except StrataError as exc:
+            retry_after = getattr(exc, "retry_after_s", None)
+            if exc.status == "RESOURCE_EXHAUSTED" and retry_after is not None:      # throttled, not failed
+                await store.retry(store.queue, GROUP, msg, time.time() + throttled_wait_s(retry_after, cfg.backoff_max_s),
+                                  "i", refund=True)
+                self.metrics.job_throttled.inc()
+                return
+            if exc.status in RETRYABLE and attempt < cfg.max_attempts:
+                await store.retry(store.queue, GROUP, msg,
+                                  time.time() + backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s), "i")
+                self.metrics.job_retries.inc()
+                return
+            dead = f"{exc.status}: {exc} (after {attempt} runs)" if exc.status in RETRYABLE else ""
+            await self._commit(msg, codec.failure(msg.n, item, exc.status, str(exc), attempt), False,
+                               Outcome.FAILED, call.charges if call else {}, dead)
+            return
+        await self._commit(msg, codec.answer(msg.n, item, result, attempt), True, Outcome.COMPLETED, call.charges)
 
     async def _unexpected(self, msg: Message, exc: Exception) -> None:
         store, cfg = self.store, self.config

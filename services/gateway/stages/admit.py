@@ -5,7 +5,6 @@ reserved (estimated prompt + max_tokens; the key's limits, else its tier's). Wha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -93,7 +92,6 @@ class Admit:
         self.tracer, self.metrics, self.directory = tracer, metrics, directory
         self.tenants = tenants                # None: no tenant budgets (tests without Redis)
         self._warned: dict[tuple[str, str], tuple[str, Budget]] = {}   # soft limits logged, by budget and period
-        self._released: set[asyncio.Future] = set()     # reservations of callers gone, being given back
 
     async def __call__(self, request: Request, bearer: str, client: str, job: JobCall | None = None) -> Admission:
         with telemetry.child_span(self.tracer, "auth") as span:
@@ -246,33 +244,14 @@ class Admit:
                 return
             raise UnavailableError("cannot check the budget right now (store unreachable)") from None
 
-    def _give_back(self, reserving: asyncio.Future) -> None:
-        if reserving.cancelled() or reserving.exception() is not None:
-            return
-        task = asyncio.ensure_future(self._reconcile_quietly(reserving.result()))
-        self._released.add(task)
-        task.add_done_callback(self._released.discard)
-
-    async def _reconcile_quietly(self, r: Reservation) -> None:
-        try:
-            await self.limiter.reconcile(r, 0)
-        except REDIS_ERRORS:                  # Redis away: the lease expires on its own
-            pass
-
     async def _reserve(self, key: ApiKey, tier: TierSpec, tokens: int) -> Reservation | None:
         own = key.limits                      # a key's own non-zero limits win over its tier's
         limits = Limits(own.requests_per_minute or tier.requests_per_minute, own.tokens_per_minute or tier.tokens_per_minute,
                         own.tokens_per_day or tier.tokens_per_day, own.concurrent_requests or tier.concurrent_requests)
         if limits == Limits():
             return None
-        reserving = asyncio.ensure_future(self.limiter.reserve(key.key_id, limits, tokens))
         try:
-            return await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-            # the caller hung up while Redis was reserving: a reservation made anyway is given back at once (its
-            # concurrency slot would otherwise stay leased for the lease time)
-            reserving.add_done_callback(self._give_back)
-            raise
+            return await self.limiter.reserve(key.key_id, limits, tokens)
         except REDIS_ERRORS:
             if self.config.limits_fail_open:
                 log.warning("limit store unreachable: admitting without limits (fail-open)")

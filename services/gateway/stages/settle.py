@@ -14,7 +14,7 @@ from services.gateway.limits import RateLimiter, Reservation
 from services.gateway.stages.admit import Admission, EmbedAdmission, JobCall
 from services.gateway.stages.cache import CacheStage
 from services.gateway.stages.route import Generation
-from services.gateway.usage import UsageStore, usage_row
+from services.gateway.usage import UsageStore, add_rows, usage_row
 
 log = logging.getLogger(__name__)
 RECONCILE_ATTEMPTS = 6        # a failed limit reconcile is retried after 1, 2, 4, ... 32 s
@@ -47,9 +47,7 @@ class Settle:
                       job: JobCall | None = None) -> None:
         if job is not None:                   # a job's item: written with its result (services/gateway/jobs)
             row, counts = usage_row(key_id, prompt_tokens, completion_tokens, cost, cache_hit, count, user, tenant)
-            into = job.charges.setdefault(row, [0] * len(counts))
-            for i, v in enumerate(counts):
-                into[i] += v
+            add_rows(job.charges, {row: counts})
         elif count or prompt_tokens or completion_tokens:   # in memory, written in batches: Redis may be away
             await self.usage.record(key_id, prompt_tokens, completion_tokens, cost, cache_hit, answered=count,
                                     user=user, tenant=tenant)
