@@ -56,11 +56,14 @@ def sentinels(tmp_path):
     if binary is None:
         pytest.fail("redis-server is not installed: `make install` installs it (apt-get install -y redis-server)")
     master, replica = free_port(), free_port()
+    dirs = [tmp_path / "master", tmp_path / "replica"]      # a full sync writes a snapshot: not in the working directory
+    for d in dirs:
+        d.mkdir()
     procs = {"master": subprocess.Popen([binary, "--port", str(master), "--bind", "127.0.0.1", "--save", "",
-                                         "--appendonly", "no"], stdout=subprocess.DEVNULL),
+                                         "--dir", str(dirs[0]), "--appendonly", "no"], stdout=subprocess.DEVNULL),
              "replica": subprocess.Popen([binary, "--port", str(replica), "--bind", "127.0.0.1", "--save", "",
-                                          "--appendonly", "no", "--replicaof", "127.0.0.1", str(master)],
-                                         stdout=subprocess.DEVNULL)}
+                                          "--dir", str(dirs[1]), "--appendonly", "no",
+                                          "--replicaof", "127.0.0.1", str(master)], stdout=subprocess.DEVNULL)}
     ports = [free_port() for _ in range(3)]
     for i, port in enumerate(ports):
         conf = tmp_path / f"sentinel-{i}.conf"
