@@ -100,6 +100,7 @@ bench-smoke: install
 bench: install $(BENCH_STAMP)
 	$(BIN)/python -m bench.serving $(BENCH_ARGS)
 	$(BIN)/python -m bench.cache
+	$(BIN)/python -m bench.cache_scale
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.kernels
 	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \

@@ -32,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="semantic cache tools")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True)
     ev = cache_sub.add_parser("eval", help="precision/recall of the hit decision on labelled pairs")
-    ev.add_argument("--pairs", required=True, help='JSONL of {"text_a", "text_b", "label"}')
+    ev.add_argument("--pairs", required=True, help='JSONL of {"text_a", "text_b", "label"}, or GPTCache\'s '
+                    'benchmark JSON (a list of {"origin", "similar"})')
     ev.add_argument("--json", action="store_true", help="print the full report as JSON")
     ev.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    ev.add_argument("--plot", default=None, help="also draw the precision/recall curves into this PNG")
     ev.add_argument("--similarity-threshold", type=float, default=None,
                     help="evaluate plain cosine >= this as the service's decision instead of the classifier")
 

@@ -26,7 +26,7 @@ from services.cache.decision import HitDecider
 from tools.cache_pairs import Judge, Pairs, lookup_decisions, oracle_decisions, retrieve, sweep
 
 PROB_GRID = np.round(np.arange(0.3, 0.96, 0.05), 3)
-COS_GRID = np.round(np.arange(0.80, 1.0, 0.02), 3)
+COS_GRID = np.round(np.arange(0.80, 1.0, 0.01), 3)
 
 
 def evaluate(pairs: Pairs, embed, decider: HitDecider, rows: np.ndarray | None = None, k: int = 5) -> dict:
@@ -54,18 +54,47 @@ def print_report(report: dict) -> None:
     for name, res in report["results"].items():
         print(f"\n== {name}: {res['lookups']} lookups, {res['duplicates']} labelled duplicates")
         d = res["default"]
-        print(f"default operating point ({d['decision']}): precision {d['precision']:.3f} "
-              f"(label closure {d['precision_closure']:.3f}), recall {d['recall']:.3f}, {d['hits']} hits")
+        print(f"default operating point ({d['decision']}): precision {d['precision_closure']:.3f} under the label "
+              f"closure (strict {d['precision']:.3f}), recall {d['recall']:.3f}, {d['hits']} hits")
         o = res["oracle"]
         print(f"label oracle (hits exactly when the labels say a candidate is the same question): precision "
               f"{o['precision']:.3f}, recall {o['recall']:.3f}, {o['hits']} hits: the strict definition counts "
               f"{1 - o['precision']:.0%} of these right answers wrong (another copy of the question ranked first)")
-        for label, points, fmt in (("classifier p >=", res["classifier"], "{:.2f}"), ("cosine >=", res["cosine"], "{:.2f}")):
-            print(f"{label:<16}{'hits':>7}{'precision':>11}{'closure':>9}{'recall':>8}")
+        for label, points in (("classifier p >=", res["classifier"]), ("cosine >=", res["cosine"])):
+            print(f"{label:<19}{'hits':>7}{'closure':>9}{'strict':>8}{'recall':>8}")
             for p in points:
                 mark = "  <- default" if label.startswith("classifier") and p["threshold"] == d["threshold"] else ""
-                print(f"{fmt.format(p['threshold']):<16}{p['hits']:>7}{p['precision']:>11.3f}"
-                      f"{p['precision_closure']:>9.3f}{p['recall']:>8.3f}{mark}")
+                print(f"{p['threshold']:<19.2f}{p['hits']:>7}{p['precision_closure']:>9.3f}"
+                      f"{p['precision']:>8.3f}{p['recall']:>8.3f}{mark}")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Precision (label closure) against recall of each decision, on the held-out half when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = "held_out" if "held_out" in report["results"] else "all"
+    res = report["results"][name]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for key, label in (("classifier", "logistic classifier (p threshold)"), ("cosine", "plain cosine threshold")):
+        if key in res:
+            pts = [p for p in res[key] if p["hits"] > 0]
+            ax.plot([p["recall"] for p in pts], [p["precision_closure"] for p in pts], ".-", label=label)
+    d, o = res["default"], res["oracle"]
+    ax.scatter([d["recall"]], [d["precision_closure"]], marker="*", s=160, color="k", zorder=3,
+               label=f"default: {d['decision']}")
+    ax.scatter([o["recall"]], [o["precision_closure"]], marker="x", color="gray", label="label oracle")
+    ax.axhline(0.90, color="red", ls=":", lw=1)
+    ax.axvline(0.40, color="red", ls=":", lw=1, label="goal: precision 0.90 at recall 0.40")
+    ax.set(xlabel="recall", ylabel="precision under the label closure", xlim=(0, 1), ylim=(0.5, 1.01),
+           title=f"{Path(report['pairs']).name}: {res['lookups']} lookups ({name.replace('_', ' ')})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(a: argparse.Namespace) -> None:
@@ -86,6 +115,8 @@ def run(a: argparse.Namespace) -> None:
     results = evaluate(pairs, MiniLMEmbedder().embed, decider, rows[rows % 2 == 1] if same_file else None)
     report = {"pairs": str(path), "num_pairs": len(pairs), "decision": decider.describe(),
               "trained_on_this_file": same_file, "results": results}
+    if a.plot:
+        plot(report, Path(a.plot))
     if a.json:
         print(json.dumps(report, indent=1))
     else:

@@ -30,6 +30,12 @@ class Pairs:
 
     @classmethod
     def load(cls, path: Path | str, limit: int | None = None) -> "Pairs":
+        """JSONL of {"text_a", "text_b", "label"}, or GPTCache's benchmark file (a JSON list of
+        {"origin", "similar"}: each origin cached, each similar looked up, every pair the same question)."""
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1)
+        if head == "[":
+            return cls._load_gptcache(path, limit)
         a, b, y = [], [], []
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -47,6 +53,17 @@ class Pairs:
         if not a:
             raise ValueError(f"{path}: no pairs")
         return cls(a, b, np.array(y, dtype=bool))
+
+    @classmethod
+    def _load_gptcache(cls, path: Path | str, limit: int | None) -> "Pairs":
+        try:
+            items = json.loads(Path(path).read_text(encoding="utf-8"))[:limit]
+            a, b = [str(d["origin"]) for d in items], [str(d["similar"]) for d in items]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: expected a JSON list of {{\"origin\", \"similar\"}}: {exc}") from exc
+        if not a:
+            raise ValueError(f"{path}: no pairs")
+        return cls(a, b, np.ones(len(a), dtype=bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +151,39 @@ def lookup_decisions(r: Retrieval, rows: np.ndarray, decider: HitDecider, min_si
         idx, d = decider.choose(r.queries[i], cands, min_similarity)
         if idx >= 0:
             chosen[n], conf[n] = r.cand[i, idx], d.confidence
+    return chosen, conf
+
+
+def rerank_pool(r: Retrieval, i: int, min_cosine: float, top: int) -> list[int]:
+    """Positions in r.cand[i] the cross-encoder reads for lookup i, as the service picks them: its best `top`
+    candidates at or above `min_cosine`; none when the exact layer answers the lookup."""
+    if r.entries[r.cand[i, 0]] == r.queries[i]:
+        return []
+    return [j for j in range(min(top, r.cand.shape[1])) if r.cos[i, j] >= min_cosine]
+
+
+def rerank_decisions(r: Retrieval, rows: np.ndarray, score: Callable[[list[tuple[str, str]]], np.ndarray],
+                     min_cosine: float, top: int, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per lookup, as the service decides with the cross-encoder: the exact layer first, else the pooled
+    candidate with the highest probability (`score` of (lookup, cached question) pairs) is the choice and
+    its probability the confidence."""
+    keys = [(i, j) for i in rows for j in rerank_pool(r, i, min_cosine, top)]
+    texts = [(r.queries[i], r.entries[r.cand[i, j]]) for i, j in keys]
+    probs = np.empty(len(keys))
+    order = sorted(range(len(keys)), key=lambda k: len(texts[k][0]) + len(texts[k][1]))   # little padding
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        probs[idx] = score([texts[k] for k in idx])
+    by_key = dict(zip(keys, probs))
+    chosen, conf = np.full(len(rows), -1), np.zeros(len(rows))
+    for n, i in enumerate(rows):
+        if r.entries[r.cand[i, 0]] == r.queries[i]:
+            chosen[n], conf[n] = r.cand[i, 0], np.inf
+            continue
+        js = rerank_pool(r, i, min_cosine, top)
+        if js:
+            best = max(js, key=lambda j: by_key[(i, j)])
+            chosen[n], conf[n] = r.cand[i, best], by_key[(i, best)]
     return chosen, conf
 
 

@@ -128,8 +128,9 @@ class HitDecider:
         self.threshold = threshold if threshold is not None else (model.threshold if model else 0.9)
 
     @classmethod
-    def default(cls) -> "HitDecider":
-        return cls(HitModel.load())
+    def default(cls, threshold: float | None = None) -> "HitDecider":
+        """The shipped classifier, at its trained threshold or at `threshold`."""
+        return cls(HitModel.load(), threshold)
 
     def describe(self) -> str:
         if self.model is None:
@@ -146,14 +147,32 @@ class HitDecider:
             bar = min_similarity if min_similarity is not None else self.threshold
             cos = candidates[0][1]
             return 0, Decision(cos >= bar, cos)
-        m = self.model
-        scored = [i for i, (_, cos) in enumerate(candidates) if cos >= m.min_cosine]
+        scored, probs = self.probabilities(query, candidates)
         if not scored:
             return 0, Decision(False, 0.0)
-        feats = np.stack([pair_features(query, candidates[i][0], candidates[i][1],
-                                        max((c for j, (_, c) in enumerate(candidates) if j != i), default=0.0))
-                          for i in scored])
-        probs = m.probability(feats)
         best = int(np.argmax(probs))
         p = float(probs[best])
         return scored[best], Decision(p >= self.threshold and not math.isnan(p), p)
+
+    def ranked(self, query: str, candidates: Sequence[tuple[str, float]], min_similarity: float | None = None
+               ) -> list[tuple[int, Decision]]:
+        """Every candidate that would hit, the most confident first (the next is tried when the first's
+        entry is gone)."""
+        if min_similarity is not None or self.model is None:
+            bar = min_similarity if min_similarity is not None else self.threshold
+            return [(i, Decision(True, cos)) for i, (_, cos) in enumerate(candidates) if cos >= bar]
+        scored, probs = self.probabilities(query, candidates)
+        hits = [(i, Decision(True, float(p))) for i, p in zip(scored, probs) if p >= self.threshold]
+        return sorted(hits, key=lambda h: -h[1].confidence)
+
+    def probabilities(self, query: str, candidates: Sequence[tuple[str, float]]) -> tuple[list[int], np.ndarray]:
+        """The classifier's probability for each candidate at or above its `min_cosine`: (their indexes, probs)."""
+        m = self.model
+        assert m is not None
+        scored = [i for i, (_, cos) in enumerate(candidates) if cos >= m.min_cosine]
+        if not scored:
+            return [], np.zeros(0)
+        feats = np.stack([pair_features(query, candidates[i][0], candidates[i][1],
+                                        max((c for j, (_, c) in enumerate(candidates) if j != i), default=0.0))
+                          for i in scored])
+        return scored, m.probability(feats)

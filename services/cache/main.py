@@ -35,7 +35,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="size cap per namespace; the least recently hit entries are evicted (0 = no cap)")
     p.add_argument("--similarity-threshold", type=float, default=None,
                    help="decide semantic hits by plain cosine >= this instead of the calibrated classifier")
+    p.add_argument("--hit-threshold", type=float, default=None,
+                   help="the classifier's hit probability (default: the one it was trained with, 0.80); lower serves "
+                        "more paraphrases and more wrong answers (the curve: README, How good the hit decision is)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="semantic candidates the decision considers")
+    p.add_argument("--ann-min-rows", type=int, default=int(env("STRATA_CACHE_ANN_MIN_ROWS", str(d.ann_min_rows))),
+                   help="entries of one namespace and context from which search walks an HNSW graph (usearch) and "
+                        "re-scores its proposals exactly; below it search is exact, and faster")
     workers, threads = default_embed_parallelism()
     p.add_argument("--embed-workers", type=int, default=int(env("STRATA_CACHE_EMBED_WORKERS", str(workers))),
                    help="embedding batches run at once, one thread each (default: 2 on 2+ cores)")
@@ -53,13 +59,17 @@ def default_embed_parallelism() -> tuple[int, int]:
 
 
 def config_from_args(a: argparse.Namespace) -> CacheConfig:
-    if a.ttl < 0 or a.max_entries < 0 or a.top_k < 1 or a.embed_workers < 1 or a.embed_threads < 1:
-        raise SystemExit("--ttl and --max-entries must be >= 0, --top-k, --embed-workers and --embed-threads >= 1")
+    if a.ttl < 0 or a.max_entries < 0 or a.top_k < 1 or a.embed_workers < 1 or a.embed_threads < 1 or a.ann_min_rows < 1:
+        raise SystemExit("--ttl and --max-entries must be >= 0, --top-k, --embed-workers, --embed-threads and "
+                         "--ann-min-rows >= 1")
     if a.similarity_threshold is not None and not 0 < a.similarity_threshold <= 1:
         raise SystemExit("--similarity-threshold must be in (0, 1]")
+    if a.hit_threshold is not None and not 0 < a.hit_threshold < 1:
+        raise SystemExit("--hit-threshold must be in (0, 1)")
     return CacheConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, default_ttl_s=a.ttl,
                        refresh_ttl_on_hit=not a.no_refresh_ttl, max_entries_per_namespace=a.max_entries,
-                       similarity_threshold=a.similarity_threshold, top_k=a.top_k, embed_workers=a.embed_workers)
+                       similarity_threshold=a.similarity_threshold, hit_threshold=a.hit_threshold, top_k=a.top_k,
+                       ann_min_rows=a.ann_min_rows, embed_workers=a.embed_workers)
 
 
 class CacheService:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 from redis.exceptions import RedisError
 
 from services.cache.decision import HitDecider
-from services.cache.index import NamespaceIndex
+from services.cache.index import ANN_MIN_ROWS, NamespaceIndex
 from services.cache.keys import CacheKey, make_key, validate_entry_id, validate_namespace
 from services.cache.store import Entry, RedisStore
 from services.common.aio import cancel_and_wait
@@ -27,6 +29,7 @@ from services.common.errors import InvalidArgumentError, UnavailableError
 from services.embedding.batcher import MicroBatcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 MAX_EMBED_TEXTS = 2048        # texts in one Embed call (OpenAI's bound for one embeddings request)
 
@@ -41,7 +44,9 @@ class CacheConfig:
     max_question_chars: int = 16_000
     max_response_chars: int = 1_000_000
     top_k: int = 5
+    ann_min_rows: int = ANN_MIN_ROWS       # a partition this large is searched through its graph (index.py)
     similarity_threshold: float | None = None   # plain cosine instead of the calibrated classifier
+    hit_threshold: float | None = None     # the classifier's hit probability (None: the one it was trained with)
     redis_timeout_s: float = 0.5
     health_interval_s: float = 1.0
     sweep_interval_s: float = 30.0
@@ -87,11 +92,12 @@ class SemanticCacheService:
         self.config = config
         self.embedder = embedder
         self.decider = decider or (HitDecider(None, config.similarity_threshold)
-                                   if config.similarity_threshold is not None else HitDecider.default())
+                                   if config.similarity_threshold is not None else HitDecider.default(config.hit_threshold))
         self.replica_id = replica_id or uuid.uuid4().hex[:8]
         self.store = RedisStore(config.redis_url, config.key_prefix, config.redis_timeout_s)
         self.batcher = MicroBatcher(embedder.embed, config.embed_max_batch, config.embed_max_wait_ms, config.embed_workers)
         self.indexes: dict[str, NamespaceIndex] = {}
+        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="strata-index")
         self.counters = Counters()
         self.redis_ok = False
         self._tasks: list[asyncio.Task] = []
@@ -109,6 +115,7 @@ class SemanticCacheService:
             log.warning("redis unreachable at start; serving misses until it is back", extra={"error": type(exc).__name__})
             self._set_redis_ok(False)
         self._tasks = [asyncio.create_task(self._tail(), name="cache-tail"),
+                       asyncio.create_task(self._grow_graphs(), name="cache-graphs"),
                        asyncio.create_task(self._watch_redis(), name="cache-health"),
                        asyncio.create_task(self._sweep(), name="cache-sweep")]
 
@@ -116,6 +123,7 @@ class SemanticCacheService:
         await cancel_and_wait(self._tasks)
         await self.batcher.close()
         await self.store.close()
+        self._index_thread.shutdown(wait=False, cancel_futures=True)
 
     def on_health_change(self, callback: Any) -> None:
         """callback(ok: bool) is called (as a task if a coroutine) whenever Redis reachability flips."""
@@ -135,8 +143,11 @@ class SemanticCacheService:
         """The in-memory indexes from Redis; events after the captured stream position are replayed."""
         last = await self.store.last_event_id()
         indexes: dict[str, NamespaceIndex] = {}
+        t0 = time.monotonic()
+        next_log = t0 + 5.0
         for ns in await self.store.namespaces():
             ids = await self.store.entry_ids(ns)
+            loaded = 0
             for start in range(0, len(ids), 1000):
                 chunk = ids[start:start + 1000]
                 found = []
@@ -147,16 +158,38 @@ class SemanticCacheService:
                         found.append((entry_id, row[2], row[3], np.frombuffer(row[4], np.float32)))
                 if found:
                     ids_, parts, questions, vectors = zip(*found)
-                    self._index(indexes, ns).add_many(ids_, parts, questions, np.stack(vectors))
+                    await self._on_index(self._index(indexes, ns).add_many, ids_, parts, questions, np.stack(vectors),
+                                         False)
+                loaded += len(chunk)
+                if time.monotonic() >= next_log:
+                    log.info("cache index rebuild in progress", extra={"namespace_entries_read": loaded, "of": len(ids),
+                                                                       "elapsed_s": round(time.monotonic() - t0, 1)})
+                    next_log = time.monotonic() + 5.0
+        for idx in indexes.values():             # large partitions search exactly until _grow_graphs fills them
+            await self._on_index(idx.start_graphs)
         self.indexes = indexes
         self._last_event = last
         self._synced.set()
-        log.info("cache index rebuilt", extra={"namespaces": len(indexes), "entries": sum(len(i) for i in indexes.values())})
+        log.info("cache index rebuilt", extra={"namespaces": len(indexes), "entries": sum(len(i) for i in indexes.values()),
+                                               "elapsed_s": round(time.monotonic() - t0, 1)})
+
+    async def _on_index(self, fn: Callable[..., T], *args: Any) -> T:
+        """Every index call runs on the index's own thread, one at a time: the event loop never waits on a scan,
+        a graph insert or a rebuild's bulk add, and the index needs no lock."""
+        return await asyncio.get_running_loop().run_in_executor(self._index_thread, fn, *args)
+
+    @staticmethod
+    def _store_in_index(idx: NamespaceIndex, evicted: Sequence[str], entry_id: str, key: CacheKey,
+                        embedding: np.ndarray | None) -> None:
+        for old in evicted:
+            idx.remove(old)
+        if embedding is not None:
+            idx.add(entry_id, key.partition, key.question, embedding)
 
     def _index(self, indexes: dict[str, NamespaceIndex], ns: str) -> NamespaceIndex:
         idx = indexes.get(ns)
         if idx is None:
-            idx = indexes[ns] = NamespaceIndex(self.embedder.dim)
+            idx = indexes[ns] = NamespaceIndex(self.embedder.dim, ann_min_rows=self.config.ann_min_rows)
         return idx
 
     async def _tail(self) -> None:
@@ -183,11 +216,32 @@ class SemanticCacheService:
         if ev.get("op") == "del":
             idx = self.indexes.get(ns)
             if idx is not None:
-                idx.remove(entry_id)
+                await self._on_index(idx.remove, entry_id)
         elif ev.get("op") == "put" and entry_id not in self.indexes.get(ns, ()):
             row = (await self.store.index_fields(ns, [entry_id]))[0]
             if row is not None and row[4]:
-                self._index(self.indexes, ns).add(entry_id, row[2], row[3], np.frombuffer(row[4], np.float32))
+                await self._on_index(self._index(self.indexes, ns).add, entry_id, row[2], row[3],
+                                     np.frombuffer(row[4], np.float32))
+
+    async def _grow_graphs(self) -> None:
+        """Fill the graphs being built, a slice per index-thread call, so lookups interleave with the build
+        (a 1M-entry graph takes about 45 s of both cores, a slice of 2,000 rows about 0.1 s at that size)."""
+        while True:
+            building = [idx for idx in self.indexes.values() if idx.building]
+            if not building:
+                await asyncio.sleep(0.2)
+                continue
+            for idx in building:
+                t0 = time.monotonic()
+                try:
+                    while await self._on_index(idx.grow_graphs):
+                        await asyncio.sleep(0)
+                except Exception:  # noqa: BLE001 - exact search keeps serving; the build is tried again
+                    log.exception("cache index graph build failed")
+                    await asyncio.sleep(5.0)
+                    continue
+                log.info("cache index graph built", extra={"entries": len(idx), "graphs": idx.graphs,
+                                                           "elapsed_s": round(time.monotonic() - t0, 1)})
 
     async def _watch_redis(self) -> None:
         while True:
@@ -208,12 +262,12 @@ class SemanticCacheService:
                 continue
             try:
                 for ns, idx in list(self.indexes.items()):
-                    ids = idx.ids()
+                    ids = await self._on_index(idx.ids)
                     for start in range(0, len(ids), 1000):
                         chunk = ids[start:start + 1000]
                         for entry_id, alive in zip(chunk, await self.store.existing(ns, chunk)):
                             if not alive:
-                                idx.remove(entry_id)
+                                await self._on_index(idx.remove, entry_id)
                                 await self.store.delete(ns, entry_id)
             except _REDIS_ERRORS:
                 continue
@@ -266,20 +320,20 @@ class SemanticCacheService:
             if not semantic or idx is None or not len(idx) or not self._semantic_ok(key):
                 return self._miss("not_found")
             vector = await self.batcher.embed(key.question)
-            candidates = idx.search(vector, key.partition, self.config.top_k)
-            while candidates:
-                i, decision = self.decider.choose(key.question, [(c.question, c.score) for c in candidates],
-                                                  min_similarity)
-                if i < 0 or not decision.hit:
-                    return self._miss("below_threshold", score=candidates[0].score)
+            candidates = await self._on_index(idx.search, vector, key.partition, self.config.top_k)
+            if not candidates:
+                return self._miss("not_found")
+            ranked = self.decider.ranked(key.question, [(c.question, c.score) for c in candidates], min_similarity)
+            for i, decision in ranked:       # the most confident first; an entry gone meanwhile gives way to the next
                 chosen = candidates[i]
                 entry = await self.store.hit(key.namespace, self.config.refresh_ttl_on_hit, entry_id=chosen.entry_id)
                 if entry is not None:
                     self.counters.hits_semantic += 1
                     return LookupResult(True, "semantic", chosen.score, decision.confidence, entry)
-                idx.remove(chosen.entry_id)            # expired: forget it, decide among the rest
+                await self._on_index(idx.remove, chosen.entry_id)       # expired: forget it
                 await self.store.delete(key.namespace, chosen.entry_id)
-                candidates = [c for c in candidates if c.entry_id != chosen.entry_id]
+            if not ranked:
+                return self._miss("below_threshold", score=candidates[0].score)
             return self._miss("not_found")
         except _REDIS_ERRORS as exc:
             log.warning("redis failed during lookup: answering a miss", extra={"error": type(exc).__name__})
@@ -318,11 +372,8 @@ class SemanticCacheService:
         except _REDIS_ERRORS as exc:
             self._set_redis_ok(False)
             raise UnavailableError("cache store (redis) is unreachable") from exc
-        idx = self._index(self.indexes, key.namespace)
-        for old in evicted:
-            idx.remove(old)
-        if embedding is not None:
-            idx.add(entry_id, key.partition, key.question, embedding)
+        await self._on_index(self._store_in_index, self._index(self.indexes, key.namespace), evicted, entry_id, key,
+                             embedding)
         self.counters.stores += 1
         self.counters.evictions += len(evicted)
         return entry_id, ""
@@ -337,7 +388,7 @@ class SemanticCacheService:
             raise UnavailableError("cache store (redis) is unreachable") from exc
         idx = self.indexes.get(namespace)
         if idx is not None:
-            idx.remove(entry_id)
+            await self._on_index(idx.remove, entry_id)
         return deleted
 
     async def invalidate(self, namespace: str, model: str = "") -> int:

@@ -86,6 +86,12 @@ return existed
 """
 
 # KEYS: lru. ARGV: prefix, ns, id ('' = the id the exact key points to), exact, now_ms, refresh (0/1), fields
+_EXIST = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
+
 _HIT = """
 local prefix, ns, id, now = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 if id == '' then
@@ -152,6 +158,7 @@ class RedisStore:
         self._store = self.redis.register_script(_STORE)
         self._delete = self.redis.register_script(_DELETE)
         self._hit = self.redis.register_script(_HIT)
+        self._exist = self.redis.register_script(_EXIST)
 
     def _entry_key(self, ns: str, entry_id: str) -> str:
         return f"{self.prefix}e:{ns}:{entry_id}"
@@ -233,10 +240,12 @@ class RedisStore:
         return out
 
     async def existing(self, namespace: str, entry_ids: list[str]) -> list[bool]:
-        async with self.redis.pipeline(transaction=False) as p:
-            for entry_id in entry_ids:
-                p.exists(self._entry_key(namespace, entry_id))
-            return [bool(x) for x in await p.execute()]
+        """Whether each entry is still there, in one script call: the sweep asks this of every entry, and a
+        pipeline of single EXISTS would cost the event loop a command object and a reply per entry."""
+        if not entry_ids:
+            return []
+        found = await self._exist(keys=[self._entry_key(namespace, e) for e in entry_ids])
+        return [bool(x) for x in found]
 
     async def last_event_id(self) -> str:
         last = await self.redis.xrevrange(self.events_key, count=1)

@@ -60,7 +60,8 @@ class MiniLMEmbedder:
         w = {k.removeprefix("bert."): v.float().contiguous() for k, v in w.items()}
         self.word = w["embeddings.word_embeddings.weight"]
         self.pos = w["embeddings.position_embeddings.weight"]
-        self.type0 = w["embeddings.token_type_embeddings.weight"][0]
+        self.types = w["embeddings.token_type_embeddings.weight"]       # [2, hidden]: segment A and B of a pair
+        self.type0 = self.types[0]
         self.emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         self.layers: list[_Layer] = []
         for i in range(cfg["num_hidden_layers"]):
@@ -116,28 +117,52 @@ class MiniLMEmbedder:
         return out
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        x, lens = self.encode(batch)
+        return F.normalize(self.mean_pool(x, lens), dim=-1)
+
+    @staticmethod
+    def mean_pool(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """[total_tokens, hidden] packed states → [n, hidden], the mean over each sequence's tokens."""
+        owner = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        return x.new_zeros(len(lens), x.shape[1]).index_add_(0, owner, x) / lens[:, None].to(x.dtype)
+
+    def encode(self, batch: list[list[int]], type_ids: list[list[int]] | None = None,
+               layers: Sequence[_Layer] | None = None, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over a batch of token-id lists, packed: the dense layers run on the real tokens only
         ([total_tokens, hidden], no padding), and only attention sees a padded [n, seq] view. Questions are
-        short with a long tail, so padding every layer to the longest would waste most of the work."""
+        short with a long tail, so padding every layer to the longest would waste most of the work.
+
+        Returns the last layer's packed states and each sequence's length. `type_ids` (segment 0 or 1 per
+        token, as in a pair) and `layers` (weights other than this model's, e.g. a fine-tuned cross-encoder's,
+        which may carry gradients) serve the semantic cache's re-ranker (services/cache/reranker.py); `dropout`
+        (BERT's, on each sublayer's output) is for training it."""
+        layers = self.layers if layers is None else layers
         n, seq = len(batch), max(len(x) for x in batch)
         lens = torch.tensor([len(x) for x in batch])
         ids = torch.tensor([t for row in batch for t in row], dtype=torch.long)
         positions = torch.cat([torch.arange(len(row)) for row in batch])
+        types = (self.type0 if type_ids is None else
+                 self.types[torch.tensor([t for row in type_ids for t in row], dtype=torch.long)])
         mask = torch.arange(seq)[None, :] < lens[:, None]                 # [n, seq]
         slots = mask.view(-1).nonzero().squeeze(1)                          # packed token -> padded slot
-        x = F.layer_norm(self.word[ids] + self.pos[positions] + self.type0, (self.hidden,), *self.emb_ln, self.eps)
+        x = F.layer_norm(self.word[ids] + self.pos[positions] + types, (self.hidden,), *self.emb_ln, self.eps)
         heads, head_dim = self.num_heads, self.hidden // self.num_heads
         attn_mask = mask[:, None, None, :]   # keys that are padding are never attended to
         padded = x.new_zeros(n * seq, 3 * self.hidden)
-        for layer in self.layers:
-            padded[slots] = torch.addmm(layer.qkv_b, x, layer.qkv_w)
+        reuse = not torch.is_grad_enabled()  # one buffer for every layer, unless autograd must see each write
+        for layer in layers:
+            qkv = torch.addmm(layer.qkv_b, x, layer.qkv_w)
+            if reuse:
+                padded[slots] = qkv
+            else:
+                padded = x.new_zeros(n * seq, 3 * self.hidden).index_copy(0, slots, qkv)
             q, k, v = padded.view(n, seq, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0 / math.sqrt(head_dim))
             a = a.transpose(1, 2).reshape(n * seq, self.hidden)[slots]
-            x = F.layer_norm(torch.addmm(layer.o_b, a, layer.o_w) + x, (self.hidden,), layer.ln1_w, layer.ln1_b, self.eps)
-            h = F.gelu(torch.addmm(layer.up_b, x, layer.up_w))
-            x = F.layer_norm(torch.addmm(layer.down_b, h, layer.down_w) + x, (self.hidden,),
-                             layer.ln2_w, layer.ln2_b, self.eps)
-        owner = torch.repeat_interleave(torch.arange(n), lens)
-        pooled = x.new_zeros(n, self.hidden).index_add_(0, owner, x) / lens[:, None].to(x.dtype)
-        return F.normalize(pooled, dim=-1)
+            a = torch.addmm(layer.o_b, a, layer.o_w)
+            x = F.layer_norm((F.dropout(a, dropout) if dropout else a) + x, (self.hidden,), layer.ln1_w, layer.ln1_b,
+                             self.eps)
+            h = torch.addmm(layer.down_b, F.gelu(torch.addmm(layer.up_b, x, layer.up_w)), layer.down_w)
+            x = F.layer_norm((F.dropout(h, dropout) if dropout else h) + x, (self.hidden,), layer.ln2_w, layer.ln2_b,
+                             self.eps)
+        return x, lens

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # module, extra arguments, the JSON's top-level keys
 BENCHMARKS = [pytest.param(module, extra, keys, id=module) for module, extra, keys in [
     ("cache", [], {"config", "machine", "search", "end_to_end", "targets"}),
+    ("cache_scale", [], {"config", "machine", "real_questions", "sizes", "targets"}),
     ("gateway", [], {"config", "machine", "runs", "median", "targets"}),
     ("guardrails", [], {"config", "machine", "pii", "injection", "threshold_sweep"}),
     ("kernels", [], {"config", "machine", "copy_bandwidth_gbs", "paged_attention_decode", "paged_attention_mixed",

@@ -59,3 +59,20 @@ def test_eval_rejects_a_malformed_file(tmp_path):
     assert proc.returncode != 0 and "text_b" in proc.stderr
     proc = run_eval("--pairs", str(tmp_path / "missing.jsonl"))
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+def test_eval_reads_gptcaches_benchmark_file_and_draws_the_curve(tmp_path):
+    f = tmp_path / "mock_data.json"                     # GPTCache's shape: every pair the same question
+    f.write_text(json.dumps([{"origin": a, "similar": b} for a, b, y in PAIRS if y]))
+    png = tmp_path / "curve.png"
+    proc = run_eval("--pairs", str(f), "--json", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)["results"]["all"]
+    assert res["lookups"] == res["duplicates"] == 5
+    cos80 = next(p for p in res["cosine"] if p["threshold"] == 0.8)
+    assert cos80["correct_hits"] >= 4 and cos80["hits"] <= 5
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"origin": "x"}]))
+    proc = run_eval("--pairs", str(bad))
+    assert proc.returncode != 0 and "similar" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +110,46 @@ async def test_paraphrase_hits_semantically_and_near_miss_questions_do_not(start
     # plain cosine threshold per request
     loose = await lookup(r, query("How can I learn Java quickly?"), min_similarity=0.5)
     assert loose.hit and loose.layer == cache_pb2.CACHE_LAYER_SEMANTIC
+
+
+async def test_search_stores_removals_and_sweeps_run_on_the_index_thread_not_the_event_loop(start_replica):
+    r = await start_replica(sweep_interval_s=0.1, default_ttl_s=1)
+    seen: dict[str, set[str]] = {}
+    idx_cls = type(r.svc.cache._index(r.svc.cache.indexes, "tenant-a"))
+    for name in ("search", "add", "remove", "ids"):
+        original = getattr(idx_cls, name)
+
+        def record(self, *args, _name=name, _original=original):
+            seen.setdefault(_name, set()).add(threading.current_thread().name)
+            return _original(self, *args)
+
+        setattr(r.svc.cache.indexes["tenant-a"], name, record.__get__(r.svc.cache.indexes["tenant-a"]))
+    await store(r, query("How can I learn Python quickly?"), "Practice daily.")
+    assert (await lookup(r, query("How do I learn Python quickly?"))).hit
+    await asyncio.sleep(1.5)                                    # the entry expires; the sweep finds and removes it
+    assert await eventually(lambda: asyncio.sleep(0, "remove" in seen and "ids" in seen))
+    assert set(seen) == {"search", "add", "remove", "ids"}
+    for name, threads in seen.items():
+        assert threads and all(t.startswith("strata-index") for t in threads), (name, threads)
+
+
+async def test_a_namespace_past_the_graph_size_grows_its_graph_in_the_background_and_serves_through_it(start_replica):
+    r = await start_replica(ann_min_rows=20)
+    topics = ["Python", "Rust", "chess", "jazz", "bread", "taxes", "whales", "coffee", "the moon", "volcanoes",
+              "Go", "Java", "knitting", "surfing", "opera", "algebra", "poetry", "sailing", "pottery", "judo",
+              "Haskell", "skiing"]
+    for t in topics:
+        await store(r, query(f"How can I learn {t} quickly?"), f"About {t}.")
+    idx = r.svc.cache.indexes["tenant-a"]
+    assert await eventually(lambda: asyncio.sleep(0, idx.graphs == 1), timeout=10)
+    hit = await lookup(r, query("How do I learn chess quickly?"))
+    assert hit.hit and hit.answer.text == "About chess."
+    # a restarted replica rebuilds from Redis and grows the graph again
+    again = await start_replica(ann_min_rows=20)
+    idx2 = again.svc.cache.indexes["tenant-a"]
+    assert len(idx2) == len(topics)
+    assert await eventually(lambda: asyncio.sleep(0, idx2.graphs == 1), timeout=10)
+    assert (await lookup(again, query("How do I learn jazz quickly?"))).answer.text == "About jazz."
 
 
 async def test_context_and_sampling_partition_entries(start_replica):

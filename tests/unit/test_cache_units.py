@@ -70,6 +70,58 @@ def test_index_search_filters_by_partition_and_survives_removal():
     assert len(idx) == 0 and idx.search(vecs[0], "p0", 3) == []
 
 
+def clustered(rng, n, dim=64, centers=40):
+    """Unit vectors around a few centres: neighbours are close, as real question embeddings are."""
+    c = rng.standard_normal((centers, dim)).astype(np.float32)
+    v = c[rng.integers(0, centers, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_a_partition_past_the_size_threshold_is_searched_through_its_graph_with_exact_scores():
+    rng = np.random.default_rng(2)
+    vecs = clustered(rng, 3000)
+    idx = NamespaceIndex(64, ann_min_rows=1000, ann_candidates=40, threads=1)     # one thread: the same graph each run
+    ids = [f"e{i}" for i in range(len(vecs))]
+    idx.add_many(ids[:2000], ["big"] * 2000, ids[:2000], vecs[:2000])
+    idx.add_many(ids[2000:2500], ["small"] * 500, ids[2000:2500], vecs[2000:2500])
+    assert idx.building and idx.graphs == 0                        # started, filled a slice at a time
+    assert idx.grow_graphs(500)                                    # a quarter in: still searched exactly
+    assert idx.search(vecs[1999], "big", 1)[0].entry_id == "e1999"
+    idx.remove("e1998")                                            # removed before its slice: skipped
+    idx.add("e1998", "big", "e1998", vecs[1998])                   # back, under a new key
+    while idx.grow_graphs(500):
+        pass
+    assert idx.graphs == 1 and not idx.building                    # only the partition past the threshold
+    for i in range(2500, 3000):                                    # one by one into the live graph
+        idx.add(ids[i], "big", ids[i], vecs[i])
+    idx.add("e3", "big", "e3", vecs[2999])                         # replaced: its old node goes
+    for i in range(0, 2000, 4):                                    # rows move, keys must follow them
+        if i != 0:
+            idx.remove(f"e{i}")
+    alive = np.array([i for i in [*range(2000), *range(2500, 3000)] if i % 4 or i == 0 or i >= 2000])
+    current = vecs.copy()
+    current[3] = vecs[2999]
+    queries = clustered(rng, 200)
+    agree = 0
+    for q in queries:
+        got = idx.search(q, "big", 5)
+        scores = current[alive] @ q
+        best = alive[int(np.argmax(scores))]
+        agree += got[0].entry_id == f"e{best}"
+        for c in got:                                              # every score is the exact cosine of that row
+            assert c.score == pytest.approx(float(current[int(c.entry_id[1:])] @ q), abs=1e-5)
+        assert all(f"e{i}" not in {c.entry_id for c in got} for i in range(4, 2000, 4))
+        assert [c.score for c in got] == sorted((c.score for c in got), reverse=True)
+    assert agree >= 0.95 * len(queries)                            # recall@1 at scale: bench/cache.py
+    small = idx.search(vecs[2100], "small", 1)                     # the small partition is still searched exactly
+    assert small[0].entry_id == "e2100"
+    for i in range(2000):                                          # below half the threshold the graph goes
+        idx.remove(f"e{i}")
+    for i in range(2500, 2800):
+        idx.remove(f"e{i}")
+    assert idx.graphs == 0 and idx.search(vecs[2900], "big", 1)[0].entry_id == "e2900"
+
+
 def test_index_bulk_add_replace_and_remove_keep_search_exact():
     rng = np.random.default_rng(1)
     vecs = rng.standard_normal((20_000, 384)).astype(np.float32)
