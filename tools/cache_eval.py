@@ -70,7 +70,10 @@ def print_report(report: dict) -> None:
 
 def plot(report: dict, path: Path) -> None:
     """Precision (label closure) against recall of each decision, on the held-out half when there is one."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib (make bench installs it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
