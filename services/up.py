@@ -349,9 +349,20 @@ class Suite:
         dial = "127.0.0.1" if self.a.host in ("0.0.0.0", "::") else self.a.host
         async with grpc.aio.insecure_channel(f"{dial}:{gw.port}") as ch:
             admin = gateway_pb2_grpc.GatewayAdminStub(ch)
-            r = await admin.CreateKey(gateway_pb2.CreateKeyRequest(tenant="local"), timeout=10,
-                                      metadata=(("authorization", f"Bearer {self.env['STRATA_ADMIN_TOKEN']}"),))
-            return r.key
+            md = (("authorization", f"Bearer {self.env['STRATA_ADMIN_TOKEN']}"),)
+            r = await admin.CreateKey(gateway_pb2.CreateKeyRequest(tenant="local"), timeout=10, metadata=md)
+            # every service answers health before the router has asked each replica which model it serves:
+            # READY waits until every model has a healthy replica in the gateway's view, or a first request
+            # to one of them could be UNAVAILABLE
+            deadline = time.monotonic() + 60
+            while True:
+                models = (await admin.ListModels(gateway_pb2.ListModelsRequest(), timeout=10, metadata=md)).models
+                missing = [m.name for m in models if m.healthy_replicas < 1]
+                if models and not missing:
+                    return r.key
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no healthy replica serves {', '.join(missing) or 'any model'} after 60 s")
+                await asyncio.sleep(0.2)
 
     def stop(self) -> None:
         """Gateway first (no new requests), Redis last; SIGTERM, then SIGKILL after 15 s."""
