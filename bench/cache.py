@@ -141,6 +141,15 @@ async def wait_serving(port: int, service: str, log_path: Path, timeout_s: float
     raise TimeoutError(log_path.read_text()[-2000:])
 
 
+def redis_server(port: int) -> subprocess.Popen:
+    """A private redis-server on `port`, no persistence (bench.cache_scale starts its own with this too)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (make install installs it)")
+    return subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+
+
 class RedisAndCache:
     def __init__(self) -> None:
         self.redis_port, self.port = free_port(), free_port()
@@ -148,11 +157,7 @@ class RedisAndCache:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "RedisAndCache":
-        redis = shutil.which("redis-server")
-        if redis is None:
-            raise SystemExit("redis-server is not installed (make install installs it)")
-        self.procs.append(subprocess.Popen([redis, "--port", str(self.redis_port), "--save", "", "--appendonly", "no"],
-                                           stdout=subprocess.DEVNULL))
+        self.procs.append(redis_server(self.redis_port))
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", "cache", "--port", str(self.port), "--redis-url",
              f"redis://127.0.0.1:{self.redis_port}/0"], cwd=_ROOT, stdout=self.log, stderr=subprocess.STDOUT))

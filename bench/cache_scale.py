@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import json
 import logging
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import smoke
+from bench.cache import redis_server
 from bench.serving import machine_info
 from bench.strata import free_port
 
@@ -80,11 +79,7 @@ def synthetic(real: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
 class Redis:
     def __init__(self) -> None:
         self.port = free_port()
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (make install installs it)")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL)
+        self.proc = redis_server(self.port)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def __enter__(self) -> "Redis":

@@ -137,7 +137,7 @@ class NamespaceIndex:
         for row in rows_u:
             by_code.setdefault(int(self._codes[row]), []).append(row)
         for code, code_rows in by_code.items():
-            graph = self._graphs.get(code) or (self._building[code].graph if code in self._building else None)
+            graph = self._graph_of(code)
             if graph is not None:
                 graph.add(self._keys[code_rows], _graph_vectors(self._vectors[code_rows]), threads=self.threads)
             elif start_graphs and self._part_size[code] >= self.ann_min_rows:
@@ -177,12 +177,17 @@ class NamespaceIndex:
         code, key = int(self._codes[row]), int(self._keys[row])
         self._row_of_key.pop(key, None)
         self._part_size[code] -= 1
-        graph = self._graphs.get(code) or (self._building[code].graph if code in self._building else None)
+        graph = self._graph_of(code)
         if graph is not None:
             graph.remove(key)                        # (a key not inserted yet is skipped when its slice comes)
             if self._part_size[code] < self.ann_min_rows // 2:
                 self._graphs.pop(code, None)
                 self._building.pop(code, None)
+
+    def _graph_of(self, code: int):
+        """The partition's graph, serving or being built (rows inserted or removed go to either), or None."""
+        build = self._building.get(code)
+        return self._graphs.get(code) or (build.graph if build is not None else None)
 
     def _start_graph(self, code: int) -> None:
         """An empty graph for the partition and the keys of its rows now; `grow_graphs` fills it."""
