@@ -92,6 +92,22 @@ def assert_all_blocks_free(engine) -> None:
     assert not engine.has_unfinished_requests()
 
 
+async def settled(check, timeout: float = 10.0) -> None:
+    """`check()` (asserting) passes within `timeout`: a state that follows the last answer (a request's blocks
+    freed after its final chunk, a router's in-flight count) is polled for, not read once after a fixed sleep."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class RedisProcess:
     """A real redis-server on a free port, no persistence; stop() and start() keep the port."""
 

@@ -15,7 +15,6 @@ the bugs the fuzzing found and for a key id that names no key."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import datetime as dt
 import math
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 from services.common.models_file import DEFAULT_TIERS
 from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.usage import utc_day
-from tests.conftest import assert_all_blocks_free
+from tests.conftest import assert_all_blocks_free, settled
 from tests.integration.test_fuzz import (ADMIN, CALL_TIMEOUT_S, CLEAR, INVALID, MARK, MODEL, OK, SETTINGS, garbage,
                                          mostly, outcome, parses, raw, running_services, still_serving, texts, wire)
 
@@ -328,8 +327,7 @@ async def test_after_the_fuzzing_everything_still_serves_and_every_block_is_free
     await still_serving(services)
     code, answer = await generate(services, services.key, HELLO, "afterwards")
     assert code == OK and answer.text, code
-    await asyncio.sleep(0.2)
-    assert_all_blocks_free(services.engine)
+    await settled(lambda: assert_all_blocks_free(services.engine))
     for rpc in ("CreateKey", "RevokeKey", "GetUsage", "ListModels"):   # answers and each kind of refusal
         assert SEEN[rpc, "OK"] >= 3 and SEEN[rpc, "INVALID_ARGUMENT"] >= 3 and SEEN[rpc, "UNAUTHENTICATED"] >= 2, SEEN
     assert SEEN["RevokeKey", "NOT_FOUND"] >= 1 and SEEN["GetUsage", "NOT_FOUND"] >= 1, SEEN

@@ -13,7 +13,6 @@ Examples are derandomized (the same every run) and bounded: 30-40 per RPC (70 fo
 
 from __future__ import annotations
 
-import asyncio
 import collections
 
 import grpc
@@ -26,7 +25,7 @@ from hypothesis import strategies as st
 from services.cache.keys import NAMESPACE_RE
 from services.common.grpc_errors import MAX_DETAILS_CHARS
 from services.common.pb import cache_pb2, common_pb2, inference_pb2, router_pb2
-from tests.conftest import assert_all_blocks_free
+from tests.conftest import assert_all_blocks_free, settled
 from tests.integration.downstream import running_downstream
 from tests.integration.test_fuzz import (BAD_UTF8, CALL_TIMEOUT_S, INVALID, MARK, MODEL, OK, SETTINGS, enums, floats,
                                          garbage, inference_wire_requests, messages, mostly, outcome, parses, raw,
@@ -358,10 +357,12 @@ async def test_after_the_fuzzing_everything_still_serves_and_every_block_is_free
         wire(inference_pb2.GenerateRequest(prompt="Hello", sampling=common_pb2.SamplingParams(max_tokens=3))),
         timeout=CALL_TIMEOUT_S)]
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-    await asyncio.sleep(0.2)
-    assert_all_blocks_free(services.engine)
-    for b in services.down.router.router.backends.values():     # the request's own faults never count against it
-        assert b.in_flight == 0 and b.failures == 0 and b.circuit.state == "closed", vars(b)
+    await settled(lambda: assert_all_blocks_free(services.engine))
+
+    def router_idle() -> None:
+        for b in services.down.router.router.backends.values():  # the request's own faults never count against it
+            assert b.in_flight == 0 and b.failures == 0 and b.circuit.state == "closed", vars(b)
+    await settled(router_idle)
     for rpc in ("Lookup", "Store", "Delete", "Invalidate", "Stats", "LookupStream", "Router.Generate"):
         assert SEEN[rpc, "OK"] >= 3 and SEEN[rpc, "INVALID_ARGUMENT"] >= 3, SEEN     # answers and refusals
     assert SEEN["Store", "stored"] >= 3 and SEEN["Router.Generate", "NOT_FOUND"] >= 1, SEEN

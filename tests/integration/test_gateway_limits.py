@@ -140,10 +140,13 @@ async def test_a_caller_gone_while_its_reservation_is_made_gets_its_concurrency_
     from services.gateway.keys import ApiKey
     from services.gateway.stages.admit import Admit
 
+    reserved = asyncio.Event()
+
     class SlowLimiter(RateLimiter):
         async def _run_reserve(self, keys, args):
             r = await super()._run_reserve(keys, args)    # reserved in Redis ...
-            await asyncio.sleep(0.3)                      # ... and the answer is slow to come back
+            reserved.set()
+            await asyncio.sleep(1.0)                      # ... and the answer is slow to come back: the caller leaves
             return r
 
     client = aioredis.from_url(redis_url)
@@ -151,13 +154,13 @@ async def test_a_caller_gone_while_its_reservation_is_made_gets_its_concurrency_
     admit = Admit(GatewayConfig(), None, None, limiter, None, None, None)
     key = ApiKey("0123456789ab", "acme", limits=Limits(concurrent_requests=1))
     task = asyncio.create_task(admit._reserve(key, TierSpec("t"), 10))
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(reserved.wait(), 10)
+    conc = [k async for k in client.scan_iter("strata:gw:rl:*:conc")]
+    assert conc and await client.zcard(conc[0]) == 1           # reserved while the caller was leaving
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    conc = [k async for k in client.scan_iter("strata:gw:rl:*:conc")]
-    assert conc and await client.zcard(conc[0]) == 1           # reserved while the caller was leaving
-    for _ in range(40):
+    for _ in range(100):
         if await client.zcard(conc[0]) == 0:
             break
         await asyncio.sleep(0.05)

@@ -277,11 +277,15 @@ async def test_under_a_saturating_free_load_premium_keeps_its_first_token_time_a
     loaded_all = await ttfts(11)
     loaded = statistics.median(loaded_all)
     outcomes = json.loads((await load.communicate())[0].decode().splitlines()[-1])
+    # idle once more, the load gone: this host drifts by 1.5x within minutes, so the premium figure is held
+    # against the slower of the two idle medians taken around it
+    idle_after = await ttfts(11)
+    idle = max(idle, statistics.median(idle_after))
     # saturated: both of its slots busy, or one just freed with a request queued for it (the router's last poll of
     # the replica can fall between a request's end and the next step, which admits the waiting one)
     assert state["smol"].running + state["smol"].waiting >= 2, state["smol"]
     assert outcomes["other"] == 0 and outcomes["answered"] >= 4 and outcomes["refused"] >= 4, outcomes
-    assert loaded <= 3 * idle, (loaded, idle, outcomes, idle_all, loaded_all)
+    assert loaded <= 3 * idle, (loaded, idle, outcomes, idle_all, loaded_all, idle_after)
 
 
 async def test_the_router_itself_keeps_chat_off_a_completions_only_model(suite):
