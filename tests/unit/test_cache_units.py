@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.cache.decision import FEATURE_NAMES, HitDecider, HitModel, pair_features
-from services.cache.index import NamespaceIndex
+from services.cache.index import GROW_CHUNK_ROWS, NamespaceIndex
 from services.cache.keys import make_key, normalize_text
 from services.common.errors import InvalidArgumentError
 
@@ -89,8 +89,10 @@ def test_a_partition_past_the_size_threshold_is_searched_through_its_graph_with_
     assert idx.search(vecs[1999], "big", 1)[0].entry_id == "e1999"
     idx.remove("e1998")                                            # removed before its slice: skipped
     idx.add("e1998", "big", "e1998", vecs[1998])                   # back, under a new key
-    while idx.grow_graphs(500):
-        pass
+    slices = 1
+    while idx.grow_graphs(1_000_000, max_s=0.0):                   # bounded in time: one chunk a call at the least
+        slices += 1
+    assert slices == -(-1500 // GROW_CHUNK_ROWS)                   # the 1,500 rows left, GROW_CHUNK_ROWS at a time
     assert idx.graphs == 1 and not idx.building                    # only the partition past the threshold
     for i in range(2500, 3000):                                    # one by one into the live graph
         idx.add(ids[i], "big", ids[i], vecs[i])
