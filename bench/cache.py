@@ -33,7 +33,8 @@ from bench.serving import machine_info
 from bench.strata import free_port
 
 DIM = 384
-TARGETS = {"search_p99_ms_at_100000": 5.0, "search_p99_ms_at_1000000": 25.0, "lookups_per_s": 200.0}
+# (the 1M search target is bench/cache_scale.py's: from 50,000 rows the service searches a graph, not this exact path)
+TARGETS = {"search_p99_ms_at_100000": 5.0, "lookups_per_s": 200.0}
 _ROOT = Path(__file__).resolve().parent.parent
 _PAIRS = _ROOT.parent / "shared" / "data" / "qqp_pairs_dev.jsonl"
 
@@ -285,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     by_size = {r["entries"]: r["p99_ms"] for r in search}
     targets = {
         "search_p99_ms_at_100000": {"target": 5.0, "value": by_size.get(100_000)},
-        "search_p99_ms_at_1000000": {"target": 25.0, "value": by_size.get(1_000_000)},
         "lookups_per_s": {"target": 200.0, "value": max(r["lookups_per_s"] for r in e2e)},
     }
     for name, t in targets.items():
