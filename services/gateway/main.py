@@ -86,6 +86,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "run by another")
     p.add_argument("--job-retention-s", type=float, default=j.retention_s,
                    help="a job's requests and results are kept this long after it ends (default 7 days)")
+    p.add_argument("--webhook-allow-private", action="store_true",
+                   default=env("STRATA_GATEWAY_WEBHOOK_ALLOW_PRIVATE", "") in ("1", "true"),
+                   help="send job webhooks to private, loopback and link-local addresses too (off by default: a "
+                        "tenant's webhook URL must not reach into the gateway's network; env "
+                        "STRATA_GATEWAY_WEBHOOK_ALLOW_PRIVATE=1)")
     add_tls_args(p)
     p.add_argument("--plaintext", action="store_true", default=env("STRATA_GATEWAY_PLAINTEXT", "") in ("1", "true"),
                    help="serve the public port without TLS (local runs only; env STRATA_GATEWAY_PLAINTEXT=1)")
@@ -121,7 +126,7 @@ def config_from_args(a: argparse.Namespace) -> GatewayServiceConfig:
         raise SystemExit("--job-workers must be >= 0, --job-max-attempts >= 1, --job-claim-idle-s and "
                          "--job-retention-s > 0")
     jobs = JobsConfig(workers=a.job_workers, max_attempts=a.job_max_attempts, claim_idle_s=a.job_claim_idle_s,
-                      retention_s=a.job_retention_s)
+                      retention_s=a.job_retention_s, webhook_private=a.webhook_allow_private)
     return GatewayServiceConfig(
         gateway, redis_url=a.redis_url, router_address=a.router, cache_address=a.cache, key_pepper=pepper, admin_token=admin,
         tls=tls, jobs=jobs)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import openai
 import pytest
 import redis.asyncio as aioredis
@@ -32,7 +33,8 @@ from tests.integration.downstream import running_downstream
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ADMIN, PEPPER = "admin-token-for-tests", "pepper-for-tests-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
-FAST = JobsConfig(workers=2, backoff_base_s=0.05, backoff_max_s=0.2, claim_idle_s=2.0, poll_s=0.05, webhook_backoff_s=0.05)
+FAST = JobsConfig(workers=2, backoff_base_s=0.05, backoff_max_s=0.2, claim_idle_s=2.0, poll_s=0.05, webhook_backoff_s=0.05,
+                  webhook_private=True)             # the receivers here listen on 127.0.0.1
 SECRET = "webhook-secret-for-tests"
 
 
@@ -278,6 +280,46 @@ async def test_webhooks_are_signed_retried_and_every_delivery_recorded(suite):
         assert second.id == first.id and second.webhook_secret == first.webhook_secret != ""
         await finished(suite.grpc, key.key, first.id)
         await finished(suite.grpc, key.key, made.id)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_webhooks_go_to_public_addresses_only_unless_allowed(suite):
+    """A tenant's webhook URL must not reach into the gateway's network. By default an IP literal or localhost
+    outside the public addresses is refused at submit (INVALID_ARGUMENT), and a name is resolved at each
+    delivery: one that resolves to loopback is refused there, and nothing is sent. Allowed, the request goes to
+    the address that was checked, with the URL's own Host header."""
+    from services.common.errors import InvalidArgumentError
+    from services.gateway.jobs.store import JobStore
+    from services.gateway.jobs.webhooks import deliver
+
+    strict = JobStore(suite.redis, JobsConfig())
+    for url in ("http://127.0.0.1:8080/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]/h",
+                "http://10.0.0.7/h", "http://localhost:9/h", "http://[::ffff:192.168.1.1]/h"):
+        with pytest.raises(InvalidArgumentError, match="public addresses only"):
+            await strict.submit("0123456789ab", "acme", [b"x"], "pb", webhook_url=url)
+
+    seen: list[dict] = []
+
+    async def hook(request: HttpRequest) -> Response:
+        seen.append(dict(request.headers))
+        return Response(status_code=204)
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
+                                           port=0, log_level="warning", lifespan="off"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient() as client:
+            # 0x7f000001 is no IP literal to the URL parser, but the resolver reads it as 127.0.0.1
+            url = f"http://0x7f000001:{port}/hook"
+            status, error = await deliver(client, url, SECRET, "job-1", b"{}", 5.0)
+            assert status == 0 and error.startswith("refused:") and "private" in error and not seen
+            status, error = await deliver(client, url, SECRET, "job-1", b"{}", 5.0, allow_private=True)
+            assert (status, error) == (204, "") and len(seen) == 1
+            assert seen[0]["host"] == f"0x7f000001:{port}" and seen[0][ID_HEADER.lower()] == "job-1"
     finally:
         server.should_exit = True
         await serving

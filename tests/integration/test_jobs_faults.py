@@ -32,11 +32,11 @@ MODEL, ITEMS, SECRET = "SmolLM2-135M-Instruct", 36, "fault-test-webhook-secret"
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory):
     """One suite of processes for this module (bench.jobs's: one replica, the gateway with 2 job workers, a dead
-    worker's items taken over after 2 s; Redis with an append-only file fsynced on every write). The fault test
-    kills and restarts its members: it runs last."""
+    worker's items taken over after 2 s, webhooks to 127.0.0.1 allowed; Redis with an append-only file fsynced on every
+    write). The fault test kills and restarts its members: it runs last."""
     from bench.jobs import cluster_for
 
-    c = cluster_for(2, tmp_path_factory.mktemp("jobs-suite"), ("--job-claim-idle-s", "2"))
+    c = cluster_for(2, tmp_path_factory.mktemp("jobs-suite"), ("--job-claim-idle-s", "2", "--webhook-allow-private"))
     await c.start()
     yield c
     c.stop()

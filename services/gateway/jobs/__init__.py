@@ -38,3 +38,5 @@ class JobsConfig:
     webhook_attempts: int = 6             # deliveries of one webhook before it is given up (recorded)
     webhook_timeout_s: float = 10.0
     webhook_backoff_s: float = 2.0        # doubles each attempt (jittered), up to backoff_max_s
+    webhook_private: bool = False         # send webhooks to private, loopback and link-local addresses too (off: a
+                                          # tenant's URL must not reach into the gateway's own network)

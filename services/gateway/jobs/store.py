@@ -36,6 +36,7 @@ from redis.exceptions import ResponseError
 from services.common import redis_client
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.gateway.jobs import JobsConfig
+from services.gateway.jobs.webhooks import literal_refused
 from services.gateway.usage import USAGE_ROWS_LUA, USAGE_TTL_S, Row, rows_keys_args
 
 GROUP = "workers"
@@ -253,7 +254,7 @@ class JobStore:
             raise InvalidArgumentError("idempotency_key is at most 256 characters")
         made = ""
         if webhook_url:
-            check_webhook_url(webhook_url)
+            check_webhook_url(webhook_url, cfg.webhook_private)
             if not webhook_secret:
                 webhook_secret = made = "whsec_" + secrets.token_urlsafe(32)
             elif len(webhook_secret) < 16:
@@ -487,9 +488,10 @@ class JobStore:
         return tuple(int(x) for x in await pipe.execute())   # type: ignore[return-value]
 
 
-def check_webhook_url(url: str) -> None:
+def check_webhook_url(url: str, allow_private: bool = False) -> None:
     """An http(s) URL that the webhook client can send to, without credentials in it (the signature is the
-    credential; a URL's user and password would show in delivery records)."""
+    credential; a URL's user and password would show in delivery records), and not at a private address unless
+    `allow_private` (a name is resolved and checked at each delivery: `webhooks.resolve_allowed`)."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError, ValueError):
@@ -499,6 +501,10 @@ def check_webhook_url(url: str) -> None:
         raise InvalidArgumentError("webhook_url must be an http(s) URL of at most 2048 printable ASCII characters")
     if parsed.userinfo:
         raise InvalidArgumentError("webhook_url must not carry a user or password: the signature authenticates it")
+    why = literal_refused(parsed.host, allow_private)
+    if why:
+        raise InvalidArgumentError(f"webhook_url points at {why}; this gateway sends webhooks to public addresses "
+                                   "only (--webhook-allow-private lifts that)")
 
 
 def _digest(text: str) -> str:

@@ -260,7 +260,7 @@ class JobWorker:
             body = json.dumps(job.view()).encode()
             t0 = time.perf_counter()
             status, error = await deliver(self._http, job.webhook_url, job.webhook_secret, job.id, body,
-                                          cfg.webhook_timeout_s)
+                                          cfg.webhook_timeout_s, cfg.webhook_private)
             await store.record_delivery(job.id, {"attempt": msg.n, "at": time.time(), "status_code": status,
                                                  "error": error, "duration_ms": round(1000 * (time.perf_counter() - t0), 1)})
             if 200 <= status < 300:
