@@ -325,6 +325,55 @@ async def test_webhooks_go_to_public_addresses_only_unless_allowed(suite):
         await serving
 
 
+async def test_an_https_webhook_sent_to_the_checked_address_is_verified_for_the_urls_name(tmp_path):
+    """Pinned to the address it checked, a delivery still verifies TLS for the URL's name (SNI and the hostname
+    check), and no connection is reused across names: the server's certificate names localhost only, so the
+    same server reached as 127.0.0.1 right after is refused, not served over the first delivery's connection."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from services.gateway.jobs.webhooks import deliver
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    seen: list[str] = []
+
+    async def hook(request: HttpRequest) -> Response:
+        seen.append(request.headers["host"])
+        return Response(status_code=204)
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
+                                           port=0, log_level="warning", lifespan="off",
+                                           ssl_keyfile=str(tmp_path / "k.pem"), ssl_certfile=str(tmp_path / "c.pem")))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tmp_path / "c.pem"))) as client:
+            got = await deliver(client, f"https://localhost:{port}/hook", SECRET, "job-1", b"{}", 5.0, allow_private=True)
+            assert got == (204, "") and seen == [f"localhost:{port}"]
+            status, error = await deliver(client, f"https://127.0.0.1:{port}/hook", SECRET, "job-1", b"{}", 5.0,
+                                          allow_private=True)
+            assert status == 0 and "CERTIFICATE_VERIFY_FAILED" in error and len(seen) == 1
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_bad_submissions_get_a_clear_status(suite):
     key = await suite.new_key()
     cases = [

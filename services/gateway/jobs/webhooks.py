@@ -9,7 +9,8 @@ Destinations: the URL is a tenant's, and the gateway sits inside the operator's 
 only to public addresses unless the gateway runs with --webhook-allow-private. The host is resolved at each
 delivery, every address it resolves to must be allowed, and the request is sent to the address that was
 checked (the Host header and TLS name stay the URL's), so a DNS answer that changes between the check and the
-connection (rebinding) cannot redirect it. Redirects are not followed.
+connection (rebinding) cannot redirect it. Redirects are not followed, and each delivery has a connection of its
+own (`Connection: close`): two names resolving to one address must not share a TLS connection verified for one.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ async def deliver(client: httpx.AsyncClient, url: str, secret: str, job_id: str,
         address = await resolve_allowed(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80),
                                         allow_private)
         headers["Host"] = parsed.netloc.decode("ascii")
+        # a connection to the checked address, never reused: a client pools connections by address, and one that
+        # was verified for another name resolving to it must not carry this one
+        headers["Connection"] = "close"
         extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
         r = await client.post(parsed.copy_with(host=address), content=body, headers=headers, timeout=timeout_s,
                               extensions=extensions, follow_redirects=False)
