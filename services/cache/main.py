@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import socket
@@ -129,10 +128,7 @@ async def serve(a: argparse.Namespace) -> None:
     service = CacheService(config_from_args(a), a.host, a.port, replica_id=f"{socket.gethostname()}-{os.getpid()}",
                            embed_threads=a.embed_threads, metrics_port=a.metrics_port, tls=tls_from_args(a))
     port = await service.start()
-    # what is loaded now (torch, the embedder, the rebuilt index) lives as long as the process: out of the
-    # collector's sight, so a full collection no longer walks it inside some lookup (24 ms of the 55 ms one
-    # took at 1M entries; bench/cache_scale.py)
-    gc.freeze()
+    aio.freeze_startup_heap()               # torch, the embedder and the rebuilt index (bench/cache_scale.py)
     log.info("cache service ready", extra={"address": f"{a.host}:{port}", "decision": service.cache.decider.describe(),
                                            "redis_ok": service.cache.redis_ok})
     try:

@@ -220,6 +220,7 @@ class GatewayService:
 async def serve(a: argparse.Namespace) -> None:
     service = GatewayService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port, http_port=a.http_port)
     port = await service.start()
+    aio.freeze_startup_heap()
     log.info("gateway ready", extra={"address": f"{a.host}:{port}", "router": a.router, "cache": a.cache,
                                      "http": f"{a.host}:{service.http_port}" if service.http_port >= 0 else "off",
                                      "tls": "mutual" if service.server.tls.client_ca_file else

@@ -153,6 +153,7 @@ class InferenceService:
 async def serve(config: InferenceServiceConfig) -> None:
     service = InferenceService(config)
     port = await service.start()
+    aio.freeze_startup_heap()               # the model and the engine: a full collection stalled a decode step
     log.info("inference service ready", extra={"address": f"{config.host}:{port}",
                                                 "replica": config.replica_id, "dtype": config.engine.model.dtype})
     try:

@@ -152,6 +152,7 @@ class RouterService:
 async def serve(a: argparse.Namespace) -> None:
     service = RouterService(config_from_args(a), a.host, a.port, metrics_port=a.metrics_port)
     port = await service.start()
+    aio.freeze_startup_heap()
     log.info("router ready", extra={"address": f"{a.host}:{port}", "policy": a.policy,
                                     "backends": list(service.router.backends)})
     try:
