@@ -204,6 +204,39 @@ async def test_transient_failures_are_retried_with_backoff_then_dead_lettered_wi
         await redis.aclose()
 
 
+async def test_cancel_brings_forward_the_jobs_own_waiting_retries_only(redis_url):
+    """Items waiting a minute for their retry end at once when their job is cancelled, while another job's retries
+    keep their due times (a cancel reads its job's retries set, not every job's)."""
+    svc, port = await started(redis_url, "127.0.0.1:1", "", replace(FAST, max_attempts=3, backoff_base_s=60,
+                                                                    backoff_max_s=60))
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    redis = aioredis.from_url(redis_url)
+    try:
+        key = await gateway_pb2_grpc.GatewayAdminStub(ch).CreateKey(gateway_pb2.CreateKeyRequest(tenant="acme"),
+                                                                    metadata=auth(ADMIN))
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        a, b = [await stub.SubmitJob(gateway_pb2.SubmitJobRequest(requests=[chat("a"), chat("b")]), metadata=auth(key.key))
+                for _ in range(2)]
+        waiting = {f"i|{j.id}|{n}" for j in (a, b) for n in (0, 1)}
+        for _ in range(200):                                 # every item failed once (no router), its retry a minute out
+            if {m.decode() for m in await redis.zrange("strata:jobs:delayed", 0, -1)} >= waiting:
+                break
+            await asyncio.sleep(0.05)
+        due_b = {m: await redis.zscore("strata:jobs:delayed", m) for m in waiting if b.id in m}
+        assert all(d > time.time() + 30 for d in due_b.values()), due_b
+        await stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=a.id), metadata=auth(key.key))
+        done = await finished(stub, key.key, a.id, 10)
+        assert (done.state, done.cancelled) == (gateway_pb2.JOB_STATE_CANCELLED, 2)
+        assert {m: await redis.zscore("strata:jobs:delayed", m) for m in due_b} == due_b    # b's retries untouched
+        await stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=b.id), metadata=auth(key.key))
+        assert (await finished(stub, key.key, b.id, 10)).cancelled == 2
+        await nothing_pending(redis)
+    finally:
+        await ch.close()
+        await svc.stop(0)
+        await redis.aclose()
+
+
 async def test_cancel_ends_the_queued_items_and_lets_the_running_ones_finish(suite):
     key = await suite.new_key()
     job = await suite.grpc.SubmitJob(gateway_pb2.SubmitJobRequest(requests=[chat(f"Count to {i}.", 12) for i in range(30)]),

@@ -6,6 +6,8 @@
     job:{id}:done         stream: indexes in the order their results were written (followers read it)
     job:{id}:attempts     hash: index -> runs started
     job:{id}:deliveries   list: the webhook's delivery records (JSON)
+    job:{id}:retries      set: the job's item retries ever put in `delayed` (a cancel brings those still there
+                          forward without reading every job's retries)
     by-key:{key id}       sorted set: the key's jobs by creation time
     idem:{key id}:{hash}  string: an idempotency key's job (24 h)
     queue                 stream, group "workers": one message per item to run (job, item)
@@ -119,6 +121,8 @@ class Message:
 
 # KEYS: job, idem, queue, by-key, items. ARGV: job id, items, created, idempotency TTL (0: no key), then the job's
 # fields. The items were written before, with an expiry (a submit that fails leaves nothing for long): kept now.
+RETRIES_TTL_S = 31 * 86_400       # a job's retries set outlives the longest completion window; then the retention
+
 _SUBMIT = """
 if ARGV[4] ~= '0' then
   local existing = redis.call('GET', KEYS[2])
@@ -173,9 +177,10 @@ if c[7] and c[7] ~= '' then redis.call('XADD', KEYS[5], '*', 'job', ARGV[10], 'n
 return 2
 """ % DEAD_LETTERS_KEPT
 
-# KEYS: the stream, delayed, the job, its attempts. ARGV: group, message id, due, member, the item ("" for a
-# webhook), refund ("1": the run was throttled, not failed: it does not count among the item's attempts). The
-# message is acknowledged and its retry scheduled; at once when the job has been cancelled meanwhile (it then ends).
+# KEYS: the stream, delayed, the job, its attempts, its retries. ARGV: group, message id, due, member, the item (""
+# for a webhook), refund ("1": the run was throttled, not failed: it does not count among the item's attempts), the
+# retries set's TTL. The message is acknowledged and its retry scheduled; at once when the job has been cancelled
+# meanwhile (it then ends).
 _RETRY = """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
@@ -183,6 +188,10 @@ local due = ARGV[3]
 if ARGV[5] ~= '' and (redis.call('HGET', KEYS[3], 'cancel_at') or '') ~= '' then due = 0 end
 if ARGV[6] == '1' then redis.call('HINCRBY', KEYS[4], ARGV[5], -1) end
 redis.call('ZADD', KEYS[2], due, ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('SADD', KEYS[5], ARGV[4])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[7]))
+end
 return 1
 """
 
@@ -198,8 +207,9 @@ end
 return #due
 """
 
-# KEYS: job, delayed. ARGV: now, job id. The job's state after: cancelling (its retries brought forward, so that
-# they end now), or the final state it already had. nil: no such job.
+# KEYS: job, delayed, the job's retries. ARGV: now. The job's state after: cancelling (its retries still waiting
+# brought forward, so that they end now; ZADD XX touches only members still in `delayed`), or the final state it
+# already had. nil: no such job. It reads this job's retries only, not every job's.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -207,10 +217,7 @@ if state == 'completed' or state == 'cancelled' or state == 'expired' then retur
 if (redis.call('HGET', KEYS[1], 'cancel_at') or '') == '' then
   redis.call('HSET', KEYS[1], 'cancel_at', ARGV[1], 'state', 'cancelling')
 end
-local prefix = 'i|' .. ARGV[2] .. '|'
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if string.sub(m, 1, #prefix) == prefix then redis.call('ZADD', KEYS[2], 0, m) end
-end
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[3])) do redis.call('ZADD', KEYS[2], 'XX', 0, m) end
 return 'cancelling'
 """
 
@@ -329,7 +336,7 @@ class JobStore:
 
     async def cancel(self, key_id: str, job_id: str) -> Job:
         await self.get(key_id, job_id)
-        await self._cancel(keys=[self.key(job_id), self.delayed], args=[time.time(), job_id])
+        await self._cancel(keys=[self.key(job_id), self.delayed, self.key(job_id, "retries")], args=[time.time()])
         return await self.get(key_id, job_id)
 
     async def results(self, job_id: str, after: str = "0-0", count: int = 500) -> tuple[list[tuple[int, bytes]], str]:
@@ -465,9 +472,10 @@ class JobStore:
     async def retry(self, stream: str, group: str, msg: Message, due: float, kind: str, refund: bool = False) -> None:
         """Acknowledge `msg` and run it again at `due` (kind "i": an item, "w": a webhook, msg.n its next attempt);
         `refund`: the item's run was throttled and does not count among its attempts."""
-        await self._retry(keys=[stream, self.delayed, self.key(msg.job_id), self.key(msg.job_id, "attempts")],
+        await self._retry(keys=[stream, self.delayed, self.key(msg.job_id), self.key(msg.job_id, "attempts"),
+                                self.key(msg.job_id, "retries")],
                           args=[group, msg.id, due, f"{kind}|{msg.job_id}|{msg.n}", msg.n if kind == "i" else "",
-                                "1" if refund else "0"])
+                                "1" if refund else "0", RETRIES_TTL_S + int(self.config.retention_s)])
 
     async def ack(self, stream: str, group: str, msg: Message) -> None:
         await self.redis.pipeline(transaction=True).xack(stream, group, msg.id).xdel(stream, msg.id).execute()
