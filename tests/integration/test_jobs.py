@@ -6,6 +6,7 @@ dead-lettered; cancel ends what has not started; webhooks are signed, retried an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import replace
@@ -262,19 +263,29 @@ async def test_cancel_ends_the_queued_items_and_lets_the_running_ones_finish(sui
     assert again.state == gateway_pb2.JOB_STATE_CANCELLED and again.completed == done.completed
 
 
+@contextlib.asynccontextmanager
+async def hook_receiver(hook, **tls):
+    """A real HTTP server on 127.0.0.1 (port 0) answering POST /hook with `hook`; yields its port. `tls`:
+    uvicorn's ssl_keyfile and ssl_certfile."""
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
+                                           port=0, log_level="warning", lifespan="off", **tls))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_webhooks_are_signed_retried_and_every_delivery_recorded(suite):
     seen: list[tuple[dict, bytes]] = []
 
     async def hook(request: HttpRequest) -> Response:
         seen.append((dict(request.headers), await request.body()))
         return Response(status_code=500 if len(seen) == 1 else 204)     # the first delivery fails
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
-                                           port=0, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with hook_receiver(hook) as port:
         key = await suite.new_key()
         job = await suite.grpc.SubmitJob(gateway_pb2.SubmitJobRequest(
             requests=[chat("Say hi.")], webhook_url=f"http://127.0.0.1:{port}/hook", webhook_secret=SECRET),
@@ -313,9 +324,6 @@ async def test_webhooks_are_signed_retried_and_every_delivery_recorded(suite):
         assert second.id == first.id and second.webhook_secret == first.webhook_secret != ""
         await finished(suite.grpc, key.key, first.id)
         await finished(suite.grpc, key.key, made.id)
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_webhooks_go_to_public_addresses_only_unless_allowed(suite):
@@ -338,13 +346,7 @@ async def test_webhooks_go_to_public_addresses_only_unless_allowed(suite):
     async def hook(request: HttpRequest) -> Response:
         seen.append(dict(request.headers))
         return Response(status_code=204)
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
-                                           port=0, log_level="warning", lifespan="off"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with hook_receiver(hook) as port:
         async with httpx.AsyncClient() as client:
             # 0x7f000001 is no IP literal to the URL parser, but the resolver reads it as 127.0.0.1
             url = f"http://0x7f000001:{port}/hook"
@@ -353,9 +355,6 @@ async def test_webhooks_go_to_public_addresses_only_unless_allowed(suite):
             status, error = await deliver(client, url, SECRET, "job-1", b"{}", 5.0, allow_private=True)
             assert (status, error) == (204, "") and len(seen) == 1
             assert seen[0]["host"] == f"0x7f000001:{port}" and seen[0][ID_HEADER.lower()] == "job-1"
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_an_https_webhook_sent_to_the_checked_address_is_verified_for_the_urls_name(tmp_path):
@@ -388,23 +387,13 @@ async def test_an_https_webhook_sent_to_the_checked_address_is_verified_for_the_
     async def hook(request: HttpRequest) -> Response:
         seen.append(request.headers["host"])
         return Response(status_code=204)
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", hook, methods=["POST"])]), host="127.0.0.1",
-                                           port=0, log_level="warning", lifespan="off",
-                                           ssl_keyfile=str(tmp_path / "k.pem"), ssl_certfile=str(tmp_path / "c.pem")))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with hook_receiver(hook, ssl_keyfile=str(tmp_path / "k.pem"), ssl_certfile=str(tmp_path / "c.pem")) as port:
         async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tmp_path / "c.pem"))) as client:
             got = await deliver(client, f"https://localhost:{port}/hook", SECRET, "job-1", b"{}", 5.0, allow_private=True)
             assert got == (204, "") and seen == [f"localhost:{port}"]
             status, error = await deliver(client, f"https://127.0.0.1:{port}/hook", SECRET, "job-1", b"{}", 5.0,
                                           allow_private=True)
             assert status == 0 and "CERTIFICATE_VERIFY_FAILED" in error and len(seen) == 1
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_bad_submissions_get_a_clear_status(suite):
