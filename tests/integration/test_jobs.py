@@ -176,15 +176,24 @@ async def test_a_throttled_item_waits_for_its_turn_without_using_up_its_attempts
     await nothing_pending(suite.redis)
 
 
-async def test_transient_failures_are_retried_with_backoff_then_dead_lettered_with_the_reason(redis_url):
-    # a gateway whose router is not there: every run is UNAVAILABLE
-    svc, port = await started(redis_url, "127.0.0.1:1", "", replace(FAST, max_attempts=3))
+@contextlib.asynccontextmanager
+async def routerless_gateway(redis_url: str, config: JobsConfig):
+    """A gateway whose router is not there (every run is UNAVAILABLE), a key on it: (service, stub, Redis, key)."""
+    svc, port = await started(redis_url, "127.0.0.1:1", "", config)
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     redis = aioredis.from_url(redis_url)
     try:
         key = await gateway_pb2_grpc.GatewayAdminStub(ch).CreateKey(gateway_pb2.CreateKeyRequest(tenant="acme"),
                                                                     metadata=auth(ADMIN))
-        stub = gateway_pb2_grpc.GatewayStub(ch)
+        yield svc, gateway_pb2_grpc.GatewayStub(ch), redis, key
+    finally:
+        await ch.close()
+        await svc.stop(0)
+        await redis.aclose()
+
+
+async def test_transient_failures_are_retried_with_backoff_then_dead_lettered_with_the_reason(redis_url):
+    async with routerless_gateway(redis_url, replace(FAST, max_attempts=3)) as (svc, stub, redis, key):
         job = await stub.SubmitJob(gateway_pb2.SubmitJobRequest(requests=[chat("a"), chat("b")]), metadata=auth(key.key))
         done = await finished(stub, key.key, job.id, 30)
         assert (done.completed, done.failed) == (0, 2)
@@ -199,23 +208,13 @@ async def test_transient_failures_are_retried_with_backoff_then_dead_lettered_wi
         # nothing was charged: no run was answered, and the failed runs used no tokens
         await svc.usage.flush()
         assert not await redis.keys("strata:gw:usage:*")
-    finally:
-        await ch.close()
-        await svc.stop(0)
-        await redis.aclose()
 
 
 async def test_cancel_brings_forward_the_jobs_own_waiting_retries_only(redis_url):
     """Items waiting a minute for their retry end at once when their job is cancelled, while another job's retries
     keep their due times (a cancel reads its job's retries set, not every job's)."""
-    svc, port = await started(redis_url, "127.0.0.1:1", "", replace(FAST, max_attempts=3, backoff_base_s=60,
-                                                                    backoff_max_s=60))
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    redis = aioredis.from_url(redis_url)
-    try:
-        key = await gateway_pb2_grpc.GatewayAdminStub(ch).CreateKey(gateway_pb2.CreateKeyRequest(tenant="acme"),
-                                                                    metadata=auth(ADMIN))
-        stub = gateway_pb2_grpc.GatewayStub(ch)
+    minute = replace(FAST, max_attempts=3, backoff_base_s=60, backoff_max_s=60)
+    async with routerless_gateway(redis_url, minute) as (_, stub, redis, key):
         a, b = [await stub.SubmitJob(gateway_pb2.SubmitJobRequest(requests=[chat("a"), chat("b")]), metadata=auth(key.key))
                 for _ in range(2)]
         waiting = {f"i|{j.id}|{n}" for j in (a, b) for n in (0, 1)}
@@ -232,10 +231,6 @@ async def test_cancel_brings_forward_the_jobs_own_waiting_retries_only(redis_url
         await stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=b.id), metadata=auth(key.key))
         assert (await finished(stub, key.key, b.id, 10)).cancelled == 2
         await nothing_pending(redis)
-    finally:
-        await ch.close()
-        await svc.stop(0)
-        await redis.aclose()
 
 
 async def test_cancel_ends_the_queued_items_and_lets_the_running_ones_finish(suite):
