@@ -96,7 +96,7 @@ class JobWorker:
     async def _run(self) -> None:
         cfg, store = self.config, self.store
         claim_every = max(cfg.poll_s, cfg.claim_idle_s / 4)
-        last_claim = last_renew = 0.0
+        last_claim = last_renew = last_resume = 0.0
         failing, groups = False, False
         while not self._stopping:
             try:
@@ -114,6 +114,9 @@ class JobWorker:
                                                              or len(self._sends) < WEBHOOK_SLOTS)
                 if claim:
                     last_claim = now
+                if now - last_resume >= claim_every:          # a gateway stopped while it queued a job's items
+                    last_resume = now
+                    await store.resume_submits(cfg.claim_idle_s)
                 got = await self._take(store.queue, GROUP, cfg.workers - len(self._items), claim, self._items,
                                        self._item)
                 got += await self._take(store.webhooks, SENDERS, WEBHOOK_SLOTS - len(self._sends), claim, self._sends,
