@@ -40,7 +40,7 @@ import kernels
 ANN_MIN_ROWS = 50_000        # rows of one partition from which its graph searches (measured in bench/cache.py)
 ANN_CANDIDATES = 100         # rows the graph proposes per query, re-scored exactly
 ANN_CONNECTIVITY = 16        # HNSW's M
-ANN_EXPANSION_ADD = 40       # efConstruction: a 1M graph builds in about 40 s on 2 cores
+ANN_EXPANSION_ADD = 40       # efConstruction: a 1M graph builds in about 80 s on 2 cores (measured alone, 2026-12-04)
 ANN_EXPANSION_SEARCH = 256   # ef: recall@1 0.995 on real question embeddings, 0.5 ms at 1M (bench/cache_scale.py)
 GROW_CHUNK_ROWS = 128        # graph inserts per usearch call within a time-bounded slice (about 10 ms at 1M rows)
 

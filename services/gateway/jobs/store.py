@@ -337,7 +337,7 @@ class JobStore:
 
     async def resume_submits(self, older_than_s: float, limit: int = 10) -> int:
         """Carry on queueing the jobs whose submit began over `older_than_s` ago and has not finished (its gateway
-        stopped part way); how many were resumed. The workers call it every claim turn."""
+        stopped part way); how many were resumed. The workers call it once per claim period."""
         ids = await self.redis.zrangebyscore(self.submitting, "-inf", time.time() - older_than_s, start=0, num=limit)
         for raw in ids:
             job_id = raw.decode()
